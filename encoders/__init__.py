@@ -1,0 +1,1 @@
+"""Image, video and text encoders, and weight import from open_clip / timm / Hugging Face."""

@@ -1,0 +1,5 @@
+import sys
+
+from ernie_vl.cli import main
+
+sys.exit(main())
