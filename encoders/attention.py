@@ -7,12 +7,16 @@ weights map one to one.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ATTN_IMPLS = ("fused", "eager")
+
+#: ``(q, k, v) -> out`` on (B, H, L, Dh) tensors; lets callers swap in windowed attention.
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_attn_impl(attn_impl: str) -> str:
@@ -100,3 +104,52 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         q, k, v = self.split_heads(x)
         return self.merge_heads(self.attend(q, k, v, attn_mask), head_gate)
+
+    def forward_selected(
+        self,
+        x: torch.Tensor,
+        head_keep: torch.Tensor,
+        head_gate: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        attend: AttendFn | None = None,
+    ) -> torch.Tensor:
+        """Attention that skips the heads no sample keeps.
+
+        Equal to ``forward(x, attn_mask, head_gate * head_keep)``, but the q/k/v
+        projection, the attention and the output projection run only for the heads
+        that at least one sample of the batch keeps (one sliced matmul each); a head
+        kept by some samples only is zeroed for the others. With one sample, or with
+        samples that agree on their heads, dropping heads (``head_topk``) saves
+        their share of the attention compute.
+
+        Args:
+            x: (B, L, C).
+            head_keep: (B, H) bool, which heads each sample uses.
+            head_gate: None or (B, H) multipliers for the kept heads.
+            attn_mask: None or a mask as for ``forward`` (no per-head dimension).
+            attend: optional ``(q, k, v) -> out`` replacing plain attention
+                (e.g. windowed attention).
+        returns (B, L, C).
+        """
+        b, n, c = x.shape
+        if head_keep.shape != (b, self.num_heads) or head_keep.dtype != torch.bool:
+            raise ValueError(
+                f"head_keep must be a bool tensor of shape {(b, self.num_heads)}, "
+                f"got {tuple(head_keep.shape)} {head_keep.dtype}"
+            )
+        heads = head_keep.any(dim=0).nonzero().flatten()
+        k_heads, dh = heads.numel(), self.head_dim
+        weight = head_keep.to(x.dtype) if head_gate is None else head_gate.to(x.dtype) * head_keep
+        if k_heads == 0:
+            out = x.new_zeros(b, n, c)
+            return out + self.proj.bias if self.proj.bias is not None else out
+        w_qkv = self.qkv.weight.view(3, self.num_heads, dh, c).index_select(1, heads).reshape(3 * k_heads * dh, c)
+        b_qkv = None
+        if self.qkv.bias is not None:
+            b_qkv = self.qkv.bias.view(3, self.num_heads, dh).index_select(1, heads).reshape(-1)
+        qkv = F.linear(x, w_qkv, b_qkv).reshape(b, n, 3, k_heads, dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = attend(q, k, v) if attend is not None else self.attend(q, k, v, attn_mask)
+        out = out * weight.index_select(1, heads)[:, :, None, None]
+        w_proj = self.proj.weight.view(c, self.num_heads, dh).index_select(1, heads).reshape(c, k_heads * dh)
+        return F.linear(out.transpose(1, 2).reshape(b, n, k_heads * dh), w_proj, self.proj.bias)

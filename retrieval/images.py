@@ -1,9 +1,10 @@
 """Robust image loading: EXIF orientation, grayscale, palette, RGBA and 16-bit images -> RGB PIL."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -57,6 +58,26 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     return img.convert("RGB")
+
+
+def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: Optional[int] = None) -> Image.Image:
+    """Decode image bytes like :func:`load_image`; ``max_pixels`` refuses larger images (ImageLoadError)."""
+    if not data:
+        raise ImageLoadError(name, "empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageLoadError(name, f"{img.width}x{img.height} is larger than {max_pixels} pixels")
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:
+                pass
+            return to_rgb(img)
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageLoadError(name, f"{type(err).__name__}: {err}") from err
 
 
 def load_image(path: PathLike) -> Image.Image:

@@ -73,7 +73,7 @@ def recall_at_k(
     i2t_valid = i2t_rank[has_caption]
     out: dict[str, float] = {}
     for k in ks:
-        out[f"text_to_image_R@{k}"] = float((t2i_rank < k).float().mean())
+        out[f"text_to_image_R@{k}"] = int((t2i_rank < k).sum()) / num_texts
     for k in ks:
-        out[f"image_to_text_R@{k}"] = float((i2t_valid < k).float().mean())
+        out[f"image_to_text_R@{k}"] = int((i2t_valid < k).sum()) / max(1, i2t_valid.numel())
     return out

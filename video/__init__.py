@@ -1,1 +1,60 @@
-"""Video decoding, frame sampling, clip transforms, datasets, classification pipeline. Never imports ernie_vl."""
+"""Video decoding, frame sampling, clip transforms, datasets, classification pipeline.
+
+Never imports ``ernie_vl``. Public names resolve lazily (PEP 562) so that the
+decode worker process (``python -m video.worker``) starts without importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "VideoDecodeError": "video.errors",
+    "VideoInfo": "video.probe",
+    "probe_video": "video.probe",
+    "open_video": "video.decode",
+    "VideoReader": "video.decode",
+    "DecodeService": "video.decode",
+    "available_backends": "video.backends",
+    "SampledClip": "video.sampling",
+    "UniformSampler": "video.sampling",
+    "TSNSampler": "video.sampling",
+    "DenseSampler": "video.sampling",
+    "build_sampler": "video.sampling",
+    "ClipTransform": "video.transforms",
+    "ClipTransformConfig": "video.transforms",
+    "build_clip_transform": "video.transforms",
+    "VideoFolder": "video.datasets",
+    "VideoCSV": "video.datasets",
+    "VideoFailure": "video.datasets",
+    "VideoClipDataset": "video.datasets",
+    "collate_skip_none": "video.datasets",
+    "ViewSpec": "video.views",
+    "MultiViewDataset": "video.views",
+    "parse_views": "video.views",
+    "classify": "video.pipeline",
+    "evaluate": "video.pipeline",
+    "ClassifyResult": "video.pipeline",
+    "EvalResult": "video.pipeline",
+    "ZeroShotClassifier": "video.zeroshot",
+    "DEFAULT_TEMPLATES": "video.zeroshot",
+    "FrameMeanVideoModel": "video.zeroshot",
+    "as_video_text_model": "video.zeroshot",
+    "save_confusion_matrix": "video.plots",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'video' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

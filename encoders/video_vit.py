@@ -1,0 +1,190 @@
+"""Space-time ViT video encoder (TimeSformer-style).
+
+Attention modes:
+- ``divided``: per block, temporal attention across frames at each patch position
+  (its own norm, attention and a zero-initialised output projection), then spatial
+  attention within each frame, then the MLP (TimeSformer "divided_space_time").
+- ``joint``: one attention over all tokens of the clip.
+- ``space_only``: spatial attention within each frame only (no time embedding).
+
+Class-token modes:
+- ``shared`` (TimeSformer): one class token; inside spatial attention every frame
+  sees a copy and the copies' updates are averaged after each block.
+- ``per_frame``: each frame keeps its own class token (in ``divided`` mode the class
+  tokens take part in temporal attention like patches); pooled = mean over frames.
+
+T, H and W are read from the input; the temporal and spatial position embeddings are
+resampled when they differ from the configuration. Local window attention applies to
+the spatial attention of the first ``local_layers`` blocks (not to ``joint``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import MultiHeadAttention
+from .blocks import Block
+from .outputs import EncoderOutput
+from .pos_embed import TEMPORAL_INTERP_MODES, resample_temporal_embed
+from .vit import ImageEncoderConfig, VisionTransformerBase, check_pixels
+
+ATTENTION_MODES = ("divided", "joint", "space_only")
+CLS_MODES = ("shared", "per_frame")
+
+
+@dataclass
+class VideoEncoderConfig(ImageEncoderConfig):
+    """``ImageEncoderConfig`` plus the temporal settings."""
+
+    num_frames: int = 8
+    attention: str = "divided"
+    cls_mode: str = "shared"
+    temporal_interp: str = "linear"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.num_frames, int) or self.num_frames <= 0:
+            raise ValueError(f"num_frames must be a positive int, got {self.num_frames!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention mode {self.attention!r}; valid: {', '.join(ATTENTION_MODES)}")
+        if self.cls_mode not in CLS_MODES:
+            raise ValueError(f"unknown cls_mode {self.cls_mode!r}; valid: {', '.join(CLS_MODES)}")
+        if self.temporal_interp not in TEMPORAL_INTERP_MODES:
+            raise ValueError(
+                f"unknown temporal_interp {self.temporal_interp!r}; valid: {', '.join(TEMPORAL_INTERP_MODES)}"
+            )
+        if self.attention == "joint" and self.local_layers:
+            raise ValueError("local_layers (window attention) needs attention 'divided' or 'space_only', not 'joint'")
+
+
+class SpaceTimeBlock(Block):
+    """A ``Block`` over clips (B, T, 1+P, C), with an optional temporal attention branch."""
+
+    def __init__(self, attention: str, shared_cls: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mode = attention
+        self.shared_cls = shared_cls
+        if attention == "divided":
+            dim = kwargs["dim"]
+            self.temporal_norm = nn.LayerNorm(dim, eps=kwargs["norm_eps"])
+            self.temporal_attn = MultiHeadAttention(
+                dim, kwargs["num_heads"], kwargs["qkv_bias"], kwargs["proj_bias"], kwargs["attn_impl"]
+            )
+            self.temporal_proj = nn.Linear(dim, dim)
+
+    def reset_temporal(self) -> None:
+        """Zero the temporal output projection: the temporal branch starts as a no-op."""
+        if self.mode == "divided":
+            nn.init.zeros_(self.temporal_proj.weight)
+            nn.init.zeros_(self.temporal_proj.bias)
+
+    def temporal(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual temporal attention across frames at each position of (B, T, 1+P, C)."""
+        b, t, n, c = x.shape
+        first = 1 if self.shared_cls else 0  # a shared class token skips temporal attention
+        seq = x[:, :, first:].permute(0, 2, 1, 3).reshape(b * (n - first), t, c)
+        upd = self.temporal_proj(self.temporal_attn(self.temporal_norm(seq)))
+        upd = upd.reshape(b, n - first, t, c).permute(0, 2, 1, 3)
+        if first:
+            return torch.cat([x[:, :, :1], x[:, :, 1:] + upd], dim=2)
+        return x + upd
+
+    def spatial(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Residual attention within each frame; shared class-token updates averaged over frames."""
+        b, t, n, c = x.shape
+        h = self.norm1(x.reshape(b * t, n, c))
+        gate = self.compute_gate(h, group=t)
+        upd = self.attention(h, grid, gate).reshape(b, t, n, c)
+        if self.shared_cls:
+            cls_upd = upd[:, :, :1].mean(dim=1, keepdim=True).expand(b, t, 1, c)
+            upd = torch.cat([cls_upd, upd[:, :, 1:]], dim=2)
+        return x + self.ls1(upd), None if gate is None else gate.active_ratio
+
+    def joint(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Residual attention over every token of the clip."""
+        b, t, n, c = x.shape
+        if self.shared_cls:
+            seq = torch.cat([x[:, 0, :1], x[:, :, 1:].reshape(b, t * (n - 1), c)], dim=1)
+        else:
+            seq = x.reshape(b, t * n, c)
+        h = self.norm1(seq)
+        gate = self.compute_gate(h)
+        upd = self.ls1(self.attention(h, grid, gate))
+        if self.shared_cls:
+            cls_upd = upd[:, None, :1].expand(b, t, 1, c)
+            upd = torch.cat([cls_upd, upd[:, 1:].reshape(b, t, n - 1, c)], dim=2)
+        else:
+            upd = upd.reshape(b, t, n, c)
+        return x + upd, None if gate is None else gate.active_ratio
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, 1+P, C) -> (B, T, 1+P, C) and the active-head ratio (None without gating)."""
+        if self.mode == "joint":
+            x, ratio = self.joint(x, grid)
+        else:
+            if self.mode == "divided":
+                x = self.temporal(x)
+            x, ratio = self.spatial(x, grid)
+        return self.mlp_residual(x), ratio
+
+
+class VideoEncoder(VisionTransformerBase):
+    """Space-time ViT. ``forward(clips (B, T, 3, H, W)) -> EncoderOutput``.
+
+    ``tokens``: the class token(s) (1 shared, or T per frame) then the patches in
+    (h, w, t) order, all after the final norm. ``pooled``: the normed class token
+    (``shared``), the mean of the per-frame class tokens (``per_frame``), or the mean
+    of all patch tokens (``pool="avg"``), then the projection head.
+    """
+
+    def __init__(self, cfg: VideoEncoderConfig) -> None:
+        if not isinstance(cfg, VideoEncoderConfig):
+            raise TypeError(f"VideoEncoder needs a VideoEncoderConfig, got {type(cfg).__name__}")
+        super().__init__(cfg)
+        if cfg.attention != "space_only":
+            self.time_embed = nn.Parameter(torch.zeros(cfg.num_frames, cfg.width))
+        else:
+            self.register_parameter("time_embed", None)
+        self.init_weights()
+        for block in self.blocks:
+            block.reset_temporal()
+
+    def make_block(self, index: int) -> nn.Module:
+        cfg = self.cfg
+        return SpaceTimeBlock(cfg.attention, cfg.cls_mode == "shared", **self.block_kwargs(index))
+
+    def forward(self, clips: torch.Tensor) -> EncoderOutput:
+        cfg = self.cfg
+        x = check_pixels(clips, 5, "(B, T, 3, H, W)", cfg.in_chans, cfg.patch_size, self.pos_embed.dtype)
+        b, t = x.shape[:2]
+        patches, grid = self.embed_patches(x.flatten(0, 1))
+        p, c = patches.shape[1:]
+        patches = patches.reshape(b, t, p, c)
+        if self.time_embed is not None:
+            time = resample_temporal_embed(self.time_embed, t, cfg.temporal_interp)
+            patches = patches + time.to(patches.dtype)[None, :, None, :]
+        cls = self.class_token().to(patches.dtype).expand(b, t, 1, c)
+        x = self.norm_pre(torch.cat([cls, patches], dim=2))
+        ratios = []
+        for block in self.blocks:
+            x, ratio = block(x, grid)
+            ratios.append(ratio)
+        x = self.norm(x)
+        patch_tokens = x[:, :, 1:].permute(0, 2, 1, 3).reshape(b, p * t, c)
+        if cfg.cls_mode == "shared":
+            prefix = x[:, 0, :1]
+            cls_out = prefix[:, 0]
+        else:
+            prefix = x[:, :, 0]
+            cls_out = prefix.mean(dim=1)
+        pooled = self.pool_and_project(cls_out, patch_tokens)  # the head is affine: mean commutes
+        return EncoderOutput(
+            tokens=torch.cat([prefix, patch_tokens], dim=1),
+            pooled=pooled,
+            active_head_ratio=self.stack_ratios(ratios),
+            grid=grid,
+            num_frames=t,
+            num_prefix_tokens=prefix.shape[1],
+        )

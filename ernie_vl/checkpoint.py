@@ -1,0 +1,168 @@
+"""Checkpoints: a folder with ``config.json`` and ``model.safetensors`` (never a pickle).
+
+``save_pretrained`` writes both files under temporary names and renames them into place.
+The safetensors header carries a SHA-256 digest of every tensor (name, dtype, shape,
+bytes), so a truncated or tampered file raises a ``ValueError`` that says so, instead of
+a crash deep inside torch. Loading is strict: every missing, unexpected or mis-shaped key
+is named. A model quantized with ``ernie_vl.quantize_int8`` is saved the same way (its
+int8 weights and scales are ordinary tensors) and marked in the header, so
+``from_pretrained`` rebuilds the quantized structure before loading.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ernie_vl.config import ErnieVLConfig
+
+if TYPE_CHECKING:
+    from ernie_vl.model import ErnieVL
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = "1"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over (name, dtype, shape, raw bytes) of every tensor, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict as contiguous CPU tensors, none sharing storage (safetensors refuses shared)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor; cannot save it")
+        t = value.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and key in seen:
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def save_pretrained(model: "ErnieVL", directory: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = _plain_state_dict(model)
+    metadata = {"format": "pt", "ernie_vl_format": FORMAT_VERSION, "sha256": tensors_digest(tensors)}
+    metadata.update(extra_metadata or {})
+    config_text = json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n"
+    tmp_weights = directory / f".{WEIGHTS_NAME}.tmp"
+    tmp_config = directory / f".{CONFIG_NAME}.tmp"
+    save_file(tensors, str(tmp_weights), metadata=metadata)
+    tmp_config.write_text(config_text)
+    os.replace(tmp_weights, directory / WEIGHTS_NAME)
+    os.replace(tmp_config, directory / CONFIG_NAME)
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> ErnieVLConfig:
+    """The ``ErnieVLConfig`` of a checkpoint folder (strict)."""
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(directory)!r} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return ErnieVLConfig.from_dict(data)
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse the safetensors header, checking that the file is complete."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is truncated ({size} bytes): not a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise ValueError(f"{path} is truncated or corrupt: header of {header_len} bytes in a {size}-byte file")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise ValueError(
+            f"{path} is truncated or has extra bytes: expected {8 + header_len + end} bytes, found {size}"
+        )
+    return header
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a checkpoint's safetensors file, verified against its digest."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    header = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for malformed files
+        raise ValueError(f"{path} is corrupt and cannot be read as safetensors: {err}") from None
+    expected = metadata.get("sha256")
+    if expected is None:
+        raise ValueError(f"{path} has no sha256 in its header: not written by ernie_vl save_pretrained")
+    if tensors_digest(tensors) != expected:
+        raise ValueError(f"{path} has been modified or corrupted: its tensors do not match the recorded sha256")
+    return tensors, metadata
+
+
+def check_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tuple(tensors[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if mis_shaped:
+        problems.append(f"shape mismatches ({len(mis_shaped)}): {mis_shaped}")
+    if problems:
+        raise ValueError(f"{source} does not match the model built from its config: " + "; ".join(problems))
+
+
+def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ErnieVL":
+    """Build ``cls(config)`` and load the weights strictly; quantized checkpoints come back quantized."""
+    cfg = read_config(directory)
+    path = Path(directory) / WEIGHTS_NAME
+    tensors, metadata = load_tensors(path)
+    model = cls(cfg)
+    if metadata.get("quantization"):
+        from ernie_vl.quantize import prepare_quantized
+
+        model = prepare_quantized(model, metadata["quantization"])
+    check_keys(model, tensors, str(path))
+    model.load_state_dict(tensors, strict=True)
+    model.model_id = cfg.model_id or f"ernie-vl:{Path(directory).resolve()}"
+    return model.to(map_location).eval()

@@ -1,0 +1,66 @@
+"""``ernie-vl index MODEL IMAGES_DIR --out INDEX``: embed a folder of images into a search index.
+
+Re-running on the same ``--out`` embeds only new or changed files and drops deleted ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "index",
+        help="embed a folder of images into a search index (incremental on re-run)",
+        description="Embed every image under IMAGES_DIR and save an index folder. MODEL is an ErnieVL "
+                    "checkpoint folder or open_clip:ARCH[:PRETRAINED_OR_PATH]. Unreadable files are "
+                    "skipped and listed. With an existing --out only new or changed files are embedded.",
+    )
+    p.add_argument("model", help="checkpoint folder or open_clip:ARCH[:PRETRAINED_OR_PATH]")
+    p.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="index folder to write (or update)")
+    p.add_argument("--kind", default="auto", choices=("auto", "flat", "hnsw", "ivfpq"),
+                   help="flat = exact; hnsw / ivfpq = approximate; auto = flat below 200k items (default)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (default 2)")
+    p.add_argument("--keep-missing", action="store_true", help="keep items whose files were deleted")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ernie_vl.hub import load_model, model_spec_for_manifest, optional_device
+    from retrieval.folder import index_folder
+    from retrieval.index import MANIFEST, Index
+
+    if not args.images_dir.is_dir():
+        raise ValueError(f"IMAGES_DIR {str(args.images_dir)!r} is not a folder")
+    loaded = load_model(args.model, device=optional_device(args.device))
+    existing = None
+    if (args.out / MANIFEST).exists():
+        existing = Index.load(args.out, model_id=loaded.model_id)
+        old_root = existing.info.get("root")
+        if old_root and Path(old_root) != args.images_dir.resolve():
+            raise ValueError(f"index {str(args.out)!r} was built from {old_root!r}, not "
+                             f"{str(args.images_dir.resolve())!r}; use another --out")
+    index, report = index_folder(
+        loaded.model, args.images_dir, index=existing, kind=args.kind, model_id=loaded.model_id,
+        preprocess=loaded.preprocess, batch_size=args.batch_size, num_workers=args.workers,
+        keep_missing=args.keep_missing, progress=not args.no_progress,
+        info={"model_spec": model_spec_for_manifest(args.model)},
+    )
+    index.save(args.out)
+    if args.json:
+        print(json.dumps({"index": str(args.out), "kind": index.kind, "count": len(index),
+                          "added": report.added, "updated": report.updated, "removed": report.removed,
+                          "unchanged": report.unchanged, "failures": [list(f) for f in report.failures]},
+                         indent=2, ensure_ascii=False))
+    else:
+        print(f"index {args.out}: {len(index)} images ({index.kind}); {report.summary()}")
+        for path, reason in report.failures:
+            print(f"  skipped {path}: {reason}", file=sys.stderr)
+    return 0

@@ -1,0 +1,67 @@
+"""``ernie-vl search INDEX "query text" [-k 10] [--image path.jpg] [--json] [--gallery out.html]``."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="search an index with a sentence or an example image",
+        description="Print the top-k images for a text query (or, with --image, for an example image). "
+                    "The model is the one recorded in the index unless --model is given.",
+    )
+    p.add_argument("index", type=Path, help="index folder written by `ernie-vl index`")
+    p.add_argument("query", nargs="?", default=None, help="text query")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--image", type=Path, default=None, help="search with this image instead of text")
+    p.add_argument("--model", default=None, help="override the model recorded in the index")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.add_argument("--gallery", type=Path, default=None, help="also write the hits to a .html or .png file")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ernie_vl.hub import load_model, optional_device
+    from retrieval.gallery import GALLERY_FORMATS, write_gallery
+    from retrieval.index import Index
+    from retrieval.search import search_image, search_text
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError("give exactly one of a text QUERY or --image PATH")
+    if args.k < 1:
+        raise ValueError(f"-k must be >= 1, got {args.k}")
+    if args.gallery is not None and args.gallery.suffix.lower() not in GALLERY_FORMATS:
+        raise ValueError(f"--gallery {str(args.gallery)!r} must end in one of {GALLERY_FORMATS}")
+    manifest = Index.read_manifest(args.index)
+    spec = args.model or manifest.get("info", {}).get("model_spec")
+    if not spec:
+        raise ValueError(f"index {str(args.index)!r} records no model; pass --model")
+    loaded = load_model(spec, device=optional_device(args.device))
+    index = Index.load(args.index, model_id=loaded.model_id)
+    if args.image is not None:
+        hits = search_image(loaded.model, index, args.image, k=args.k, preprocess=loaded.preprocess,
+                            model_id=loaded.model_id)
+        title = f"images like {args.image}"
+    else:
+        hits = search_text(loaded.model, index, args.query, k=args.k, tokenizer=loaded.tokenizer,
+                           model_id=loaded.model_id)
+        title = f"images for {args.query!r}"
+    root = index.info.get("root")
+    if args.gallery is not None:
+        write_gallery(hits, args.gallery, root=root, title=title)
+    if args.json:
+        out = {"query": args.query, "image": str(args.image) if args.image else None, "root": root,
+               "hits": [h.to_dict() for h in hits]}
+        if args.gallery is not None:
+            out["gallery"] = str(args.gallery)
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        for h in hits:
+            print(f"{h.rank + 1:3d}  {h.score:8.4f}  {h.metadata.get('path', h.id)}")
+        if args.gallery is not None:
+            print(f"gallery written to {args.gallery}")
+    return 0

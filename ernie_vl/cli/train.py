@@ -1,0 +1,95 @@
+"""``ernie-vl train``: train on image-text CSVs and labelled video folders; ``--nproc N`` launches torchrun."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from typing import Any, Sequence
+
+from ernie_vl.train.config import TrainConfig
+
+# CLI flag -> TrainConfig field, for the flags that map one to one
+_SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos", "grad_accum", "lr", "weight_decay",
+           "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "priority_alpha", "priority_uniform_mix",
+           "num_workers", "eval_every", "checkpoint_every", "log_every", "num_frames", "val_pairs", "val_videos",
+           "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``ernie-vl train`` and ``python -m ernie_vl.train`` (torchrun's entry)."""
+    d = TrainConfig.__dataclass_fields__
+    p.add_argument("--model", default="tiny", help="preset name (ernie-vl list-models) or a checkpoint folder")
+    p.add_argument("--pairs", nargs="*", default=[], metavar="CSV", help="image-text CSVs (filepath,caption)")
+    p.add_argument("--videos", nargs="*", default=[], metavar="DIR_OR_CSV",
+                   help="labelled videos: ROOT/<class>/<file> folders or path,label CSVs")
+    p.add_argument("--out", required=True, help="run folder: log.jsonl, train_state.pt, final/")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (the schedule is fitted to it)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: as many as --minutes allows)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/train_state.pt")
+    p.add_argument("--batch-pairs", type=int, default=d["batch_pairs"].default, help="global image-text pairs per step")
+    p.add_argument("--batch-videos", type=int, default=d["batch_videos"].default, help="global clips per step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=d["lr"].default)
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"].default)
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"].default)
+    p.add_argument("--autocast", choices=("auto", "bf16", "none"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=("priority", "uniform"), default=d["sampler"].default)
+    p.add_argument("--priority-alpha", type=float, default=d["priority_alpha"].default)
+    p.add_argument("--priority-uniform-mix", type=float, default=d["priority_uniform_mix"].default)
+    p.add_argument("--no-video-text", action="store_true", help="no video <-> class-prompt contrastive loss")
+    p.add_argument("--curriculum", action="store_true", help="expert curriculum: dense routing annealed to top-k")
+    p.add_argument("--curriculum-steps", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="frames per clip (default: the model's)")
+    p.add_argument("--val-pairs", default=None, metavar="CSV", help="held-out pairs for Recall@K during training")
+    p.add_argument("--val-videos", default=None, metavar="DIR_OR_CSV", help="held-out videos for top-1/top-5")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=d["num_workers"].default)
+    p.add_argument("--image-col", default="filepath")
+    p.add_argument("--caption-col", default="caption")
+    p.add_argument("--powersgd-rank", type=int, default=0, help="PowerSGD gradient compression rank (DDP)")
+    p.add_argument("--powersgd-warmup", type=int, default=d["powersgd_warmup"].default)
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: auto)")
+    p.add_argument("--model-overrides", default=None, metavar="JSON", help='e.g. \'{"video_encoder": {"attention": "space_only"}}\'')
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {name: getattr(args, name) for name in _SIMPLE}
+    overrides = json.loads(args.model_overrides) if args.model_overrides else {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--model-overrides must be a JSON object, got {args.model_overrides!r}")
+    return TrainConfig(pairs=list(args.pairs), videos=list(args.videos), resume=args.resume,
+                       video_text=not args.no_video_text, curriculum=args.curriculum, model_overrides=overrides,
+                       progress=not args.no_progress, **values)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # validate here, before starting any worker
+    if args.nproc > 1:
+        from ernie_vl.train.distributed import torchrun_command
+
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        config_path = cfg.out_dir / "train_config.json"
+        config_path.write_text(json.dumps(cfg.to_dict(), indent=1))
+        return subprocess.call(torchrun_command(args.nproc, ["--config", str(config_path)]))
+    from ernie_vl.train import train
+
+    result = train(cfg)
+    summary = {"final": str(result.final_dir), "steps": result.steps, "seconds": round(result.seconds, 1),
+               "samples_per_s": round(result.samples_per_s, 2), "loss": result.last_losses.get("loss"),
+               **result.evaluation}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train an ErnieVL model on image-text pairs and labelled videos",
+                              description=__doc__)
+    add_train_arguments(p)
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun, DDP on gloo/NCCL)")
+    p.set_defaults(func=run)

@@ -1,0 +1,162 @@
+"""Streaming source for data larger than the in-memory cache budget: decoding in DataLoader workers.
+
+Same contract as ``ernie_vl.data.mixing.MixedSource`` (``next() -> DrawnStep``,
+``state_dict`` / ``load_state_dict``). The samplers run in the main process inside
+the DataLoader's batch sampler, so each step's global ids are drawn exactly as in the
+in-memory path; DataLoader workers decode this rank's slice (images with the model's
+transform; videos with TSN sampling and random resized crops, no flips). Captions and
+class prompts are tokenised once up front. A file that fails to decode is replaced in
+its batch by another item of the same batch (the batch keeps its size, which the
+cross-rank feature gather needs) and gets no priority update.
+
+Resume: the ids drawn ahead by prefetching are saved and replayed first, so the sample
+order resumes exactly; the workers' augmentation randomness is not restored.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ernie_vl.data.mixing import DrawnStep, StepMix
+from ernie_vl.data.sources import Normaliser, class_prompts, pick_prompts, tokenize, video_dataset
+
+
+class _Items(Dataset):
+    """Key ``(kind, index)`` -> ``(kind, index, tensor or None)``; kind 0 = image, 1 = video clip."""
+
+    def __init__(self, pairs: Optional[Dataset], videos: Optional[Dataset]) -> None:
+        self.pairs, self.videos = pairs, videos
+
+    def __len__(self) -> int:
+        return (len(self.pairs) if self.pairs is not None else 0) + (len(self.videos) if self.videos is not None else 0)
+
+    def __getitem__(self, key: tuple[int, int]):
+        kind, index = key
+        item = (self.pairs if kind == 0 else self.videos)[index]
+        return kind, index, None if item is None else item[0]
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+class StreamingSource:
+    """Per-step batches decoded by DataLoader workers; see the module docstring."""
+
+    def __init__(self, mix: StepMix, rank: int, pair_csvs: list[str], video_roots: list[str], model: Any,
+                 num_frames: int, video_size: int, pair_sampler_factory, video_sampler_factory,
+                 video_text: bool = True, prompt_template: str = "a video of {}", image_col: str = "filepath",
+                 caption_col: str = "caption", num_workers: int = 2, seed: int = 0) -> None:
+        from torch.utils.data import ConcatDataset
+
+        from retrieval.datasets import ImageTextCSV
+
+        self.mix, self.rank, self.video_text = mix, rank, video_text
+        pairs = videos = None
+        if pair_csvs and mix.pairs:
+            parts = [ImageTextCSV(p, transform=model.preprocess, image_col=image_col, caption_col=caption_col)
+                     for p in pair_csvs]
+            pairs = ConcatDataset(parts)
+            self.tokens = tokenize(model.tokenizer, [c for part in parts for c in part.captions])
+        if video_roots and mix.videos:
+            parts = [video_dataset(r, num_frames, video_size, model.preprocess.mean, model.preprocess.std, train=True)
+                     for r in video_roots]
+            self.classes = list(parts[0].classes)
+            videos = ConcatDataset(parts)
+            self.labels = torch.tensor([label for part in parts for _, label in part.samples], dtype=torch.int64)
+            prompts = class_prompts(self.classes, video_roots, prompt_template)
+            flat = tokenize(model.tokenizer, [p for c in self.classes for p in prompts[c]])
+            self.prompt_tokens = list(flat.split([len(prompts[c]) for c in self.classes]))
+        self.norm = Normaliser(tuple(model.preprocess.mean), tuple(model.preprocess.std))
+        self.pair_sampler = pair_sampler_factory(len(pairs)) if pairs is not None else None
+        self.video_sampler = video_sampler_factory(len(videos)) if videos is not None else None
+        self.prompt_generator = torch.Generator().manual_seed(seed + 7919)
+        self.pending: deque = deque()  # (pair_ids, video_ids, prompts) drawn, not yet trained on
+        self.replay: deque = deque()
+        self.loader = DataLoader(_Items(pairs, videos), batch_sampler=_StepKeys(self), num_workers=num_workers,
+                                 collate_fn=_collate, persistent_workers=num_workers > 0)
+        self._iter = None
+        self.failures = 0
+
+    def _draw(self) -> tuple:
+        if self.replay:
+            return self.replay.popleft()
+        pair_ids = self.pair_sampler.sample_global(self.mix.pairs) if self.pair_sampler else None
+        video_ids = self.video_sampler.sample_global(self.mix.videos) if self.video_sampler else None
+        prompts = None
+        if video_ids is not None and self.video_text:
+            prompts = pick_prompts(self.prompt_tokens, self.labels[video_ids], self.prompt_generator)
+        return pair_ids, video_ids, prompts
+
+    def _local(self, ids: torch.Tensor, total: int) -> slice:
+        per_rank = total // self.mix.world_size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def next(self) -> DrawnStep:
+        from ernie_vl.model import ErnieVLBatch
+
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        items = next(self._iter)
+        pair_ids, video_ids, prompts = self.pending.popleft()
+        fields: dict[str, Any] = {}
+        if pair_ids is not None:
+            local = self._local(pair_ids, self.mix.pairs)
+            images = self._fill([x for k, _, x in items if k == 0])
+            fields.update(images=torch.stack(images), texts=self.tokens[pair_ids[local]])
+        if video_ids is not None:
+            local = self._local(video_ids, self.mix.videos)
+            clips = self._fill([x for k, _, x in items if k == 1])
+            fields.update(videos=torch.stack(clips), video_labels=self.labels[video_ids[local]])
+            if prompts is not None:
+                fields["video_texts"] = prompts[local]
+        return DrawnStep(ErnieVLBatch(**fields), pair_ids, video_ids)
+
+    def _fill(self, tensors: list) -> list:
+        good = [t for t in tensors if t is not None]
+        if not good:
+            raise ValueError("every file of this step's batch failed to decode; check the data")
+        self.failures += len(tensors) - len(good)
+        return [t if t is not None else good[0] for t in tensors]
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"prompt_generator": self.prompt_generator.get_state(),
+                                 "pending": list(self.replay) + list(self.pending)}
+        if self.pair_sampler is not None:
+            state["pair_sampler"] = self.pair_sampler.state_dict()
+        if self.video_sampler is not None:
+            state["video_sampler"] = self.video_sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompt_generator.set_state(state["prompt_generator"])
+        if self.pair_sampler is not None:
+            self.pair_sampler.load_state_dict(state["pair_sampler"])
+        if self.video_sampler is not None:
+            self.video_sampler.load_state_dict(state["video_sampler"])
+        self.replay = deque(state.get("pending", []))
+
+
+class _StepKeys:
+    """Batch sampler: each step's keys for this rank; records the draw as pending."""
+
+    def __init__(self, source: StreamingSource) -> None:
+        self.source = source
+
+    def __iter__(self):
+        src = self.source
+        while True:
+            pair_ids, video_ids, prompts = src._draw()
+            src.pending.append((pair_ids, video_ids, prompts))
+            keys = []
+            if pair_ids is not None:
+                keys += [(0, int(i)) for i in pair_ids[src._local(pair_ids, src.mix.pairs)]]
+            if video_ids is not None:
+                keys += [(1, int(i)) for i in video_ids[src._local(video_ids, src.mix.videos)]]
+            yield keys
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for len(loader)
+        return 2**31

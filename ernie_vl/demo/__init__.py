@@ -1,0 +1,30 @@
+"""The end-to-end demo (``ernie-vl demo``): stages, figures, report.html, summary table.
+
+``run_demo(DemoConfig(...))`` runs or resumes it; ``DemoConfig.quick(out)`` is the 1-2 minute size.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DemoConfig": "ernie_vl.demo.config",
+    "run_demo": "ernie_vl.demo.pipeline",
+    "build_stages": "ernie_vl.demo.pipeline",
+    "Stage": "ernie_vl.demo.runner",
+    "StageRunner": "ernie_vl.demo.runner",
+    "write_report_html": "ernie_vl.demo.report",
+    "write_report_json": "ernie_vl.demo.report",
+    "format_summary": "ernie_vl.demo.summary",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ernie_vl.demo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

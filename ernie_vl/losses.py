@@ -1,0 +1,118 @@
+"""Contrastive (CLIP InfoNCE, SigLIP sigmoid) and classification losses with per-sample values.
+
+Every loss returns ``(loss, per_sample)``: the scalar to optimise and a (B_local,)
+tensor for loss-priority sampling, with ``loss == per_sample.mean()``.
+
+Distributed (open_clip's "local loss + gather with grad"): when ``torch.distributed``
+is initialised with world size W > 1, each rank gathers the other side's features from
+every rank *with gradients*, scores its B local samples against all W*B, and averages
+over its local samples. The gather's backward sums the gradient contributions of every
+rank, so with DDP's gradient averaging the update equals that of one process holding
+the whole global batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient from every rank and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        ctx.rank, ctx.batch = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.batch
+        return grad[start : start + ctx.batch]
+
+
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, E) local -> (W*B, E) from all ranks (rank-major), and the offset of this rank's rows.
+
+    Every rank must pass the same B. Without a process group this returns ``(x, 0)``.
+    """
+    rank, world = distributed_world()
+    if world == 1:
+        return x, 0
+    return _GatherWithGrad.apply(x), rank * x.shape[0]
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"{what}: features must be (B, E), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: both sides need the same (B, E), got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE of paired, L2-normalised features a[i] <-> b[i].
+
+    a, b: (B, E). Returns the mean loss and per-sample (B,) = (CE of row i of a->b +
+    CE of row i of b->a) / 2, each over all W*B candidates of the other side.
+    """
+    _check_pair(a, b, "clip_loss")
+    all_a, offset = gather_with_grad(a)
+    all_b, _ = gather_with_grad(b)
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    logits_ab = logit_scale * a @ all_b.t()
+    logits_ba = logit_scale * b @ all_a.t()
+    per_sample = 0.5 * (
+        F.cross_entropy(logits_ab, labels, reduction="none") + F.cross_entropy(logits_ba, labels, reduction="none")
+    )
+    return per_sample.mean(), per_sample
+
+
+def siglip_loss(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SigLIP's pairwise sigmoid loss of paired, L2-normalised features.
+
+    Every (i, j) is a binary problem, positive iff i == j: -log sigmoid(z_ij * (t a_i.b_j + bias)).
+    Per-sample (B,) = (sum over row i of a vs all b + sum over row i of b vs all a) / 2,
+    so that the mean over the global batch is SigLIP's sum over all pairs / batch size.
+    """
+    _check_pair(a, b, "siglip_loss")
+    all_a, offset = gather_with_grad(a)
+    all_b, _ = gather_with_grad(b)
+    signs = -torch.ones(a.shape[0], all_b.shape[0], device=a.device, dtype=a.dtype)
+    rows = torch.arange(a.shape[0], device=a.device)
+    signs[rows, rows + offset] = 1.0
+    row_ab = -F.logsigmoid(signs * (logit_scale * a @ all_b.t() + logit_bias)).sum(dim=1)
+    row_ba = -F.logsigmoid(signs * (logit_scale * b @ all_a.t() + logit_bias)).sum(dim=1)
+    per_sample = 0.5 * (row_ab + row_ba)
+    return per_sample.mean(), per_sample
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy with label smoothing. logits (B, K), labels (B,) int in [0, K)."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (B, num_classes), got {tuple(logits.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must be ({logits.shape[0]},) to match the logits, got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    num_classes = logits.shape[1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)].tolist()
+        raise ValueError(f"labels {bad} out of range; valid: 0..{num_classes - 1}")
+    per_sample = F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=label_smoothing)
+    return per_sample.mean(), per_sample

@@ -1,0 +1,105 @@
+"""Typed configuration of one MoE feed-forward layer."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+EXPERT_TYPES = ("mlp", "swiglu")
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "silu")
+DISPATCH_MODES = ("dropless", "capacity")
+ROUTING_MODES = ("shared", "isolated")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+@dataclass
+class MoEConfig:
+    """Options of :class:`ernie_vl.moe.MoEFeedForward` (everything but ``d_model``).
+
+    hidden: expert hidden width (per expert).
+    num_experts: routed experts E.
+    top_k: experts per token (Mixtral convention: the k weights are renormalised to sum to 1).
+    expert_type: ``"mlp"`` (fc -> act -> proj, with biases; CLIP-style) or ``"swiglu"``
+        (act(gate) * up -> down, no biases; Mixtral-style).
+    activation: ``gelu`` | ``quick_gelu`` | ``gelu_tanh`` | ``silu``; None = ``gelu`` for ``mlp``
+        experts, ``silu`` for ``swiglu`` experts (the gate's activation).
+    bias: biases on the ``mlp`` experts' two projections.
+    dispatch: ``"dropless"`` (sort-based, every token kept) or ``"capacity"``.
+    capacity_factor / eval_capacity_factor: per-expert capacity
+        ``ceil(factor * tokens * top_k / E)`` in training / in eval (capacity mode only).
+    routing: ``"shared"`` (any token to any expert) or ``"isolated"`` (text tokens among the
+        first ``num_text_experts`` experts, visual tokens among the rest).
+    num_text_experts: size of the text group in isolated routing (default E // 2).
+    num_shared_experts: experts every token uses, added to the routed output.
+    router_jitter: multiplicative uniform noise ``[1-j, 1+j]`` on the router input in training.
+    load_balance_coef / z_loss_coef / orthogonal_coef: weights of the auxiliary losses.
+    """
+
+    hidden: int = 2048
+    num_experts: int = 8
+    top_k: int = 2
+    expert_type: str = "mlp"
+    activation: str | None = None
+    bias: bool = True
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    routing: str = "shared"
+    num_text_experts: int | None = None
+    num_shared_experts: int = 0
+    router_jitter: float = 0.0
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    orthogonal_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
+        if self.activation is None:
+            self.activation = "silu" if self.expert_type == "swiglu" else "gelu"
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("dispatch", self.dispatch, DISPATCH_MODES)
+        _check_choice("routing", self.routing, ROUTING_MODES)
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.router_jitter < 1.0:
+            raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
+        if self.routing == "isolated":
+            if self.num_experts < 2:
+                raise ValueError(f"isolated routing needs num_experts >= 2, got {self.num_experts}")
+            if self.num_text_experts is None:
+                self.num_text_experts = self.num_experts // 2
+            if not 1 <= self.num_text_experts < self.num_experts:
+                raise ValueError(
+                    f"num_text_experts must be in [1, {self.num_experts - 1}], got {self.num_text_experts}"
+                )
+        self.check_top_k(self.top_k)
+
+    def group_sizes(self) -> tuple[int, ...]:
+        """Experts a token may choose from: (E,) shared, (text, visual) isolated."""
+        if self.routing == "isolated":
+            assert self.num_text_experts is not None
+            return (self.num_text_experts, self.num_experts - self.num_text_experts)
+        return (self.num_experts,)
+
+    def check_top_k(self, top_k: int) -> int:
+        """Validate ``top_k`` against the smallest routing group; returns it."""
+        smallest = min(self.group_sizes())
+        if not 1 <= top_k <= smallest:
+            raise ValueError(
+                f"top_k must be in [1, {smallest}] for {self.routing} routing over "
+                f"{self.num_experts} experts, got {top_k}"
+            )
+        return top_k
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,214 @@
+"""The MoE feed-forward layer: router -> sort-based dispatch -> stacked experts -> combine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modality import NUM_MODALITIES, TEXT, is_visual
+from .config import MoEConfig
+from .dispatch import expert_capacity, plan_dispatch
+from .experts import DenseMLP, DenseSwiGLU, MLPExperts, SwiGLUExperts
+from .grouped import moe_experts
+from .losses import load_balance_from_counts, router_orthogonal_loss, router_z_loss
+from .router import Router
+from .stats import RoutingStats, compute_routing_stats
+
+
+def check_modality_ids(modality_ids: torch.Tensor) -> None:
+    """Raise unless ``modality_ids`` is an integer tensor of values in [0, NUM_MODALITIES)."""
+    if modality_ids.dtype.is_floating_point or modality_ids.dtype == torch.bool:
+        raise TypeError(f"modality_ids must be an integer tensor, got {modality_ids.dtype}")
+    if modality_ids.numel() and (int(modality_ids.min()) < 0 or int(modality_ids.max()) >= NUM_MODALITIES):
+        raise ValueError(f"modality_ids must be in [0, {NUM_MODALITIES}) (TEXT=0, IMAGE=1, VIDEO=2), "
+                         f"got values in [{int(modality_ids.min())}, {int(modality_ids.max())}]")
+
+
+@dataclass
+class MoEOutput:
+    """Result of one MoE layer.
+
+    output: same shape as the input, (B, L, D) or (N, D); padding rows are 0.
+    router_logits: (N, E) float32 raw router logits of every token (padding included).
+    aux_loss: () weighted sum ``lb_coef * lb + z_coef * z + orth_coef * orth``.
+    load_balance_loss / z_loss / orthogonal_loss: () unweighted, padding excluded.
+    stats: routing statistics of the real tokens.
+    """
+
+    output: torch.Tensor
+    router_logits: torch.Tensor
+    aux_loss: torch.Tensor
+    load_balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    orthogonal_loss: torch.Tensor
+    stats: RoutingStats
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k mixture-of-experts feed-forward layer.
+
+    Args: ``d_model``, then the :class:`MoEConfig` fields (``hidden``, ``num_experts``,
+    ``top_k``, ``expert_type``, ``activation``, ``dispatch``, ``routing``, ...).
+
+    ``forward(x, modality_ids=None, mask=None)``:
+        x: (B, L, D) or (N, D).
+        modality_ids: same leading shape, int (TEXT=0, IMAGE=1, VIDEO=2); default all text
+            (required with isolated routing).
+        mask: same leading shape, bool, True = real token; padding is not routed, gets output 0
+            and is excluded from the losses and statistics.
+        returns :class:`MoEOutput`.
+
+    ``self.top_k`` is the k in use (an :class:`ExpertCurriculum` may change it);
+    ``self.temperature`` divides the router logits before the softmax (default 1).
+    """
+
+    def __init__(self, d_model: int, hidden: int = 2048, num_experts: int = 8, top_k: int = 2,
+                 **options: Any) -> None:
+        super().__init__()
+        try:
+            cfg = MoEConfig(hidden=hidden, num_experts=num_experts, top_k=top_k, **options)
+        except TypeError as err:
+            raise TypeError(f"MoEFeedForward: {err}; valid options: {sorted(MoEConfig.__dataclass_fields__)}") from err
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        self.d_model = d_model
+        self.config = cfg
+        self.top_k = cfg.top_k
+        self.temperature = 1.0
+        text_experts = cfg.num_text_experts if cfg.routing == "isolated" else None
+        self.router = Router(d_model, cfg.num_experts, cfg.router_jitter, text_experts)
+        act = cfg.activation
+        assert act is not None
+        if cfg.expert_type == "swiglu":
+            self.experts: nn.Module = SwiGLUExperts(cfg.num_experts, d_model, cfg.hidden, act)
+        else:
+            self.experts = MLPExperts(cfg.num_experts, d_model, cfg.hidden, act, cfg.bias)
+        self.shared: nn.Module | None = None
+        if cfg.num_shared_experts > 0:
+            shared_hidden = cfg.num_shared_experts * cfg.hidden
+            self.shared = (DenseSwiGLU(d_model, shared_hidden, act) if cfg.expert_type == "swiglu"
+                           else DenseMLP(d_model, shared_hidden, act, cfg.bias))
+
+    @classmethod
+    def from_config(cls, d_model: int, cfg: MoEConfig) -> "MoEFeedForward":
+        return cls(d_model, **cfg.to_dict())
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    def shared_params(self) -> int:
+        return 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for ``num_tokens`` real tokens (None when dropless)."""
+        cfg = self.config
+        if cfg.dispatch == "dropless":
+            return None
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        return expert_capacity(num_tokens, self.top_k, cfg.num_experts, factor)
+
+    def _flatten_inputs(self, x: torch.Tensor, modality_ids: torch.Tensor | None,
+                        mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (B, L, {self.d_model}) or (N, {self.d_model}), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        if modality_ids is None:
+            if self.config.routing == "isolated":
+                raise ValueError("isolated routing needs modality_ids (TEXT=0, IMAGE=1, VIDEO=2)")
+            modality_ids = torch.full(lead, TEXT, dtype=torch.long, device=x.device)
+        if modality_ids.shape != lead:
+            raise ValueError(f"modality_ids must have shape {tuple(lead)}, got {tuple(modality_ids.shape)}")
+        check_modality_ids(modality_ids)
+        if mask is not None:
+            if mask.shape != lead:
+                raise ValueError(f"mask must have shape {tuple(lead)} (True = real token), got {tuple(mask.shape)}")
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be bool (True = real token), got {mask.dtype}")
+            mask = mask.reshape(-1)
+        return x.reshape(-1, self.d_model), modality_ids.reshape(-1), mask
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> MoEOutput:
+        cfg = self.config
+        cfg.check_top_k(self.top_k)
+        flat, ids, mask = self._flatten_inputs(x, modality_ids, mask)
+        logits = self.router.logits(flat)
+        real_index = None
+        if mask is not None and not bool(mask.all()):
+            real_index = mask.nonzero().squeeze(1)
+            tokens, ids_r, logits_r = flat[real_index], ids[real_index], logits[real_index]
+        else:
+            tokens, ids_r, logits_r = flat, ids, logits
+        decision = self.router.route(logits_r, self.top_k, ids_r, self.temperature)
+        plan = plan_dispatch(decision.experts, cfg.num_experts, self.capacity(tokens.shape[0]))
+        experts = self.experts
+        y = moe_experts(tokens, decision.weights, plan.order, plan.token_index, plan.inverse, plan.counts,
+                        experts.kind, experts.activation, experts.params())
+        if self.shared is not None:
+            y = y + self.shared(tokens)
+        if real_index is not None:
+            y = flat.new_zeros(flat.shape).index_copy(0, real_index, y)
+
+        group = self.router.expert_group
+        group_tokens = None
+        if group is not None:
+            group_tokens = torch.bincount(is_visual(ids_r).long(), minlength=2)
+        lb = load_balance_from_counts(decision.probs.sum(0), plan.routed_counts, tokens.shape[0], self.top_k,
+                                      group_tokens, group)
+        z = router_z_loss(decision.masked_logits)
+        orth = router_orthogonal_loss(self.router.weight)
+        aux = cfg.load_balance_coef * lb + cfg.z_loss_coef * z + cfg.orthogonal_coef * orth
+        stats = compute_routing_stats(decision.probs, decision.experts, ids_r, plan.routed_counts,
+                                      plan.dropped, self.experts.params_per_expert(), self.shared_params())
+        return MoEOutput(y.view(x.shape), logits, aux, lb, z, orth, stats)
+
+    # ---- construction from dense MLPs and from Mixtral ------------------------------------
+
+    @classmethod
+    def upcycle(cls, dense_mlp: Any, num_experts: int, top_k: int = 2, noise_std: float = 0.0,
+                **options: Any) -> "MoEFeedForward":
+        """Sparse upcycling: every expert starts as a copy of ``dense_mlp``.
+
+        ``dense_mlp`` may be (see :func:`ernie_vl.moe.upcycle.read_dense_mlp`):
+        the backbone's :class:`DenseMLP` (``fc`` / ``activation`` / ``proj``), a
+        ``nn.Sequential``-like module ``(Linear, activation module, Linear)`` such as
+        open_clip's ``c_fc`` / ``gelu`` / ``c_proj``, a :class:`DenseSwiGLU`, or a dict
+        ``{"fc_weight" (H, D), "fc_bias" (H,) | None, "proj_weight" (D, H),
+        "proj_bias" (D,) | None, "activation": "gelu" | "quick_gelu" | ...}``.
+        Since the top-k weights sum to 1, the output equals the dense output at init
+        (up to float rounding). ``noise_std`` > 0 multiplies each expert's weights by
+        ``1 + noise_std * N(0, 1)`` (independently per expert) to break the symmetry.
+        """
+        from .upcycle import upcycle_layer
+
+        return upcycle_layer(cls, dense_mlp, num_experts, top_k, noise_std, options)
+
+    def fill_from_dense_(self, dense_mlp: Any, noise_std: float = 0.0) -> "MoEFeedForward":
+        """Copy a dense MLP (formats as in :meth:`upcycle`) into every expert of this layer, in place.
+
+        Shapes and activation must match; shared experts get a zero output projection so
+        the output equals the dense output at initialisation.
+        """
+        from .upcycle import fill_from_dense
+
+        fill_from_dense(self, dense_mlp, noise_std)
+        return self
+
+    @classmethod
+    def from_mixtral(cls, block: nn.Module) -> "MoEFeedForward":
+        """A layer equal to a transformers ``MixtralSparseMoeBlock`` (SwiGLU experts, no bias).
+
+        Output matches ``block(x)`` and ``router_logits`` match ``block.gate``'s logits
+        (eval mode; Mixtral's jitter also scales the experts' input, ours only the router's).
+        """
+        from .upcycle import layer_from_mixtral
+
+        return layer_from_mixtral(cls, block)
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (f"d_model={self.d_model}, num_experts={cfg.num_experts}, top_k={self.top_k}, "
+                f"dispatch={cfg.dispatch}, routing={cfg.routing}, shared={cfg.num_shared_experts}")

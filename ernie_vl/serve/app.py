@@ -1,0 +1,234 @@
+"""The FastAPI app: ``/health``, ``/embed/text``, ``/embed/image``, ``/search`` with dynamic batching.
+
+Text and image embedding and index search each have a :class:`DynamicBatcher`; all three share one
+worker thread, so one model forward (or index scan) runs at a time. Bad requests get a 4xx with a
+message; nothing a client sends can stop the server.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from ernie_vl.serve.batcher import BatchingConfig, DynamicBatcher, QueueFullError
+from retrieval.embed import encode_image_batch, encode_text_batch
+from retrieval.images import ImageLoadError, load_image_bytes
+from retrieval.index import Index
+from retrieval.search import hits_from_arrays
+
+
+@dataclass
+class ServerConfig:
+    """Limits and batching of the HTTP server."""
+
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_texts_per_request: int = 64
+    max_images_per_request: int = 16
+    max_text_chars: int = 2000
+    max_k: int = 1000
+    default_k: int = 10
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _int_field(value: Any, name: str, default: int, hi: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise HTTPError(422, f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not 1 <= k <= hi or (isinstance(value, float) and value != k):
+        raise HTTPError(422, f"{name} must be an integer in [1, {hi}], got {value!r}")
+    return k
+
+
+class Service:
+    """The model, tokenizer, preprocess and optional index behind the endpoints."""
+
+    def __init__(self, model: Any, preprocess: Callable, tokenizer: Callable, model_id: str,
+                 index: Optional[Index], config: ServerConfig) -> None:
+        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+        self.model_id, self.index, self.config = model_id, index, config
+        if hasattr(model, "eval"):
+            model.eval()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ernie-vl-model")
+        b = config.batching
+        self.text_batcher = DynamicBatcher(self._embed_texts, b, self.executor, "text")
+        self.image_batcher = DynamicBatcher(self._embed_images, b, self.executor, "image")
+        self.search_batcher = DynamicBatcher(self._search, b, self.executor, "search")
+        self.embedding_dim: Optional[int] = index.dim if index is not None else None
+
+    # batch functions (worker thread)
+    def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
+        return list(encode_text_batch(self.model, self.tokenizer(texts)).numpy())
+
+    def _embed_images(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        return list(encode_image_batch(self.model, torch.stack(images)).numpy())
+
+    def _search(self, items: list[tuple[np.ndarray, int]]) -> list[list[dict]]:
+        queries = np.stack([q for q, _ in items]).astype(np.float32)
+        k_max = max(k for _, k in items)
+        ids, scores = self.index.search(queries, k_max)
+        hits = hits_from_arrays(self.index, ids, scores)
+        return [[h.to_dict() for h in row[:k]] for row, (_, k) in zip(hits, items)]
+
+    async def start(self) -> None:
+        for b in (self.text_batcher, self.image_batcher, self.search_batcher):
+            await b.start()
+
+    async def stop(self) -> None:
+        for b in (self.text_batcher, self.image_batcher, self.search_batcher):
+            await b.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # request parsing
+    def check_texts(self, texts: Any) -> list[str]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts:
+            raise HTTPError(422, "give 'text' (a string) or 'texts' (a non-empty list of strings)")
+        if len(texts) > self.config.max_texts_per_request:
+            raise HTTPError(413, f"{len(texts)} texts in one request; the limit is {self.config.max_texts_per_request}")
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise HTTPError(422, f"every text must be a non-empty string, got {t!r}")
+            if len(t) > self.config.max_text_chars:
+                raise HTTPError(413, f"a text of {len(t)} characters; the limit is {self.config.max_text_chars}")
+        return texts
+
+    async def read_upload(self, upload: Any) -> torch.Tensor:
+        if not isinstance(upload, UploadFile):
+            raise HTTPError(422, "image fields must be file uploads (multipart/form-data)")
+        data = await upload.read(self.config.max_upload_bytes + 1)
+        if len(data) > self.config.max_upload_bytes:
+            raise HTTPError(413, f"upload {upload.filename!r} is larger than {self.config.max_upload_bytes} bytes")
+        try:
+            image = await run_in_threadpool(load_image_bytes, data, upload.filename or "<upload>",
+                                            self.config.max_image_pixels)
+        except ImageLoadError as err:
+            status = 413 if "larger than" in err.reason else 415
+            raise HTTPError(status, f"not a readable image: {err}") from None
+        return await run_in_threadpool(self.preprocess, image)
+
+    async def json_body(self, request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise HTTPError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(422, f"the JSON body must be an object, got {type(body).__name__}")
+        return body
+
+    async def form(self, request: Request):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.config.max_upload_bytes * 2:
+            raise HTTPError(413, f"request body of {length} bytes is too large")
+        try:
+            return await request.form(max_files=self.config.max_images_per_request, max_fields=16,
+                                      max_part_size=self.config.max_upload_bytes)
+        except Exception as err:  # starlette raises its own errors for malformed / oversized forms
+            raise HTTPError(400, f"malformed multipart form: {err}") from None
+
+
+def create_app(model: Any, preprocess: Callable, tokenizer: Callable, model_id: str,
+               index: Optional[Index] = None, config: Optional[ServerConfig] = None) -> FastAPI:
+    """Build the app; batchers start and stop with the app's lifespan."""
+    service = Service(model, preprocess, tokenizer, model_id, index, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="ERNIE-VL search", lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, err: HTTPError):
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(QueueFullError)
+    async def _busy(request: Request, err: QueueFullError):
+        return JSONResponse({"error": str(err)}, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception):
+        return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}"}, status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        s = service
+        return {"status": "ok", "model_id": s.model_id,
+                "index": None if s.index is None else {"count": len(s.index), "kind": s.index.kind,
+                                                       "embedding_dim": s.index.dim},
+                "batching": asdict(s.config.batching),
+                "stats": {b.name: b.stats.to_dict() for b in (s.text_batcher, s.image_batcher, s.search_batcher)}}
+
+    @app.post("/embed/text")
+    async def embed_text(request: Request) -> JSONResponse:
+        body = await service.json_body(request)
+        texts = service.check_texts(body.get("texts", body.get("text")))
+        emb = await service.text_batcher.submit_many(texts)
+        return JSONResponse({"model_id": service.model_id, "dim": int(emb[0].shape[0]),
+                             "embeddings": [e.tolist() for e in emb]})
+
+    @app.post("/embed/image")
+    async def embed_image(request: Request) -> JSONResponse:
+        form = await service.form(request)
+        uploads = [v for key in ("file", "files", "image") for v in form.getlist(key)]
+        if not uploads:
+            raise HTTPError(422, "upload one or more images in the multipart field 'file'")
+        if len(uploads) > service.config.max_images_per_request:
+            raise HTTPError(413, f"{len(uploads)} images; the limit is {service.config.max_images_per_request}")
+        tensors = [await service.read_upload(u) for u in uploads]
+        emb = await service.image_batcher.submit_many(tensors)
+        return JSONResponse({"model_id": service.model_id, "dim": int(emb[0].shape[0]),
+                             "embeddings": [e.tolist() for e in emb]})
+
+    @app.post("/search")
+    async def search(request: Request) -> JSONResponse:
+        if service.index is None:
+            raise HTTPError(409, "the server was started without an index (--index)")
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await service.form(request)
+            upload = form.get("image") or form.get("file")
+            if upload is None:
+                raise HTTPError(422, "multipart search needs an image in the field 'image'")
+            k = _int_field(form.get("k"), "k", service.config.default_k, service.config.max_k)
+            query = await service.image_batcher.submit(await service.read_upload(upload))
+            kind, shown = "image", getattr(upload, "filename", None)
+        else:
+            body = await service.json_body(request)
+            text = body.get("text", body.get("query"))
+            if not isinstance(text, str):
+                raise HTTPError(422, "JSON search needs 'text': a string (or send an image as multipart 'image')")
+            service.check_texts(text)
+            k = _int_field(body.get("k"), "k", service.config.default_k, service.config.max_k)
+            query = await service.text_batcher.submit(text)
+            kind, shown = "text", text
+        if query.shape[0] != service.index.dim:
+            raise HTTPError(409, f"the model makes {query.shape[0]}-d embeddings, the index holds {service.index.dim}-d")
+        hits = await service.search_batcher.submit((query, k))
+        return JSONResponse({"query": {"kind": kind, "value": shown}, "k": k, "hits": hits})
+
+    return app

@@ -1,0 +1,61 @@
+"""Run the app with uvicorn: in the foreground (``run_server``) or in a background thread (``ServerThread``)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Optional
+
+import uvicorn
+from fastapi import FastAPI
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          loop="asyncio", http="h11", lifespan="on", timeout_keep_alive=30)
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` until interrupted (Ctrl-C)."""
+    uvicorn.Server(_config(app, host, port, log_level)).run()
+
+
+class ServerThread:
+    """``with ServerThread(app) as url:`` serves on loopback at a free port and stops on exit."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: Optional[int] = None,
+                 log_level: str = "warning", startup_timeout_s: float = 30.0) -> None:
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(_config(app, self.host, self.port, log_level))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.startup_timeout_s = startup_timeout_s
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

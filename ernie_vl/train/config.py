@@ -1,0 +1,149 @@
+"""Typed training configuration (``TrainConfig``) and the result of a run (``TrainResult``)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+AUTOCAST_MODES = ("auto", "bf16", "none")
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Sizes of batches are *global* (all ranks together).
+
+    Data: ``pairs`` image-text CSVs (``filepath,caption``; column names settable),
+    ``videos`` labelled video folders (``ROOT/<class>/<file>``) or CSVs (``path,label``).
+    ``video_text``: also train video <-> class-prompt contrastive pairs (prompts from
+    ``ROOT/prompts.json`` when present, else ``video_prompt_template``), which is what
+    zero-shot classification uses.
+    Mix per step: ``batch_pairs`` image-text pairs and ``batch_videos`` clips.
+    Length: ``max_steps`` and/or ``minutes`` (wall-clock budget; the cosine schedule is
+    then fitted to the step time measured over the first ``calibration_steps``).
+    Data loading: datasets whose decoded size is under ``cache_max_mb`` are decoded once
+    (with ``num_workers`` processes) and kept in memory as uint8; larger ones stream
+    through DataLoader workers. ``decode_cache``: folder where decoded data is kept as
+    tensor files keyed by the files' sizes and mtimes and the transform (None: off), so a
+    second run on the same data skips decoding.
+    Sampling: ``sampler`` ``priority`` (loss-priority, see ``sampler.py``) or ``uniform``.
+    Distributed: ``parallel`` ``ddp`` (default) or ``fsdp``; ``powersgd_rank`` > 0 registers
+    PowerSGD (DDP only) after ``powersgd_warmup`` uncompressed steps.
+    ``threads``: torch threads per process; None picks all CPUs, or 1 on an oversubscribed machine.
+    """
+
+    out: str = "runs/train"
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    pairs: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    image_col: str = "filepath"
+    caption_col: str = "caption"
+    val_pairs: Optional[str] = None
+    val_videos: Optional[str] = None
+    video_text: bool = True
+    video_prompt_template: str = "a video of {}"
+    num_frames: Optional[int] = None
+
+    batch_pairs: int = 64
+    batch_videos: int = 32
+    max_steps: Optional[int] = None
+    minutes: Optional[float] = None
+    calibration_steps: int = 5
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    autocast: str = "auto"
+    seed: int = 0
+
+    sampler: str = "priority"
+    priority_alpha: float = 1.0
+    priority_eps: float = 0.05
+    priority_uniform_mix: float = 0.3
+    priority_ema: float = 0.0
+
+    curriculum: bool = False
+    curriculum_steps: Optional[int] = None
+
+    num_workers: int = 2
+    cache_max_mb: float = 2048.0
+    decode_cache: Optional[str] = "~/.cache/ernie_vl/decoded"
+    log_every: int = 1
+    eval_every: int = 0
+    eval_max_pairs: int = 1000
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    parallel: str = "ddp"
+    powersgd_rank: int = 0
+    powersgd_warmup: int = 10
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.pairs = [str(p) for p in ([self.pairs] if isinstance(self.pairs, (str, Path)) else self.pairs)]
+        self.videos = [str(p) for p in ([self.videos] if isinstance(self.videos, (str, Path)) else self.videos)]
+        if not self.pairs and not self.videos:
+            raise ValueError("nothing to train on: give pairs (image-text CSVs) and/or videos (folders or CSVs)")
+        if self.max_steps is None and self.minutes is None:
+            raise ValueError("give max_steps and/or minutes to bound the run")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be > 0, got {self.max_steps}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        for name in ("batch_pairs", "batch_videos"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.pairs and self.batch_pairs < 2:
+            raise ValueError(f"batch_pairs must be >= 2 for a contrastive loss, got {self.batch_pairs}")
+        if self.videos and self.batch_videos < 1:
+            raise ValueError(f"batch_videos must be >= 1 when videos are given, got {self.batch_videos}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"unknown autocast {self.autocast!r}; valid: {list(AUTOCAST_MODES)}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"unknown parallel mode {self.parallel!r}; valid: {list(PARALLEL_MODES)}")
+        if self.powersgd_rank < 0:
+            raise ValueError(f"powersgd_rank must be >= 0, got {self.powersgd_rank}")
+        if self.powersgd_rank and self.parallel == "fsdp":
+            raise ValueError("PowerSGD is a DDP communication hook and cannot be used with FSDP "
+                             "(FSDP reduce-scatters sharded gradients); use parallel='ddp' or powersgd_rank=0")
+        if self.sampler not in ("priority", "uniform"):
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: ['priority', 'uniform']")
+        if "{}" not in self.video_prompt_template:
+            raise ValueError(f"video_prompt_template needs a '{{}}' for the class name, got {self.video_prompt_template!r}")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`ernie_vl.train.train` returns."""
+
+    final_dir: Path
+    steps: int
+    seconds: float
+    samples_per_s: float
+    last_losses: dict[str, float]
+    evaluation: dict[str, float]
+    routing: dict[str, Any]
+    log_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)

@@ -1,0 +1,400 @@
+"""The multi-task trainer: image-text pairs + labelled videos (+ video-prompt pairs) on one ErnieVL.
+
+``train(TrainConfig) -> TrainResult``. One optimiser step = ``grad_accum`` micro-steps,
+each drawing its global mix of samples (``ernie_vl.data.mixing``) from loss-priority
+samplers; AdamW with a cosine schedule and warm-up, gradient clipping, optional
+autocast, optional expert curriculum, DDP (+ PowerSGD) under torchrun. Rank 0 writes
+``OUT/log.jsonl`` (one line per step: loss parts, lr, samples/s, routing statistics,
+measured gradient compression), ``OUT/train_state.pt`` (exact resume: model,
+optimiser, scheduler, samplers, RNG states) and ``OUT/final`` (``save_pretrained``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ernie_vl.data.mixing import MixedSource, StepMix
+from ernie_vl.train import checkpointing as ckpt
+from ernie_vl.train.config import TrainConfig, TrainResult
+from ernie_vl.train.distributed import (DistContext, all_gather_cat, barrier, broadcast_object, gather_objects,
+                                        init_distributed, unwrap, wrap_model)
+from ernie_vl.train.evaluation import evaluate
+from ernie_vl.train.optim import build_optimizer, cosine_with_warmup
+from ernie_vl.train.sampler import PrioritySampler
+
+
+def resolve_threads(requested: Optional[int]) -> int:
+    """Threads for this process: ``requested``, or (None) all CPUs of this process unless the
+    machine is oversubscribed (1-minute load >= 1.5 x CPUs), where one thread is much faster:
+    measured here on 2 shared cores, a tiny-preset step took 2.5 s with 1 thread and 15-30 s
+    with 2 (OpenMP threads spin-waiting for a descheduled partner)."""
+    if requested:
+        return int(requested)
+    from ernie_vl.data.sources import cpu_workers
+
+    cpus = max(1, cpu_workers(64))
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return 1 if load >= 1.5 * cpus else cpus
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def routing_summary(routing: list[Any], active_head_ratio: Any = None) -> dict[str, Any]:
+    """Plain-number routing statistics of one forward: per layer, and averaged over MoE layers."""
+    layers = [r.to_dict() for r in routing or []]
+    summary: dict[str, Any] = {"layers": layers}
+    if layers:
+        def mean(key: str) -> Optional[float]:
+            vals = [l[key] for l in layers if l.get(key) is not None]
+            return float(np.mean(vals)) if vals else None
+
+        summary.update(overlap_rate=mean("overlap_rate"), activated_param_ratio=mean("activated_param_ratio"),
+                       router_entropy=mean("router_entropy"),
+                       usage_by_modality=np.mean([l["usage_by_modality"] for l in layers], axis=0).tolist())
+    if active_head_ratio is not None:
+        summary["active_head_ratio"] = _plain(active_head_ratio)
+    return summary
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu()
+        return value.item() if value.ndim == 0 else value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """The batch dataclass with every tensor field on ``device`` (no copy on CPU)."""
+    if device.type == "cpu":
+        return batch
+    import dataclasses
+
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+                                         for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+class Trainer:
+    """Holds the model, data, samplers, optimiser and schedule of one run; :meth:`run` trains."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.start_time = time.perf_counter()
+        torch.set_num_threads(resolve_threads(cfg.threads))
+        self.ctx: DistContext = init_distributed()
+        seed_everything(cfg.seed)  # identical model initialisation on every rank
+        self.out = cfg.out_dir
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.model = self._build_model()
+        self._build_data()
+        self.model.to(self.ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.total_steps = cfg.max_steps or 10**9
+        # the schedule reads self.total_steps, which a time budget fits after the first steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.curriculum = self._build_curriculum()
+        self.ddp_model, self.meter = wrap_model(self.model, self.ctx, cfg.parallel, cfg.powersgd_rank,
+                                                cfg.powersgd_warmup)
+        self.step = 0
+        self.steps_fitted = cfg.minutes is None
+        self.history: list[dict[str, Any]] = []
+        self.evaluations: list[dict[str, Any]] = []
+        if cfg.resume:
+            self._resume()
+        # each rank its own stream for dropout / router jitter, restored exactly on resume
+        if not cfg.resume:
+            torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)
+        self.log_file = open(self.out / "log.jsonl", "a", encoding="utf-8") if self.ctx.is_main else None
+
+    # ------------------------------------------------------------------ setup
+    def _video_classes(self) -> Optional[list[str]]:
+        if not self.cfg.videos:
+            return None
+        from ernie_vl.data.sources import video_dataset
+
+        return list(video_dataset(self.cfg.videos[0], 2, 32, (0.5,) * 3, (0.5,) * 3, train=False).classes)
+
+    def _build_model(self) -> nn.Module:
+        cfg = self.cfg
+        classes = self.classes = self._video_classes()
+        path = Path(cfg.model)
+        if (path / "config.json").is_file():
+            from ernie_vl.model import ErnieVL
+
+            model = ErnieVL.from_pretrained(path)
+            if classes is not None and model.class_names is not None and list(model.class_names) != classes:
+                raise ValueError(f"the model {cfg.model!r} classifies {model.class_names[:10]} but the videos have "
+                                 f"classes {classes[:10]}; train from a preset to get a new head")
+            return model
+        import ernie_vl
+
+        overrides = dict(cfg.model_overrides)
+        if classes is not None:
+            overrides["class_names"] = classes
+        return ernie_vl.create_model(cfg.model, **overrides)
+
+    def _build_data(self) -> None:
+        from ernie_vl.data.sources import CachedPairs, CachedVideos, cpu_workers
+
+        cfg, model = self.cfg, self.model
+        workers = cpu_workers(cfg.num_workers)
+        show = cfg.progress and self.ctx.is_main
+        self.num_frames = cfg.num_frames or model.cfg.video_encoder.num_frames
+        video_size = self._video_size()
+        vkw = dict(num_frames=self.num_frames, image_size=video_size, mean=model.preprocess.mean,
+                   std=model.preprocess.std, tokenizer=model.tokenizer, prompt_template=cfg.video_prompt_template,
+                   num_workers=workers, progress=show, cache_dir=cfg.decode_cache)
+        self.mix = StepMix.from_global(cfg.batch_pairs if cfg.pairs else 0, cfg.batch_videos if cfg.videos else 0,
+                                       cfg.grad_accum, self.ctx.world_size)
+        kw = dict(kind=cfg.sampler, alpha=cfg.priority_alpha, eps=cfg.priority_eps,
+                  uniform_mix=cfg.priority_uniform_mix, ema=cfg.priority_ema)
+        self.streaming = self._cache_mb(video_size) > cfg.cache_max_mb
+        self.pairs = self.videos = None
+        if self.streaming:
+            from ernie_vl.data.streaming import StreamingSource
+
+            self.source = StreamingSource(
+                self.mix, self.ctx.rank, cfg.pairs, cfg.videos, model, self.num_frames, video_size,
+                lambda n: PrioritySampler(n, seed=cfg.seed + 1, **kw), lambda n: PrioritySampler(n, seed=cfg.seed + 2, **kw),
+                video_text=cfg.video_text, prompt_template=cfg.video_prompt_template, image_col=cfg.image_col,
+                caption_col=cfg.caption_col, num_workers=workers, seed=cfg.seed)
+        else:
+            self.pairs = CachedPairs(cfg.pairs, model.preprocess, model.tokenizer, cfg.image_col, cfg.caption_col,
+                                     workers, show, cfg.decode_cache) if cfg.pairs else None
+            self.videos = CachedVideos(cfg.videos, **vkw) if cfg.videos else None
+            self.source = MixedSource(
+                self.mix, self.ctx.rank, self.pairs, self.videos,
+                PrioritySampler(len(self.pairs), seed=cfg.seed + 1, **kw) if self.pairs else None,
+                PrioritySampler(len(self.videos), seed=cfg.seed + 2, **kw) if self.videos else None,
+                video_text=cfg.video_text, seed=cfg.seed)
+        self.val_pairs = CachedPairs([cfg.val_pairs], model.preprocess, model.tokenizer, cfg.image_col,
+                                     cfg.caption_col, workers, show, cfg.decode_cache) if cfg.val_pairs else None
+        self.val_videos = CachedVideos([cfg.val_videos], classes=self.classes, **vkw) if cfg.val_videos else None
+
+    def _cache_mb(self, video_size: int) -> float:
+        """Decoded uint8 size of the training data in MiB (decides in-memory cache vs streaming)."""
+        from ernie_vl.data.sources import estimate_bytes, video_dataset
+
+        size = self.model.preprocess.image_size
+        total = 0
+        for path in self.cfg.pairs:
+            with open(path, encoding="utf-8") as f:
+                rows = max(0, sum(1 for _ in f) - 1)
+            total += estimate_bytes(rows, 1, size)
+        for root in self.cfg.videos:
+            count = len(video_dataset(root, 2, 32, (0.5,) * 3, (0.5,) * 3, train=False).samples)
+            total += estimate_bytes(count, self.num_frames, video_size)
+        return total / 2**20
+
+    def _video_size(self) -> int:
+        size = self.model.cfg.video_encoder.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def _build_curriculum(self):
+        if not self.cfg.curriculum:
+            return None
+        from ernie_vl.moe.curriculum import ExpertCurriculum
+
+        span = self.cfg.curriculum_steps or max(1, (self.cfg.max_steps or 1000) // 3)
+        return ExpertCurriculum(hold_steps=span // 3, anneal_steps=span - span // 3)
+
+    def _lr_factor(self, step: int) -> float:
+        return cosine_with_warmup(step, self.cfg.warmup_steps, self.total_steps, self.cfg.min_lr_ratio)
+
+    def _autocast(self):
+        mode = self.cfg.autocast
+        if mode == "none" or (mode == "auto" and self.ctx.device.type != "cuda"):
+            return nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------ resume
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "total_steps": self.total_steps, "steps_fitted": self.steps_fitted,
+                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
+                "rng": gather_objects(ckpt.rng_state(), self.ctx), "world_size": self.ctx.world_size,
+                "meter": None if self.meter is None else self.meter.state.__getstate__(),
+                "config": self.cfg.to_dict()}
+
+    def save_checkpoint(self) -> None:
+        state = self._state()  # collective (gathers RNG states): every rank calls it
+        if self.ctx.is_main:
+            ckpt.save_training_state(self.out, state)
+        barrier(self.ctx)
+
+    def _resume(self) -> None:
+        path = self.out / ckpt.CHECKPOINT_NAME
+        if not path.is_file():
+            return  # nothing yet: a fresh start with --resume is allowed
+        state = ckpt.load_training_state(self.out)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.source.load_state_dict(state["source"])
+        self.step, self.total_steps, self.steps_fitted = state["step"], state["total_steps"], state["steps_fitted"]
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
+        if self.meter is not None and state.get("meter"):
+            for key in ("iter", "error_dict", "p_memory_dict", "q_memory_dict", "rng"):
+                if key in state["meter"]:
+                    setattr(self.meter.state, key, state["meter"][key])
+
+    # ------------------------------------------------------------------ one step
+    def _update_priorities(self, drawn, out) -> None:
+        per_sample = getattr(out, "per_sample_loss", None) or {}
+        for ids, key, sampler in ((drawn.pair_ids, "pairs", self.source.pair_sampler),
+                                  (drawn.video_ids, "videos", self.source.video_sampler)):
+            if ids is None or sampler is None or per_sample.get(key) is None:
+                continue
+            losses = all_gather_cat(per_sample[key].detach().float().reshape(-1), self.ctx)
+            sampler.update(ids, losses.cpu())
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.ddp_model
+        t0 = time.perf_counter()
+        if self.curriculum is not None:
+            self.curriculum.apply(unwrap(self.model), self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        samples = 0
+        for micro in range(cfg.grad_accum):
+            drawn = self.source.next()
+            batch = _to_device(drawn.batch, self.ctx.device)
+            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with (nullcontext() if sync else model.no_sync()), self._autocast():
+                out = model(batch)
+                (out.loss / cfg.grad_accum).backward()
+            self._update_priorities(drawn, out)
+            samples += drawn.num_samples
+            for name, value in {"loss": out.loss, **out.losses}.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+        if self.ctx.distributed:  # log the global-batch means, not rank 0's share
+            values = torch.tensor(list(totals.values()), dtype=torch.float64)
+            torch.distributed.all_reduce(values)
+            totals = dict(zip(totals, (values / self.ctx.world_size).tolist()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        record: dict[str, Any] = {"step": self.step, "lr": lr, **totals, "samples": samples, "step_time": dt,
+                                  "samples_per_s": samples / dt}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        record["routing"] = routing_summary(out.routing, getattr(out, "active_head_ratio", None))
+        if self.meter is not None:
+            record["gradient_compression"] = self.meter.take_step_counts()
+        return record
+
+    # ------------------------------------------------------------------ loop
+    def _fit_schedule(self, step_times: list[float]) -> None:
+        """With a time budget: set the schedule length from the measured step time (rank 0 decides)."""
+        remaining = self.cfg.minutes * 60 - (time.perf_counter() - self.start_time)
+        per_step = float(np.median(step_times))
+        fitted = self.step + max(1, int(remaining / per_step))
+        fitted = broadcast_object(min(fitted, self.cfg.max_steps or fitted), self.ctx)
+        self.total_steps, self.steps_fitted = fitted, True
+
+    def _out_of_time(self) -> bool:
+        if self.cfg.minutes is None:
+            return False
+        late = time.perf_counter() - self.start_time > self.cfg.minutes * 60
+        return bool(broadcast_object(late, self.ctx))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append({k: v for k, v in record.items() if k != "routing"})
+        if self.log_file is not None and (self.step % max(self.cfg.log_every, 1) == 0 or "eval" in record):
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def run_evaluation(self) -> dict[str, float]:
+        if self.val_pairs is None and self.val_videos is None:
+            return {}
+        return evaluate(unwrap(self.model), self.val_pairs, self.val_videos, max_pairs=self.cfg.eval_max_pairs)
+
+    def run(self, stop_after: Optional[int] = None) -> TrainResult:
+        """Train until the schedule ends, the time budget is spent, or ``stop_after`` more steps."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.ddp_model.train()
+        bar = tqdm(total=self.total_steps if self.total_steps < 10**9 else None, initial=self.step,
+                   desc="training", disable=not (cfg.progress and self.ctx.is_main), dynamic_ncols=True)
+        step_times: list[float] = []
+        taken = 0
+        train_start = time.perf_counter()
+        total_samples = 0
+        record: dict[str, Any] = {}
+        while self.step < self.total_steps and (stop_after is None or taken < stop_after):
+            if self._out_of_time():
+                break
+            record = self.train_step()
+            taken += 1
+            total_samples += record["samples"]
+            step_times.append(record["step_time"])
+            if not self.steps_fitted and len(step_times) > cfg.calibration_steps:
+                self._fit_schedule(step_times[1:])
+                bar.total = self.total_steps
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                record["eval"] = self.run_evaluation()
+                self.evaluations.append({"step": self.step, **record["eval"]})
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        seconds = time.perf_counter() - train_start
+        self.save_checkpoint()
+        finished = self.step >= self.total_steps or self._out_of_time() or stop_after is None
+        final_dir = self.out / "final"
+        evaluation: dict[str, float] = {}
+        if finished:
+            if self.ctx.is_main:
+                unwrap(self.model).save_pretrained(final_dir)
+                evaluation = self.run_evaluation()
+                if evaluation:
+                    (self.out / "eval.json").write_text(json.dumps(evaluation, indent=1))
+            barrier(self.ctx)
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+        last = {k: v for k, v in record.items() if isinstance(v, float) and (k == "loss" or k in self._loss_names(record))}
+        return TrainResult(final_dir=final_dir, steps=self.step, seconds=seconds,
+                           samples_per_s=total_samples / seconds if seconds > 0 else 0.0, last_losses=last,
+                           evaluation=evaluation, routing=record.get("routing", {}), log_path=self.out / "log.jsonl",
+                           history=self.history)
+
+    @staticmethod
+    def _loss_names(record: dict[str, Any]) -> set[str]:
+        skip = {"step", "lr", "samples", "step_time", "samples_per_s", "grad_norm"}
+        return {k for k in record if k not in skip}
+
+
+def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> TrainResult:
+    """Train ErnieVL as ``cfg`` says; see :class:`Trainer`. ``stop_after`` stops (with a checkpoint) early."""
+    trainer = Trainer(cfg)
+    return trainer.run(stop_after=stop_after)

@@ -1,0 +1,300 @@
+"""Vector stores behind :class:`retrieval.index.Index`: exact (torch matmul) and FAISS HNSW / IVF-PQ.
+
+A store holds vectors in *slots* 0..n-1 (append-only); the Index maps slots to item ids.
+Removed slots are either compacted away (flat) or masked at search time (hnsw, ivfpq).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import faiss
+import numpy as np
+import torch
+
+QUERY_CHUNK = 1024      # queries scored at once by the exact store
+ROW_CHUNK = 32768       # at least this many stored vectors are scored at once
+SCORE_BUDGET = 1 << 25  # floats in the (queries, rows) score buffer (128 MB)
+
+
+@dataclass
+class IndexParams:
+    """Tuning knobs of the approximate kinds (ignored by ``flat``); ``None`` = chosen from the data."""
+
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 40
+    hnsw_ef_search: int = 128
+    ivf_nlist: Optional[int] = None
+    ivf_nprobe: int = 32
+    pq_m: Optional[int] = None
+    pq_nbits: int = 8
+    compact_dead_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe", "pq_nbits"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"IndexParams.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.compact_dead_fraction <= 1.0:
+            raise ValueError(f"compact_dead_fraction must be in (0, 1], got {self.compact_dead_fraction}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pad(scores: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (Q, k') results to (Q, k) with slot -1 and score -inf."""
+    q, have = slots.shape
+    if have == k:
+        return slots, scores
+    out_s = np.full((q, k), -np.inf, np.float32)
+    out_i = np.full((q, k), -1, np.int64)
+    out_s[:, :have], out_i[:, :have] = scores, slots
+    return out_i, out_s
+
+
+class FlatStore:
+    """Exact inner-product search over a float32 (N, D) matrix with chunked torch matmul + top-k.
+
+    Faster than FAISS ``IndexFlatIP`` on few threads (see bench/retrieval.py). Removal compacts.
+    """
+
+    kind = "flat"
+    masks_removed = False  # removal compacts at once, every slot is alive
+
+    def __init__(self, dim: int, params: IndexParams) -> None:
+        self.dim = dim
+        self.vectors = np.zeros((0, dim), np.float32)
+        self._local = threading.local()
+
+    @property
+    def ntotal(self) -> int:
+        return self.vectors.shape[0]
+
+    def add(self, x: np.ndarray) -> None:
+        self.vectors = np.concatenate([self.vectors, x]) if self.ntotal else x.copy()
+
+    def remove(self, slots: np.ndarray) -> None:
+        keep = np.ones(self.ntotal, bool)
+        keep[slots] = False
+        self.compact(keep)
+
+    def compact(self, keep: np.ndarray) -> None:
+        self.vectors = np.ascontiguousarray(self.vectors[keep])
+
+    def reconstruct(self, slots: np.ndarray) -> np.ndarray:
+        return self.vectors[slots].copy()
+
+    def _score_buffer(self, size: int) -> torch.Tensor:
+        """A reused float32 buffer (per thread): fresh 100 MB allocations cost page faults every call."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < size:
+            buf = torch.empty(size, dtype=torch.float32)
+            self._local.buf = buf
+        return buf
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray, k: int, alive: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> slots (Q, k) int64, scores (Q, k) float32, best first.
+
+        Scores are computed block by block into one reused (queries, rows) buffer of at most
+        SCORE_BUDGET floats; each block's top-k is merged into the running best.
+        """
+        n = self.ntotal
+        kk = min(k, n)
+        q_all = torch.from_numpy(queries)
+        x = torch.from_numpy(self.vectors)
+        out_s = np.full((len(queries), kk), -np.inf, np.float32)
+        out_i = np.full((len(queries), kk), -1, np.int64)
+        if kk == 0:
+            return _pad(out_s, out_i, k)
+        for qs in range(0, len(queries), QUERY_CHUNK):
+            q = q_all[qs:qs + QUERY_CHUNK]
+            rows = min(n, max(ROW_CHUNK, SCORE_BUDGET // len(q)))
+            buf = self._score_buffer(len(q) * rows)
+            best_s = best_i = None
+            for start in range(0, n, rows):
+                block = x[start:start + rows]
+                scores = buf[: len(q) * len(block)].view(len(q), len(block))
+                torch.mm(q, block.T, out=scores)                                # (q, rows)
+                s, i = torch.topk(scores, min(kk, len(block)), dim=1)
+                if start:
+                    i = i + start
+                if best_s is not None:
+                    s, order = torch.topk(torch.cat([best_s, s], 1), kk, dim=1)
+                    i = torch.cat([best_i, i], 1).gather(1, order)
+                best_s, best_i = s, i
+            out_s[qs:qs + len(q)] = best_s.numpy()
+            out_i[qs:qs + len(q)] = best_i.numpy()
+        return _pad(out_s, out_i, k)
+
+    def save(self, folder: Path) -> list[str]:
+        np.save(folder / "vectors.npy", self.vectors)
+        return ["vectors.npy"]
+
+    def load(self, folder: Path) -> None:
+        vectors = np.load(folder / "vectors.npy", allow_pickle=False)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or vectors.dtype != np.float32:
+            raise ValueError(f"{folder / 'vectors.npy'} holds {vectors.dtype} {vectors.shape}, "
+                             f"expected float32 (N, {self.dim})")
+        self.vectors = np.ascontiguousarray(vectors)
+
+
+def _alive_selector(alive: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    """An IDSelectorBitmap over slots (keep the returned bit array referenced while searching)."""
+    bits = np.packbits(alive.astype(np.uint8), bitorder="little")
+    return faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bits)), bits
+
+
+class HNSWStore:
+    """FAISS ``IndexHNSWFlat`` (inner product); removed slots are skipped with an ID selector."""
+
+    kind = "hnsw"
+    masks_removed = True
+
+    def __init__(self, dim: int, params: IndexParams) -> None:
+        self.dim, self.params = dim, params
+        self.index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = params.hnsw_ef_construction
+        self.index.hnsw.efSearch = params.hnsw_ef_search
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def add(self, x: np.ndarray) -> None:
+        self.index.add(x)
+
+    def remove(self, slots: np.ndarray) -> None:
+        pass  # masked at search time; Index.compact rebuilds when many are dead
+
+    def reconstruct(self, slots: np.ndarray) -> np.ndarray:
+        return np.stack([self.index.reconstruct(int(s)) for s in slots]) if len(slots) else np.zeros((0, self.dim), np.float32)
+
+    def compact(self, keep: np.ndarray) -> None:
+        kept = self.index.reconstruct_n(0, self.ntotal)[keep] if self.ntotal else np.zeros((0, self.dim), np.float32)
+        self.__init__(self.dim, self.params)
+        if len(kept):
+            self.add(np.ascontiguousarray(kept))
+
+    def search(self, queries: np.ndarray, k: int, alive: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        if self.ntotal == 0:
+            return _pad(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(self.params.hnsw_ef_search, k)
+        keepalive = None
+        if alive is not None:
+            params.sel, keepalive = _alive_selector(alive)
+        scores, slots = self.index.search(queries, k, params=params)
+        del keepalive
+        return slots.astype(np.int64), scores.astype(np.float32)
+
+    def save(self, folder: Path) -> list[str]:
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+        return ["index.faiss"]
+
+    def load(self, folder: Path) -> None:
+        index = faiss.read_index(str(folder / "index.faiss"))
+        if not isinstance(index, faiss.IndexHNSWFlat) or index.d != self.dim:
+            raise ValueError(f"{folder / 'index.faiss'} is not an HNSW index of dimension {self.dim}")
+        index.hnsw.efSearch = self.params.hnsw_ef_search
+        self.index = index
+
+
+def default_pq_m(dim: int, target: int = 64) -> int:
+    """The largest divisor of ``dim`` that is <= min(target, dim) (PQ needs m | dim)."""
+    for m in range(min(target, dim), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def default_nlist(n: int) -> int:
+    """About 2 sqrt(N) inverted lists (quick to train on few cores), with >= 39 training points per list."""
+    return int(max(1, min(2 * math.sqrt(max(n, 1)), n // 39, 65536)))
+
+
+class IVFPQStore:
+    """FAISS ``IndexIVFPQ`` (inner product): compressed codes, trained on the first vectors added.
+
+    The slot is the FAISS id; removal is native (``remove_ids``).
+    """
+
+    kind = "ivfpq"
+    masks_removed = False
+
+    def __init__(self, dim: int, params: IndexParams) -> None:
+        self.dim, self.params = dim, params
+        self.index: Optional[faiss.Index] = None
+        self._next_slot = 0
+
+    @property
+    def ntotal(self) -> int:
+        return self._next_slot
+
+    def _train(self, x: np.ndarray) -> None:
+        nlist = self.params.ivf_nlist or default_nlist(len(x))
+        m = self.params.pq_m or default_pq_m(self.dim)
+        if self.dim % m:
+            raise ValueError(f"pq_m={m} must divide the embedding size {self.dim}")
+        need = max(nlist, 2 ** self.params.pq_nbits)
+        if len(x) < need:
+            raise ValueError(
+                f"ivfpq needs at least {need} vectors to train (nlist={nlist}, pq_nbits={self.params.pq_nbits}), "
+                f"got {len(x)}; use kind='flat' for small collections or lower ivf_nlist / pq_nbits")
+        index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{m}x{self.params.pq_nbits}", faiss.METRIC_INNER_PRODUCT)
+        faiss.downcast_index(index).do_polysemous_training = False  # the factory's object keeps ownership  # slow, and only for polysemous search
+        rng = np.random.default_rng(0)
+        sample = x if len(x) <= 256 * nlist else x[rng.choice(len(x), 256 * nlist, replace=False)]
+        index.train(np.ascontiguousarray(sample))
+        faiss.extract_index_ivf(index).nprobe = self.params.ivf_nprobe
+        self.index = index
+
+    def add(self, x: np.ndarray) -> None:
+        if self.index is None:
+            self._train(x)
+        slots = np.arange(self._next_slot, self._next_slot + len(x), dtype=np.int64)
+        self.index.add_with_ids(x, slots)
+        self._next_slot += len(x)
+
+    def remove(self, slots: np.ndarray) -> None:
+        if self.index is not None and len(slots):
+            self.index.remove_ids(faiss.IDSelectorBatch(len(slots), faiss.swig_ptr(np.ascontiguousarray(slots, np.int64))))
+
+    def reconstruct(self, slots: np.ndarray) -> np.ndarray:
+        raise ValueError("ivfpq keeps only compressed codes; the original vectors cannot be recovered")
+
+    def compact(self, keep: np.ndarray) -> None:
+        pass  # ids stay sparse; removed codes are already gone
+
+    def search(self, queries: np.ndarray, k: int, alive: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        if self.index is None or self.index.ntotal == 0:
+            return _pad(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = self.params.ivf_nprobe
+        scores, slots = self.index.search(queries, k, params=params)
+        scores = np.where(slots < 0, -np.inf, scores).astype(np.float32)
+        return slots.astype(np.int64), scores
+
+    def save(self, folder: Path) -> list[str]:
+        if self.index is None:
+            return []
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+        return ["index.faiss"]
+
+    def load(self, folder: Path, slots: int = 0) -> None:
+        path = folder / "index.faiss"
+        self._next_slot = slots
+        if not path.exists():
+            self.index = None
+            return
+        index = faiss.read_index(str(path))
+        if index.d != self.dim:
+            raise ValueError(f"{path} has dimension {index.d}, expected {self.dim}")
+        faiss.extract_index_ivf(index).nprobe = self.params.ivf_nprobe
+        self.index = index
+
+
+STORES = {"flat": FlatStore, "hnsw": HNSWStore, "ivfpq": IVFPQStore}

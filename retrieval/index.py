@@ -1,0 +1,320 @@
+"""A searchable embedding index with item ids and JSON metadata, saved atomically with a manifest.
+
+Kinds: ``flat`` (exact inner product, torch matmul + top-k), ``hnsw`` (FAISS graph) and
+``ivfpq`` (FAISS compressed codes); ``auto`` picks ``flat`` below ``AUTO_APPROX_THRESHOLD``
+items and ``hnsw`` above. Store L2-normalised vectors so the inner product is the cosine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from retrieval.backends import STORES, IndexParams
+
+FORMAT_NAME = "ernie-vl-index"
+FORMAT_VERSION = 1
+KINDS = ("flat", "hnsw", "ivfpq")
+AUTO_APPROX_THRESHOLD = 200_000
+MANIFEST = "manifest.json"
+IDS_FILE = "ids.npy"
+METADATA_FILE = "metadata.jsonl"
+
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
+
+
+class IndexMismatchError(ValueError):
+    """The saved index does not match what the caller expects (model, size, format) or is damaged."""
+
+
+def resolve_kind(kind: str, count: int) -> str:
+    """``auto`` -> ``flat`` below AUTO_APPROX_THRESHOLD items, else ``hnsw``; other kinds are checked."""
+    if kind == "auto":
+        return "hnsw" if count >= AUTO_APPROX_THRESHOLD else "flat"
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; valid kinds are {('auto',) + KINDS}")
+    return kind
+
+
+def _as_matrix(x: ArrayLike, dim: Optional[int], name: str = "embeddings") -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim == 1 and dim is not None and arr.shape[0] == dim:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name} have width {arr.shape[1]} but the index holds {dim}-d vectors")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return np.ascontiguousarray(arr)
+
+
+def _check_json(meta: Any, position: int) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"metadata[{position}] must be a dict, got {type(meta).__name__}")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"metadata[{position}] is not JSON-serialisable: {err}") from err
+    return meta
+
+
+class Index:
+    """Embeddings (N, D) with stable int64 ids and per-item JSON metadata.
+
+    ``search(queries (Q, D), k) -> (ids (Q, k) int64, scores (Q, k) float32)``, best first;
+    missing results (k > len) are id -1, score -inf.
+    """
+
+    def __init__(self, dim: int, kind: str = "flat", model_id: Optional[str] = None,
+                 params: Optional[IndexParams] = None, info: Optional[dict] = None) -> None:
+        if not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; valid kinds are {KINDS} (or 'auto' in Index.build)")
+        self.dim, self.kind, self.model_id = int(dim), kind, model_id
+        self.params = params or IndexParams()
+        self.info: dict = dict(info or {})
+        self._store = STORES[kind](self.dim, self.params)
+        self._slot_ids = np.zeros(0, np.int64)         # slot -> id, -1 when removed
+        self._slot_meta: list[Optional[dict]] = []
+        self._id_to_slot: dict[int, int] = {}
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, embeddings: ArrayLike, metadata: Optional[Sequence[Optional[dict]]] = None,
+              kind: str = "auto", ids: Optional[Sequence[int]] = None, model_id: Optional[str] = None,
+              params: Optional[IndexParams] = None, info: Optional[dict] = None) -> "Index":
+        """A new index over ``embeddings`` (N, D); ``kind='auto'`` chooses by N."""
+        x = _as_matrix(embeddings, None)
+        index = cls(x.shape[1], resolve_kind(kind, len(x)), model_id=model_id, params=params, info=info)
+        index.add(x, metadata=metadata, ids=ids)
+        return index
+
+    def add(self, embeddings: ArrayLike, metadata: Optional[Sequence[Optional[dict]]] = None,
+            ids: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Append (N, D) vectors; returns their ids (given ``ids`` or the next free ones)."""
+        x = _as_matrix(embeddings, self.dim)
+        n = len(x)
+        if metadata is not None and len(metadata) != n:
+            raise ValueError(f"got {len(metadata)} metadata entries for {n} embeddings")
+        metas = [_check_json(m, i) for i, m in enumerate(metadata)] if metadata is not None else [{} for _ in range(n)]
+        if ids is None:
+            new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        else:
+            new_ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            if len(new_ids) != n:
+                raise ValueError(f"got {len(new_ids)} ids for {n} embeddings")
+            if (new_ids < 0).any():
+                raise ValueError(f"ids must be >= 0, got {int(new_ids.min())}")
+            if len(np.unique(new_ids)) != n:
+                raise ValueError("ids contain duplicates")
+            taken = [int(i) for i in new_ids if int(i) in self._id_to_slot]
+            if taken:
+                raise ValueError(f"ids already in the index: {taken[:10]}")
+        if n == 0:
+            return new_ids
+        first = self._store.ntotal
+        self._store.add(x)
+        self._slot_ids = np.concatenate([self._slot_ids, new_ids])
+        self._slot_meta.extend(metas)
+        self._id_to_slot.update((int(i), first + s) for s, i in enumerate(new_ids))
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        return new_ids
+
+    def remove(self, ids: Iterable[int], missing_ok: bool = False) -> int:
+        """Remove items by id; returns how many were removed. Unknown ids raise unless ``missing_ok``."""
+        ids = [int(i) for i in np.asarray(list(ids), dtype=np.int64).reshape(-1)]
+        unknown = [i for i in ids if i not in self._id_to_slot]
+        if unknown and not missing_ok:
+            raise ValueError(f"ids not in the index: {unknown[:10]}")
+        slots = np.array(sorted({self._id_to_slot[i] for i in ids if i in self._id_to_slot}), np.int64)
+        if len(slots) == 0:
+            return 0
+        self._store.remove(slots)
+        for s in slots:
+            del self._id_to_slot[int(self._slot_ids[s])]
+            self._slot_ids[s] = -1
+            self._slot_meta[s] = None
+        dead = self._slot_ids < 0
+        if self.kind == "flat" or (self.kind == "hnsw" and dead.mean() >= self.params.compact_dead_fraction):
+            self._compact(~dead)
+        return len(slots)
+
+    def _compact(self, keep: np.ndarray) -> None:
+        if self.kind != "flat":
+            self._store.compact(keep)
+        self._slot_ids = self._slot_ids[keep]
+        self._slot_meta = [m for m, k in zip(self._slot_meta, keep) if k]
+        self._id_to_slot = {int(i): s for s, i in enumerate(self._slot_ids)}
+
+    def convert(self, kind: str) -> "Index":
+        """A copy of this index as another kind (from ``flat`` or ``hnsw``: they keep full vectors)."""
+        kind = resolve_kind(kind, len(self))
+        alive = np.flatnonzero(self._slot_ids >= 0)
+        vectors = self._store.reconstruct(alive)
+        out = Index(self.dim, kind, model_id=self.model_id, params=self.params, info=self.info)
+        out.add(vectors, metadata=[self._slot_meta[s] for s in alive], ids=self._slot_ids[alive])
+        out._next_id = max(out._next_id, self._next_id)
+        return out
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self._id_to_slot)
+
+    def __contains__(self, item_id: int) -> bool:
+        return int(item_id) in self._id_to_slot
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The ids of the items, in insertion order."""
+        return self._slot_ids[self._slot_ids >= 0].copy()
+
+    def metadata(self, item_id: int) -> dict:
+        """The metadata dict of one item (ValueError for an unknown id)."""
+        slot = self._id_to_slot.get(int(item_id))
+        if slot is None:
+            raise ValueError(f"id {item_id} is not in the index")
+        return self._slot_meta[slot]
+
+    def items(self) -> Iterable[tuple[int, dict]]:
+        """``(id, metadata)`` of every item in insertion order."""
+        for i, m in zip(self._slot_ids, self._slot_meta):
+            if i >= 0:
+                yield int(i), m
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored (len(ids), D) vectors (flat and hnsw; ivfpq keeps only codes)."""
+        slots = np.array([self._id_to_slot[int(i)] if int(i) in self._id_to_slot else -1 for i in ids], np.int64)
+        if (slots < 0).any():
+            raise ValueError(f"ids not in the index: {[int(i) for i, s in zip(ids, slots) if s < 0][:10]}")
+        return self._store.reconstruct(slots)
+
+    def search(self, queries: ArrayLike, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: (Q, D) -> ids (Q, k) int64, scores (Q, k) float32."""
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        q = _as_matrix(queries, self.dim, name="queries")
+        dead = self._slot_ids < 0
+        alive = ~dead if (self._store.masks_removed and dead.any()) else None
+        slots, scores = self._store.search(q, int(k), alive=alive)
+        ids = np.where(slots >= 0, self._slot_ids[np.clip(slots, 0, None)] if len(self._slot_ids) else -1, -1)
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        return ids.astype(np.int64), scores
+
+    # ------------------------------------------------------------------ persistence
+    def manifest(self) -> dict:
+        return {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
+            "embedding_dim": self.dim, "count": len(self), "slots": int(len(self._slot_ids)),
+            "next_id": self._next_id, "model_id": self.model_id, "params": self.params.to_dict(),
+            "info": self.info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def save(self, folder: Union[str, os.PathLike]) -> Path:
+        """Write to a temporary sibling folder, then rename it into place (a crash leaves the old index)."""
+        target = Path(folder).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            files = self._store.save(tmp)
+            np.save(tmp / IDS_FILE, self._slot_ids)
+            with open(tmp / METADATA_FILE, "w", encoding="utf-8") as f:
+                for meta in self._slot_meta:
+                    f.write(json.dumps(meta, ensure_ascii=False) + "\n")
+            manifest = self.manifest()
+            manifest["files"] = {name: (tmp / name).stat().st_size for name in files + [IDS_FILE, METADATA_FILE]}
+            with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2)
+            for name in list(manifest["files"]) + [MANIFEST]:
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            old = None
+            if target.exists():
+                if not (target / MANIFEST).exists() and any(target.iterdir()):
+                    raise ValueError(f"{target} exists and is not an index folder; refusing to replace it")
+                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(target, old)
+            os.rename(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @staticmethod
+    def read_manifest(folder: Union[str, os.PathLike]) -> dict:
+        """The manifest of a saved index (IndexMismatchError when absent or not ours)."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            backups = sorted(folder.parent.glob(f".{folder.name}.old-*"))
+            hint = f"; an earlier version survives at {backups[-1]}" if backups else ""
+            raise IndexMismatchError(f"{folder} is not an index folder (no {MANIFEST}){hint}")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise IndexMismatchError(f"{path} is not valid JSON: {err}") from err
+        if manifest.get("format") != FORMAT_NAME:
+            raise IndexMismatchError(f"{path} is not an {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise IndexMismatchError(f"{folder} has index format version {manifest.get('format_version')}, "
+                                     f"this code reads version {FORMAT_VERSION}; rebuild the index")
+        return manifest
+
+    @classmethod
+    def load(cls, folder: Union[str, os.PathLike], model_id: Optional[str] = None,
+             embedding_dim: Optional[int] = None) -> "Index":
+        """Load a saved index, checking format version, model id and embedding size when given, and the count."""
+        folder = Path(folder)
+        m = cls.read_manifest(folder)
+        if model_id is not None and m.get("model_id") != model_id:
+            raise IndexMismatchError(f"index {folder} was built with model {m.get('model_id')!r}, "
+                                     f"not {model_id!r}; re-index with this model or load the matching one")
+        if embedding_dim is not None and m["embedding_dim"] != embedding_dim:
+            raise IndexMismatchError(f"index {folder} holds {m['embedding_dim']}-d embeddings, "
+                                     f"the model makes {embedding_dim}-d ones")
+        for name, size in m.get("files", {}).items():
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != size:
+                raise IndexMismatchError(f"index file {path} is missing or truncated (expected {size} bytes)")
+        known = {f.name for f in fields(IndexParams)}
+        params = IndexParams(**{k: v for k, v in m.get("params", {}).items() if k in known})
+        index = cls(m["embedding_dim"], m["kind"], model_id=m.get("model_id"), params=params, info=m.get("info"))
+        slot_ids = np.load(folder / IDS_FILE, allow_pickle=False).astype(np.int64)
+        with open(folder / METADATA_FILE, encoding="utf-8") as f:
+            metas = [json.loads(line) for line in f if line.strip()]
+        if index.kind == "ivfpq":
+            index._store.load(folder, slots=len(slot_ids))
+        else:
+            index._store.load(folder)
+        alive = int((slot_ids >= 0).sum())
+        if not (len(slot_ids) == len(metas) == m["slots"]) or alive != m["count"]:
+            raise IndexMismatchError(f"index {folder} is inconsistent: manifest says {m['count']} items in "
+                                     f"{m['slots']} slots, files hold {alive} ids in {len(slot_ids)} slots "
+                                     f"and {len(metas)} metadata rows")
+        if index.kind != "ivfpq" and index._store.ntotal != len(slot_ids):
+            raise IndexMismatchError(f"index {folder}: the vector store holds {index._store.ntotal} vectors, "
+                                     f"expected {len(slot_ids)}")
+        index._slot_ids, index._slot_meta = slot_ids, metas
+        index._id_to_slot = {int(i): s for s, i in enumerate(slot_ids) if i >= 0}
+        index._next_id = int(m["next_id"])
+        return index
+
+    def __repr__(self) -> str:
+        return f"Index(kind={self.kind!r}, count={len(self)}, dim={self.dim}, model_id={self.model_id!r})"

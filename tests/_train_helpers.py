@@ -1,0 +1,47 @@
+"""Shared helpers of the training tests: tiny synthetic data and a small, fast TrainConfig."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ernie_vl.data import synthetic
+from ernie_vl.train import TrainConfig
+
+MOTION = ("move_left", "move_right", "grow", "shrink")
+
+
+def make_tiny_data(root: Path) -> dict[str, Path]:
+    """48 captioned shapes (+12 held out) and 4 motion classes x 3 clips of 4 frames, 32 px."""
+    shapes = synthetic.make_shapes(root / "shapes", num_train=48, num_val=0, num_heldout=12, image_size=32, seed=0)
+    motion = synthetic.make_motion(root / "motion", num_train_per_class=3, num_val_per_class=1, num_frames=4,
+                                   size=32, seed=0, classes=MOTION)
+    return {"pairs": shapes.csv["train"], "val_pairs": shapes.csv["heldout"],
+            "videos": motion.folders["train"], "val_videos": motion.folders["val"]}
+
+
+def tiny_config(data: dict[str, Path], out: Path, **overrides) -> TrainConfig:
+    """The ``test`` preset, 8 pairs + 4 clips per step, no workers, no progress bar, one thread."""
+    kw = dict(out=str(out), model="test", pairs=[str(data["pairs"])], videos=[str(data["videos"])],
+              batch_pairs=8, batch_videos=4, max_steps=6, warmup_steps=2, lr=2e-3, num_workers=0,
+              progress=False, threads=1, seed=0, decode_cache=None)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def read_log(out: Path) -> list[dict]:
+    with open(Path(out) / "log.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def dist_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
+    """Entry of a spawned rank: torchrun's environment, then ``train``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from ernie_vl.train import train
+    from ernie_vl.train.distributed import shutdown_distributed
+
+    try:
+        train(TrainConfig.from_dict(cfg_dict))
+    finally:
+        shutdown_distributed()

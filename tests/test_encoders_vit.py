@@ -1,0 +1,178 @@
+import dataclasses
+
+import pytest
+import torch
+
+from encoders import EncoderOutput, ImageEncoder, ImageEncoderConfig
+from encoders.windows import window_attention_mask
+from tests._encoders_helpers import params_without_grad, randomize_, tiny_image_cfg
+
+
+def test_output_shapes_and_type():
+    enc = ImageEncoder(tiny_image_cfg())
+    out = enc(torch.randn(2, 3, 32, 32))
+    assert isinstance(out, EncoderOutput)
+    assert out.tokens.shape == (2, 17, 32) and out.pooled.shape == (2, 16)
+    assert out.grid == (4, 4) and out.num_frames == 1 and out.active_head_ratio is None
+    # tokens are after the final norm: zero mean, unit variance per token (norm weight 1, bias 0)
+    torch.testing.assert_close(out.tokens.mean(-1), torch.zeros(2, 17), atol=1e-5, rtol=0)
+    # pooled is the projected class token
+    torch.testing.assert_close(out.pooled, enc.head(out.tokens[:, 0]), atol=1e-6, rtol=0)
+
+
+def test_avg_pool_and_no_head():
+    enc = ImageEncoder(tiny_image_cfg(pool="avg", embed_dim=None))
+    out = enc(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(out.pooled, out.tokens[:, 1:].mean(1), atol=1e-6, rtol=0)
+
+
+def test_other_resolution_resamples_positions():
+    enc = ImageEncoder(tiny_image_cfg())
+    out = enc(torch.randn(1, 3, 48, 64))
+    assert out.tokens.shape == (1, 1 + 6 * 8, 32) and out.grid == (6, 8)
+
+
+def test_resampled_positions_follow_the_configured_ones():
+    """At the configured size no resampling happens; a 2x upsample keeps the corners' trend."""
+    from encoders.pos_embed import resample_pos_embed_2d
+
+    pos = torch.arange(16.0).reshape(16, 1).repeat(1, 4)
+    assert resample_pos_embed_2d(pos, (4, 4), (4, 4)) is pos
+    up = resample_pos_embed_2d(pos, (4, 4), (8, 8), "nearest")
+    torch.testing.assert_close(up.reshape(8, 8, 4)[::2, ::2].reshape(16, 4), pos)
+
+
+def test_float64_is_cast_and_matches_float32():
+    enc = ImageEncoder(tiny_image_cfg())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(enc(x.double()).pooled, enc(x).pooled, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "x,err,match",
+    [
+        (torch.randn(3, 32, 32), ValueError, r"shape \(3, 32, 32\)"),
+        (torch.randn(1, 4, 32, 32), ValueError, r"3 channels"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "uint8"),
+        (torch.randn(1, 3, 30, 32), ValueError, "30x32"),
+        ("image", TypeError, "str"),
+    ],
+)
+def test_bad_input_names_the_value(x, err, match):
+    with pytest.raises(err, match=match):
+        ImageEncoder(tiny_image_cfg())(x)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(act="relu"), "relu"),
+        (dict(attn_impl="flash"), "flash"),
+        (dict(pool="max"), "max"),
+        (dict(width=30), "30"),
+        (dict(local_layers=5), "local_layers"),
+        (dict(head_topk=2), "head_gating"),
+        (dict(head_gating=True, head_topk=9), "head_topk"),
+        (dict(image_size=30), "patch_size"),
+    ],
+)
+def test_bad_config_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_image_cfg(**overrides)
+
+
+def test_config_round_trips_through_dict():
+    cfg = tiny_image_cfg(head_gating=True, head_topk=2, local_layers=1, window_size=2)
+    assert ImageEncoderConfig(**dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(TypeError):
+        ImageEncoderConfig(**{**dataclasses.asdict(cfg), "bogus": 1})
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_every_parameter_gets_a_gradient(topk):
+    cfg = tiny_image_cfg(head_gating=True, head_topk=topk, local_layers=1, window_size=3, pre_norm=True, ls_init=0.5)
+    enc = ImageEncoder(cfg)
+    randomize_(enc)
+    out = enc(torch.randn(2, 3, 32, 32))
+    (out.pooled.square().sum() + out.tokens.square().mean()).backward()
+    assert params_without_grad(enc) == []
+
+
+def test_fused_and_eager_encoders_agree():
+    cfg = tiny_image_cfg(local_layers=1, window_size=3, head_gating=True, head_topk=3)
+    fused = randomize_(ImageEncoder(cfg))
+    eager = ImageEncoder(dataclasses.replace(cfg, attn_impl="eager"))
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 40, 32)
+    torch.testing.assert_close(fused(x).pooled, eager(x).pooled, atol=1e-5, rtol=0)
+
+
+def test_gating_at_init_is_exactly_the_plain_vit():
+    plain = randomize_(ImageEncoder(tiny_image_cfg()))
+    gated = ImageEncoder(tiny_image_cfg(head_gating=True))
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert all(".gate." in k for k in missing) and unexpected == []
+    x = torch.randn(2, 3, 32, 32)
+    out = gated(x)
+    assert torch.equal(out.pooled, plain(x).pooled)
+    torch.testing.assert_close(out.active_head_ratio, torch.ones(2))
+
+
+def test_head_topk_keeps_k_heads_and_matches_masked_reference():
+    enc = randomize_(ImageEncoder(tiny_image_cfg(head_gating=True, head_topk=1)), std=0.3)
+    x = torch.randn(3, 3, 32, 32)
+    out = enc(x)
+    torch.testing.assert_close(out.active_head_ratio, torch.full((2,), 0.25))
+    # reference: plain attention with the non-top heads' gates set to zero
+    block = enc.blocks[0]
+    h = block.norm1(enc.norm_pre(torch.cat([enc.class_token().expand(3, 1, -1), enc.embed_patches(x)[0]], 1)))
+    gate = block.gate(h)
+    assert gate.keep.sum(1).tolist() == [1, 1, 1]
+    assert torch.equal(gate.keep, gate.gate == gate.gate.max(1, keepdim=True).values)
+    torch.testing.assert_close(
+        block.attention(h, (4, 4), gate), block.attn(h, head_gate=gate.gate * gate.keep), atol=1e-5, rtol=0
+    )
+
+
+def test_threshold_makes_the_active_share_input_dependent():
+    enc = ImageEncoder(tiny_image_cfg(head_gating=True, gate_threshold=1.0, depth=1))
+    gate = enc.blocks[0].gate
+    with torch.no_grad():
+        gate.proj.weight.zero_()
+        gate.proj.weight[:, 0] = torch.tensor([4.0, 2.0, -2.0, -4.0])  # heads respond to channel 0
+    dense = gate(torch.full((1, 5, 32), 1.0)).active_ratio
+    sparse = gate(torch.full((1, 5, 32), -1.0)).active_ratio
+    assert dense.item() == 0.5 and sparse.item() == 0.5
+    mixed = gate(torch.cat([torch.full((1, 5, 32), 1.0), torch.zeros(1, 5, 32)], 0))
+    assert mixed.keep.tolist() == [[True, True, False, False], [True, True, True, True]]
+
+
+def test_local_layers_attend_within_windows():
+    """A local block equals global attention under the dense window mask (grid 5x5, window 2: padded)."""
+    cfg = tiny_image_cfg(image_size=40, local_layers=1, window_size=2, depth=1)
+    enc = randomize_(ImageEncoder(cfg))
+    x = torch.randn(1, 3, 40, 40)
+    block = enc.blocks[0]
+    tokens = enc.norm_pre(torch.cat([enc.class_token().expand(1, 1, -1), enc.embed_patches(x)[0]], 1))
+    h = block.norm1(tokens)
+    expected = block.attn(h, window_attention_mask((5, 5), 2))
+    torch.testing.assert_close(block.attention(h, (5, 5)), expected, atol=1e-5, rtol=0)
+    # and a far-away patch cannot change a patch's local-layer output
+    y0 = block(tokens, (5, 5))[0]
+    tokens2 = tokens.clone()
+    tokens2[:, -1] += 3.0 * torch.randn(32)  # patch (4, 4); not a constant (LayerNorm removes those)
+    y1 = block(tokens2, (5, 5))[0]
+    torch.testing.assert_close(y0[:, 1], y1[:, 1], atol=1e-5, rtol=0)  # patch (0, 0)
+    assert not torch.allclose(y0[:, 0], y1[:, 0])  # the class token sees everything
+
+
+def test_topk_with_windows_matches_masked_window_reference():
+    from encoders.windows import window_attention
+
+    enc = randomize_(ImageEncoder(tiny_image_cfg(image_size=40, head_gating=True, head_topk=2, local_layers=1, window_size=2)))
+    block = enc.blocks[0]
+    h = block.norm1(torch.randn(3, 26, 32))
+    gate = block.gate(h)
+    q, k, v = block.attn.split_heads(h)
+    expected = block.attn.merge_heads(window_attention(q, k, v, (5, 5), 2, block.attn.attend), gate.gate * gate.keep)
+    torch.testing.assert_close(block.attention(h, (5, 5), gate), expected, atol=1e-5, rtol=0)

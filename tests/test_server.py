@@ -1,0 +1,169 @@
+"""The HTTP server on loopback: endpoints, dynamic batching, refusals of bad requests."""
+from __future__ import annotations
+
+import asyncio
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ernie_vl.serve import BatchingConfig, DynamicBatcher, ServerConfig, ServerThread, create_app
+from retrieval.folder import index_folder
+
+from _retrieval_helpers import ColorModel, write_color_image
+
+
+def _png(rgb, size=(10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def served(tmp_path):
+    root = tmp_path / "photos"
+    for name, rgb in {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}.items():
+        write_color_image(root / f"{name}.png", rgb)
+    model = ColorModel()
+    index, _ = index_folder(model, root, model_id=model.model_id, progress=False)
+    config = ServerConfig(batching=BatchingConfig(max_batch_size=8, max_wait_ms=50), max_upload_bytes=20_000)
+    app = create_app(model, model.preprocess, model.tokenizer, model.model_id, index, config)
+    with ServerThread(app) as url:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            yield client, model
+
+
+def test_health_and_embeddings(served):
+    client, model = served
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model_id"] == "test:color"
+    assert health["index"] == {"count": 3, "kind": "flat", "embedding_dim": 3}
+    r = client.post("/embed/text", json={"texts": ["red", "blue"]})
+    assert r.status_code == 200
+    emb = np.array(r.json()["embeddings"])
+    np.testing.assert_allclose(emb, [[1, 0, 0], [0, 0, 1]], atol=1e-2)
+    r = client.post("/embed/image", files=[("file", ("g.png", _png((0, 255, 0)), "image/png"))])
+    assert r.status_code == 200 and r.json()["dim"] == 3
+    np.testing.assert_allclose(r.json()["embeddings"][0], [0, 1, 0], atol=1e-4)
+
+
+def test_search_by_text_and_image(served):
+    client, _ = served
+    r = client.post("/search", json={"text": "a green field", "k": 2})
+    assert r.status_code == 200
+    hits = r.json()["hits"]
+    assert len(hits) == 2 and hits[0]["metadata"]["path"] == "green.png"
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    r = client.post("/search", files={"image": ("q.png", _png((0, 0, 250)), "image/png")}, data={"k": "1"})
+    assert r.status_code == 200
+    assert [h["metadata"]["path"] for h in r.json()["hits"]] == ["blue.png"]
+
+
+@pytest.mark.parametrize("kwargs,status,needle", [
+    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
+    (dict(json={"k": 3}), 422, "text"),
+    (dict(json={"text": "red", "k": 0}), 422, "k must be"),
+    (dict(json={"text": "red", "k": "many"}), 422, "k must be"),
+    (dict(json={"text": ""}), 422, "non-empty"),
+    (dict(json=["red"]), 422, "object"),
+])
+def test_bad_search_requests_get_4xx(served, kwargs, status, needle):
+    client, _ = served
+    r = client.post("/search", **kwargs)
+    assert r.status_code == status and needle in r.json()["error"]
+
+
+def test_bad_uploads_are_refused_and_server_survives(served):
+    client, _ = served
+    r = client.post("/embed/image", files={"file": ("x.png", b"this is text, not a picture", "image/png")})
+    assert r.status_code == 415 and "x.png" in r.json()["error"]
+    r = client.post("/embed/image", files={"file": ("big.png", b"\x00" * 30_000, "image/png")})
+    assert r.status_code == 413
+    r = client.post("/embed/image", data={"note": "no file"})
+    assert r.status_code == 422
+    r = client.post("/embed/text", json={"texts": ["x"] * 65})
+    assert r.status_code == 413
+    r = client.get("/nowhere")
+    assert r.status_code == 404
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.post("/embed/text", json={"text": "red"}).status_code == 200
+
+
+def test_concurrent_requests_are_batched(served):
+    client, model = served
+    model.text_batch_sizes.clear()
+    url = str(client.base_url)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
+            return await asyncio.gather(*(ac.post("/embed/text", json={"text": f"blue {i}"}) for i in range(16)))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    for r in responses:
+        np.testing.assert_allclose(r.json()["embeddings"][0], [0, 0, 1], atol=1e-2)
+    assert sum(model.text_batch_sizes) == 16
+    assert max(model.text_batch_sizes) > 1          # some requests shared a forward pass
+    assert max(model.text_batch_sizes) <= 8         # never above max_batch_size
+    stats = client.get("/health").json()["stats"]["text"]
+    assert stats["items"] >= 16 and stats["max_batch"] <= 8
+
+
+def test_batcher_unit_limits_and_errors():
+    calls: list[list[int]] = []
+
+    def double(items):
+        calls.append(list(items))
+        if -1 in items:
+            raise ValueError("bad item")
+        return [2 * i for i in items]
+
+    async def main():
+        with ThreadPoolExecutor(1) as ex:
+            b = DynamicBatcher(double, BatchingConfig(max_batch_size=4, max_wait_ms=20), ex)
+            await b.start()
+            out = await asyncio.gather(*(b.submit(i) for i in range(10)))
+            with pytest.raises(ValueError, match="bad item"):
+                await b.submit(-1)
+            after = await b.submit(5)   # the loop survives a failing batch
+            off = DynamicBatcher(double, BatchingConfig(max_batch_size=1), ex)
+            await off.start()
+            await asyncio.gather(*(off.submit(i) for i in range(3)))
+            await b.stop()
+            await off.stop()
+            return out, after
+
+    out, after = asyncio.run(main())
+    assert out == [2 * i for i in range(10)] and after == 10
+    assert [len(c) for c in calls[:3]] == [4, 4, 2]
+    assert [len(c) for c in calls[-3:]] == [1, 1, 1]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatchingConfig(max_batch_size=0)
+
+
+def test_lone_client_never_waits_for_a_batch(monkeypatch):
+    waits = []
+    real_wait_for = asyncio.wait_for
+
+    async def counting_wait_for(aw, timeout):
+        waits.append(timeout)
+        return await real_wait_for(aw, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", counting_wait_for)
+
+    async def main():
+        with ThreadPoolExecutor(1) as ex:
+            b = DynamicBatcher(lambda items: [i + 1 for i in items], BatchingConfig(max_batch_size=8, max_wait_ms=500), ex)
+            await b.start()
+            sequential = [await b.submit(i) for i in range(5)]   # one request at a time
+            assert not waits
+            burst = await asyncio.gather(*(b.submit(i) for i in range(3)))
+            await b.stop()
+            return sequential, burst, b.stats
+
+    sequential, burst, stats = asyncio.run(main())
+    assert sequential == [1, 2, 3, 4, 5] and burst == [1, 2, 3]
+    assert stats.batches == 6 and stats.max_batch == 3

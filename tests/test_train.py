@@ -1,0 +1,188 @@
+"""The trainer: exact resume, priority updates, checkpoints, the CLI (train + eval), config checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _train_helpers import make_tiny_data, read_log, tiny_config
+from ernie_vl.train import TrainConfig, train
+from ernie_vl.train.checkpointing import CHECKPOINT_NAME, atomic_torch_save, load_training_state
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+def test_resume_is_exact(data, tmp_path):
+    """10 steps + resume + 10 steps == 20 steps (losses and every weight to 1e-6)."""
+    small = dict(max_steps=20, batch_pairs=4, batch_videos=2)
+    full = train(tiny_config(data, tmp_path / "full", **small))
+    part = train(tiny_config(data, tmp_path / "part", **small), stop_after=10)
+    assert part.steps == 10 and not (tmp_path / "part" / "final").exists()
+    rest = train(tiny_config(data, tmp_path / "part", resume=True, **small))
+    assert full.steps == rest.steps == 20
+    log_full, log_part = read_log(tmp_path / "full"), read_log(tmp_path / "part")
+    assert [r["step"] for r in log_part] == list(range(1, 21))
+    for a, b in zip(log_full, log_part):
+        for key in ("loss", "image_text", "video_cls", "video_text", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (a["step"], key)
+    wa = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    assert worst <= 1e-6
+    # the loss went down over the 20 steps, and the lr followed warm-up then cosine decay
+    assert log_full[-1]["loss"] < log_full[0]["loss"]
+    lrs = [r["lr"] for r in log_full]
+    assert lrs[0] < lrs[1] and lrs[2] > lrs[-1]
+
+
+def test_priority_sampler_state_is_trained_and_saved(data, tmp_path):
+    train(tiny_config(data, tmp_path / "run", max_steps=4))
+    state = load_training_state(tmp_path / "run")
+    pair_losses = state["source"]["pair_sampler"]["losses"]
+    seen = ~torch.isnan(pair_losses)
+    assert int(seen.sum()) >= 8 and bool((pair_losses[seen] > 0).all())
+    assert int(state["source"]["pair_sampler"]["draws"].sum()) == 4 * 8
+    assert state["step"] == 4
+
+
+def test_log_has_losses_lr_throughput_and_routing(data, tmp_path):
+    train(tiny_config(data, tmp_path / "run", max_steps=2, val_pairs=str(data["val_pairs"]),
+                      val_videos=str(data["val_videos"]), eval_every=1))
+    records = read_log(tmp_path / "run")
+    first = records[0]
+    for key in ("loss", "image_text", "video_cls", "video_text", "aux", "lr", "samples_per_s"):
+        assert isinstance(first[key], float)
+    routing = first["routing"]
+    assert len(routing["layers"]) == 2 and 0.0 <= routing["activated_param_ratio"] <= 1.0
+    usage = torch.tensor(routing["usage_by_modality"])
+    assert usage.shape == (3, 4)
+    assert "eval" in first and 0.0 <= first["eval"]["text_to_image_R@1"] <= 1.0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert 0.0 <= result["video_top1"] <= 1.0
+
+
+def test_atomic_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    atomic_torch_save({"step": 1}, tmp_path / CHECKPOINT_NAME)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        atomic_torch_save({"step": 2}, tmp_path / CHECKPOINT_NAME)
+    monkeypatch.undo()
+    assert load_training_state(tmp_path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temporary left behind
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_training_state(tmp_path)
+
+
+def test_cli_train_then_eval_json(data, tmp_path, capsys):
+    from ernie_vl.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["train", "--model", "test", "--pairs", str(data["pairs"]), "--videos", str(data["videos"]),
+               "--out", str(out), "--max-steps", "2", "--batch-pairs", "8", "--batch-videos", "4",
+               "--num-workers", "0", "--threads", "1", "--no-progress"])
+    assert rc == 0 and (out / "final" / "config.json").is_file()
+    capsys.readouterr()
+    rc = main(["eval", "--model", str(out / "final"), "--pairs", str(data["val_pairs"]),
+               "--videos", str(data["val_videos"]), "--num-workers", "0", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1",
+                "image_to_text_R@5", "image_to_text_R@10", "video_top1", "video_top5"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["video_top5"] == 1.0  # 4 classes: the top 5 holds every class
+    assert result["num_pairs"] == 12 and result["num_videos"] == 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(pairs=[], videos=[]), "nothing to train on"),
+    (dict(max_steps=None, minutes=None), "max_steps"),
+    (dict(batch_pairs=1), "batch_pairs"),
+    (dict(parallel="fsdp", powersgd_rank=2), "PowerSGD"),
+    (dict(sampler="lossy"), "sampler"),
+])
+def test_bad_config_is_refused(kwargs, match):
+    base = dict(pairs=["x.csv"], max_steps=1)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**base)
+
+
+def test_batch_must_split_over_accumulation(data, tmp_path):
+    with pytest.raises(ValueError, match="divisible"):
+        train(tiny_config(data, tmp_path / "x", batch_pairs=6, grad_accum=4))
+
+
+def test_streaming_path_when_data_exceeds_the_cache_budget(data, tmp_path):
+    from ernie_vl.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(data, tmp_path / "stream", max_steps=3, cache_max_mb=0.0))
+    assert trainer.streaming and trainer.pairs is None
+    result = trainer.run()
+    records = read_log(tmp_path / "stream")
+    assert result.steps == 3 and [r["samples"] for r in records] == [12, 12, 12]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    state = load_training_state(tmp_path / "stream")
+    assert int((~torch.isnan(state["source"]["pair_sampler"]["losses"])).sum()) >= 8
+    assert len(state["source"]["pending"]) >= 0  # prefetched draws are saved for an exact replay
+
+
+def test_expert_curriculum_is_applied_from_the_config(data, tmp_path):
+    from ernie_vl.moe import MoEFeedForward
+    from ernie_vl.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(data, tmp_path / "cur", max_steps=4, curriculum=True, curriculum_steps=3))
+    layers = [m for m in trainer.model.modules() if isinstance(m, MoEFeedForward)]
+    trainer.train_step()
+    assert [m.top_k for m in layers] == [4] * len(layers)  # dense start: every expert
+    while trainer.step < 4:
+        trainer.train_step()
+    assert [m.top_k for m in layers] == [m.config.top_k for m in layers] == [2] * len(layers)
+
+
+def test_decoded_data_is_cached_as_a_tensor_file(data, tmp_path):
+    import os
+
+    import ernie_vl
+    from ernie_vl.data.sources import CachedPairs
+
+    model = ernie_vl.create_model("test")
+    args = ([str(data["val_pairs"])], model.preprocess, model.tokenizer)
+    first = CachedPairs(*args, num_workers=0, progress=False, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    os.utime(files[0], ns=(0, 0))  # would be replaced if decoded again
+    second = CachedPairs(*args, num_workers=0, progress=False, cache_dir=tmp_path)
+    assert torch.equal(first.images, second.images) and first.captions == second.captions
+    assert os.stat(files[0]).st_mtime_ns == 0  # read, not rewritten
+    image = str(data["val_pairs"].parent / second.paths[0]) if not os.path.isabs(second.paths[0]) else second.paths[0]
+    os.utime(image)  # a changed file makes a new cache entry
+    CachedPairs(*args, num_workers=0, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_adamw_groups_and_cosine_schedule():
+    import ernie_vl
+    from ernie_vl.train.optim import build_optimizer, cosine_with_warmup
+
+    model = ernie_vl.create_model("test")
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {n: id(p) in decay for n, p in model.named_parameters()}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert not names["logits.log_scale"]
+    assert not any(v for n, v in names.items() if n.endswith(".bias") or "norm" in n or "embed" in n)
+    assert names["classifier.weight"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert [round(cosine_with_warmup(s, 4, 14), 6) for s in (0, 3, 4, 9, 14, 20)] == [0.25, 1.0, 1.0, 0.5, 0.0, 0.0]
+    assert cosine_with_warmup(14, 4, 14, min_ratio=0.1) == pytest.approx(0.1)

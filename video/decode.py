@@ -1,0 +1,302 @@
+"""Opening videos: ``open_video`` returns a :class:`VideoReader` whose decoding never hangs the caller.
+
+Design (probe first, then decode, both out of process):
+1. the decode worker demuxes the file once (``video.probe``): the frames that
+   really exist, their timestamps and key frames; every index is checked
+   against that before any decoder sees it (a container that over-reports its
+   frame count is the cause of decord's ``get_batch`` hang);
+2. each request is decoded in the worker by the cheaper backend for that
+   request (``video.backends.choose_backend``), decord falling back to PyAV on a
+   file decord gets wrong;
+3. the client waits on the worker's pipe with a deadline; past it, the worker
+   is killed (a hang in C holds the GIL, so only a process boundary can stop
+   it), the file is reported as a :class:`VideoDecodeError`, and the next
+   request starts a fresh worker. The worker is recycled every
+   ``max_requests`` requests, which bounds the memory decoders leak.
+
+Cost: one worker per process (per DataLoader worker), started on first use
+(~0.3 s); per request, a pickle of the frames through a pipe (~1 ms for eight
+320x240 frames); torch is imported only when tensors are asked for.
+``isolation="inline"`` decodes in this process instead
+(no timeout; the probe's index validation still applies).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from video.errors import VideoDecodeError
+from video.probe import VideoInfo, probe_video
+from video.worker import HEADER, PARENT_ENV
+
+ISOLATIONS = ("process", "inline")
+BACKEND_CHOICES = ("auto", "decord", "pyav")
+
+
+class DecodeService:
+    """A decode worker process with a per-request deadline (see the module docstring).
+
+    Thread-safe (one request at a time). ``timeout_s`` bounds each request (a new
+    worker's start-up is waited for apart, up to ``startup_timeout_s``),
+    ``max_requests`` recycles the worker, ``env`` adds environment variables
+    for the worker (tests use it for fault injection).
+    """
+
+    def __init__(self, timeout_s: float = 30.0, max_requests: int = 1000, env: dict[str, str] | None = None,
+                 startup_timeout_s: float = 120.0) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be >= 1, got {max_requests!r}")
+        self.timeout_s = float(timeout_s)
+        self.max_requests = int(max_requests)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.env = dict(env or {})
+        self._proc: subprocess.Popen | None = None
+        self._owner = os.getpid()
+        self._served = 0
+        self._lock = threading.Lock()
+        self.restarts = 0  # workers started after the first (timeouts, crashes, recycling)
+        self.last_cpu_s = 0.0  # CPU seconds the worker spent on the last request
+        self._started = 0
+
+    # -- worker lifecycle -------------------------------------------------
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.update(self.env)
+        env[PARENT_ENV] = str(os.getpid())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "video.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+        )
+        self.restarts += int(self._started > 0)
+        self._started += 1
+        self._served = 0
+        return proc
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or os.getpid() != self._owner:  # a forked copy never touches its parent's worker
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop the worker (a later request starts a new one)."""
+        with self._lock:
+            self._kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # -- requests ---------------------------------------------------------
+    def _read_exact(self, fd: int, size: int, deadline: float) -> bytes | None:
+        chunks: list[bytes] = []
+        remaining = size
+        while remaining:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], wait)
+            if not ready:
+                return None
+            chunk = os.read(fd, min(remaining, 1 << 22))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _exchange(self, proc: subprocess.Popen, message: dict, timeout: float) -> bytes | None:
+        """Send ``message``, return the reply's bytes, or None past ``timeout``; VideoDecodeError if the worker dies."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        deadline = time.monotonic() + timeout
+        try:
+            proc.stdin.write(HEADER.pack(len(data)) + data)
+            proc.stdin.flush()
+            fd = proc.stdout.fileno()
+            head = self._read_exact(fd, HEADER.size, deadline)
+            return None if head is None else self._read_exact(fd, HEADER.unpack(head)[0], deadline)
+        except (BrokenPipeError, EOFError, OSError):
+            self._kill()
+            code = proc.returncode
+            raise VideoDecodeError(message.get("path", "?"),
+                                   f"the decode worker died while reading it (exit code {code})") from None
+
+    def request(self, message: dict, path: str, timeout_s: float | None = None) -> dict:
+        """Send one request and wait for the reply; VideoDecodeError on timeout or worker crash."""
+        timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+        if self._owner != os.getpid():  # used after a fork: a fresh lock and a worker of our own
+            self._lock, self._proc, self._owner = threading.Lock(), None, os.getpid()
+        with self._lock:
+            if self._proc is not None and (self._proc.poll() is not None or self._served >= self.max_requests):
+                self._kill()
+            if self._proc is None:
+                self._proc = self._start()
+                # the deadline of a request must not include the worker's start-up (imports), so wait for it apart
+                if self._exchange(self._proc, {"op": "ping"}, max(self.startup_timeout_s, timeout)) is None:
+                    self._kill()
+                    raise VideoDecodeError(path, f"the decode worker did not start within {self.startup_timeout_s:.0f} s")
+            proc = self._proc
+            body = self._exchange(proc, message, timeout)
+            if body is None:
+                self._kill()
+                raise VideoDecodeError(path, f"decoding timed out after {timeout:.1f} s (decode worker stopped)")
+            self._served += 1
+        reply = pickle.loads(body)
+        self.last_cpu_s = float(reply.get("cpu_s", 0.0))
+        if not reply["ok"]:
+            raise reply["error"]
+        return reply
+
+    def probe(self, path: str, timeout_s: float | None = None) -> VideoInfo:
+        return self.request({"op": "probe", "path": path}, path, timeout_s)["info"]
+
+    def frames(self, path: str, indices: list[int], backend: str = "auto", timeout_s: float | None = None) -> tuple[np.ndarray, str]:
+        reply = self.request({"op": "frames", "path": path, "indices": indices, "backend": backend}, path, timeout_s)
+        return reply["frames"], reply["backend"]
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self._kill()
+        except Exception:
+            pass
+
+
+_SERVICES: dict[int, DecodeService] = {}
+
+
+def default_service() -> DecodeService:
+    """The decode service of this process (one per pid: a forked child gets its own); timeouts are per request."""
+    service = _SERVICES.get(os.getpid())
+    if service is None:
+        service = _SERVICES[os.getpid()] = DecodeService()
+    return service
+
+
+@atexit.register
+def _close_services() -> None:
+    service = _SERVICES.get(os.getpid())
+    if service is not None:
+        service.close()
+
+
+class VideoReader:
+    """A probed video: ``len(reader)`` decodable frames, ``fps``, ``duration``, ``get_frames(indices)``.
+
+    Indices outside ``[0, len(reader))`` raise ValueError naming the valid range.
+    ``last_backend`` says which decoder served the last request.
+    """
+
+    def __init__(self, path: str | os.PathLike, backend: str = "auto", timeout_s: float = 30.0,
+                 isolation: str = "process", service: DecodeService | None = None) -> None:
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKEND_CHOICES)}")
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation {isolation!r} is not one of: {', '.join(ISOLATIONS)}")
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise VideoDecodeError(self.path, "file does not exist")
+        self.backend = backend
+        self.isolation = isolation
+        self.timeout_s = float(timeout_s)
+        self.service = service if service is not None else (default_service() if isolation == "process" else None)
+        if self.service is not None:
+            self.info: VideoInfo = self.service.probe(self.path, timeout_s=self.timeout_s)
+        else:
+            self.info = probe_video(self.path)
+        self.last_backend: str | None = None
+
+    def __len__(self) -> int:
+        return self.info.num_frames
+
+    @property
+    def fps(self) -> float:
+        return self.info.fps
+
+    @property
+    def duration(self) -> float:
+        return self.info.duration
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the frames."""
+        return self.info.height, self.info.width
+
+    def timestamps(self, indices: Sequence[int]) -> "torch.Tensor":
+        """Seconds from the first frame, float64 (T,)."""
+        import torch
+
+        return torch.tensor([self.info.frame_time(i) for i in self.info.check_indices(indices)], dtype=torch.float64)
+
+    def get_frames_numpy(self, indices: Sequence[int]) -> np.ndarray:
+        """Frames as numpy uint8 (T,H,W,3), in the order of ``indices``."""
+        indices = self.info.check_indices(_as_index_list(indices))
+        if self.service is not None:
+            frames, used = self.service.frames(self.path, indices, self.backend, timeout_s=self.timeout_s)
+        else:
+            from video.backends import decode_frames
+
+            frames, used = decode_frames(self.info, indices, self.backend)
+        self.last_backend = used
+        return frames
+
+    def get_frames(self, indices: Sequence[int]) -> "torch.Tensor":
+        """Frames as a uint8 tensor (T,H,W,3), in the order of ``indices``."""
+        import torch
+
+        return torch.from_numpy(self.get_frames_numpy(indices))
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"VideoReader({self.path!r}, frames={i.num_frames}, fps={i.fps:.3f}, size={i.width}x{i.height}, backend={self.backend})"
+
+
+def _as_index_list(indices) -> list[int]:
+    torch = sys.modules.get("torch")  # a tensor can only come from an already imported torch
+    if torch is not None and isinstance(indices, torch.Tensor):
+        if indices.dtype.is_floating_point:
+            raise TypeError(f"frame indices must be integers, got a {indices.dtype} tensor")
+        return indices.reshape(-1).tolist()
+    if isinstance(indices, np.ndarray):
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"frame indices must be integers, got a {indices.dtype} array")
+        return indices.reshape(-1).tolist()
+    out = list(indices)
+    for i in out:
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise TypeError(f"frame indices must be integers, got {i!r} ({type(i).__name__})")
+    return [int(i) for i in out]
+
+
+def open_video(path: str | os.PathLike, backend: str = "auto", timeout_s: float = 30.0,
+               isolation: str = "process") -> VideoReader:
+    """Open ``path`` for frame access; VideoDecodeError naming the file when it has no decodable video.
+
+    ``backend``: "auto" (the cheaper per request, decord falling back to PyAV),
+    "decord" or "pyav". ``timeout_s`` bounds every probe and decode request.
+    """
+    return VideoReader(path, backend=backend, timeout_s=timeout_s, isolation=isolation)

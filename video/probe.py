@@ -1,0 +1,220 @@
+"""Probe a video file by demuxing its packets (no decoding): the frames that really exist.
+
+Containers can over-report their frame count (a truncated file, a wrong header):
+decord's ``get_batch`` on such a file may hang holding the GIL (decord issue 373).
+The probe counts the complete packets of the first video stream, so every index
+handed to a decoder afterwards is one that has data behind it. Demuxing reads the
+packet index and the bytes but decodes nothing: a few ms for a short clip.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from video.errors import VideoDecodeError
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file holds, in presentation order.
+
+    ``frame_pts[i]`` is the pts (in ``time_base`` units) of frame ``i``;
+    ``keyframes`` are the indices of key frames (sorted); ``droppable`` the
+    indices of frames no other frame references (H.264 ``nal_ref_idc == 0``,
+    HEVC sub-layer non-reference), which a decoder may skip when they are not
+    wanted; ``sequential`` marks a file whose packet timestamps are missing or
+    repeated: its frames are numbered in decode order, ``frame_pts`` are
+    synthetic (mean frame rate) and only a forward pass reads it; ``reported_frames`` is what the container header claims (0 when
+    unknown) and may exceed ``num_frames``.
+    """
+
+    path: str
+    num_frames: int
+    reported_frames: int
+    width: int
+    height: int
+    codec: str
+    time_base: Fraction
+    frame_pts: tuple[int, ...]
+    keyframes: tuple[int, ...]
+    droppable: tuple[int, ...] = ()
+    sequential: bool = False
+    corrupt_packets: int = 0
+    size_bytes: int = 0
+    mtime_ns: int = 0
+    _pts_index: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    @property
+    def start_pts(self) -> int:
+        return self.frame_pts[0]
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the first frame to the end of the last (one mean frame period added)."""
+        if self.num_frames < 2:
+            return float(self.num_frames) / 25.0
+        span = float((self.frame_pts[-1] - self.frame_pts[0]) * self.time_base)
+        return span * self.num_frames / (self.num_frames - 1)
+
+    @property
+    def fps(self) -> float:
+        """Mean frame rate (frames / duration); exact for constant-rate files."""
+        d = self.duration
+        return self.num_frames / d if d > 0 else 25.0
+
+    @property
+    def is_variable_rate(self) -> bool:
+        """True when frame intervals differ by more than 10% of the mean."""
+        if self.num_frames < 3:
+            return False
+        gaps = [b - a for a, b in zip(self.frame_pts, self.frame_pts[1:])]
+        mean = sum(gaps) / len(gaps)
+        return max(gaps) - min(gaps) > 0.1 * mean
+
+    def frame_time(self, index: int) -> float:
+        """Seconds from the first frame to frame ``index``."""
+        return float((self.frame_pts[index] - self.frame_pts[0]) * self.time_base)
+
+    def index_of_pts(self, pts: int) -> int | None:
+        """Frame index for a decoded frame's pts, or None when no packet had that pts."""
+        index = self._pts_index
+        if index is None:
+            index = {p: i for i, p in enumerate(self.frame_pts)}
+            object.__setattr__(self, "_pts_index", index)
+        return index.get(pts)
+
+    def keyframe_before(self, index: int) -> int:
+        """The last key frame at or before frame ``index`` (0 when none)."""
+        pos = bisect.bisect_right(self.keyframes, index) - 1
+        return self.keyframes[pos] if pos >= 0 else 0
+
+    def droppable_between(self, first: int, last: int) -> int:
+        """How many droppable frames have an index in ``[first, last]``."""
+        return bisect.bisect_right(self.droppable, last) - bisect.bisect_left(self.droppable, first)
+
+    def check_indices(self, indices) -> list[int]:
+        """Indices as ints, each in ``[0, num_frames)``; ValueError naming the bad ones."""
+        out = [int(i) for i in indices]
+        bad = [i for i in out if i < 0 or i >= self.num_frames]
+        if bad:
+            raise ValueError(
+                f"frame indices {bad[:8]} out of range for {self.path!r}: "
+                f"valid indices are 0..{self.num_frames - 1} ({self.num_frames} decodable frames"
+                + (f", the container claims {self.reported_frames}" if self.reported_frames != self.num_frames else "")
+                + ")"
+            )
+        return out
+
+
+def _nal_length_size(codec: str, extradata: bytes | None) -> int:
+    """Bytes of the NAL length prefix in MP4-style (avcC / hvcC) packets; 0 when not length-prefixed."""
+    if not extradata or extradata[0] != 1:
+        return 0  # Annex B start codes, or unknown: no droppable detection
+    if codec == "h264" and len(extradata) > 4:
+        return (extradata[4] & 3) + 1
+    if codec == "hevc" and len(extradata) > 21:
+        return (extradata[21] & 3) + 1
+    return 0
+
+
+def is_non_reference(data: memoryview, codec: str, length_size: int) -> bool:
+    """True when every coded slice in the packet is a non-reference picture."""
+    pos, end, slices = 0, len(data), 0
+    while pos + length_size < end:
+        size = int.from_bytes(data[pos:pos + length_size], "big")
+        header = data[pos + length_size]
+        if codec == "h264":
+            nal_type, ref_idc = header & 0x1F, (header >> 5) & 3
+            if nal_type in (1, 5):  # coded slice (non-IDR / IDR)
+                if ref_idc != 0:
+                    return False
+                slices += 1
+        else:  # hevc: VCL types 0..31; even types below 16 are sub-layer non-reference
+            nal_type = (header >> 1) & 0x3F
+            if nal_type < 32:
+                if nal_type > 14 or nal_type % 2 == 1:
+                    return False
+                slices += 1
+        if size <= 0:
+            return False
+        pos += length_size + size
+    return slices > 0
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Demux ``path`` and return its :class:`VideoInfo`; VideoDecodeError when it has no decodable video."""
+    import av  # local: keeps `import video` cheap
+
+    path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise VideoDecodeError(path, f"cannot read file ({err.strerror or err})") from None
+    if stat.st_size == 0:
+        raise VideoDecodeError(path, "empty file (0 bytes)")
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except (av.FFmpegError, UnicodeDecodeError, OSError) as err:
+        raise VideoDecodeError(path, f"not a readable media container ({err})") from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if stream.time_base is None:
+            raise VideoDecodeError(path, "video stream has no time base")
+        codec = str(ctx.name)
+        length_size = _nal_length_size(codec, ctx.extradata) if codec in ("h264", "hevc") else 0
+        packets: list[tuple[int | None, bool, bool]] = []  # (pts, key, droppable) in decode order
+        corrupt = 0
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue  # flush packet at the end of the stream
+                if packet.is_corrupt:
+                    corrupt += 1  # cut short by truncation: its frame cannot be decoded
+                    continue
+                key = bool(packet.is_keyframe)
+                drop = not key and bool(length_size) and is_non_reference(memoryview(packet), codec, length_size)
+                packets.append((packet.pts, key, drop))
+        except av.FFmpegError:
+            corrupt += 1  # demuxer gave up part-way: keep the packets read so far
+        if not packets:
+            raise VideoDecodeError(path, "no decodable video frames (zero frames, or the data is missing)")
+        pts_values = [p for p, _, _ in packets]
+        sequential = None in pts_values or len(set(pts_values)) != len(pts_values)
+        time_base = Fraction(stream.time_base)
+        if sequential:
+            # missing or repeated timestamps: frames can only be counted in decode order and read
+            # by one forward pass (decord's get_batch hangs on such files); times from the mean rate
+            rates = [Fraction(r) for r in (stream.guessed_rate, stream.average_rate) if r and 0 < r <= 240]
+            time_base = 1 / rates[0] if rates else Fraction(1, 25)
+            pts_list = list(range(len(packets)))
+            keyframes = [i for i, (_, key, _) in enumerate(packets) if key]
+            droppable: list[int] = []
+        else:
+            pts_list = sorted(pts_values)
+            rank = {p: i for i, p in enumerate(pts_list)}
+            keyframes = sorted(rank[p] for p, key, _ in packets if key)
+            droppable = sorted(rank[p] for p, _, drop in packets if drop)
+        if not keyframes or keyframes[0] != 0:
+            keyframes = [0] + keyframes  # decoding always starts at the stream start
+        return VideoInfo(
+            path=path,
+            num_frames=len(pts_list),
+            reported_frames=int(stream.frames or 0),
+            width=int(ctx.width or 0),
+            height=int(ctx.height or 0),
+            codec=codec,
+            time_base=time_base,
+            frame_pts=tuple(pts_list),
+            keyframes=tuple(keyframes),
+            droppable=tuple(droppable),
+            sequential=sequential,
+            corrupt_packets=corrupt,
+            size_bytes=stat.st_size,
+            mtime_ns=stat.st_mtime_ns,
+        )
