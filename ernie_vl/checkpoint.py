@@ -71,7 +71,18 @@ def save_pretrained(model: "ErnieVL", directory: str | os.PathLike, extra_metada
     tmp_config.write_text(config_text)
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
     os.replace(tmp_config, directory / CONFIG_NAME)
+    if not model.cfg.model_id:
+        model.model_id = weights_model_id(model.cfg.name, metadata["sha256"])
     return directory
+
+
+def weights_model_id(name: str, sha256: str) -> str:
+    """A model id that follows the weights, not the folder: ``ernie-vl:<name>:sha256-<16 hex>``.
+
+    Indexes record it, so moving or copying a checkpoint keeps its indexes usable
+    while a retrained or quantized model is told apart.
+    """
+    return f"ernie-vl:{name}:sha256-{sha256[:16]}"
 
 
 def read_config(directory: str | os.PathLike) -> ErnieVLConfig:
@@ -164,5 +175,5 @@ def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_loca
         model = prepare_quantized(model, metadata["quantization"])
     check_keys(model, tensors, str(path))
     model.load_state_dict(tensors, strict=True)
-    model.model_id = cfg.model_id or f"ernie-vl:{Path(directory).resolve()}"
+    model.model_id = cfg.model_id or weights_model_id(cfg.name, metadata["sha256"])
     return model.to(map_location).eval()

@@ -33,7 +33,23 @@ def test_round_trip_is_bit_identical(saved) -> None:
             assert torch.equal(getattr(model, fn)(x), getattr(loaded, fn)(x)), fn
     assert loaded.class_names == ["a", "b", "c"]
     assert loaded.cfg == model.cfg
-    assert loaded.model_id.startswith("ernie-vl:") and str(folder.name) in loaded.model_id
+    # the id follows the weights, not the folder: the saved model, its reload and a moved copy agree
+    assert loaded.model_id == model.model_id
+    assert loaded.model_id.startswith("ernie-vl:test:sha256-")
+
+
+def test_model_id_survives_a_move_and_changes_with_the_weights(saved, tmp_path) -> None:
+    model, folder = saved
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in folder.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    assert ernie_vl.ErnieVL.from_pretrained(str(moved)).model_id == model.model_id
+    other = ernie_vl.create_model("test", class_names=["a", "b", "c"])
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other.save_pretrained(str(tmp_path / "other"))
+    assert other.model_id != model.model_id
 
 
 def _rewrite(folder: Path, dst: Path, edit) -> Path:

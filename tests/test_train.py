@@ -36,7 +36,8 @@ def test_resume_is_exact(data, tmp_path):
     worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
     assert worst <= 1e-6
     # the loss went down over the 20 steps, and the lr followed warm-up then cosine decay
-    assert log_full[-1]["loss"] < log_full[0]["loss"]
+    losses = [r["loss"] for r in log_full]
+    assert sum(losses[-5:]) < sum(losses[:5])
     lrs = [r["lr"] for r in log_full]
     assert lrs[0] < lrs[1] and lrs[2] > lrs[-1]
 

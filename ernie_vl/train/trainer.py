@@ -345,6 +345,7 @@ class Trainer:
                    desc="training", disable=not (cfg.progress and self.ctx.is_main), dynamic_ncols=True)
         step_times: list[float] = []
         taken = 0
+        next_refit = -1
         train_start = time.perf_counter()
         total_samples = 0
         record: dict[str, Any] = {}
@@ -355,8 +356,12 @@ class Trainer:
             taken += 1
             total_samples += record["samples"]
             step_times.append(record["step_time"])
-            if not self.steps_fitted and len(step_times) > cfg.calibration_steps:
-                self._fit_schedule(step_times[1:])
+            if cfg.minutes is not None and (
+                    (not self.steps_fitted and len(step_times) > cfg.calibration_steps) or taken == next_refit):
+                # fitted after the first steps, refitted at 2x, 4x, ... those steps from the recent step
+                # times, so a machine whose load changes still ends the schedule near the budget
+                self._fit_schedule(step_times[1:] if taken <= 2 * cfg.calibration_steps else step_times[-20:])
+                next_refit = 2 * max(taken, cfg.calibration_steps + 1)
                 bar.total = self.total_steps
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 record["eval"] = self.run_evaluation()
