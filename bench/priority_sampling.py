@@ -134,8 +134,10 @@ def main() -> None:
           for s, a, b, c, d in rows],
         f"| mean | | | {statistics.mean(r[3] for r in rows):.4f} | {statistics.mean(r[4] for r in rows):.4f} |",
         "",
-        f"**Median ratio priority / uniform steps: {median:.2f}** (< 1 means priority sampling is faster; "
-        "BRIEF.md #6 claims 0.75).",
+        (f"**Median ratio priority / uniform steps: {median:.2f}** (< 1 means priority sampling is faster; "
+         "BRIEF.md #6 claims 0.75)." if ratios else
+         "**Median ratio priority / uniform steps: not computable: in no seed did both samplers reach the "
+         "target** (BRIEF.md #6 claims 0.75); compare the mean final losses above."),
         "",
         "Curves (step: held-out loss):",
         "",

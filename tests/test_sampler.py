@@ -26,9 +26,9 @@ def test_unseen_samples_count_as_the_highest_loss():
 def test_empirical_frequencies_match_probabilities():
     s = PrioritySampler(5, alpha=1.0, eps=0.01, uniform_mix=0.1, seed=1)
     s.update(torch.arange(5), torch.tensor([0.1, 0.2, 0.4, 0.8, 1.6]))
-    draws = torch.cat([s.sample_global(1) for _ in range(20000)])
+    draws = torch.cat([s.sample_global(1) for _ in range(5000)])
     freq = torch.bincount(draws, minlength=5).double() / draws.numel()
-    torch.testing.assert_close(freq, s.probabilities(), atol=0.012, rtol=0)
+    torch.testing.assert_close(freq, s.probabilities(), atol=0.02, rtol=0)
 
 
 def test_ema_update_and_non_finite_losses_ignored():

@@ -134,6 +134,7 @@ class PowerSGDMeter:
                                         start_powerSGD_iter=max(2, warmup_steps), use_error_feedback=True,
                                         warm_start=True, random_seed=0)
         self.serialize = serialize
+        self.step_compressed = False
         self.dense = 0
         self.sent = 0
         self.total_dense = 0
@@ -152,6 +153,7 @@ class PowerSGDMeter:
         sent = state.total_numel_after_compression - before if compressing else numel
         self.dense += numel
         self.sent += sent
+        self.step_compressed = self.step_compressed or compressing
         return future
 
     @property
@@ -161,10 +163,11 @@ class PowerSGDMeter:
     def take_step_counts(self) -> dict[str, float]:
         """This step's counts (then reset): dense and sent elements, their ratio, bytes at float32."""
         out = {"grad_elements_dense": self.dense, "grad_elements_sent": self.sent,
-               "compression_ratio": self.dense / self.sent if self.sent else 1.0, "compressing": self.compressing}
+               "compression_ratio": self.dense / self.sent if self.sent else 1.0, "compressing": self.step_compressed}
         self.total_dense += self.dense
         self.total_sent += self.sent
         self.dense = self.sent = 0
+        self.step_compressed = False
         return out
 
 

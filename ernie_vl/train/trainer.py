@@ -126,7 +126,9 @@ class Trainer:
         # each rank its own stream for dropout / router jitter, restored exactly on resume
         if not cfg.resume:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)
-        self.log_file = open(self.out / "log.jsonl", "a", encoding="utf-8") if self.ctx.is_main else None
+        # a resumed run appends to its log; a fresh run in the same folder starts a new one
+        mode = "a" if cfg.resume else "w"
+        self.log_file = open(self.out / "log.jsonl", mode, encoding="utf-8") if self.ctx.is_main else None
 
     # ------------------------------------------------------------------ setup
     def _video_classes(self) -> Optional[list[str]]:
