@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie_vl.moe import MoEFeedForward, MoEOutput
-from ernie_vl.moe.dispatch import plan_dispatch
 from ernie_vl.moe.grouped import activation_fn
 from ernie_vl.moe.stats import compute_routing_stats
 
@@ -219,28 +218,17 @@ class Int8MoEFeedForward(MoEFeedForward):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> MoEOutput:
-        flat, ids, mask = self._flatten_inputs(x, modality_ids, mask)
-        logits = self.router.logits(flat)
-        real_index = None
-        if mask is not None and not bool(mask.all()):
-            real_index = mask.nonzero().squeeze(1)
-            tokens, ids_r, logits_r = flat[real_index], ids[real_index], logits[real_index]
-        else:
-            tokens, ids_r, logits_r = flat, ids, logits
-        decision = self.router.route(logits_r, self.top_k, ids_r, self.temperature)
-        plan = plan_dispatch(decision.experts, self.config.num_experts, self.capacity(tokens.shape[0]))
+        r = self.route_tokens(x, modality_ids, mask)
+        tokens, ids_r, decision, plan = r.tokens, r.modality_ids, r.decision, r.plan
         rows = tokens.new_zeros(plan.token_index.shape[0] + 1, self.d_model)  # last row: dropped
         rows[:-1] = self.experts(tokens.index_select(0, plan.token_index), plan.counts)
         per_token = rows.index_select(0, plan.inverse).view(tokens.shape[0], self.top_k, self.d_model)
         y = torch.bmm(decision.weights.to(rows.dtype).unsqueeze(1), per_token).squeeze(1)
-        if self.shared is not None:
-            y = y + self.shared(tokens)
-        if real_index is not None:
-            y = flat.new_zeros(flat.shape).index_copy(0, real_index, y)
+        y = r.scatter_back(y + self.shared(tokens) if self.shared is not None else y)
         stats = compute_routing_stats(decision.probs, decision.experts, ids_r, plan.routed_counts,
                                       plan.dropped, self.experts.params_per_expert(), self.shared_params())
-        zero = logits.new_zeros(())
-        return MoEOutput(y.view(x.shape), logits, zero, zero, zero, zero, stats)
+        zero = r.logits.new_zeros(())
+        return MoEOutput(y.view(x.shape), r.logits, zero, zero, zero, zero, stats)
 
 
 def quantize_modules(module: nn.Module) -> nn.Module:

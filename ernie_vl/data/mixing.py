@@ -89,16 +89,26 @@ class MixedSource:
         return DrawnStep(ErnieVLBatch(**fields), pair_ids, video_ids)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"prompt_generator": self.prompt_generator.get_state()}
-        if self.pair_sampler is not None:
-            state["pair_sampler"] = self.pair_sampler.state_dict()
-        if self.video_sampler is not None:
-            state["video_sampler"] = self.video_sampler.state_dict()
-        return state
+        return source_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.prompt_generator.set_state(state["prompt_generator"])
-        if self.pair_sampler is not None:
-            self.pair_sampler.load_state_dict(state["pair_sampler"])
-        if self.video_sampler is not None:
-            self.video_sampler.load_state_dict(state["video_sampler"])
+        load_source_state(self, state)
+
+
+def source_state(source: Any) -> dict[str, Any]:
+    """The resumable state of a step source: its prompt generator and its samplers."""
+    state: dict[str, Any] = {"prompt_generator": source.prompt_generator.get_state()}
+    if source.pair_sampler is not None:
+        state["pair_sampler"] = source.pair_sampler.state_dict()
+    if source.video_sampler is not None:
+        state["video_sampler"] = source.video_sampler.state_dict()
+    return state
+
+
+def load_source_state(source: Any, state: dict[str, Any]) -> None:
+    """Inverse of :func:`source_state`."""
+    source.prompt_generator.set_state(state["prompt_generator"])
+    if source.pair_sampler is not None:
+        source.pair_sampler.load_state_dict(state["pair_sampler"])
+    if source.video_sampler is not None:
+        source.video_sampler.load_state_dict(state["video_sampler"])

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ernie_vl.data.mixing import DrawnStep, StepMix
+from ernie_vl.data.mixing import DrawnStep, StepMix, load_source_state, source_state
 from ernie_vl.data.sources import Normaliser, class_prompts, pick_prompts, tokenize, video_dataset
 
 
@@ -123,20 +123,10 @@ class StreamingSource:
         return [t if t is not None else good[0] for t in tensors]
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"prompt_generator": self.prompt_generator.get_state(),
-                                 "pending": list(self.replay) + list(self.pending)}
-        if self.pair_sampler is not None:
-            state["pair_sampler"] = self.pair_sampler.state_dict()
-        if self.video_sampler is not None:
-            state["video_sampler"] = self.video_sampler.state_dict()
-        return state
+        return {**source_state(self), "pending": list(self.replay) + list(self.pending)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.prompt_generator.set_state(state["prompt_generator"])
-        if self.pair_sampler is not None:
-            self.pair_sampler.load_state_dict(state["pair_sampler"])
-        if self.video_sampler is not None:
-            self.video_sampler.load_state_dict(state["video_sampler"])
+        load_source_state(self, state)
         self.replay = deque(state.get("pending", []))
 
 

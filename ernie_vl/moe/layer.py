@@ -46,6 +46,27 @@ class MoEOutput:
     stats: RoutingStats
 
 
+@dataclass
+class RoutedTokens:
+    """The routing of one call: ``flat`` (N, D) all tokens, ``logits`` (N, E) router logits,
+    ``tokens`` / ``modality_ids`` the real (unpadded) ones, ``real_index`` their rows in ``flat``
+    (None when nothing is padded), the router's ``decision`` and the dispatch ``plan``."""
+
+    flat: torch.Tensor
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    modality_ids: torch.Tensor
+    real_index: torch.Tensor | None
+    decision: Any
+    plan: Any
+
+    def scatter_back(self, y: torch.Tensor) -> torch.Tensor:
+        """(N_real, D) outputs of the real tokens -> (N, D), zeros at padding."""
+        if self.real_index is None:
+            return y
+        return self.flat.new_zeros(self.flat.shape).index_copy(0, self.real_index, y)
+
+
 class MoEFeedForward(nn.Module):
     """Top-k mixture-of-experts feed-forward layer.
 
@@ -130,10 +151,9 @@ class MoEFeedForward(nn.Module):
             mask = mask.reshape(-1)
         return x.reshape(-1, self.d_model), modality_ids.reshape(-1), mask
 
-    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> MoEOutput:
-        cfg = self.config
-        cfg.check_top_k(self.top_k)
+    def route_tokens(self, x: torch.Tensor, modality_ids: torch.Tensor | None,
+                     mask: torch.Tensor | None) -> "RoutedTokens":
+        """Flatten (B, L, D) to (N, D), route the real (unpadded) tokens and plan their dispatch."""
         flat, ids, mask = self._flatten_inputs(x, modality_ids, mask)
         logits = self.router.logits(flat)
         real_index = None
@@ -143,14 +163,19 @@ class MoEFeedForward(nn.Module):
         else:
             tokens, ids_r, logits_r = flat, ids, logits
         decision = self.router.route(logits_r, self.top_k, ids_r, self.temperature)
-        plan = plan_dispatch(decision.experts, cfg.num_experts, self.capacity(tokens.shape[0]))
+        plan = plan_dispatch(decision.experts, self.config.num_experts, self.capacity(tokens.shape[0]))
+        return RoutedTokens(flat, logits, tokens, ids_r, real_index, decision, plan)
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> MoEOutput:
+        cfg = self.config
+        cfg.check_top_k(self.top_k)
+        r = self.route_tokens(x, modality_ids, mask)
+        tokens, ids_r, decision, plan = r.tokens, r.modality_ids, r.decision, r.plan
         experts = self.experts
         y = moe_experts(tokens, decision.weights, plan.order, plan.token_index, plan.inverse, plan.counts,
                         experts.kind, experts.activation, experts.params())
-        if self.shared is not None:
-            y = y + self.shared(tokens)
-        if real_index is not None:
-            y = flat.new_zeros(flat.shape).index_copy(0, real_index, y)
+        y = r.scatter_back(y + self.shared(tokens) if self.shared is not None else y)
 
         group = self.router.expert_group
         group_tokens = None
@@ -163,7 +188,7 @@ class MoEFeedForward(nn.Module):
         aux = cfg.load_balance_coef * lb + cfg.z_loss_coef * z + cfg.orthogonal_coef * orth
         stats = compute_routing_stats(decision.probs, decision.experts, ids_r, plan.routed_counts,
                                       plan.dropped, self.experts.params_per_expert(), self.shared_params())
-        return MoEOutput(y.view(x.shape), logits, aux, lb, z, orth, stats)
+        return MoEOutput(y.view(x.shape), r.logits, aux, lb, z, orth, stats)
 
     # ---- construction from dense MLPs and from Mixtral ------------------------------------
 
