@@ -6,8 +6,13 @@ normalised 512-d vectors, random and low-rank (like real embeddings). Interleave
 
     .venv/bin/python bench/retrieval.py            # 100k vectors (default, a few minutes)
     .venv/bin/python bench/retrieval.py --quick    # 20k vectors
-    .venv/bin/python bench/retrieval.py --full     # also exact search over 1M vectors (~2 GB per copy)
+    .venv/bin/python bench/retrieval.py --full     # 1M exact + hnsw at 100k / 200k (~15 min, < 5 GB)
     .venv/bin/python bench/retrieval.py --approx-n 200000   # hnsw / ivfpq at 200k (slow builds on 2 cores)
+
+``--full``: exact search over 1M random and 1M low-rank vectors (ours, FAISS IndexFlatIP, torch),
+then the approximate kinds on low-rank data at 100k and 200k. An HNSW graph over 1M vectors costs
+~0.6 ms of CPU per vector here (~10 CPU-minutes), more than this shared 2-core machine allows in
+the run; its build time and recall at 1M are extrapolated from the 100k and 200k builds (marked so).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from retrieval.backends import IndexParams  # noqa: E402
-from retrieval.index import AUTO_APPROX_THRESHOLD, Index  # noqa: E402
+from retrieval.index import AUTO_APPROX_THRESHOLD, Index, resolve_kind  # noqa: E402
 
 DIM, K, QUERY_BATCH = 512, 10, 100
 
@@ -38,13 +43,32 @@ def make_vectors(n: int, kind: str, rng: np.random.Generator, basis: np.ndarray)
     else:
         r = basis.shape[0]
         z = rng.standard_normal((n, r), dtype=np.float32) * np.linspace(1.0, 0.1, r, dtype=np.float32)
-        x = z @ basis + 0.05 * np.sqrt(r / DIM) * rng.standard_normal((n, DIM), dtype=np.float32)
+        x = z @ basis
+        del z
+        noise = rng.standard_normal((n, DIM), dtype=np.float32)  # in place: at 1M each temporary is 2 GB
+        noise *= np.float32(0.05 * np.sqrt(r / DIM))
+        x += noise
+        del noise
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    return torch.topk(torch.from_numpy(q) @ torch.from_numpy(x).T, k, dim=1).indices.numpy()
+    """Ground truth, 100 queries at a time (a (Q, 1M) score matrix would be 2 GB)."""
+    xt = torch.from_numpy(x)
+    return np.concatenate([torch.topk(torch.from_numpy(q[s:s + 100]) @ xt.T, k, dim=1).indices.numpy()
+                           for s in range(0, len(q), 100)])
+
+
+class Timer:
+    """Wall and process CPU seconds (all threads) of a ``with`` block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def recall(got: np.ndarray, want: np.ndarray) -> float:
@@ -53,6 +77,20 @@ def recall(got: np.ndarray, want: np.ndarray) -> float:
 
 def torch_plain(x_t: torch.Tensor, q: np.ndarray, k: int):
     return torch.topk(torch.from_numpy(q) @ x_t.T, k, dim=1)
+
+
+def interleaved_qps(fns: dict, queries: np.ndarray) -> dict[str, float]:
+    """Queries/s of each function over all ``queries``, the methods taking turns batch by batch
+    (rotating who goes first) so that a change in the machine's load hits them alike."""
+    spent = dict.fromkeys(fns, 0.0)
+    names = list(fns)
+    for b, s in enumerate(range(0, len(queries), QUERY_BATCH)):
+        batch = queries[s:s + QUERY_BATCH]
+        for name in names[b % len(names):] + names[:b % len(names)]:
+            t = time.perf_counter()
+            fns[name](batch)
+            spent[name] += time.perf_counter() - t
+    return {name: len(queries) / spent[name] for name in names}
 
 
 def time_qps(fn, queries: np.ndarray) -> float:
@@ -69,23 +107,33 @@ def index_bytes(index: Index) -> int:
     return int(faiss.serialize_index(store.index).nbytes)
 
 
-def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool, ef_values, rng, basis, lines):
+def faiss_flat_view(ref: faiss.IndexFlat, n: int) -> np.ndarray:
+    """(n, D) view of the vectors FAISS holds (no copy), so the caller can free its own copy."""
+    return faiss.rev_swig_ptr(ref.get_xb(), n * DIM).reshape(n, DIM)
+
+
+def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool, ef_values, rng, basis, lines,
+             approx_log: dict | None = None, ivfpq: bool = True) -> None:
     x = make_vectors(n, data_kind, rng, basis)
     q = make_vectors(num_queries, data_kind, rng, basis)
     truth = exact_topk(x, q, K)
     print(f"[{n:,} {data_kind}] exact search", flush=True)
 
-    t = time.perf_counter(); ours = Index.build(x, kind="flat"); build_flat = time.perf_counter() - t
-    t = time.perf_counter(); ref = faiss.IndexFlatIP(DIM); ref.add(x); build_ref = time.perf_counter() - t
-    x_t = torch.from_numpy(x)
+    with Timer() as build_ref:
+        ref = faiss.IndexFlatIP(DIM)
+        ref.add(x)
+    x = faiss_flat_view(ref, n)  # drop our copy: at 1M each copy is 2 GB
+    with Timer() as build_flat:
+        ours = Index.build(x, kind="flat")
+    x_t = torch.from_numpy(x)  # the plain torch anchor scores the (N, D) rows, as the issue measured
     fns = {"ours flat": lambda b: ours.search(b, K), "FAISS IndexFlatIP": lambda b: ref.search(b, K),
            "torch matmul+topk": lambda b: torch_plain(x_t, b, K)}
     for fn in fns.values():
         fn(q[:QUERY_BATCH])  # warm-up
     qps = {name: [] for name in fns}
     for _ in range(rounds):
-        for name, fn in fns.items():
-            qps[name].append(time_qps(fn, q))
+        for name, rate in interleaved_qps(fns, q).items():
+            qps[name].append(rate)
     med = {name: float(np.median(v)) for name, v in qps.items()}
     rec_ours = recall(ours.search(q, K)[0], truth)
     rec_ref = recall(ref.search(q, K)[1], truth)
@@ -93,52 +141,94 @@ def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool
     lines.append(f"\n### {n:,} vectors, {data_kind}: exact search ({num_queries} queries in batches of {QUERY_BATCH})\n")
     lines.append("| method | q/s (median) | recall@10 | build s | memory MB |")
     lines.append("|---|---:|---:|---:|---:|")
-    lines.append(f"| ours `flat` (chunked torch matmul + top-k) | {med['ours flat']:.0f} | {rec_ours:.3f} | {build_flat:.2f} | {index_bytes(ours) / 2**20:.0f} |")
-    lines.append(f"| FAISS IndexFlatIP | {med['FAISS IndexFlatIP']:.0f} | {rec_ref:.3f} | {build_ref:.2f} | {x.nbytes / 2**20:.0f} |")
-    lines.append(f"| torch matmul + top-k (plain) | {med['torch matmul+topk']:.0f} | 1.000 | - | {x.nbytes / 2**20:.0f} |")
-    lines.append(f"\nours / faster anchor = **{med['ours flat'] / best_anchor:.2f}x**; "
-                 f"ours / FAISS flat = {med['ours flat'] / med['FAISS IndexFlatIP']:.2f}x.")
+    lines.append(f"| ours `flat` (chunked torch matmul + top-k, (D, N) layout) | {med['ours flat']:.0f} | {rec_ours:.3f} | "
+                 f"{build_flat.wall:.2f} | {index_bytes(ours) / 2**20:.0f} |")
+    lines.append(f"| FAISS IndexFlatIP | {med['FAISS IndexFlatIP']:.0f} | {rec_ref:.3f} | {build_ref.wall:.2f} | {n * DIM * 4 / 2**20:.0f} |")
+    lines.append(f"| torch matmul + top-k (plain, (N, D) rows) | {med['torch matmul+topk']:.0f} | 1.000 | - | {n * DIM * 4 / 2**20:.0f} |")
+    lines.append(f"\nours / faster anchor = **{med['ours flat'] / best_anchor:.2f}x** (per round: "
+                 + ", ".join(f"{a / max(b, c):.2f}" for a, b, c in zip(qps["ours flat"], qps["FAISS IndexFlatIP"],
+                                                                   qps["torch matmul+topk"]))
+                 + f"); ours / FAISS flat = {med['ours flat'] / med['FAISS IndexFlatIP']:.2f}x.")
     print(lines[-1], flush=True)
-    del ref
+    del x_t, fns
     if not approx:
+        del ref
         return
+    x = x.copy()  # our own copy before FAISS's storage (which x views) is freed
+    del ref
     lines.append(f"\n### {n:,} vectors, {data_kind}: approximate kinds\n")
-    lines.append("| kind | setting | q/s (median) | recall@10 | build s | memory MB |")
+    lines.append("| kind | setting | q/s (median) | recall@10 | build s (CPU s) | memory MB |")
     lines.append("|---|---|---:|---:|---:|---:|")
-    lines.append(f"| flat (exact) | - | {med['ours flat']:.0f} | {rec_ours:.3f} | {build_flat:.2f} | {index_bytes(ours) / 2**20:.0f} |")
+    lines.append(f"| flat (exact) | - | {med['ours flat']:.0f} | {rec_ours:.3f} | {build_flat.wall:.2f} | {index_bytes(ours) / 2**20:.0f} |")
     del ours
     print(f"[{n:,} {data_kind}] building hnsw", flush=True)
-    t = time.perf_counter(); h = Index.build(x, kind="hnsw"); build_h = time.perf_counter() - t
+    with Timer() as build_h:
+        h = Index.build(x, kind="hnsw")
+    if approx_log is not None:
+        approx_log.setdefault("hnsw_build", {})[n] = (build_h.wall, build_h.cpu)
     for ef in ef_values:
         h.params.hnsw_ef_search = ef
         h.search(q[:QUERY_BATCH], K)
         vals = [time_qps(lambda b: h.search(b, K), q) for _ in range(rounds)]
+        rec = recall(h.search(q, K)[0], truth)
+        if approx_log is not None:
+            approx_log.setdefault("hnsw_recall", {}).setdefault(ef, {})[n] = (rec, float(np.median(vals)))
         lines.append(f"| hnsw (M={h.params.hnsw_m}, efC={h.params.hnsw_ef_construction}) | efSearch={ef}"
                      f"{' (default)' if ef == IndexParams().hnsw_ef_search else ''} | {np.median(vals):.0f} | "
-                     f"{recall(h.search(q, K)[0], truth):.3f} | {build_h:.1f} | {index_bytes(h) / 2**20:.0f} |")
+                     f"{rec:.3f} | {build_h.wall:.1f} ({build_h.cpu:.0f}) | {index_bytes(h) / 2**20:.0f} |")
         print(lines[-1], flush=True)
     del h
+    if not ivfpq:
+        return
     print(f"[{n:,} {data_kind}] building ivfpq", flush=True)
-    t = time.perf_counter(); v = Index.build(x, kind="ivfpq"); build_v = time.perf_counter() - t
+    with Timer() as build_v:
+        v = Index.build(x, kind="ivfpq")
     for nprobe in (16, 32):
         v.params.ivf_nprobe = nprobe
         v.search(q[:QUERY_BATCH], K)
         vals = [time_qps(lambda b: v.search(b, K), q) for _ in range(rounds)]
         lines.append(f"| ivfpq (nlist={faiss.extract_index_ivf(v._store.index).nlist}, PQ{DIM // 8}x8) | "
                      f"nprobe={nprobe}{' (default)' if nprobe == IndexParams().ivf_nprobe else ''} | {np.median(vals):.0f} | "
-                     f"{recall(v.search(q, K)[0], truth):.3f} | {build_v:.1f} | {index_bytes(v) / 2**20:.0f} |")
+                     f"{recall(v.search(q, K)[0], truth):.3f} | {build_v.wall:.1f} ({build_v.cpu:.0f}) | {index_bytes(v) / 2**20:.0f} |")
         print(lines[-1], flush=True)
+
+
+def extrapolate_hnsw(log: dict, target: int, lines: list[str]) -> None:
+    """Build time and recall of hnsw at ``target`` items, extrapolated (linear in log2 N) from the
+    two largest measured sizes. An estimate, printed as such."""
+    sizes = sorted(log.get("hnsw_build", {}))
+    if len(sizes) < 2:
+        return
+    a, b = sizes[-2], sizes[-1]
+    steps = np.log2(target / b) / np.log2(b / a)
+    cpu_a, cpu_b = log["hnsw_build"][a][1] / a, log["hnsw_build"][b][1] / b   # CPU s per vector
+    cpu_t = max(cpu_b, cpu_b + (cpu_b - cpu_a) * steps) * target
+    lines.append(f"\n### hnsw at {target:,} items (`kind='auto'` picks `{resolve_kind('auto', target)}` there): "
+                 f"**extrapolated** from {a:,} and {b:,}, not measured\n")
+    lines.append(f"Build: ~{cpu_t / 60:.0f} CPU-minutes (CPU s per vector {1000 * cpu_a:.2f} ms at {a:,}, "
+                 f"{1000 * cpu_b:.2f} ms at {b:,}, continued linearly in log N), i.e. ~{cpu_t / 120:.0f} minutes on 2 "
+                 f"idle cores. Recall@10 falls with N at a fixed efSearch; continuing the measured fall:\n")
+    lines.append(f"| efSearch | recall@10 at {a:,} | at {b:,} | at {target:,} (extrapolated) |")
+    lines.append("|---:|---:|---:|---:|")
+    for ef, by_n in sorted(log.get("hnsw_recall", {}).items()):
+        if a in by_n and b in by_n:
+            ra, rb = by_n[a][0], by_n[b][0]
+            lines.append(f"| {ef}{' (default)' if ef == IndexParams().hnsw_ef_search else ''} | {ra:.3f} | {rb:.3f} | "
+                         f"{min(1.0, rb + (rb - ra) * steps):.3f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="20k vectors, fewer queries")
-    ap.add_argument("--full", action="store_true", help="also exact search over 1M vectors (~2 GB per copy)")
+    ap.add_argument("--full", action="store_true",
+                    help="exact search over 1M vectors and hnsw / ivfpq at 100k and 200k (see above)")
     ap.add_argument("--approx-n", type=int, default=0,
                     help="vectors for the hnsw / ivfpq builds (default 50k, 20k with --quick; 200k matches the issue)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.full and "--rounds" not in sys.argv:
+        args.rounds = 2  # keeps --full near 15 minutes on 2 cores
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -150,15 +240,20 @@ def main() -> None:
     n_approx = args.approx_n or (20_000 if args.quick else 50_000)
     num_q = 300 if args.quick else 500
     run_size(n_main, "random", args.rounds, num_q, approx=False, ef_values=(), rng=rng, basis=basis, lines=lines)
-    run_size(n_main, "lowrank", args.rounds, num_q, approx=n_main == n_approx, ef_values=(64, 128, 256),
-             rng=rng, basis=basis, lines=lines)
-    if n_approx != n_main:
+    if not args.full:  # --full measures 100k low-rank below, with the approximate kinds
+        run_size(n_main, "lowrank", args.rounds, num_q, approx=n_main == n_approx, ef_values=(64, 128, 256),
+                 rng=rng, basis=basis, lines=lines)
+    if n_approx != n_main and not args.full:
         run_size(n_approx, "lowrank", args.rounds, num_q, approx=True, ef_values=(64, 128, 256),
                  rng=rng, basis=basis, lines=lines)
     if args.full:
         for kind in ("random", "lowrank"):
-            run_size(1_000_000, kind, max(1, args.rounds - 1), 500, approx=False, ef_values=(),
-                     rng=rng, basis=basis, lines=lines)
+            run_size(1_000_000, kind, args.rounds, 200, approx=False, ef_values=(), rng=rng, basis=basis, lines=lines)
+        log: dict = {}
+        for n in (100_000, 200_000):  # ivfpq only at 100k: its training is slow and its recall far below 0.95
+            run_size(n, "lowrank", args.rounds, 300, approx=True, ef_values=(64, 128, 256), rng=rng, basis=basis,
+                     lines=lines, approx_log=log, ivfpq=n == 100_000)
+        extrapolate_hnsw(log, 1_000_000, lines)
     total = time.perf_counter() - start
     cmd = " ".join([".venv/bin/python", "bench/retrieval.py"] + sys.argv[1:])
     head = [
@@ -167,7 +262,7 @@ def main() -> None:
         f"Command: `{cmd}`",
         "",
         f"fp32, {args.threads} threads, torch {torch.__version__}, faiss {faiss.__version__}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs. Median of {args.rounds} interleaved rounds; queries are "
+        f"{platform.machine()}, {os.cpu_count()} CPUs. Median of {args.rounds} rounds; within a round the exact methods take turns batch by batch; queries are "
         f"new vectors from the same distribution; recall@10 against exact search. `Index(kind='auto')` picks "
         f"`flat` below {AUTO_APPROX_THRESHOLD:,} items and `hnsw` (efSearch={IndexParams().hnsw_ef_search}) above. "
         f"**The machine was shared with other jobs while this ran** (1-min load average {load_before:.1f} before, "

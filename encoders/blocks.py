@@ -127,6 +127,21 @@ class Block(nn.Module):
     def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ls2(self.mlp(self.norm2(x)))
 
+    def forward_prefix(self, x: torch.Tensor, num_prefix: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output for the first ``num_prefix`` (class) tokens only: (B, L, C) -> (B, P, C).
+
+        Equal (up to float rounding) to ``forward(x, grid)[0][:, :num_prefix]``: the keys and
+        values come from every token, but the output projection and the MLP run for the
+        prefix rows only. Prefix tokens attend globally in windowed blocks too.
+        """
+        h = self.norm1(x)
+        gate = self.compute_gate(h)
+        q, k, v = self.attn.split_heads(h)
+        out = self.attn.attend(q[:, :, :num_prefix], k, v)
+        head_gate = None if gate is None else gate.gate * gate.keep
+        x = x[:, :num_prefix] + self.ls1(self.attn.merge_heads(out, head_gate))
+        return self.mlp_residual(x), None if gate is None else gate.active_ratio
+
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, L, C) -> (B, L, C) and the active-head ratio (scalar tensor, None without gating)."""
         h = self.norm1(x)

@@ -318,6 +318,7 @@ def video_encoder_from_image_encoder(
     num_frames: int,
     attention: str = "divided",
     cls_mode: str = "per_frame",
+    tubelet_size: int = 1,
 ) -> VideoEncoder:
     """Inflate an ImageEncoder into a VideoEncoder.
 
@@ -326,12 +327,16 @@ def video_encoder_from_image_encoder(
     temporal output projection and the time embedding are zero, so the temporal
     branch is a no-op. With ``cls_mode="per_frame"`` (and no joint attention) the
     video encoder then equals the image encoder applied per frame with pooled
-    outputs averaged.
+    outputs averaged. ``tubelet_size`` k > 1 inflates the 2D patch kernel into a 3D one by
+    *mean* inflation (the kernel / k in every time slice, as I3D), so a clip of repeated
+    frames embeds exactly as the image does (and, with ``per_frame``, pools to the image
+    embedding); moving content is averaged over each tubelet's frames.
     """
     if not isinstance(image_encoder, ImageEncoder):
         raise TypeError(f"expected an ImageEncoder, got {type(image_encoder).__name__}")
     fields = asdict(image_encoder.cfg)
-    cfg = VideoEncoderConfig(**fields, num_frames=num_frames, attention=attention, cls_mode=cls_mode)
+    cfg = VideoEncoderConfig(**fields, num_frames=num_frames, attention=attention, cls_mode=cls_mode,
+                             tubelet_size=tubelet_size)
     video = VideoEncoder(cfg).to(image_encoder.pos_embed.device)
     state = {k: v.detach().clone() for k, v in image_encoder.state_dict().items()}
     own = video.state_dict()
@@ -342,5 +347,8 @@ def video_encoder_from_image_encoder(
             state[key] = state[f"blocks.{i}.{'norm1' if part == 'norm' else 'attn'}.{rest}"].clone()
         elif key.startswith("blocks.") and ".temporal_proj." in key or key == "time_embed":
             state[key] = torch.zeros_like(own[key])
+    if tubelet_size > 1:
+        kernel = state["patch_embed.weight"]  # (C, 3, ph, pw) -> (C, 3, k, ph, pw), mean inflation
+        state["patch_embed.weight"] = (kernel / tubelet_size).unsqueeze(2).repeat(1, 1, tubelet_size, 1, 1)
     load_strict(video, state)
     return video

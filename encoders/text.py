@@ -1,5 +1,6 @@
-"""Text side: open_clip's BPE tokenizer (vocabulary ships inside open_clip, no
-download) and a token + learned positional embedding."""
+"""Text side: CLIP's BPE tokenizer (our implementation in ``encoders.bpe``, on
+the vocabulary file that ships inside open_clip; no download, no open_clip
+import) and a token + learned positional embedding."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -7,12 +8,12 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .bpe import ClipBPE
+
 
 @lru_cache(maxsize=1)
-def _simple_tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+def _clip_bpe() -> ClipBPE:
+    return ClipBPE()
 
 
 class ClipTokenizer:
@@ -29,7 +30,7 @@ class ClipTokenizer:
     def __init__(self, context_length: int = 77) -> None:
         if not isinstance(context_length, int) or context_length < 2:
             raise ValueError(f"context_length must be an int >= 2, got {context_length!r}")
-        self._tok = _simple_tokenizer()
+        self._tok = _clip_bpe()
         self.context_length = context_length
         self.vocab_size: int = self._tok.vocab_size
         self.sot_token_id: int = self._tok.sot_token_id
@@ -40,8 +41,13 @@ class ClipTokenizer:
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"expected a str or a list of str, got {type(texts).__name__}")
-        out = self._tok(list(texts), context_length=self.context_length)
-        return out.to(torch.int64)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.int64)
+        for row, text in enumerate(texts):
+            ids = [self.sot_token_id, *self._tok.encode(text), self.eot_token_id]
+            if len(ids) > self.context_length:
+                ids = ids[: self.context_length - 1] + [self.eot_token_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return out
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without start/end tokens."""

@@ -13,8 +13,17 @@ Class-token modes:
 - ``per_frame``: each frame keeps its own class token (in ``divided`` mode the class
   tokens take part in temporal attention like patches); pooled = mean over frames.
 
+Patch embedding: ``tubelet_size`` 1 embeds each frame with the 2D patch convolution
+(TimeSformer; exact for HF conversion and image->video inflation); ``tubelet_size`` k > 1
+embeds k consecutive frames x patch x patch with one 3D convolution (ViViT / VideoMAE
+tubelets), so the very first layer sees local motion and the clip has T/k time steps
+(T must be divisible by k). Models built from scratch start with a random (trunc-normal
+0.02) time embedding so temporal attention can tell the frames apart from step 0;
+inflation and conversion overwrite it (zero, or the checkpoint's).
+
 T, H and W are read from the input; the temporal and spatial position embeddings are
-resampled when they differ from the configuration. Local window attention applies to
+resampled when they differ from the configuration (the time embedding has
+``num_frames // tubelet_size`` rows). Local window attention applies to
 the spatial attention of the first ``local_layers`` blocks (not to ``joint``).
 """
 from __future__ import annotations
@@ -27,7 +36,7 @@ from torch import nn
 from .attention import MultiHeadAttention
 from .blocks import Block
 from .outputs import EncoderOutput
-from .pos_embed import TEMPORAL_INTERP_MODES, resample_temporal_embed
+from .pos_embed import TEMPORAL_INTERP_MODES, resample_pos_embed_2d, resample_temporal_embed
 from .vit import ImageEncoderConfig, VisionTransformerBase, check_pixels
 
 ATTENTION_MODES = ("divided", "joint", "space_only")
@@ -42,11 +51,15 @@ class VideoEncoderConfig(ImageEncoderConfig):
     attention: str = "divided"
     cls_mode: str = "shared"
     temporal_interp: str = "linear"
+    tubelet_size: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.num_frames, int) or self.num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {self.num_frames!r}")
+        if not isinstance(self.tubelet_size, int) or self.tubelet_size <= 0:
+            raise ValueError(f"tubelet_size must be a positive int, got {self.tubelet_size!r}")
+        check_tubelet(self.num_frames, self.tubelet_size, "num_frames")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention mode {self.attention!r}; valid: {', '.join(ATTENTION_MODES)}")
         if self.cls_mode not in CLS_MODES:
@@ -57,6 +70,13 @@ class VideoEncoderConfig(ImageEncoderConfig):
             )
         if self.attention == "joint" and self.local_layers:
             raise ValueError("local_layers (window attention) needs attention 'divided' or 'space_only', not 'joint'")
+
+
+def check_tubelet(num_frames: int, tubelet_size: int, what: str = "clip frames T") -> None:
+    """Raise ValueError unless ``num_frames`` splits into whole tubelets."""
+    if num_frames % tubelet_size:
+        raise ValueError(f"{what}={num_frames} is not divisible by tubelet_size={tubelet_size}; "
+                         f"use a frame count that is a multiple of {tubelet_size}")
 
 
 class SpaceTimeBlock(Block):
@@ -133,8 +153,9 @@ class SpaceTimeBlock(Block):
 class VideoEncoder(VisionTransformerBase):
     """Space-time ViT. ``forward(clips (B, T, 3, H, W)) -> EncoderOutput``.
 
-    ``tokens``: the class token(s) (1 shared, or T per frame) then the patches in
-    (h, w, t) order, all after the final norm. ``pooled``: the normed class token
+    ``tokens``: the class token(s) (1 shared, or T' per time step) then the patches in
+    (h, w, t) order, all after the final norm; T' = T / ``tubelet_size`` time steps
+    (``EncoderOutput.num_frames``). ``pooled``: the normed class token
     (``shared``), the mean of the per-frame class tokens (``per_frame``), or the mean
     of all patch tokens (``pool="avg"``), then the projection head.
     """
@@ -143,13 +164,39 @@ class VideoEncoder(VisionTransformerBase):
         if not isinstance(cfg, VideoEncoderConfig):
             raise TypeError(f"VideoEncoder needs a VideoEncoderConfig, got {type(cfg).__name__}")
         super().__init__(cfg)
+        if cfg.tubelet_size > 1:
+            k, (ph, pw) = cfg.tubelet_size, cfg.patch_size
+            self.patch_embed = nn.Conv3d(cfg.in_chans, cfg.width, (k, ph, pw), (k, ph, pw), bias=cfg.patch_bias)
         if cfg.attention != "space_only":
-            self.time_embed = nn.Parameter(torch.zeros(cfg.num_frames, cfg.width))
+            self.time_embed = nn.Parameter(torch.zeros(cfg.num_frames // cfg.tubelet_size, cfg.width))
         else:
             self.register_parameter("time_embed", None)
         self.init_weights()
+        if self.time_embed is not None:
+            nn.init.trunc_normal_(self.time_embed, std=0.02)
         for block in self.blocks:
             block.reset_temporal()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if isinstance(self.patch_embed, nn.Conv3d):
+            nn.init.trunc_normal_(self.patch_embed.weight, std=0.02)
+            if self.patch_embed.bias is not None:
+                nn.init.zeros_(self.patch_embed.bias)
+
+    def embed_clip(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, T, 3, H, W) -> patch tokens with spatial positions (B, T', gh*gw, C), T' = T / tubelet_size."""
+        b, t = x.shape[:2]
+        k = self.cfg.tubelet_size
+        if k == 1:
+            patches, grid = self.embed_patches(x.flatten(0, 1))
+            return patches.reshape(b, t, *patches.shape[1:]), grid
+        check_tubelet(t, k)
+        y = self.patch_embed(x.transpose(1, 2))  # (B, C, T', gh, gw)
+        grid = (y.shape[-2], y.shape[-1])
+        y = y.permute(0, 2, 3, 4, 1).flatten(2, 3)  # (B, T', gh*gw, C)
+        pos = resample_pos_embed_2d(self.pos_embed[1:], self.cfg.grid_size, grid, self.cfg.pos_interp)
+        return y + pos.to(y.dtype), grid
 
     def make_block(self, index: int) -> nn.Module:
         cfg = self.cfg
@@ -158,10 +205,9 @@ class VideoEncoder(VisionTransformerBase):
     def forward(self, clips: torch.Tensor) -> EncoderOutput:
         cfg = self.cfg
         x = check_pixels(clips, 5, "(B, T, 3, H, W)", cfg.in_chans, cfg.patch_size, self.pos_embed.dtype)
-        b, t = x.shape[:2]
-        patches, grid = self.embed_patches(x.flatten(0, 1))
-        p, c = patches.shape[1:]
-        patches = patches.reshape(b, t, p, c)
+        b = x.shape[0]
+        patches, grid = self.embed_clip(x)
+        t, p, c = patches.shape[1:]
         if self.time_embed is not None:
             time = resample_temporal_embed(self.time_embed, t, cfg.temporal_interp)
             patches = patches + time.to(patches.dtype)[None, :, None, :]

@@ -208,11 +208,14 @@ class VisionTransformerBase(nn.Module):
 
 
 class ImageEncoder(VisionTransformerBase):
-    """ViT over images. ``forward(images (B, 3, H, W)) -> EncoderOutput``.
+    """ViT over images. ``forward(images (B, 3, H, W), prefix_only=False) -> EncoderOutput``.
 
     H and W may differ from ``cfg.image_size`` (positions are resampled) but must be
     multiples of the patch size. Non-float pixels raise TypeError; other float dtypes
-    are cast to the parameters' dtype.
+    are cast to the parameters' dtype. ``prefix_only=True`` (``pool="cls"`` only) returns
+    just the class token, ``tokens`` (B, 1, C): the last block then runs its output
+    projection and MLP for that token alone (``Block.forward_prefix``), for callers that
+    use nothing else (``ProjectorConfig.tokens = "prefix"``).
     """
 
     def __init__(self, cfg: ImageEncoderConfig) -> None:
@@ -221,15 +224,18 @@ class ImageEncoder(VisionTransformerBase):
         super().__init__(cfg)
         self.init_weights()
 
-    def forward(self, images: torch.Tensor) -> EncoderOutput:
+    def forward(self, images: torch.Tensor, prefix_only: bool = False) -> EncoderOutput:
         cfg = self.cfg
+        if prefix_only and cfg.pool != "cls":
+            raise ValueError(f"prefix_only needs pool='cls' (the pooled output is the class token), got {cfg.pool!r}")
         x = check_pixels(images, 4, "(B, 3, H, W)", cfg.in_chans, cfg.patch_size, self.pos_embed.dtype)
         patches, grid = self.embed_patches(x)
         cls = self.class_token().to(patches.dtype).expand(patches.shape[0], 1, -1)
         x = self.norm_pre(torch.cat([cls, patches], dim=1))
         ratios = []
-        for block in self.blocks:
-            x, ratio = block(x, grid)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x, ratio = block.forward_prefix(x, 1) if prefix_only and i == last else block(x, grid)
             ratios.append(ratio)
         x = self.norm(x)
         return EncoderOutput(

@@ -13,7 +13,7 @@ from torch import nn
 
 from encoders.attention import MultiHeadAttention
 
-from .modality import NUM_MODALITIES
+from .modality import NUM_MODALITIES, is_visual
 from .moe import DenseMLP, MoEConfig, MoEFeedForward, MoEOutput
 
 
@@ -24,8 +24,25 @@ def check_gate_init(gate_init: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+def routing_output(mlp: MoEFeedForward, h: torch.Tensor, modality_ids: torch.Tensor,
+                   real_mask: torch.Tensor | None) -> MoEOutput:
+    """``mlp(h, modality_ids, real_mask)`` without running the experts.
+
+    The router logits, auxiliary losses and routing statistics are those of the full call
+    (they depend on the router only); ``output`` is a zero tensor (an expanded view), for a
+    caller that multiplies it by a zero gate. Both MoE layers (float and int8) provide it.
+    """
+    return mlp.routing_output(h, modality_ids, real_mask)
+
+
 class BackboneBlock(nn.Module):
     """x + g * attn(ln_1(x)); then x + g * ffn(ln_2(x)), g = this block's gate of each token's modality.
+
+    Closed-gate shortcut (exact): without autograd (``torch.no_grad`` / ``inference_mode``),
+    when every token's gate is exactly 0 (a from_open_clip model at init, on an image- or
+    video-only batch) the block leaves x unchanged, so the attention and the feed-forward are
+    not run; an MoE block still routes ``ln_2(x)`` so its router logits, losses and statistics
+    are those of the full block. ``skip_closed = False`` turns the shortcut off.
 
     Args:
         width: model width D.  num_heads: attention heads.
@@ -51,6 +68,11 @@ class BackboneBlock(nn.Module):
         else:
             self.mlp = MoEFeedForward.from_config(width, moe)
         self.gate = nn.Parameter(torch.tensor(check_gate_init(gate_init)))
+        self.skip_closed = True
+
+    def is_closed_for(self, modality_ids: torch.Tensor) -> bool:
+        """True when the shortcut applies: no autograd and a zero gate for every token."""
+        return self.skip_closed and not torch.is_grad_enabled() and not bool(self.gate[modality_ids].any())
 
     @property
     def is_moe(self) -> bool:
@@ -80,6 +102,8 @@ class BackboneBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 real_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEOutput | None]:
+        if self.is_closed_for(modality_ids):
+            return x, routing_output(self.mlp, self.ln_2(x), modality_ids, real_mask) if self.is_moe else None
         g = self.gate[modality_ids].unsqueeze(-1).to(x.dtype)
         x = x + g * self.attn(self.ln_1(x), attn_mask=attn_mask)
         h = self.ln_2(x)

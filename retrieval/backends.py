@@ -26,7 +26,8 @@ class IndexParams:
 
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 256  # recall@10 0.990 at 200k low-rank 512-d (128 gave 0.962; ~0.91 extrapolated
+    #                            to 1M), see bench/results/retrieval.md
     ivf_nlist: Optional[int] = None
     ivf_nprobe: int = 32
     pq_m: Optional[int] = None
@@ -56,9 +57,12 @@ def _pad(scores: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 
 class FlatStore:
-    """Exact inner-product search over a float32 (N, D) matrix with chunked torch matmul + top-k.
+    """Exact inner-product search with chunked torch matmul + top-k over the vectors stored
+    column-major: a (D, N) matrix, so a block of scores is ``queries @ columns``.
 
-    Faster than FAISS ``IndexFlatIP`` on few threads (see bench/retrieval.py). Removal compacts.
+    That layout is MKL's fast one for few queries: with (N, D) rows, ``q @ x.T`` for a single query
+    took ~10x longer here (a slow gemv path), and ~1.3x longer for batches of 100. Faster than FAISS
+    ``IndexFlatIP`` on few threads (see bench/retrieval.py). Removal compacts.
     """
 
     kind = "flat"
@@ -66,15 +70,20 @@ class FlatStore:
 
     def __init__(self, dim: int, params: IndexParams) -> None:
         self.dim = dim
-        self.vectors = np.zeros((0, dim), np.float32)
+        self.columns = np.zeros((dim, 0), np.float32)  # (D, N), C-contiguous
         self._local = threading.local()
 
     @property
+    def vectors(self) -> np.ndarray:
+        """(N, D) float32 view of the stored vectors (not C-contiguous)."""
+        return self.columns.T
+
+    @property
     def ntotal(self) -> int:
-        return self.vectors.shape[0]
+        return self.columns.shape[1]
 
     def add(self, x: np.ndarray) -> None:
-        self.vectors = np.concatenate([self.vectors, x]) if self.ntotal else x.copy()
+        self.columns = np.ascontiguousarray(np.concatenate([self.columns, x.T], axis=1) if self.ntotal else x.T)
 
     def remove(self, slots: np.ndarray) -> None:
         keep = np.ones(self.ntotal, bool)
@@ -82,10 +91,10 @@ class FlatStore:
         self.compact(keep)
 
     def compact(self, keep: np.ndarray) -> None:
-        self.vectors = np.ascontiguousarray(self.vectors[keep])
+        self.columns = np.ascontiguousarray(self.columns[:, keep])
 
     def reconstruct(self, slots: np.ndarray) -> np.ndarray:
-        return self.vectors[slots].copy()
+        return np.ascontiguousarray(self.columns[:, slots].T)
 
     def _score_buffer(self, size: int) -> torch.Tensor:
         """A reused float32 buffer (per thread): fresh 100 MB allocations cost page faults every call."""
@@ -105,7 +114,7 @@ class FlatStore:
         n = self.ntotal
         kk = min(k, n)
         q_all = torch.from_numpy(queries)
-        x = torch.from_numpy(self.vectors)
+        cols = torch.from_numpy(self.columns)
         out_s = np.full((len(queries), kk), -np.inf, np.float32)
         out_i = np.full((len(queries), kk), -1, np.int64)
         if kk == 0:
@@ -116,10 +125,11 @@ class FlatStore:
             buf = self._score_buffer(len(q) * rows)
             best_s = best_i = None
             for start in range(0, n, rows):
-                block = x[start:start + rows]
-                scores = buf[: len(q) * len(block)].view(len(q), len(block))
-                torch.mm(q, block.T, out=scores)                                # (q, rows)
-                s, i = torch.topk(scores, min(kk, len(block)), dim=1)
+                block = cols[:, start:start + rows]                              # (D, rows)
+                width = block.shape[1]
+                scores = buf[: len(q) * width].view(len(q), width)
+                torch.mm(q, block, out=scores)                                  # (q, rows)
+                s, i = torch.topk(scores, min(kk, width), dim=1)
                 if start:
                     i = i + start
                 if best_s is not None:
@@ -131,7 +141,7 @@ class FlatStore:
         return _pad(out_s, out_i, k)
 
     def save(self, folder: Path) -> list[str]:
-        np.save(folder / "vectors.npy", self.vectors)
+        np.save(folder / "vectors.npy", self.vectors)  # (N, D), written in Fortran order: no copy
         return ["vectors.npy"]
 
     def load(self, folder: Path) -> None:
@@ -139,7 +149,7 @@ class FlatStore:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or vectors.dtype != np.float32:
             raise ValueError(f"{folder / 'vectors.npy'} holds {vectors.dtype} {vectors.shape}, "
                              f"expected float32 (N, {self.dim})")
-        self.vectors = np.ascontiguousarray(vectors)
+        self.columns = np.ascontiguousarray(vectors.T)  # free for the Fortran-order files we write
 
 
 def _alive_selector(alive: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:

@@ -25,3 +25,13 @@ def reference_moe(layer: MoEFeedForward, x: torch.Tensor, modality_ids: torch.Te
     if layer.shared is not None:
         out = out + layer.shared(x)
     return out
+
+
+def small_layer(**kw) -> MoEFeedForward:
+    """A d_model 16, 4-expert top-2 layer whose router is sharp enough (std 0.5) to route unevenly."""
+    opts = dict(hidden=24, num_experts=4, top_k=2)
+    opts.update(kw)
+    layer = MoEFeedForward(16, **opts)
+    with torch.no_grad():
+        layer.router.weight.normal_(std=0.5)
+    return layer

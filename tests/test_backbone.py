@@ -176,3 +176,56 @@ def test_float_and_bool_causal_masks_agree_with_padding():
         b = bb(x, ids, attn_mask=_oc_causal(6), padding_mask=pad).hidden
     torch.testing.assert_close(a[~pad], b[~pad], atol=1e-6, rtol=1e-6)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+def _closed_gate_backbone() -> SharedBackbone:
+    torch.manual_seed(0)
+    bb = SharedBackbone(WIDTH, 3, HEADS, moe_every=2, moe=MoEConfig(hidden=64, num_experts=4),
+                        gate_init=(1.0, 0.0, 0.0)).eval()
+    with torch.no_grad():  # non-zero modality embeddings: the shortcut must keep adding them
+        bb.modality_embed.weight.normal_()
+    return bb
+
+
+@pytest.mark.parametrize("modality", [IMAGE, VIDEO])
+def test_closed_gate_shortcut_is_exact_and_skips_the_block_work(modality):
+    from _quantize_helpers import CallCounter, assert_same_backbone_output
+
+    bb = _closed_gate_backbone()
+    x = torch.randn(2, 5, WIDTH)
+    ids = torch.full((2, 5), modality)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    attn_calls = CallCounter([b.attn for b in bb.blocks])
+    moe_calls = CallCounter(bb.moe_layers)  # routing_output does not call the layer itself
+    with torch.no_grad():
+        fast = bb(x, ids, padding_mask=padding)
+    assert attn_calls.calls == 0 and moe_calls.calls == 0  # the shortcut ran
+    with torch.enable_grad():  # autograd on: the full blocks run
+        slow = bb(x, ids, padding_mask=padding)
+    assert attn_calls.calls == 3 and moe_calls.calls == 1
+    assert_same_backbone_output(fast, slow)
+    assert torch.equal(fast.hidden, x + bb.modality_embed.weight[modality])
+    for block in bb.blocks:  # switched off: the full blocks run under no_grad too, same result
+        block.skip_closed = False
+    with torch.no_grad():
+        assert_same_backbone_output(bb(x, ids, padding_mask=padding), fast)
+    assert attn_calls.calls == 6
+
+
+def test_closed_gate_shortcut_needs_every_gate_zero():
+    from _quantize_helpers import CallCounter
+
+    bb = _closed_gate_backbone()
+    x, ids = _mixed_batch()  # text tokens have gate 1: the blocks must run
+    calls = CallCounter([b.attn for b in bb.blocks])
+    with torch.no_grad():
+        out = bb(x, ids).hidden
+    assert calls.calls == 3
+    with torch.no_grad():
+        bb.blocks[1].gate[IMAGE] = 1e-6  # one block slightly open for images
+        img = torch.full((2, 6), IMAGE)
+        calls.calls = 0
+        opened = bb(x, img).hidden
+    assert calls.calls == 1
+    assert not torch.equal(opened, x + bb.modality_embed.weight[IMAGE])
+    assert not torch.equal(out[ids == TEXT], x[ids == TEXT])

@@ -19,9 +19,9 @@ def data(tmp_path_factory):
 
 def _spawn(cfg, world=2):
     # forkserver with the heavy imports preloaded once: each rank then starts in a fraction of a
-    # second instead of re-importing torch / open_clip (a plain fork could inherit OpenMP state)
+    # second instead of re-importing torch (a plain fork could inherit OpenMP state)
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["_train_helpers", "ernie_vl.train.trainer", "encoders.text", "open_clip"])
+    ctx.set_forkserver_preload(["_train_helpers", "ernie_vl.train.trainer", "encoders.text"])
     port = free_port()
     procs = [ctx.Process(target=dist_worker, args=(r, world, port, cfg.to_dict())) for r in range(world)]
     for p in procs:
@@ -56,11 +56,12 @@ def test_two_gloo_processes_match_one_process(data, tmp_path):
 
 
 def test_powersgd_run_learns_and_reports_compression(data, tmp_path):
-    cfg = tiny_config(data, tmp_path / "psgd", max_steps=12, powersgd_rank=1, powersgd_warmup=2, lr=3e-3)
+    cfg = tiny_config(data, tmp_path / "psgd", max_steps=20, powersgd_rank=1, powersgd_warmup=2, lr=1e-3)
     _spawn(cfg)
     log = read_log(tmp_path / "psgd")
     losses = [r["loss"] for r in log]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    # per-step losses of random batches are noisy: compare the means of the first and last five steps
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
     comp = [r["gradient_compression"] for r in log]
     assert not comp[0]["compressing"] and comp[0]["compression_ratio"] == 1.0
     late = comp[-1]

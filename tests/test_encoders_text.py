@@ -55,3 +55,53 @@ def test_text_embedding_values():
 def test_text_embedding_rejects_bad_tokens(tokens, err, match):
     with pytest.raises(err, match=match):
         TextEmbedding(vocab_size=100, width=8, context_length=10)(tokens)
+
+
+MIXED_CORPUS = [
+    "a photo of a dog",
+    "A small RED circle left of a large blue square.",
+    "  many   spaces\tand\nnewlines  ",
+    "it's what we've said they'll do, isn't it? I'm sure you'd agree",
+    "numbers 12345 and 3.14159, dates 2026-11-28",
+    "HTML &amp; entities &lt;b&gt; &amp;amp; double",
+    "café naïve façade — «quotes» “curly” ‘single’",
+    "emoji 🐶🏖️ and symbols ©®™ ±∞",
+    "日本語のテキスト 中文 한국어",
+    "mojibake fix: cafÃ© ",
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "<start_of_text> literal specials <end_of_text>",
+    "",
+    "!!!???...,,,;;;",
+    "word " * 100,
+]
+
+
+def test_own_bpe_matches_open_clip_on_a_mixed_corpus():
+    import open_clip
+
+    for context_length in (77, 8):
+        ours = get_tokenizer(context_length)(MIXED_CORPUS)
+        theirs = open_clip.tokenize(MIXED_CORPUS, context_length=context_length)
+        assert torch.equal(ours, theirs), context_length
+
+
+def test_tokenizer_does_not_import_open_clip():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from encoders.text import get_tokenizer; "
+        "ids = get_tokenizer()('a dog'); "
+        "assert 'open_clip' not in sys.modules, 'open_clip imported'; print(ids[0, :4].tolist())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[49406, 320, 1929, 49407]"
+
+
+def test_bpe_decode_round_trips():
+    from encoders.bpe import ClipBPE
+
+    bpe = ClipBPE()
+    text = "café naïve 🐶 it's 42"
+    assert bpe.decode(bpe.encode(text)).strip() == "café naïve 🐶 it 's 4 2"

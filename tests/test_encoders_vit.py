@@ -176,3 +176,27 @@ def test_topk_with_windows_matches_masked_window_reference():
     q, k, v = block.attn.split_heads(h)
     expected = block.attn.merge_heads(window_attention(q, k, v, (5, 5), 2, block.attn.attend), gate.gate * gate.keep)
     torch.testing.assert_close(block.attention(h, (5, 5), gate), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"head_gating": True, "head_topk": 2}, {"local_layers": 2, "window_size": 3}, {"ls_init": 0.5}],
+)
+def test_prefix_only_gives_the_class_token_of_the_full_pass(overrides):
+    torch.manual_seed(0)
+    enc = randomize_(ImageEncoder(tiny_image_cfg(**overrides)), std=0.3).eval()
+    x = torch.randn(3, 3, 32, 40)
+    with torch.no_grad():
+        full, short = enc(x), enc(x, prefix_only=True)
+    assert short.tokens.shape == (3, 1, 32) and short.num_prefix_tokens == 1 and short.grid == full.grid
+    torch.testing.assert_close(short.tokens, full.tokens[:, :1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short.pooled, full.pooled, atol=1e-5, rtol=1e-5)
+    if full.active_head_ratio is not None:
+        torch.testing.assert_close(short.active_head_ratio, full.active_head_ratio)
+    assert not torch.allclose(full.tokens[:, :1], full.tokens[:, 1:2])  # the class token is not a patch
+
+
+def test_prefix_only_needs_class_token_pooling():
+    enc = ImageEncoder(tiny_image_cfg(pool="avg"))
+    with pytest.raises(ValueError, match="prefix_only needs pool='cls'"):
+        enc(torch.randn(1, 3, 32, 32), prefix_only=True)

@@ -7,8 +7,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import ernie_vl
-from ernie_vl.quantize import Int8Linear, Int8MoEFeedForward, quantize_weight, state_dict_bytes
+from ernie_vl.modality import IMAGE
+from ernie_vl.quantize import (SCHEMES, Int8Linear, Int8Mlp, Int8MoEFeedForward, Int8PatchEmbed, available_int8_kernels,
+                               int8_kernel, int8_kernel_choice, quantize_activation, quantize_weight,
+                               set_int8_kernel, state_dict_bytes)
+from encoders.blocks import Mlp
 from tests._model_helpers import make_batch
+from tests._quantize_helpers import CallCounter, assert_same_backbone_output
+
+KERNELS = available_int8_kernels()
+
+
+@pytest.fixture
+def kernel(request):
+    """Run the test body with one int8 kernel selected, then restore the policy."""
+    previous = set_int8_kernel(request.param)
+    yield request.param
+    set_int8_kernel(previous)
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +85,134 @@ def test_quantized_model_saves_and_loads(models, tmp_path) -> None:
     size = (tmp_path / "int8" / "model.safetensors").stat().st_size
     model.save_pretrained(str(tmp_path / "fp32"))
     assert size < 0.4 * (tmp_path / "fp32" / "model.safetensors").stat().st_size
+
+
+def test_activation_quantization_is_7_bit_with_exact_zero() -> None:
+    x = torch.tensor([[-1.5, 0.0, 0.25], [3.0, -0.75, 1.0]])
+    q, scale, zero_point = quantize_activation(x)
+    assert q.dtype == torch.uint8 and int(q.min()) == 0 and int(q.max()) == 127
+    assert scale == pytest.approx(4.5 / 127) and zero_point == round(1.5 / scale)
+    dequant = (q.float() - zero_point) * scale
+    assert dequant[0, 1] == 0.0  # zero is exactly representable
+    assert torch.all((dequant - x).abs() <= scale / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "silu", "quick_gelu"])
+def test_each_kernel_matches_float_with_its_activation(kernel, activation) -> None:
+    from ernie_vl.moe.grouped import activation_fn
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 300)
+    x = torch.randn(3, 100, 96)
+    layer = Int8Linear.from_linear(linear)
+    y = layer(x, activation)
+    ref = F.linear(x, layer.dequantized_weight(), linear.bias)
+    if activation is not None:
+        ref = activation_fn(activation)(ref)
+    assert y.shape == ref.shape
+    # 7-bit activations: error within a few steps of the input scale times the row norms
+    step = (x.max() - x.min()).item() / 127
+    bound = step * layer.dequantized_weight().abs().sum(dim=1).max().item() / 4
+    assert (y - ref).abs().max().item() < bound
+    assert F.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+def test_kernels_agree_and_the_policy_picks_by_rows() -> None:
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(64, 48))
+    x = torch.randn(300, 64)
+    outs = {}
+    for name in KERNELS:
+        previous = set_int8_kernel(name)
+        outs[name] = layer(x)
+        assert int8_kernel(5) == name and int8_kernel_choice() == name
+        set_int8_kernel(previous)
+    for y in outs.values():
+        torch.testing.assert_close(y, outs[KERNELS[-1]], atol=1e-4, rtol=1e-4)
+    assert int8_kernel_choice() == "auto"
+    if len(KERNELS) == 2:
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert int8_kernel(300) == "onednn" and int8_kernel(10) == "fbgemm" and int8_kernel(None) == "fbgemm"
+            torch.set_num_threads(2)
+            assert int8_kernel(300) == "fbgemm"
+        finally:
+            torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="unknown or unavailable int8 kernel 'avx'"):
+        set_int8_kernel("avx")
+
+
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_int8_mlp_fuses_the_activation_and_matches_the_unfused_path(kernel) -> None:
+    torch.manual_seed(0)
+    mlp = Mlp(32, 128, "gelu")
+    q = Int8Mlp(mlp)
+    x = torch.randn(2, 150, 32)
+    unfused = q.fc2(F.gelu(q.fc1(x)))
+    torch.testing.assert_close(q(x), unfused, atol=1e-4, rtol=1e-4)
+    assert F.cosine_similarity(q(x).flatten(), mlp(x).flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_int8_patch_embed_matches_the_convolution(kernel) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 40, 8, 8, bias=True)
+    embed = Int8PatchEmbed.from_conv(conv)
+    x = torch.randn(2, 3, 48, 64)
+    y, ref = embed(x), conv(x)
+    assert y.shape == ref.shape == (2, 40, 6, 8)
+    tokens, ref_tokens = y.flatten(2).transpose(1, 2), ref.flatten(2).transpose(1, 2)
+    assert tokens.is_contiguous()  # the channels-last view flattens for free
+    assert F.cosine_similarity(tokens, ref_tokens, dim=-1).min() > 0.999
+    with pytest.raises(ValueError, match="multiples of"):
+        embed(torch.randn(1, 3, 50, 64))
+    with pytest.raises(ValueError, match="kernel == stride"):
+        Int8PatchEmbed.from_conv(nn.Conv2d(3, 8, 3, 1, padding=1))
+
+
+def test_patch_embeddings_are_int8(models) -> None:
+    _, q = models
+    assert isinstance(q.image_encoder.patch_embed, Int8PatchEmbed)
+    assert isinstance(q.image_encoder.blocks[0].mlp, Int8Mlp)
+
+
+def test_closed_gate_shortcut_is_exact_on_the_int8_backbone(models) -> None:
+    _, q = models
+    x = torch.randn(2, 6, q.backbone.width)
+    ids = torch.full((2, 6), IMAGE)
+    saved = [b.gate.detach().clone() for b in q.backbone.blocks]
+    try:
+        with torch.no_grad():
+            for b in q.backbone.blocks:
+                b.gate[IMAGE] = 0.0
+        calls = CallCounter([b.attn for b in q.backbone.blocks] + q.backbone.moe_layers)
+        with torch.no_grad():
+            fast = q.backbone(x, ids)
+        assert calls.calls == 0
+        for b in q.backbone.blocks:
+            b.skip_closed = False
+        with torch.no_grad():
+            slow = q.backbone(x, ids)
+        assert calls.calls > 0
+        assert_same_backbone_output(fast, slow)
+    finally:
+        with torch.no_grad():
+            for b, g in zip(q.backbone.blocks, saved):
+                b.gate.copy_(g)
+                b.skip_closed = True
+
+
+def test_checkpoints_of_the_first_scheme_still_load(models, tmp_path) -> None:
+    model, _ = models
+    old = ernie_vl.quantize_int8(model, scheme=SCHEMES[0])
+    assert isinstance(old.image_encoder.patch_embed, nn.Conv2d)
+    old.save_pretrained(str(tmp_path / "v1"))
+    loaded = ernie_vl.ErnieVL.from_pretrained(str(tmp_path / "v1"))
+    assert isinstance(loaded.image_encoder.patch_embed, nn.Conv2d)
+    images = make_batch(model, pairs=2, videos=1).images
+    with torch.no_grad():
+        assert torch.equal(old.encode_image(images), loaded.encode_image(images))
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int8-v0'"):
+        ernie_vl.quantize_int8(model, scheme="int8-v0")

@@ -221,3 +221,26 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="not an index folder"):
         Index.build(np.eye(3, dtype=np.float32)).save(tmp_path / "notes")
+
+
+def test_flat_column_layout_loads_row_major_files_and_adds(tmp_path):
+    """The flat store keeps (D, N) columns; a vectors.npy written row-major (older indexes) loads to
+    the same results, and add / remove / reconstruct keep rows and ids aligned."""
+    rng = np.random.default_rng(3)
+    x, q = _unit(rng, 50, 8), _unit(rng, 4, 8)
+    idx = Index.build(x[:30], kind="flat")
+    idx.add(x[30:])
+    np.testing.assert_array_equal(idx._store.reconstruct(np.array([0, 31, 49])), x[[0, 31, 49]])
+    want_ids, want_scores = _exact(x, q, 5)
+    for queries in (q, q[:1]):   # a single query takes MKL's gemv path
+        ids, scores = idx.search(queries, 5)
+        np.testing.assert_array_equal(ids, want_ids[: len(queries)])
+        np.testing.assert_allclose(scores, want_scores[: len(queries)], atol=1e-5)
+    folder = idx.save(tmp_path / "idx")
+    assert np.load(folder / "vectors.npy").shape == (50, 8)
+    np.save(folder / "vectors.npy", np.ascontiguousarray(x))          # the row-major layout of older files
+    loaded = Index.load(folder)
+    np.testing.assert_array_equal(loaded.search(q, 5)[0], want_ids)
+    loaded.remove([int(want_ids[0, 0])])
+    ids, _ = loaded.search(q[:1], 4)
+    np.testing.assert_array_equal(ids[0], want_ids[0, 1:5])

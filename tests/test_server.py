@@ -1,4 +1,6 @@
-"""The HTTP server on loopback: endpoints, dynamic batching, refusals of bad requests."""
+"""The HTTP server on loopback: endpoints, dynamic batching, refusals of bad requests, and the
+exactness of the serving shortcuts (text batches trimmed to their longest sequence; one batched
+forward + index search per search batch) against the plain per-request path."""
 from __future__ import annotations
 
 import asyncio
@@ -8,10 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import ernie_vl
 from ernie_vl.serve import BatchingConfig, DynamicBatcher, ServerConfig, ServerThread, create_app
+from ernie_vl.serve.text_trim import trim_padding, trimming_is_exact
+from retrieval.embed import encode_text_batch
 from retrieval.folder import index_folder
+from retrieval.index import Index
 
 from _retrieval_helpers import ColorModel, write_color_image
 
@@ -167,3 +174,85 @@ def test_lone_client_never_waits_for_a_batch(monkeypatch):
     sequential, burst, stats = asyncio.run(main())
     assert sequential == [1, 2, 3, 4, 5] and burst == [1, 2, 3]
     assert stats.batches == 6 and stats.max_batch == 3
+
+
+TEXTS = ["a dog", "two red cars parked on a narrow street next to a bridge", "snow", "a cat on a blue sofa"]
+
+
+@pytest.fixture(scope="module")
+def ernie_model():
+    torch.manual_seed(0)
+    return ernie_vl.create_model("test").eval()
+
+
+def test_trim_padding_cuts_only_all_padding_columns():
+    tokens = torch.tensor([[5, 7, 9, 0, 0, 0], [5, 8, 0, 0, 0, 0]])
+    assert trim_padding(tokens).tolist() == [[5, 7, 9], [5, 8, 0]]
+    assert trim_padding(tokens, pad_id=9).shape == (2, 6)          # a column of 9 is not padding for pad 0
+    assert trim_padding(torch.zeros(2, 4, dtype=torch.long)).shape == (2, 1)
+    with pytest.raises(TypeError, match="token tensor"):
+        trim_padding(torch.zeros(4, dtype=torch.long))
+
+
+def test_trimmed_text_batch_matches_full_context(ernie_model):
+    model = ernie_model
+    tokens = model.tokenizer(TEXTS)
+    trimmed = trim_padding(tokens)
+    assert trimmed.shape[1] < tokens.shape[1]
+    full, short = encode_text_batch(model, tokens), encode_text_batch(model, trimmed)
+    torch.testing.assert_close(short, full, rtol=0, atol=1e-5)
+    assert trimming_is_exact(lambda t: encode_text_batch(model, t), model.tokenizer)
+
+
+def test_trimming_is_refused_when_padding_changes_the_output(ernie_model):
+    model = ernie_model
+
+    def mean_over_all_positions(tokens):          # pools padding too: trimming changes it
+        return tokens.float().mean(dim=1, keepdim=True)
+
+    def fixed_length_only(tokens):                # like open_clip's CLIP: needs the full context
+        if tokens.shape[1] != model.tokenizer.context_length:
+            raise RuntimeError("size mismatch")
+        return tokens.float()[:, :1]
+
+    assert not trimming_is_exact(mean_over_all_positions, model.tokenizer)
+    assert not trimming_is_exact(fixed_length_only, model.tokenizer)
+    assert not trimming_is_exact(lambda t: t.float(), lambda texts: [[1, 2]] * len(texts))
+
+
+def test_server_batches_are_exact(ernie_model, tmp_path):
+    """A burst of concurrent /embed/text and /search requests, batched and trimmed, gives the same
+    embeddings and hits as one full-context forward per text and one index search per query."""
+    model = ernie_model
+    full = encode_text_batch(model, model.tokenizer(TEXTS)).numpy()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, full.shape[1])).astype(np.float32)
+    x[:4] = full + 0.05 * rng.standard_normal(full.shape).astype(np.float32)  # near-duplicates of the queries
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = Index.build(x, kind="flat", metadata=[{"path": f"{i}.jpg"} for i in range(len(x))])
+    want_ids, want_scores = index.search(full, 5)
+    config = ServerConfig(batching=BatchingConfig(max_batch_size=8, max_wait_ms=50))
+    app = create_app(model, model.preprocess, model.tokenizer, "test", index, config)
+    with ServerThread(app) as url:
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as ac:
+                embeds = [ac.post("/embed/text", json={"text": t}) for t in TEXTS]
+                searches = [ac.post("/search", json={"text": t, "k": 2 + i}) for i, t in enumerate(TEXTS)]
+                return await asyncio.gather(*embeds, *searches)
+
+        replies = asyncio.run(burst())
+        health = httpx.get(url + "/health").json()
+    assert all(r.status_code == 200 for r in replies)
+    got = np.array([r.json()["embeddings"][0] for r in replies[:4]])
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-5)
+    for i, r in enumerate(replies[4:]):
+        hits = r.json()["hits"]
+        assert [h["id"] for h in hits] == want_ids[i, : 2 + i].tolist()
+        assert [h["rank"] for h in hits] == list(range(2 + i))
+        assert hits[0]["metadata"] == {"path": f"{want_ids[i, 0]}.jpg"} and set(hits[0]) == {"id", "score", "rank", "metadata"}
+        np.testing.assert_allclose([h["score"] for h in hits], want_scores[i, : 2 + i], atol=1e-5)
+    assert health["trim_text"] is True
+    stats = health["stats"]
+    assert stats["text"]["items"] == 4 and stats["search_text"]["items"] == 4
+    assert stats["text"]["max_batch"] > 1 and stats["search_text"]["max_batch"] > 1   # they shared forwards
+    assert stats["search_text"]["busy_s"] > 0

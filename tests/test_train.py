@@ -187,3 +187,57 @@ def test_adamw_groups_and_cosine_schedule():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     assert [round(cosine_with_warmup(s, 4, 14), 6) for s in (0, 3, 4, 9, 14, 20)] == [0.25, 1.0, 1.0, 0.5, 0.0, 0.0]
     assert cosine_with_warmup(14, 4, 14, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_refitted_cosine_is_continuous_and_never_rises_after_warmup():
+    from ernie_vl.train.optim import RefittableCosine, cosine_with_warmup
+
+    sched = RefittableCosine(warmup_steps=4, total_steps=40, min_ratio=0.05)
+    # before any refit it is the plain warm-up + cosine
+    assert [sched.factor(s) for s in range(41)] == [cosine_with_warmup(s, 4, 40, 0.05) for s in range(41)]
+    factors = []
+    refits = {2: 30, 10: 80, 25: 35, 30: 200, 60: 70}  # lengths that shrink and grow, as a time budget does
+    for step in range(80):
+        if step in refits:
+            before = sched.factor(step)
+            sched.refit(step, refits[step])
+            assert sched.factor(step) == pytest.approx(before, abs=1e-12)  # no jump at the refit
+        factors.append(sched.factor(step))
+    after = factors[4:]
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:])), "the LR rose after warm-up"
+    assert after[0] == pytest.approx(1.0) and factors[69] > 0.05 and factors[70] == pytest.approx(0.05)
+    short = RefittableCosine(warmup_steps=50, total_steps=6)
+    short.refit(3, 6)  # a length inside the warm-up is kept: the run ends at step 6
+    assert short.total_steps == 6 and short.factor(5) == pytest.approx(6 / 50)
+    restored = RefittableCosine(4, 1, min_ratio=0.05)
+    restored.load_state_dict(sched.state_dict())
+    assert [restored.factor(s) for s in range(60, 80)] == factors[60:80]
+
+
+class _FakeClock:
+    """``time`` stand-in whose perf_counter advances ``slow`` s per call, then ``fast`` s after ``switch`` calls."""
+
+    def __init__(self, slow: float, fast: float, switch: int) -> None:
+        self.now, self.calls, self.slow, self.fast, self.switch = 0.0, 0, slow, fast, switch
+
+    def perf_counter(self) -> float:
+        self.calls += 1
+        self.now += self.slow if self.calls < self.switch else self.fast
+        return self.now
+
+    def process_time(self) -> float:
+        return self.now
+
+
+def test_time_budget_refits_the_schedule_without_an_lr_jump(data, tmp_path, monkeypatch):
+    from ernie_vl.train import trainer as trainer_module
+
+    # steps get 4x faster part-way: each refit lengthens the schedule (the old refit made the LR jump up)
+    monkeypatch.setattr(trainer_module, "time", _FakeClock(slow=1.0, fast=0.25, switch=40))
+    result = train(tiny_config(data, tmp_path / "run", max_steps=None, minutes=1.0, warmup_steps=3,
+                               calibration_steps=3, pairs=[str(data["pairs"])], videos=[]))
+    lrs = [r["lr"] for r in result.history]
+    assert len(lrs) > 25
+    after = lrs[3:]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(after, after[1:])), f"LR rose after warm-up: {lrs}"
+    assert after[0] == pytest.approx(2e-3) and after[-1] < 0.5 * after[0]

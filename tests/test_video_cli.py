@@ -144,3 +144,28 @@ def test_cli_with_a_real_checkpoint(videos, tmp_path, capsys):
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["num_evaluated"] == 4 and metrics["classes"] == ["low", "mid", "high"]
     assert sum(map(sum, json.loads((tmp_path / "ev" / "confusion.json").read_text())["counts"])) == 4
+
+
+def test_classify_zero_shot_with_per_class_prompts_file(fake_hub, videos, tmp_path, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\nblue\n")
+    prompts = tmp_path / "prompts.json"
+    # "red" is described by blue prompts only, so the blue clip must now be labelled "red"
+    prompts.write_text(json.dumps({"red": ["a blue thing", "blue again"]}))
+    code = main(["classify", "zeroshot", str(videos / "blue.mp4"), "--zero-shot", "--labels", str(labels),
+                 "--prompts", str(prompts), "--templates", "a video of {label}.", "--frames", "2", "--topk", "2",
+                 "--no-progress", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out[0]["labels"][0] == "red"
+    assert abs(out[0]["scores"][0] - out[0]["scores"][1]) < 1e-5  # both classes now embed as "blue"
+    assert fake_hub["zeroshot"].tokenizer.prompts == ["a blue thing", "blue again", "a video of blue."]
+
+
+def test_prompts_file_naming_an_unknown_class_is_refused(fake_hub, videos, tmp_path, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\nblue\n")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"purple": ["a purple thing"]}))
+    code = main(["classify", "zeroshot", str(videos / "blue.mp4"), "--zero-shot", "--labels", str(labels),
+                 "--prompts", str(prompts), "--frames", "2", "--no-progress"])
+    assert code != 0 and "['purple'] that are not among the classes" in capsys.readouterr().err

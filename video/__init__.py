@@ -16,6 +16,8 @@ _EXPORTS: dict[str, str] = {
     "open_video": "video.decode",
     "VideoReader": "video.decode",
     "DecodeService": "video.decode",
+    "ProbeCache": "video.decode",
+    "PacketDecoder": "video.packets",
     "available_backends": "video.backends",
     "SampledClip": "video.sampling",
     "UniformSampler": "video.sampling",

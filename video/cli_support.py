@@ -15,6 +15,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="classify by cosine between the video and prompts built from the class names")
     p.add_argument("--templates", nargs="+", default=None, metavar="TEMPLATE",
                    help="zero-shot prompt templates with {label} (default: %s)" % "; ".join(DEFAULT_TEMPLATES))
+    p.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="zero-shot: JSON {class name: [prompt, ...]}; each class's embedding is the mean of its "
+                        "prompts' (CLIP prompt ensembling); classes not in the file use the templates")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's, else 8)")
     p.add_argument("--sampling", choices=("tsn", "uniform", "dense"), default="tsn",
                    help="frame sampling (default: tsn segment centres)")
@@ -59,13 +62,34 @@ def prompt_name(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
-def build_classifier(loaded, class_names: list[str], zero_shot: bool, templates: list[str] | None):
-    """The model to call ``classify_video`` on: the model itself, or a zero-shot wrapper."""
+def read_class_prompts(path: Path) -> dict[str, list[str]]:
+    """A JSON file {class name: [prompt, ...]} (CLIP-style prompt ensembles) for zero-shot."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"prompts file {str(path)!r} must hold a JSON object class name -> list of prompts")
+    return data
+
+
+def build_classifier(loaded, class_names: list[str], zero_shot: bool, templates: list[str] | None,
+                     class_prompts: dict[str, list[str]] | None = None):
+    """The model to call ``classify_video`` on: the model itself, or a zero-shot wrapper.
+
+    ``class_prompts`` (keys: the class names as given) replace the templates for those classes.
+    """
     if not zero_shot:
         if not callable(getattr(loaded.model, "classify_video", None)):
             raise ValueError(f"model {loaded.model_id!r} has no classification head; use --zero-shot")
         return loaded.model
     if loaded.tokenizer is None:
         raise ValueError(f"model {loaded.model_id!r} has no tokenizer; zero-shot needs one")
+    unknown = sorted(set(class_prompts or {}) - set(class_names))
+    if unknown:
+        raise ValueError(f"prompts given for classes {unknown[:5]} that are not among the classes: {class_names[:10]}")
+    prompts = {prompt_name(n): list(p) if not isinstance(p, str) else [p] for n, p in (class_prompts or {}).items()}
     return ZeroShotClassifier(as_video_text_model(loaded.model), loaded.tokenizer,
-                              [prompt_name(n) for n in class_names], templates=templates or DEFAULT_TEMPLATES)
+                              [prompt_name(n) for n in class_names], templates=templates or DEFAULT_TEMPLATES,
+                              class_prompts=prompts)

@@ -98,13 +98,13 @@ class VideoClipDataset(Dataset):
     (``stride`` for dense). ``train`` picks random sampling/augmentation.
     ``transform``: a :class:`~video.transforms.ClipTransform` or any callable
     taking uint8 frames (T,H,W,3) and returning float (T,3,H,W); default: the
-    CLIP-style transform at ``image_size``. ``backend``/``timeout_s`` go to
-    :func:`video.open_video`.
+    CLIP-style transform at ``image_size``. ``backend``/``timeout_s``/``isolation``
+    go to :func:`video.open_video`.
     """
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], num_frames: int, sampling: str = "tsn",
                  train: bool = False, transform: Callable | None = None, stride: int = 2, backend: str = "auto",
-                 timeout_s: float = 30.0, image_size: int = 224, seed: int = 0, isolation: str = "process") -> None:
+                 timeout_s: float = 30.0, image_size: int = 224, seed: int = 0, isolation: str = "auto") -> None:
         self.samples = list(samples)
         self.classes = list(classes)
         self.num_frames = int(num_frames)
@@ -162,11 +162,11 @@ class VideoClipDataset(Dataset):
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, SampledClip]:
         """Decoded frames uint8 (T,H,W,3) of temporal view ``view`` and the sampled indices/times."""
         path, _ = self.samples[index]
-        reader = open_video(path, backend=self.backend, timeout_s=self.timeout_s, isolation=self.isolation)
-        clip = self.sampler(len(reader), fps=reader.fps, frame_times=None, generator=generator,
-                            view=view, num_views=num_views)
-        times = reader.timestamps(clip.indices)
-        return reader.get_frames(clip.indices), SampledClip(clip.indices, times)
+        with open_video(path, backend=self.backend, timeout_s=self.timeout_s, isolation=self.isolation) as reader:
+            clip = self.sampler(len(reader), fps=reader.fps, frame_times=None, generator=generator,
+                                view=view, num_views=num_views)
+            times = reader.timestamps(clip.indices)
+            return reader.get_frames(clip.indices), SampledClip(clip.indices, times)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]

@@ -1,29 +1,35 @@
 """Opening videos: ``open_video`` returns a :class:`VideoReader` whose decoding never hangs the caller.
 
-Design (probe first, then decode, both out of process):
-1. the decode worker demuxes the file once (``video.probe``): the frames that
-   really exist, their timestamps and key frames; every index is checked
-   against that before any decoder sees it (a container that over-reports its
-   frame count is the cause of decord's ``get_batch`` hang);
-2. each request is decoded in the worker by the cheaper backend for that
-   request (``video.backends.choose_backend``), decord falling back to PyAV on a
-   file decord gets wrong;
-3. the client waits on the worker's pipe with a deadline; past it, the worker
-   is killed (a hang in C holds the GIL, so only a process boundary can stop
-   it), the file is reported as a :class:`VideoDecodeError`, and the next
-   request starts a fresh worker. The worker is recycled every
-   ``max_requests`` requests, which bounds the memory decoders leak.
+Design (probe first; decode in this process where that is safe, else behind a process watchdog):
+1. the file is demuxed once (``video.probe``): the frames that really exist,
+   their timestamps and key frames; every index is checked against that before
+   any decoder sees it (a container that over-reports its frame count is the
+   cause of decord's ``get_batch`` hang, issue 373);
+2. ``isolation="auto"`` (default): a file whose probe is clean (every packet
+   complete and timestamped, the container's frame count equal to the packets
+   found, see ``VideoInfo.unsafe_reason``) is decoded in this process from the
+   packets the probe read (``video.packets``: PyAV, deadline checked before every
+   packet, decoder kept open between requests). Other files, backend="decord"
+   (the decoder known to hang) and ``isolation="process"`` go to the decode worker:
+3. the worker decodes with the cheaper backend for the request
+   (``video.backends.choose_backend``); the client waits on the worker's pipe with
+   a deadline; past it, the worker is killed (a hang in C holds the GIL, so only a
+   process boundary can stop it), the file is reported as a
+   :class:`VideoDecodeError`, and the next request starts a fresh worker. The
+   worker is recycled every ``max_requests`` requests, which bounds the memory
+   decoders leak.
 
-Cost: one worker per process (per DataLoader worker), started on first use
-(~0.3 s); per request, a pickle of the frames through a pipe (~1 ms for eight
-320x240 frames); torch is imported only when tensors are asked for.
-``isolation="inline"`` decodes in this process instead
-(no timeout; the probe's index validation still applies).
+Cost of the worker: one per process (per DataLoader worker), started on first use
+(~0.3 s); per request, a pickle of the frames through a pipe; torch is imported
+only when tensors are asked for. ``isolation="inline"`` decodes every file in
+this process (no process watchdog; the probe's index validation still applies).
+Probes are cached per (path, size, mtime) in each process.
 """
 from __future__ import annotations
 
 import atexit
 import os
+from collections import OrderedDict
 import pickle
 import select
 import subprocess
@@ -39,7 +45,8 @@ from video.errors import VideoDecodeError
 from video.probe import VideoInfo, probe_video
 from video.worker import HEADER, PARENT_ENV
 
-ISOLATIONS = ("process", "inline")
+ISOLATIONS = ("auto", "process", "inline")
+INLINE_MAX_BYTES = 1 << 30  # larger files are not held in memory: they use the seek-based decoders
 BACKEND_CHOICES = ("auto", "decord", "pyav")
 
 
@@ -204,31 +211,109 @@ def _close_services() -> None:
         service.close()
 
 
+class ProbeCache:
+    """Probes of recently opened files, keyed by (path, size, mtime_ns); a changed file is probed again."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = int(capacity)
+        self._items: OrderedDict = OrderedDict()
+        self.hits = 0
+
+    @staticmethod
+    def key(path: str) -> tuple | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+    def get(self, path: str) -> VideoInfo | None:
+        key = self.key(path)
+        info = self._items.get(key) if key is not None else None
+        if info is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return info
+
+    def put(self, info: VideoInfo) -> None:
+        key = self.key(info.path)
+        if key is None or key[1:] != (info.size_bytes, info.mtime_ns):
+            return  # the file changed while it was probed
+        self._items[key] = info
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+PROBE_CACHE = ProbeCache()
+
+
 class VideoReader:
     """A probed video: ``len(reader)`` decodable frames, ``fps``, ``duration``, ``get_frames(indices)``.
 
     Indices outside ``[0, len(reader))`` raise ValueError naming the valid range.
-    ``last_backend`` says which decoder served the last request.
+    ``last_backend`` says which decoder served the last request; ``isolation_used``
+    is "inline" or "process" (see the module docstring). Close it (or use it as a
+    context manager) to release the open file and its packets at once.
     """
 
     def __init__(self, path: str | os.PathLike, backend: str = "auto", timeout_s: float = 30.0,
-                 isolation: str = "process", service: DecodeService | None = None) -> None:
+                 isolation: str = "auto", service: DecodeService | None = None, threads: int = 1,
+                 cache: ProbeCache | None = PROBE_CACHE) -> None:
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKEND_CHOICES)}")
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation {isolation!r} is not one of: {', '.join(ISOLATIONS)}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise VideoDecodeError(self.path, "file does not exist")
         self.backend = backend
         self.isolation = isolation
         self.timeout_s = float(timeout_s)
-        self.service = service if service is not None else (default_service() if isolation == "process" else None)
-        if self.service is not None:
-            self.info: VideoInfo = self.service.probe(self.path, timeout_s=self.timeout_s)
-        else:
-            self.info = probe_video(self.path)
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+        self.threads = threads
         self.last_backend: str | None = None
+        self._decoder = None  # video.packets.PacketDecoder for in-process requests
+        self.service: DecodeService | None = None
+        if isolation == "process":
+            self.service = service if service is not None else default_service()
+            self.info: VideoInfo = self.service.probe(self.path, timeout_s=self.timeout_s)
+            self.isolation_used = "process"
+            return
+        cached = cache.get(self.path) if cache is not None else None
+        deadline = time.monotonic() + self.timeout_s
+        wants_decord = backend == "decord" or (backend == "auto" and "pyav" not in _available())
+        if cached is not None:
+            info = cached
+        elif wants_decord or os.path.getsize(self.path) > INLINE_MAX_BYTES:
+            info = probe_video(self.path, deadline=deadline)
+        else:
+            from video.packets import PacketDecoder
+
+            info = self._open_decoder(PacketDecoder, None, deadline)
+        if cache is not None and cached is None:
+            cache.put(info)
+        self.info = info
+        inline_ok = info.unsafe_reason is None and not wants_decord and info.size_bytes <= INLINE_MAX_BYTES
+        if isolation == "auto" and not inline_ok:
+            self.service = service if service is not None else default_service()
+            self.isolation_used = "process"
+            self.close()
+        else:
+            self.isolation_used = "inline"
+            if not inline_ok:
+                self.close()  # "inline" on a file the packet decoder refuses: the seek-based decoders, in process
+
+    def _open_decoder(self, factory, info: VideoInfo | None, deadline: float) -> VideoInfo:
+        decoder = factory(self.path, threads=self.threads, deadline=deadline, info=info)
+        if decoder.usable:
+            self._decoder = decoder
+        return decoder.info
 
     def __len__(self) -> int:
         return self.info.num_frames
@@ -257,6 +342,14 @@ class VideoReader:
         indices = self.info.check_indices(_as_index_list(indices))
         if self.service is not None:
             frames, used = self.service.frames(self.path, indices, self.backend, timeout_s=self.timeout_s)
+        elif self.info.unsafe_reason is None and self.backend != "decord" and self.info.size_bytes <= INLINE_MAX_BYTES:
+            if self._decoder is not None and self._decoder.owner_pid != os.getpid():
+                self._decoder = None  # opened before a fork: the parent's file offset must not move under it
+            if self._decoder is None:  # cached probe, or reopened after close(): packets are read as needed
+                from video.packets import PacketDecoder
+
+                self._open_decoder(PacketDecoder, self.info, time.monotonic() + self.timeout_s)
+            frames, used = self._decoder.decode(indices, timeout_s=self.timeout_s), "pyav"
         else:
             from video.backends import decode_frames
 
@@ -270,9 +363,34 @@ class VideoReader:
 
         return torch.from_numpy(self.get_frames_numpy(indices))
 
+    def close(self) -> None:
+        """Release the open file and the packets held in memory (a later request reopens it)."""
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            decoder.close()
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def __repr__(self) -> str:
         i = self.info
-        return f"VideoReader({self.path!r}, frames={i.num_frames}, fps={i.fps:.3f}, size={i.width}x{i.height}, backend={self.backend})"
+        return (f"VideoReader({self.path!r}, frames={i.num_frames}, fps={i.fps:.3f}, size={i.width}x{i.height}, "
+                f"backend={self.backend}, isolation={self.isolation_used})")
+
+
+def _available() -> list[str]:
+    from video.backends import available_backends
+
+    return available_backends()
 
 
 def _as_index_list(indices) -> list[int]:
@@ -293,10 +411,15 @@ def _as_index_list(indices) -> list[int]:
 
 
 def open_video(path: str | os.PathLike, backend: str = "auto", timeout_s: float = 30.0,
-               isolation: str = "process") -> VideoReader:
+               isolation: str = "auto", threads: int = 1) -> VideoReader:
     """Open ``path`` for frame access; VideoDecodeError naming the file when it has no decodable video.
 
-    ``backend``: "auto" (the cheaper per request, decord falling back to PyAV),
-    "decord" or "pyav". ``timeout_s`` bounds every probe and decode request.
+    ``backend``: "auto" (in process: the planned PyAV decoder; in the worker: the
+    cheaper per request, decord falling back to PyAV), "decord" or "pyav".
+    ``timeout_s`` bounds every probe and decode request. ``isolation``: "auto"
+    (in process when the probe says it is safe, else the worker), "process", "inline".
+    ``threads``: decoder threads for in-process decoding. 1 (default) costs the least CPU;
+    2 lowers the latency of one request when a core is idle, for ~25-40% more CPU
+    (frame threading; bench/video.py measures both).
     """
-    return VideoReader(path, backend=backend, timeout_s=timeout_s, isolation=isolation)
+    return VideoReader(path, backend=backend, timeout_s=timeout_s, isolation=isolation, threads=threads)

@@ -27,7 +27,8 @@ class VideoInfo:
     wanted; ``sequential`` marks a file whose packet timestamps are missing or
     repeated: its frames are numbered in decode order, ``frame_pts`` are
     synthetic (mean frame rate) and only a forward pass reads it; ``reported_frames`` is what the container header claims (0 when
-    unknown) and may exceed ``num_frames``.
+    unknown) and may exceed ``num_frames``; ``decode_order[k]`` is the frame index of the k-th
+    complete packet in the file.
     """
 
     path: str
@@ -44,6 +45,7 @@ class VideoInfo:
     corrupt_packets: int = 0
     size_bytes: int = 0
     mtime_ns: int = 0
+    decode_order: tuple[int, ...] = ()  # frame index of each packet, in decode (file) order
     _pts_index: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
@@ -72,6 +74,23 @@ class VideoInfo:
         gaps = [b - a for a, b in zip(self.frame_pts, self.frame_pts[1:])]
         mean = sum(gaps) / len(gaps)
         return max(gaps) - min(gaps) > 0.1 * mean
+
+    @property
+    def unsafe_reason(self) -> str | None:
+        """Why this file is decoded only behind the process watchdog, or None when in-process decoding is safe.
+
+        Safe: every packet is complete and timestamped, and the container's frame count
+        (when it has one) equals the packets found, i.e. nothing a decoder could wait for is missing.
+        """
+        if self.sequential:
+            return "packet timestamps are missing or repeated"
+        if self.corrupt_packets:
+            return f"{self.corrupt_packets} corrupt or cut packet(s)"
+        if self.reported_frames not in (0, self.num_frames):
+            return f"the container claims {self.reported_frames} frames, {self.num_frames} exist"
+        if len(self.decode_order) != self.num_frames:
+            return "no packet order recorded"
+        return None
 
     def frame_time(self, index: int) -> float:
         """Seconds from the first frame to frame ``index``."""
@@ -143,78 +162,110 @@ def is_non_reference(data: memoryview, codec: str, length_size: int) -> bool:
     return slices > 0
 
 
-def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Demux ``path`` and return its :class:`VideoInfo`; VideoDecodeError when it has no decodable video."""
+def probe_video(path: str | os.PathLike, deadline: float | None = None) -> VideoInfo:
+    """Demux ``path`` and return its :class:`VideoInfo`; VideoDecodeError when it has no decodable video.
+
+    ``deadline`` (``time.monotonic()`` seconds) bounds the demux: past it, VideoDecodeError.
+    """
+    container = open_container(path)
+    with container:
+        return scan_packets(container, os.fspath(path), deadline=deadline)[0]
+
+
+def open_container(path: str | os.PathLike):
+    """``av.open(path)`` with its failures as VideoDecodeError naming the file."""
     import av  # local: keeps `import video` cheap
 
     path = os.fspath(path)
     try:
-        stat = os.stat(path)
+        size = os.stat(path).st_size
     except OSError as err:
         raise VideoDecodeError(path, f"cannot read file ({err.strerror or err})") from None
-    if stat.st_size == 0:
+    if size == 0:
         raise VideoDecodeError(path, "empty file (0 bytes)")
     try:
-        container = av.open(path, metadata_errors="ignore")
+        return av.open(path, metadata_errors="ignore")
     except (av.FFmpegError, UnicodeDecodeError, OSError) as err:
         raise VideoDecodeError(path, f"not a readable media container ({err})") from None
-    with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
-        stream = container.streams.video[0]
-        ctx = stream.codec_context
-        if stream.time_base is None:
-            raise VideoDecodeError(path, "video stream has no time base")
-        codec = str(ctx.name)
-        length_size = _nal_length_size(codec, ctx.extradata) if codec in ("h264", "hevc") else 0
-        packets: list[tuple[int | None, bool, bool]] = []  # (pts, key, droppable) in decode order
-        corrupt = 0
-        try:
-            for packet in container.demux(stream):
-                if packet.size == 0:
-                    continue  # flush packet at the end of the stream
-                if packet.is_corrupt:
-                    corrupt += 1  # cut short by truncation: its frame cannot be decoded
-                    continue
-                key = bool(packet.is_keyframe)
-                drop = not key and bool(length_size) and is_non_reference(memoryview(packet), codec, length_size)
-                packets.append((packet.pts, key, drop))
-        except av.FFmpegError:
-            corrupt += 1  # demuxer gave up part-way: keep the packets read so far
-        if not packets:
-            raise VideoDecodeError(path, "no decodable video frames (zero frames, or the data is missing)")
-        pts_values = [p for p, _, _ in packets]
-        sequential = None in pts_values or len(set(pts_values)) != len(pts_values)
-        time_base = Fraction(stream.time_base)
-        if sequential:
-            # missing or repeated timestamps: frames can only be counted in decode order and read
-            # by one forward pass (decord's get_batch hangs on such files); times from the mean rate
-            rates = [Fraction(r) for r in (stream.guessed_rate, stream.average_rate) if r and 0 < r <= 240]
-            time_base = 1 / rates[0] if rates else Fraction(1, 25)
-            pts_list = list(range(len(packets)))
-            keyframes = [i for i, (_, key, _) in enumerate(packets) if key]
-            droppable: list[int] = []
-        else:
-            pts_list = sorted(pts_values)
-            rank = {p: i for i, p in enumerate(pts_list)}
-            keyframes = sorted(rank[p] for p, key, _ in packets if key)
-            droppable = sorted(rank[p] for p, _, drop in packets if drop)
-        if not keyframes or keyframes[0] != 0:
-            keyframes = [0] + keyframes  # decoding always starts at the stream start
-        return VideoInfo(
-            path=path,
-            num_frames=len(pts_list),
-            reported_frames=int(stream.frames or 0),
-            width=int(ctx.width or 0),
-            height=int(ctx.height or 0),
-            codec=codec,
-            time_base=time_base,
-            frame_pts=tuple(pts_list),
-            keyframes=tuple(keyframes),
-            droppable=tuple(droppable),
-            sequential=sequential,
-            corrupt_packets=corrupt,
-            size_bytes=stat.st_size,
-            mtime_ns=stat.st_mtime_ns,
-        )
+
+
+def scan_packets(container, path: str, keep_packets: bool = False,
+                 deadline: float | None = None) -> tuple[VideoInfo, list]:
+    """Demux the first video stream of an open ``container``: (VideoInfo, packets in decode order).
+
+    The packets (``av.Packet``, complete ones only, aligned with ``info.decode_order``)
+    are returned when ``keep_packets``, else an empty list.
+    """
+    import time
+
+    import av
+
+    stat = os.stat(path)
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    if stream.time_base is None:
+        raise VideoDecodeError(path, "video stream has no time base")
+    codec = str(ctx.name)
+    length_size = _nal_length_size(codec, ctx.extradata) if codec in ("h264", "hevc") else 0
+    packets: list[tuple[int | None, bool, bool]] = []  # (pts, key, droppable) in decode order
+    kept: list = []
+    corrupt = 0
+    try:
+        for count, packet in enumerate(container.demux(stream)):
+            if deadline is not None and count % 64 == 63 and time.monotonic() > deadline:
+                raise VideoDecodeError(path, "reading the packet index timed out")
+            if packet.size == 0:
+                continue  # flush packet at the end of the stream
+            if packet.is_corrupt:
+                corrupt += 1  # cut short by truncation: its frame cannot be decoded
+                continue
+            key = bool(packet.is_keyframe)
+            drop = not key and bool(length_size) and is_non_reference(memoryview(packet), codec, length_size)
+            packets.append((packet.pts, key, drop))
+            if keep_packets:
+                kept.append(packet)
+    except av.FFmpegError:
+        corrupt += 1  # demuxer gave up part-way: keep the packets read so far
+    if not packets:
+        raise VideoDecodeError(path, "no decodable video frames (zero frames, or the data is missing)")
+    pts_values = [p for p, _, _ in packets]
+    sequential = None in pts_values or len(set(pts_values)) != len(pts_values)
+    time_base = Fraction(stream.time_base)
+    if sequential:
+        # missing or repeated timestamps: frames can only be counted in decode order and read
+        # by one forward pass (decord's get_batch hangs on such files); times from the mean rate
+        rates = [Fraction(r) for r in (stream.guessed_rate, stream.average_rate) if r and 0 < r <= 240]
+        time_base = 1 / rates[0] if rates else Fraction(1, 25)
+        pts_list = list(range(len(packets)))
+        decode_order = list(pts_list)
+        keyframes = [i for i, (_, key, _) in enumerate(packets) if key]
+        droppable: list[int] = []
+    else:
+        pts_list = sorted(pts_values)
+        rank = {p: i for i, p in enumerate(pts_list)}
+        decode_order = [rank[p] for p in pts_values]
+        keyframes = sorted(rank[p] for p, key, _ in packets if key)
+        droppable = sorted(rank[p] for p, _, drop in packets if drop)
+    if not keyframes or keyframes[0] != 0:
+        keyframes = [0] + keyframes  # decoding always starts at the stream start
+    info = VideoInfo(
+        path=path,
+        num_frames=len(pts_list),
+        reported_frames=int(stream.frames or 0),
+        width=int(ctx.width or 0),
+        height=int(ctx.height or 0),
+        codec=codec,
+        time_base=time_base,
+        frame_pts=tuple(pts_list),
+        keyframes=tuple(keyframes),
+        droppable=tuple(droppable),
+        sequential=sequential,
+        corrupt_packets=corrupt,
+        size_bytes=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+        decode_order=tuple(decode_order),
+    )
+    return info, kept

@@ -88,13 +88,13 @@ class MultiViewDataset(Dataset):
     def load_views(self, index: int) -> torch.Tensor:
         ds = self.dataset
         path, _ = ds.samples[index]
-        reader = open_video(path, backend=ds.backend, timeout_s=ds.timeout_s, isolation=ds.isolation)
         generator = torch.Generator().manual_seed(ds.seed * 1_000_003 + index)
         n = self.views.num_clips
-        per_clip = [ds.sampler(len(reader), fps=reader.fps, generator=generator, view=v, num_views=n).indices
-                    for v in range(n)]
-        wanted = torch.unique(torch.cat(per_clip))
-        frames = reader.get_frames(wanted)
+        with open_video(path, backend=ds.backend, timeout_s=ds.timeout_s, isolation=ds.isolation) as reader:
+            per_clip = [ds.sampler(len(reader), fps=reader.fps, generator=generator, view=v, num_views=n).indices
+                        for v in range(n)]
+            wanted = torch.unique(torch.cat(per_clip))  # every clip's frames in one decode request
+            frames = reader.get_frames(wanted)
         position = {int(i): k for k, i in enumerate(wanted.tolist())}
         out = []
         for indices in per_clip:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from video.cli_support import (add_model_options, build_classifier, clip_transform_for, model_frames,
-                                        read_labels)
+                                read_class_prompts, read_labels)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     names = read_labels(args.labels) if args.labels else getattr(loaded.model, "class_names", None)
     if not names:
         raise ValueError(f"model {loaded.model_id!r} has no class names; pass --labels FILE")
-    classifier = build_classifier(loaded, list(names), args.zero_shot, args.templates)
+    classifier = build_classifier(loaded, list(names), args.zero_shot, args.templates,
+                                  class_prompts=read_class_prompts(args.prompts) if args.prompts else None)
     results = classify(classifier, args.videos, class_names=names, topk=args.topk,
                        num_frames=model_frames(loaded.model, args.frames), sampling=args.sampling, views=args.views,
                        transform=clip_transform_for(loaded), device=args.device, timeout_s=args.timeout,

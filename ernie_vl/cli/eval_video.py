@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from video.cli_support import (add_model_options, build_classifier, clip_transform_for, model_frames,
-                                        read_labels)
+                                read_class_prompts, read_labels)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     options = dict(num_frames=model_frames(loaded.model, args.frames), sampling=args.sampling, train=False,
                    transform=clip_transform_for(loaded), timeout_s=args.timeout, classes=names or None)
     dataset = VideoCSV(args.root, **options) if args.root.is_file() else VideoFolder(args.root, **options)
-    classifier = build_classifier(loaded, dataset.classes, args.zero_shot, args.templates)
+    classifier = build_classifier(loaded, dataset.classes, args.zero_shot, args.templates,
+                                  class_prompts=read_class_prompts(args.prompts) if args.prompts else None)
     result = evaluate(classifier, dataset, views=args.views, batch_size=args.batch_size, num_workers=args.workers,
                       out_dir=args.out, device=args.device, progress=not args.no_progress)
     print(f"model {loaded.model_id}  views {result.views}  videos {result.num_evaluated}/{result.num_videos}")

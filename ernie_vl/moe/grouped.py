@@ -3,18 +3,31 @@
 MegaBlocks-style, tuned for CPU:
 - the tokens of expert ``e`` occupy one contiguous slice of the sorted rows, and each expert
   runs once on its slice (measured on CPU: a loop over contiguous slices beat
-  ``torch._grouped_mm``); its matmul, activation and weighting run back to back while the
-  slice is in cache, writing into preallocated buffers (no per-expert concatenation);
+  ``torch._grouped_mm``); experts without tokens are skipped; its matmul, activation and
+  second matmul run back to back on one slice (``addmm`` / activation ``out=`` variants into
+  preallocated buffers, no per-expert concatenation);
+- temporaries that never leave a call (gathered rows, one expert's activations, the
+  backward's gradient slices) are per-thread scratch buffers reused across calls
+  (:mod:`ernie_vl.moe.workspace`): a fresh 64 MB tensor costs ~45 ms of page faults on one
+  core here, more than the activation itself;
+- training saves only the pre-activations ``h`` (and the sorted expert outputs for the
+  router-weight gradient); the backward pass recomputes each expert's activation on its
+  slice, so the (rows, hidden) activation is never stored;
 - every data movement is a gather (``index_select``): the un-sort uses the inverse
   permutation instead of a scatter-add, in the forward and in the backward pass;
 - the backward pass writes each expert's weight gradient straight into its slice of the
   stacked gradient (autograd through ``weight[e]`` would build a full-size zero tensor per
   expert and add them up).
 
+With several intra-op threads and balanced loads, :func:`moe_experts` runs the padded batched
+kernel of :mod:`ernie_vl.moe.padded` instead of the slice loop (fewer thread barriers); both
+give the same result up to float rounding (tests/test_moe_kernels.py).
+
 Assignments are numbered token-major (``a = n * k + j``: token n's j-th choice). A plan gives
 ``order`` (kept assignments sorted by expert), ``counts`` (rows per expert) and ``inverse``
 ((N*k,): the sorted row of each assignment, or the sentinel row M when it was dropped); the
-combine is one gather and one batched (1 x k) @ (k x D) product per token.
+combine is one gather and one batched (1 x k) @ (k x D) product per token, so each token's
+sum runs over its choices in slot order whatever the order of the batch.
 """
 from __future__ import annotations
 
@@ -23,7 +36,18 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .padded import PaddedLayout, padded_backward, padded_forward, padded_layout, padding_fits
+from .workspace import scratch
+
+# "auto": the padded batched kernel (ernie_vl/moe/padded.py) with several intra-op threads
+# when padding fits, else the slice loop; "loop" / "padded" force one (tests, benchmarks)
+KERNEL = "auto"
+KERNELS = ("auto", "loop", "padded")
+
 QUICK_GELU_ALPHA = 1.702
+
+
+
 
 
 def activation_forward(h: torch.Tensor, name: str, out: torch.Tensor) -> torch.Tensor:
@@ -39,17 +63,20 @@ def activation_forward(h: torch.Tensor, name: str, out: torch.Tensor) -> torch.T
     raise ValueError(f"unknown activation {name!r}")
 
 
-def activation_backward(grad: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
-    """``grad * d act(h) / dh``."""
+def activation_backward(grad: torch.Tensor, h: torch.Tensor, name: str,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad * d act(h) / dh``, into ``out`` when given (``out`` may be ``grad``)."""
+    if out is None:
+        out = torch.empty_like(grad)
     if name == "gelu":
-        return torch.ops.aten.gelu_backward(grad, h, approximate="none")
+        return torch.ops.aten.gelu_backward.grad_input(grad, h, approximate="none", grad_input=out)
     if name == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+        return torch.ops.aten.gelu_backward.grad_input(grad, h, approximate="tanh", grad_input=out)
     if name == "silu":
-        return torch.ops.aten.silu_backward(grad, h)
+        return torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=out)
     if name == "quick_gelu":
         s = torch.sigmoid(h * QUICK_GELU_ALPHA)
-        return grad * (s + QUICK_GELU_ALPHA * h * s * (1.0 - s))
+        return torch.mul(grad, s + QUICK_GELU_ALPHA * h * s * (1.0 - s), out=out)
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -89,105 +116,151 @@ def _linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: 
 #         swiglu = (w_gate_up (E,2H,D), w_down (E,D,H)).
 
 def hidden_width(kind: str, params: Sequence[torch.Tensor | None]) -> int:
-    """Width of the saved pre-activation buffer."""
+    """Width of the pre-activation ``h`` (H for mlp, 2H = [gate; up] for swiglu)."""
     return params[0].shape[1]
 
 
 def act_width(kind: str, params: Sequence[torch.Tensor | None]) -> int:
+    """Width of the activation fed to the second matmul (H)."""
     return params[0].shape[1] if kind == "mlp" else params[1].shape[2]
 
 
+def expert_activation(kind: str, act: str, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``a = act(h)`` (mlp; ``a`` may be ``h``) or ``act(gate) * up`` (swiglu, h = [gate | up])."""
+    if kind == "mlp":
+        return activation_forward(h, act, a)
+    hidden = a.shape[1]
+    activation_forward(h[:, :hidden], act, a)
+    return a.mul_(h[:, hidden:])
+
+
 def expert_forward(kind: str, act: str, params, e: int, x: torch.Tensor, h: torch.Tensor,
-                   a: torch.Tensor, y: torch.Tensor) -> None:
-    """Expert e on rows x: pre-activation -> h, activation -> a, output -> y (all preallocated)."""
+                   a: torch.Tensor, y: torch.Tensor, h_has_bias: bool = False, y_has_bias: bool = False) -> None:
+    """Expert e on rows x: pre-activation -> h, activation -> a (may be h for mlp), output -> y.
+
+    ``h_has_bias`` / ``y_has_bias``: h / y already hold the expert's biases (filled for all
+    experts by one gather), so the matmul accumulates into them.
+    """
     if kind == "mlp":
         w1, b1, w2, b2 = params
-        _linear_into(x, w1[e], None if b1 is None else b1[e], h)
+        if h_has_bias:
+            h.addmm_(x, w1[e].t())
+        else:
+            _linear_into(x, w1[e], None if b1 is None else b1[e], h)
         activation_forward(h, act, a)
-        _linear_into(a, w2[e], None if b2 is None else b2[e], y)
+        if y_has_bias:
+            y.addmm_(a, w2[e].t())
+        else:
+            _linear_into(a, w2[e], None if b2 is None else b2[e], y)
     else:
         w_gate_up, w_down = params
-        hidden = w_down.shape[2]
         torch.mm(x, w_gate_up[e].t(), out=h)
-        activation_forward(h[:, :hidden], act, a)
-        a.mul_(h[:, hidden:])
+        expert_activation(kind, act, h, a)
         torch.mm(a, w_down[e].t(), out=y)
 
 
-def expert_backward(kind: str, act: str, params, grads, e: int, dy: torch.Tensor, x: torch.Tensor,
-                    h: torch.Tensor, a: torch.Tensor, dx: torch.Tensor | None) -> None:
-    """Gradients of expert e on one slice: weight grads into ``grads[i][e]``, input grad into dx."""
-    if kind == "mlp":
-        w1, _, w2, _ = params
-        dw1, db1, dw2, db2 = grads
-        if dw2 is not None:
-            torch.mm(dy.t(), a, out=dw2[e])
-        if db2 is not None:
-            torch.sum(dy, dim=0, out=db2[e])
-        dh = activation_backward(dy @ w2[e], h, act)
-        if dw1 is not None:
-            torch.mm(dh.t(), x, out=dw1[e])
-        if db1 is not None:
-            torch.sum(dh, dim=0, out=db1[e])
-        if dx is not None:
-            torch.mm(dh, w1[e], out=dx)
+def expert_backward(kind: str, act: str, params, grads, e: int, dy: torch.Tensor, x: torch.Tensor | None,
+                    h: torch.Tensor, dx: torch.Tensor | None) -> None:
+    """Gradients of expert e on one slice of n rows, the activation recomputed from ``h``.
+
+    dy (n, D) weighted output gradient, x (n, D) input rows (needed for the first weight's
+    gradient), h (n, Hw) saved pre-activation; weight grads go into ``grads[i][e]``, the
+    input gradient into dx (n, D). Scratch slots: ``bwd_act``, ``bwd_grad``, ``bwd_dh``.
+    """
+    n = dy.shape[0]
+    second_w, second_grad = params[2 if kind == "mlp" else 1], grads[2 if kind == "mlp" else 1]
+    hidden = second_w.shape[2]
+    if second_grad is not None:
+        a = expert_activation(kind, act, h, scratch("bwd_act", (n, hidden), h))
+        torch.mm(dy.t(), a, out=second_grad[e])
+    first_grad = grads[0]
+    first_bias_grad = grads[1] if kind == "mlp" else None
+    if first_grad is None and first_bias_grad is None and dx is None:
         return
-    w_gate_up, w_down = params
-    dgu_w, ddown = grads
-    hidden = w_down.shape[2]
-    if ddown is not None:
-        torch.mm(dy.t(), a, out=ddown[e])
-    da = dy @ w_down[e]
-    g, u = h[:, :hidden], h[:, hidden:]
-    dh = torch.empty_like(h)
-    activation_forward(g, act, dh[:, hidden:])
-    dh[:, hidden:].mul_(da)
-    torch.mul(da, u, out=dh[:, :hidden])
-    dh[:, :hidden] = activation_backward(dh[:, :hidden], g, act)
-    if dgu_w is not None:
-        torch.mm(dh.t(), x, out=dgu_w[e])
+    da = torch.mm(dy, second_w[e], out=scratch("bwd_grad", (n, hidden), h))
+    if kind == "mlp":
+        dh = activation_backward(da, h, act, out=da)
+    else:
+        g, u = h[:, :hidden], h[:, hidden:]
+        dh = scratch("bwd_dh", (n, 2 * hidden), h)
+        activation_forward(g, act, dh[:, hidden:]).mul_(da)  # d up = act(gate) * da
+        torch.mul(da, u, out=dh[:, :hidden])
+        activation_backward(dh[:, :hidden], g, act, out=dh[:, :hidden])  # d gate
+    if first_grad is not None:
+        torch.mm(dh.t(), x, out=first_grad[e])
+    if first_bias_grad is not None:
+        torch.sum(dh, dim=0, out=first_bias_grad[e])
     if dx is not None:
-        torch.mm(dh, w_gate_up[e], out=dx)
+        torch.mm(dh, params[0][e], out=dx)
 
 
 # ---- the fused layer ---------------------------------------------------------------------
 
-def _combine(rows: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine(rows: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(M+1, D) sorted expert outputs (last row = zero sentinel for dropped assignments),
-    (N, k) weights -> ((N, D) weighted sum per token, (N, k, D) each token's k rows)."""
+    (N, k) weights -> (N, D) fresh tensor, each token's weighted sum over its k rows."""
     n, top_k = weights.shape
-    per_token = rows.index_select(0, inverse).view(n, top_k, rows.shape[1])
-    out = torch.bmm(weights.to(rows.dtype).unsqueeze(1), per_token).squeeze(1)
-    return out, per_token
+    d = rows.shape[1]
+    per_token = torch.index_select(rows, 0, inverse, out=scratch("per_token", (n * top_k, d), rows))
+    return torch.bmm(weights.to(rows.dtype).unsqueeze(1), per_token.view(n, top_k, d)).squeeze(1)
+
+
+def _gather_rows(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (M, D) scratch copy of the rows in expert order."""
+    return torch.index_select(x, 0, token_index, out=scratch("rows_in", (token_index.shape[0], x.shape[1]), x))
+
+
+def row_experts(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(M,) int64 expert of each sorted row."""
+    return torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                   torch.tensor(counts, device=device), output_size=sum(counts))
+
+
+def _fill_biases(bias: torch.Tensor | None, counts: Sequence[int], out: torch.Tensor) -> bool:
+    """Write each sorted row's expert bias into ``out`` (M, W) with one gather (instead of one
+    broadcast copy per expert inside ``addmm``); False when there is no bias."""
+    if bias is None:
+        return False
+    with torch.no_grad():
+        torch.index_select(bias, 0, row_experts(counts, out.device), out=out)
+    return True
 
 
 INFERENCE_CHUNK_ROWS = 2048  # rows per step without grad: bounds the (rows, hidden) scratch buffer
 
 
-def _run_experts(x, token_index, counts, kind, act, params, keep_activations: bool):
-    """Gather rows by expert and run each expert on its slice -> (xs, h, a, rows (M+1, D)).
-
-    Without ``keep_activations`` (inference) h / a are one small scratch buffer reused for
-    every chunk of at most ``INFERENCE_CHUNK_ROWS`` rows (returned as None).
-    """
+def _experts_inference(x, token_index, counts, kind, act, params) -> torch.Tensor:
+    """Without grad: every expert on its rows, chunks of at most ``INFERENCE_CHUNK_ROWS``,
+    all in scratch buffers -> (M+1, D) scratch expert outputs (last row zero)."""
     m, d = token_index.shape[0], x.shape[1]
-    xs = x.index_select(0, token_index)
+    xs = _gather_rows(x, token_index)
+    rows = scratch("rows_out", (m + 1, d), x)
+    rows[m].zero_()
+    y_bias = _fill_biases(params[3] if kind == "mlp" else None, counts, rows[:m])
+    chunk = max(1, min(INFERENCE_CHUNK_ROWS, max(counts, default=1)))
+    h = scratch("hidden", (chunk, hidden_width(kind, params)), x)
+    a = h if kind == "mlp" else scratch("act", (chunk, act_width(kind, params)), x)
+    for e, s, t in spans(counts):
+        for c in range(s, t, chunk):
+            n = min(chunk, t - c)
+            expert_forward(kind, act, params, e, xs[c:c + n], h[:n], a[:n], rows[c:c + n], y_has_bias=y_bias)
+    return rows
+
+
+def _experts_training(x, token_index, counts, kind, act, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """With grad: -> (h (M, Hw) pre-activations, rows (M+1, D) expert outputs, last row zero),
+    both fresh (saved for backward); the activation lives in a scratch slice per expert."""
+    m, d = token_index.shape[0], x.shape[1]
+    xs = _gather_rows(x, token_index)
+    h = x.new_empty(m, hidden_width(kind, params))
     rows = x.new_empty(m + 1, d)
     rows[m].zero_()
-    if not keep_activations:
-        chunk = max(1, min(INFERENCE_CHUNK_ROWS, max(counts, default=1)))
-        h = x.new_empty(chunk, hidden_width(kind, params))
-        a = h if kind == "mlp" else x.new_empty(chunk, act_width(kind, params))
-        for e, s, t in spans(counts):
-            for c in range(s, t, chunk):
-                n = min(chunk, t - c)
-                expert_forward(kind, act, params, e, xs[c:c + n], h[:n], a[:n], rows[c:c + n])
-        return xs, None, None, rows
-    h = x.new_empty(m, hidden_width(kind, params))
-    a = x.new_empty(m, act_width(kind, params))
+    h_bias = _fill_biases(params[1] if kind == "mlp" else None, counts, h)
+    y_bias = _fill_biases(params[3] if kind == "mlp" else None, counts, rows[:m])
+    a = scratch("act", (max(counts, default=0), act_width(kind, params)), x)
     for e, s, t in spans(counts):
-        expert_forward(kind, act, params, e, xs[s:t], h[s:t], a[s:t], rows[s:t])
-    return xs, h, a, rows
+        expert_forward(kind, act, params, e, xs[s:t], h[s:t], a[:t - s], rows[s:t], h_bias, y_bias)
+    return h, rows
 
 
 class MoEExpertsFunction(torch.autograd.Function):
@@ -196,24 +269,26 @@ class MoEExpertsFunction(torch.autograd.Function):
     x: (N, D); weights: (N, k); order (M,), token_index (M,), inverse (N*k,), counts (E ints)
     from a token-major plan (assignment ``a = n * k + j``); kind: "mlp" | "swiglu";
     act: activation name; params: the stacked expert tensors.
+    Saves x, the pre-activations h (M, Hw) and the expert outputs (M+1, D); the backward
+    pass re-gathers x and recomputes each expert's activation on its slice.
     """
 
     @staticmethod
     def forward(ctx, x, weights, order, token_index, inverse, counts, kind, act, *params):  # type: ignore[override]
-        xs, h, a, rows = _run_experts(x, token_index, counts, kind, act, params, keep_activations=True)
-        out, per_token = _combine(rows, inverse, weights)
+        h, rows = _experts_training(x, token_index, counts, kind, act, params)
+        out = _combine(rows, inverse, weights)
         ctx.meta = (counts, kind, act)
-        ctx.save_for_backward(xs, h, a, per_token, weights, order, token_index, inverse, *params)
+        ctx.save_for_backward(x, h, rows, weights, order, token_index, inverse, *params)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
         counts, kind, act = ctx.meta
-        xs, h, a, per_token, weights, order, token_index, inverse, *params = ctx.saved_tensors
+        x, h, rows, weights, order, token_index, inverse, *params = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_x, need_w, need_params = need[0], need[1], need[8:]
-        m, d = xs.shape
+        m, d = token_index.shape[0], x.shape[1]
         n, top_k = weights.shape
         dout = dout.contiguous()
         # every expert with rows writes its whole gradient slice; only idle experts need zeros
@@ -223,20 +298,87 @@ class MoEExpertsFunction(torch.autograd.Function):
             if g is not None and idle:
                 g[idle] = 0
         dweights = None
-        if need_w:
-            dweights = torch.bmm(per_token, dout.unsqueeze(2)).squeeze(2).to(weights.dtype)
-        w_sorted = weights.reshape(-1).index_select(0, order).to(xs.dtype)
-        dy = dout.index_select(0, token_index).mul_(w_sorted[:, None])
-        dx_sorted = xs.new_empty(m + 1, d) if need_x else None
-        if dx_sorted is not None:
+        if need_w:  # d out[n] / d w[n, j] = expert output of assignment (n, j)
+            per_token = torch.index_select(rows, 0, inverse, out=scratch("per_token", (n * top_k, d), rows))
+            dweights = torch.bmm(per_token.view(n, top_k, d), dout.unsqueeze(2)).squeeze(2).to(weights.dtype)
+        w_sorted = weights.reshape(-1).index_select(0, order).to(x.dtype)
+        dy = torch.index_select(dout, 0, token_index, out=scratch("dy", (m, d), dout)).mul_(w_sorted[:, None])
+        xs = _gather_rows(x, token_index) if grads[0] is not None else None
+        dx_sorted = None
+        if need_x:
+            dx_sorted = scratch("dx_sorted", (m + 1, d), x)
             dx_sorted[m].zero_()
         for e, s, t in spans(counts):
-            expert_backward(kind, act, params, grads, e, dy[s:t], xs[s:t], h[s:t], a[s:t],
+            expert_backward(kind, act, params, grads, e, dy[s:t], None if xs is None else xs[s:t], h[s:t],
                             None if dx_sorted is None else dx_sorted[s:t])
+        if kind == "mlp" and grads[3] is not None:  # output bias: segment sums of dy, one op
+            grads[3].zero_().index_add_(0, row_experts(counts, dy.device), dy)
         dx = None
         if dx_sorted is not None:
-            dx = dx_sorted.index_select(0, inverse).view(n, top_k, d).sum(1)
+            per_token = torch.index_select(dx_sorted, 0, inverse, out=scratch("per_token", (n * top_k, d), x))
+            dx = per_token.view(n, top_k, d).sum(1)
         return (dx, dweights, None, None, None, None, None, None, *grads)
+
+
+class PaddedExpertsFunction(torch.autograd.Function):
+    """Same result as :class:`MoEExpertsFunction`, computed on (E, C) padded blocks
+    (:mod:`ernie_vl.moe.padded`); saves x, h (E, C, Hw) and the padded outputs."""
+
+    @staticmethod
+    def forward(ctx, x, weights, order, token_index, inverse, counts, kind, act, *params):  # type: ignore[override]
+        layout = padded_layout(counts, order, token_index, inverse, weights)
+        num_experts, cap, d = len(counts), layout.capacity, x.shape[1]
+        h = x.new_empty(num_experts, cap, hidden_width(kind, params))
+        a = scratch("act", (num_experts, cap, act_width(kind, params)), x)
+        rows = x.new_empty(num_experts * cap + 1, d)
+        padded_forward(kind, act, params, x, layout, h, a, rows)
+        ctx.meta = (kind, act, cap)
+        ctx.save_for_backward(x, h, rows, weights, layout.pad_token, layout.pad_inverse, layout.pad_weight, *params)
+        return _combine(rows, layout.pad_inverse, weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):  # type: ignore[override]
+        kind, act, cap = ctx.meta
+        x, h, rows, weights, pad_token, pad_inverse, pad_weight, *params = ctx.saved_tensors
+        layout = PaddedLayout(cap, pad_token, pad_inverse, pad_weight)
+        need = ctx.needs_input_grad
+        n, top_k = weights.shape
+        d = x.shape[1]
+        dout = dout.contiguous()
+        grads = [torch.empty_like(p) if (p is not None and nd) else None for p, nd in zip(params, need[8:])]
+        dweights = None
+        if need[1]:
+            per_token = torch.index_select(rows, 0, pad_inverse, out=scratch("per_token", (n * top_k, d), rows))
+            dweights = torch.bmm(per_token.view(n, top_k, d), dout.unsqueeze(2)).squeeze(2).to(weights.dtype)
+        dx_padded = padded_backward(kind, act, params, grads, x, layout, h, dout, need[0])
+        dx = None
+        if dx_padded is not None:
+            per_token = torch.index_select(dx_padded, 0, pad_inverse, out=scratch("per_token", (n * top_k, d), x))
+            dx = per_token.view(n, top_k, d).sum(1)
+        return (dx, dweights, None, None, None, None, None, None, *grads)
+
+
+def _padded_inference(x, weights, order, token_index, inverse, counts, kind, act, params) -> torch.Tensor:
+    layout = padded_layout(counts, order, token_index, inverse, weights)
+    num_experts, cap, d = len(counts), layout.capacity, x.shape[1]
+    h = scratch("hidden", (num_experts, cap, hidden_width(kind, params)), x)
+    a = h if kind == "mlp" else scratch("act", (num_experts, cap, act_width(kind, params)), x)
+    rows = scratch("rows_out", (num_experts * cap + 1, d), x)
+    padded_forward(kind, act, params, x, layout, h, a, rows)
+    return _combine(rows, layout.pad_inverse, weights)
+
+
+def choose_kernel(counts: Sequence[int]) -> str:
+    """"padded" or "loop" for these per-expert row counts (see ``KERNEL``)."""
+    if KERNEL not in KERNELS:
+        raise ValueError(f"grouped.KERNEL must be one of {KERNELS}, got {KERNEL!r}")
+    if sum(counts) == 0:
+        return "loop"
+    if KERNEL != "auto":
+        return KERNEL
+    busy = sum(1 for c in counts if c > 0)
+    return "padded" if torch.get_num_threads() > 1 and busy > 1 and padding_fits(counts) else "loop"
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_index: torch.Tensor,
@@ -250,8 +392,12 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, tok
     if x.dtype != params[0].dtype:
         return moe_experts(x.to(params[0].dtype), weights, order, token_index, inverse, counts, kind, act,
                            params).to(in_dtype)
+    x = x.contiguous()
+    padded = choose_kernel(counts) == "padded"
     tensors = (x, weights, *params)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return MoEExpertsFunction.apply(x, weights, order, token_index, inverse, counts, kind, act, *params)
-    _, _, _, rows = _run_experts(x, token_index, counts, kind, act, params, keep_activations=False)
-    return _combine(rows, inverse, weights)[0]
+        fn = PaddedExpertsFunction if padded else MoEExpertsFunction
+        return fn.apply(x, weights, order, token_index, inverse, counts, kind, act, *params)
+    if padded:
+        return _padded_inference(x, weights, order, token_index, inverse, counts, kind, act, params)
+    return _combine(_experts_inference(x, token_index, counts, kind, act, params), inverse, weights)

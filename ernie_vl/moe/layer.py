@@ -177,18 +177,33 @@ class MoEFeedForward(nn.Module):
                         experts.kind, experts.activation, experts.params())
         y = r.scatter_back(y + self.shared(tokens) if self.shared is not None else y)
 
+        return self._with_routing_terms(r, y.view(x.shape))
+
+    def _with_routing_terms(self, r: "RoutedTokens", output: torch.Tensor) -> MoEOutput:
+        """The MoEOutput of routed tokens ``r`` around ``output``: aux losses and routing statistics."""
+        cfg = self.config
+        decision, plan, ids_r = r.decision, r.plan, r.modality_ids
         group = self.router.expert_group
         group_tokens = None
         if group is not None:
             group_tokens = torch.bincount(is_visual(ids_r).long(), minlength=2)
-        lb = load_balance_from_counts(decision.probs.sum(0), plan.routed_counts, tokens.shape[0], self.top_k,
+        lb = load_balance_from_counts(decision.probs.sum(0), plan.routed_counts, r.tokens.shape[0], self.top_k,
                                       group_tokens, group)
         z = router_z_loss(decision.masked_logits)
         orth = router_orthogonal_loss(self.router.weight)
         aux = cfg.load_balance_coef * lb + cfg.z_loss_coef * z + cfg.orthogonal_coef * orth
         stats = compute_routing_stats(decision.probs, decision.experts, ids_r, plan.routed_counts,
                                       plan.dropped, self.experts.params_per_expert(), self.shared_params())
-        return MoEOutput(y.view(x.shape), r.logits, aux, lb, z, orth, stats)
+        return MoEOutput(output, r.logits, aux, lb, z, orth, stats)
+
+    def routing_output(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> MoEOutput:
+        """``self(x, modality_ids, mask)`` without running the experts: the router logits, aux losses
+        and routing statistics of the full call, with ``output`` a zero (expanded) view of x's shape,
+        for a caller that multiplies it by a closed (zero) gate."""
+        self.config.check_top_k(self.top_k)
+        r = self.route_tokens(x, modality_ids, mask)
+        return self._with_routing_terms(r, x.new_zeros(()).expand(x.shape))
 
     # ---- construction from dense MLPs and from Mixtral ------------------------------------
 

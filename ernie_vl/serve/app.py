@@ -1,8 +1,10 @@
 """The FastAPI app: ``/health``, ``/embed/text``, ``/embed/image``, ``/search`` with dynamic batching.
 
-Text and image embedding and index search each have a :class:`DynamicBatcher`; all three share one
-worker thread, so one model forward (or index scan) runs at a time. Bad requests get a 4xx with a
-message; nothing a client sends can stop the server.
+Text and image embedding and text and image search each have a :class:`DynamicBatcher`; a search
+batch is one tokenisation, one forward and one index scan for all its queries. The batchers share
+one worker thread, so one model forward (or index scan) runs at a time. Text batches are cut to
+their longest real sequence when that is exact for the model (checked at start-up, see
+``text_trim``). Bad requests get a 4xx with a message; nothing a client sends can stop the server.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ernie_vl.serve.batcher import BatchingConfig, DynamicBatcher, QueueFullError
+from ernie_vl.serve.text_trim import pad_id_of, trim_padding, trimming_is_exact
 from retrieval.embed import encode_image_batch, encode_text_batch
 from retrieval.images import ImageLoadError, load_image_bytes
 from retrieval.index import Index
-from retrieval.search import hits_from_arrays
 
 
 @dataclass
@@ -38,6 +40,11 @@ class ServerConfig:
     max_text_chars: int = 2000
     max_k: int = 1000
     default_k: int = 10
+    trim_text: Optional[bool] = None  # cut text batches to their longest sequence; None = when exact
+
+    def __post_init__(self) -> None:
+        if self.trim_text not in (None, True, False):
+            raise ValueError(f"trim_text must be None (auto), True or False, got {self.trim_text!r}")
 
 
 class HTTPError(Exception):
@@ -71,29 +78,53 @@ class Service:
         b = config.batching
         self.text_batcher = DynamicBatcher(self._embed_texts, b, self.executor, "text")
         self.image_batcher = DynamicBatcher(self._embed_images, b, self.executor, "image")
-        self.search_batcher = DynamicBatcher(self._search, b, self.executor, "search")
+        self.search_text_batcher = DynamicBatcher(self._search_texts, b, self.executor, "search_text")
+        self.search_image_batcher = DynamicBatcher(self._search_images, b, self.executor, "search_image")
+        self.batchers = (self.text_batcher, self.image_batcher, self.search_text_batcher, self.search_image_batcher)
         self.embedding_dim: Optional[int] = index.dim if index is not None else None
+        self.pad_id = pad_id_of(tokenizer)
+        self.trim_text = config.trim_text
+        if self.trim_text is None:
+            self.trim_text = trimming_is_exact(lambda t: encode_text_batch(self.model, t), tokenizer)
 
     # batch functions (worker thread)
+    def _text_embeddings(self, texts: list[str]) -> np.ndarray:
+        """(B,) texts -> (B, D) float32: one tokenisation and one forward for the batch."""
+        tokens = self.tokenizer(texts)
+        if self.trim_text:
+            tokens = trim_padding(tokens, self.pad_id)
+        return encode_text_batch(self.model, tokens).numpy()
+
     def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
-        return list(encode_text_batch(self.model, self.tokenizer(texts)).numpy())
+        return list(self._text_embeddings(texts))
 
     def _embed_images(self, images: list[torch.Tensor]) -> list[np.ndarray]:
         return list(encode_image_batch(self.model, torch.stack(images)).numpy())
 
-    def _search(self, items: list[tuple[np.ndarray, int]]) -> list[list[dict]]:
-        queries = np.stack([q for q, _ in items]).astype(np.float32)
-        k_max = max(k for _, k in items)
-        ids, scores = self.index.search(queries, k_max)
-        hits = hits_from_arrays(self.index, ids, scores)
-        return [[h.to_dict() for h in row[:k]] for row, (_, k) in zip(hits, items)]
+    def _search_rows(self, queries: np.ndarray, ks: list[int]) -> list[list[dict]]:
+        """(Q, D) queries, one k each -> hits per query: one index search for the whole batch."""
+        if queries.shape[1] != self.index.dim:
+            raise HTTPError(409, f"the model makes {queries.shape[1]}-d embeddings, the index holds {self.index.dim}-d")
+        ids, scores = self.index.search(np.ascontiguousarray(queries, np.float32), max(ks))
+        # SearchHit.to_dict's fields, without its deep copy: the rows only go to the JSON encoder
+        meta = self.index.metadata
+        return [[{"id": int(i), "score": float(sc), "rank": r, "metadata": meta(int(i))}
+                 for r, (i, sc) in enumerate(zip(row_ids[:k], row_scores[:k])) if i >= 0]
+                for row_ids, row_scores, k in zip(ids.tolist(), scores.tolist(), ks)]
+
+    def _search_texts(self, items: list[tuple[str, int]]) -> list[list[dict]]:
+        return self._search_rows(self._text_embeddings([t for t, _ in items]), [k for _, k in items])
+
+    def _search_images(self, items: list[tuple[torch.Tensor, int]]) -> list[list[dict]]:
+        queries = encode_image_batch(self.model, torch.stack([x for x, _ in items])).numpy()
+        return self._search_rows(queries, [k for _, k in items])
 
     async def start(self) -> None:
-        for b in (self.text_batcher, self.image_batcher, self.search_batcher):
+        for b in self.batchers:
             await b.start()
 
     async def stop(self) -> None:
-        for b in (self.text_batcher, self.image_batcher, self.search_batcher):
+        for b in self.batchers:
             await b.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -180,8 +211,8 @@ def create_app(model: Any, preprocess: Callable, tokenizer: Callable, model_id: 
         return {"status": "ok", "model_id": s.model_id,
                 "index": None if s.index is None else {"count": len(s.index), "kind": s.index.kind,
                                                        "embedding_dim": s.index.dim},
-                "batching": asdict(s.config.batching),
-                "stats": {b.name: b.stats.to_dict() for b in (s.text_batcher, s.image_batcher, s.search_batcher)}}
+                "batching": asdict(s.config.batching), "trim_text": s.trim_text,
+                "stats": {b.name: b.stats.to_dict() for b in s.batchers}}
 
     @app.post("/embed/text")
     async def embed_text(request: Request) -> JSONResponse:
@@ -215,7 +246,7 @@ def create_app(model: Any, preprocess: Callable, tokenizer: Callable, model_id: 
             if upload is None:
                 raise HTTPError(422, "multipart search needs an image in the field 'image'")
             k = _int_field(form.get("k"), "k", service.config.default_k, service.config.max_k)
-            query = await service.image_batcher.submit(await service.read_upload(upload))
+            hits = await service.search_image_batcher.submit((await service.read_upload(upload), k))
             kind, shown = "image", getattr(upload, "filename", None)
         else:
             body = await service.json_body(request)
@@ -224,11 +255,8 @@ def create_app(model: Any, preprocess: Callable, tokenizer: Callable, model_id: 
                 raise HTTPError(422, "JSON search needs 'text': a string (or send an image as multipart 'image')")
             service.check_texts(text)
             k = _int_field(body.get("k"), "k", service.config.default_k, service.config.max_k)
-            query = await service.text_batcher.submit(text)
+            hits = await service.search_text_batcher.submit((text, k))
             kind, shown = "text", text
-        if query.shape[0] != service.index.dim:
-            raise HTTPError(409, f"the model makes {query.shape[0]}-d embeddings, the index holds {service.index.dim}-d")
-        hits = await service.search_batcher.submit((query, k))
         return JSONResponse({"query": {"kind": kind, "value": shown}, "k": k, "hits": hits})
 
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -35,20 +36,24 @@ class BatchingConfig:
 
 @dataclass
 class BatchStats:
+    """Counts of the batches run; ``busy_s`` is the time spent inside the batch function."""
+
     batches: int = 0
     items: int = 0
     max_batch: int = 0
+    busy_s: float = 0.0
     sizes: dict[int, int] = field(default_factory=dict)
 
-    def record(self, n: int) -> None:
+    def record(self, n: int, seconds: float = 0.0) -> None:
         self.batches += 1
         self.items += n
+        self.busy_s += seconds
         self.max_batch = max(self.max_batch, n)
         self.sizes[n] = self.sizes.get(n, 0) + 1
 
     def to_dict(self) -> dict:
         return {"batches": self.batches, "items": self.items, "max_batch": self.max_batch,
-                "mean_batch": self.items / self.batches if self.batches else 0.0}
+                "mean_batch": self.items / self.batches if self.batches else 0.0, "busy_s": self.busy_s}
 
 
 class DynamicBatcher:
@@ -124,6 +129,11 @@ class DynamicBatcher:
         self._last_batch = len(batch)
         return batch
 
+    def _timed(self, items: list[Any]) -> tuple[Sequence[Any], float]:
+        start = time.perf_counter()
+        results = self.fn(items)
+        return results, time.perf_counter() - start
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -132,7 +142,7 @@ class DynamicBatcher:
                 continue
             items = [i for i, _ in batch]
             try:
-                results = await loop.run_in_executor(self.executor, self.fn, items)
+                results, seconds = await loop.run_in_executor(self.executor, self._timed, items)
                 if len(results) != len(items):
                     raise RuntimeError(f"{self.name}: batch function returned {len(results)} results "
                                        f"for {len(items)} items")
@@ -141,7 +151,7 @@ class DynamicBatcher:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
-            self.stats.record(len(items))
+            self.stats.record(len(items), seconds)
             for (_, fut), res in zip(batch, results):
                 if not fut.done():
                     fut.set_result(res)

@@ -1,6 +1,7 @@
 """Run the app with uvicorn: in the foreground (``run_server``) or in a background thread (``ServerThread``)."""
 from __future__ import annotations
 
+import importlib.util
 import socket
 import threading
 import time
@@ -17,9 +18,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def fast_io() -> tuple[str, str]:
+    """uvicorn's (loop, http): uvloop and httptools (C parsers) when installed, else asyncio and h11."""
+    installed = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    return ("uvloop" if installed("uvloop") else "asyncio", "httptools" if installed("httptools") else "h11")
+
+
 def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    loop, http = fast_io()
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          loop="asyncio", http="h11", lifespan="on", timeout_keep_alive=30)
+                          loop=loop, http=http, lifespan="on", timeout_keep_alive=30)
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

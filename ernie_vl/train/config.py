@@ -20,8 +20,9 @@ class TrainConfig:
     ``ROOT/prompts.json`` when present, else ``video_prompt_template``), which is what
     zero-shot classification uses.
     Mix per step: ``batch_pairs`` image-text pairs and ``batch_videos`` clips.
-    Length: ``max_steps`` and/or ``minutes`` (wall-clock budget; the cosine schedule is
-    then fitted to the step time measured over the first ``calibration_steps``).
+    Length: ``max_steps`` and/or ``minutes`` (wall-clock budget; the cosine schedule's length is
+    then fitted to the step time measured over the first ``calibration_steps`` and re-fitted
+    at 2x, 4x, ... those steps, continuously: the LR never jumps).
     Data loading: datasets whose decoded size is under ``cache_max_mb`` are decoded once
     (with ``num_workers`` processes) and kept in memory as uint8; larger ones stream
     through DataLoader workers. ``decode_cache``: folder where decoded data is kept as

@@ -50,3 +50,49 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
         raise ValueError(f"need total_steps > 0 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, warmup_steps, total_steps, min_ratio))
+
+
+class RefittableCosine:
+    """Warm-up then cosine whose length can be re-fitted mid-run without a jump in the LR.
+
+    ``factor(step)`` is the LR multiplier. Until the first :meth:`refit` it equals
+    ``cosine_with_warmup(step, warmup_steps, total_steps, min_ratio)``. ``refit(step,
+    total_steps)`` keeps the cosine *progress* reached at ``step`` and spreads the rest of
+    it evenly over the steps up to the new ``total_steps``: the multiplier is continuous
+    in the step and never increases after warm-up, however often the length changes (a
+    time budget on a machine whose speed varies). ``state_dict`` / ``load_state_dict``
+    make it resumable.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> None:
+        if total_steps <= 0 or warmup_steps < 0:
+            raise ValueError(f"need total_steps > 0 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.anchor_step, self.anchor_progress = warmup_steps, 0.0
+
+    def progress(self, step: int) -> float:
+        """Cosine progress in [0, 1] at ``step`` (0 during warm-up)."""
+        if step <= self.anchor_step:
+            return self.anchor_progress if step >= self.warmup_steps else 0.0
+        span = max(self.total_steps - self.anchor_step, 1)
+        return min(1.0, self.anchor_progress + (1.0 - self.anchor_progress) * (step - self.anchor_step) / span)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / max(self.warmup_steps, 1)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
+
+    def refit(self, step: int, total_steps: int) -> None:
+        """From ``step`` on, reach the end of the cosine at ``total_steps`` (at least ``step``: a
+        length already reached, or inside the warm-up, just ends the run there)."""
+        anchor = max(step, self.warmup_steps)
+        self.anchor_progress, self.anchor_step = self.progress(anchor), anchor
+        self.total_steps = max(int(total_steps), step)
+
+    def state_dict(self) -> dict:
+        return {"total_steps": self.total_steps, "anchor_step": self.anchor_step,
+                "anchor_progress": self.anchor_progress}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total_steps = state["total_steps"]
+        self.anchor_step, self.anchor_progress = state["anchor_step"], state["anchor_progress"]

@@ -29,7 +29,7 @@ from ernie_vl.train.config import TrainConfig, TrainResult
 from ernie_vl.train.distributed import (DistContext, all_gather_cat, barrier, broadcast_object, gather_objects,
                                         init_distributed, unwrap, wrap_model)
 from ernie_vl.train.evaluation import evaluate
-from ernie_vl.train.optim import build_optimizer, cosine_with_warmup
+from ernie_vl.train.optim import RefittableCosine, build_optimizer
 from ernie_vl.train.sampler import PrioritySampler
 
 
@@ -111,8 +111,8 @@ class Trainer:
         self._build_data()
         self.model.to(self.ctx.device)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.total_steps = cfg.max_steps or 10**9
-        # the schedule reads self.total_steps, which a time budget fits after the first steps
+        # a time budget re-fits the schedule's length after the first steps (continuously: no LR jump)
+        self.schedule = RefittableCosine(cfg.warmup_steps, cfg.max_steps or 10**9, cfg.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.curriculum = self._build_curriculum()
         self.ddp_model, self.meter = wrap_model(self.model, self.ctx, cfg.parallel, cfg.powersgd_rank,
@@ -222,8 +222,12 @@ class Trainer:
         span = self.cfg.curriculum_steps or max(1, (self.cfg.max_steps or 1000) // 3)
         return ExpertCurriculum(hold_steps=span // 3, anneal_steps=span - span // 3)
 
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
     def _lr_factor(self, step: int) -> float:
-        return cosine_with_warmup(step, self.cfg.warmup_steps, self.total_steps, self.cfg.min_lr_ratio)
+        return self.schedule.factor(step)
 
     def _autocast(self):
         mode = self.cfg.autocast
@@ -233,7 +237,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "total_steps": self.total_steps, "steps_fitted": self.steps_fitted,
+        return {"step": self.step, "schedule": self.schedule.state_dict(), "steps_fitted": self.steps_fitted,
                 "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                 "rng": gather_objects(ckpt.rng_state(), self.ctx), "world_size": self.ctx.world_size,
@@ -255,7 +259,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.source.load_state_dict(state["source"])
-        self.step, self.total_steps, self.steps_fitted = state["step"], state["total_steps"], state["steps_fitted"]
+        self.step, self.steps_fitted = state["step"], state["steps_fitted"]
+        self.schedule.load_state_dict(state["schedule"])
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
         if self.meter is not None and state.get("meter"):
@@ -318,7 +323,8 @@ class Trainer:
         per_step = float(np.median(step_times))
         fitted = self.step + max(1, int(remaining / per_step))
         fitted = broadcast_object(min(fitted, self.cfg.max_steps or fitted), self.ctx)
-        self.total_steps, self.steps_fitted = fitted, True
+        self.schedule.refit(self.step, fitted)  # keeps the LR reached so far: no jump
+        self.steps_fitted = True
 
     def _out_of_time(self) -> bool:
         if self.cfg.minutes is None:
@@ -361,7 +367,8 @@ class Trainer:
             if cfg.minutes is not None and (
                     (not self.steps_fitted and len(step_times) > cfg.calibration_steps) or taken == next_refit):
                 # fitted after the first steps, refitted at 2x, 4x, ... those steps from the recent step
-                # times, so a machine whose load changes still ends the schedule near the budget
+                # times, so a machine whose load changes still ends the schedule near the budget; each
+                # refit keeps the cosine progress reached so far (RefittableCosine): the LR never jumps
                 self._fit_schedule(step_times[1:] if taken <= 2 * cfg.calibration_steps else step_times[-20:])
                 next_refit = 2 * max(taken, cfg.calibration_steps + 1)
                 bar.total = self.total_steps

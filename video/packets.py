@@ -1,0 +1,221 @@
+"""In-process decoding from packets held in memory: one demux serves the probe and every request.
+
+Used by :class:`video.decode.VideoReader` for files whose probe found nothing a
+decoder could wait for (``VideoInfo.unsafe_reason is None``): every index is
+checked against the packets that exist, so the decord hang (issue 373, a decoder
+waiting for frames the container promised) cannot happen here; other files go
+to the process watchdog (``video.worker``).
+
+Work per request (PyAV; the frames equal decord's and the seek-based decoder's, tested):
+- packets are sent straight from memory: a "seek" is a decoder flush and a
+  jump in the packet list, no container seek, no second demux;
+- it decodes forward while the next wanted frame is near and restarts at the
+  key frame before it when that skips more than ``restart_cost`` packets (one
+  pass on long-GOP files, one short run per wanted frame on short-GOP files);
+- non-reference frames nobody asked for are never sent to the decoder;
+- it stops at the last wanted frame and converts only wanted frames to RGB, with
+  one swscale context per file on one thread (``to_ndarray`` builds a threaded
+  context per frame: ~6x the CPU for a 320x240 frame);
+- the decoder state survives between requests (multi-view testing reads many
+  clips of one file from one open container).
+
+Timeout: the deadline is checked before every packet, so a request ends at most
+one packet's decode after it (ffmpeg decodes one packet in bounded time; there is
+no wait on data that is not there). A crash inside ffmpeg is not contained here.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+
+from video.errors import VideoDecodeError
+from video.probe import VideoInfo, open_container, scan_packets
+
+
+class PacketDecoder:
+    """An open container, its packets in memory and a PyAV decoder; ``decode(indices)`` -> uint8 (T,H,W,3).
+
+    ``info``: a cached probe of this file (same size and mtime) skips the full scan;
+    the packets are then read lazily, only as far as requests need.
+    ``threads``: decoder threads (frame + slice threading when > 1).
+    When the scan finds the file unsafe (``info.unsafe_reason``), ``usable`` is False
+    and the file is closed at once: ``info`` is still valid.
+    """
+
+    def __init__(self, path: str, threads: int = 1, deadline: float | None = None,
+                 info: VideoInfo | None = None, restart_cost: float = 2.0) -> None:
+        self.path = path
+        self.restart_cost = float(restart_cost)
+        self._container = open_container(path)
+        try:
+            self._stream = self._container.streams.video[0] if self._container.streams.video else None
+            if info is None:
+                info, self._packets = scan_packets(self._container, path, keep_packets=True, deadline=deadline)
+                self._demux = None
+            else:
+                self._packets = []
+                self._demux = self._container.demux(self._stream)
+            ctx = self._stream.codec_context
+            if threads > 1:
+                ctx.thread_type = "AUTO"
+                ctx.thread_count = int(threads)
+            else:
+                ctx.thread_type = "NONE"
+                ctx.thread_count = 1
+        except BaseException:
+            self._container.close()
+            raise
+        self.info = info
+        self.usable = info.unsafe_reason is None  # False: the caller must use the process watchdog
+        if not self.usable:
+            self.close()
+        self._ctx = ctx
+        self._position = [0] * info.num_frames  # frame index -> packet position in decode order
+        for k, index in enumerate(info.decode_order):
+            self._position[index] = k
+        self._droppable = frozenset(info.droppable)
+        self._next: int | None = None  # next packet position to send; None: decoder never used
+        self._last_out = -1  # frame index of the last frame the decoder returned
+        self._floor = 0  # key frame of the last restart: earlier frames (open-GOP leaders) are not trusted
+        self._sent: set[int] = set()
+        self._drained = False
+        self._reformatter = None
+        self._lock = threading.Lock()  # one request at a time: the decoder state is shared
+        self.owner_pid = os.getpid()  # a forked child must open its own (the file offset is shared)
+        self.packets_sent = 0  # counters for tests and benchmarks
+        self.restarts = 0
+
+    # -- packets ------------------------------------------------------------
+    def _packet(self, position: int):
+        while self._demux is not None and len(self._packets) <= position:
+            packet = next(self._demux, None)
+            if packet is None:
+                self._demux = None
+                break
+            if packet.size and not packet.is_corrupt:
+                self._packets.append(packet)
+        if position >= len(self._packets):
+            return None
+        return self._packets[position]
+
+    # -- decoding -----------------------------------------------------------
+    def _restart(self, key: int) -> None:
+        if self._next is not None:
+            self._ctx.flush_buffers()
+            self.restarts += 1
+        self._next = self._position[key]
+        self._floor = key
+        self._last_out = -1
+        self._sent = set()
+        self._drained = False
+
+    def _needs_restart(self, target: int, key: int) -> bool:
+        if self._next is None or self._last_out >= target:
+            return True  # fresh decoder, or its output already went past the target
+        if self._position[target] < self._next and target not in self._sent:
+            return True  # its packet was passed over (not wanted then)
+        if self._drained:
+            return True
+        return self._position[key] > self._next + self.restart_cost
+
+    def _to_rgb(self, frame) -> np.ndarray:
+        """uint8 (H,W,3); one swscale context for the file, one thread (the same pixels as ``to_ndarray``)."""
+        if self._reformatter is None:
+            from av.video.reformatter import VideoReformatter
+
+            self._reformatter = VideoReformatter()
+        return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+    def _take(self, frames, lookup: set[int], got: dict[int, np.ndarray]) -> None:
+        for frame in frames:
+            index = self.info.index_of_pts(frame.pts) if frame.pts is not None else None
+            if index is None:
+                index = self._last_out + 1
+            self._last_out = index
+            if index in lookup and index >= self._floor and index not in got:
+                got[index] = self._to_rgb(frame)
+
+    def _run_to(self, target: int, lookup: set[int], got: dict[int, np.ndarray], deadline: float | None,
+                timeout_s: float | None) -> int:
+        """Feed packets until ``target`` is decoded or cannot be; returns the corrupt packets met."""
+        import av
+
+        bad = 0
+        while target not in got and self._last_out <= target:
+            packet = None if self._drained else self._packet(self._next)
+            if packet is None:
+                if self._drained:
+                    break
+                self._drained = True  # end of the packets: drain the decoder's delayed frames
+                try:
+                    self._take(self._ctx.decode(None), lookup, got)
+                except av.FFmpegError:
+                    bad += 1
+                continue
+            index = self.info.decode_order[self._next]
+            self._next += 1
+            if index in self._droppable and index not in lookup:
+                continue  # nothing references this frame and nobody wants it: never decode it
+            if deadline is not None and time.monotonic() > deadline:
+                raise VideoDecodeError(self.path, f"decoding timed out after {timeout_s:.1f} s")
+            self._sent.add(index)
+            self.packets_sent += 1
+            try:
+                frames = self._ctx.decode(packet)
+            except av.FFmpegError:
+                bad += 1  # corrupt packet: skip it, later frames may still decode
+                continue
+            self._take(frames, lookup, got)
+        return bad
+
+    def decode(self, indices: list[int], timeout_s: float | None = None) -> np.ndarray:
+        """Frames ``indices`` (checked, any order, repeats allowed) as uint8 (T,H,W,3)."""
+        if self._container is None:
+            raise ValueError(f"the decoder of {self.path!r} is closed")
+        indices = self.info.check_indices(indices)
+        if not indices:
+            return np.zeros((0, self.info.height, self.info.width, 3), np.uint8)
+        with self._lock:
+            return self._decode(indices, timeout_s)
+
+    def _decode(self, indices: list[int], timeout_s: float | None) -> np.ndarray:
+        deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
+        wanted = sorted(set(indices))
+        lookup = set(wanted)
+        got: dict[int, np.ndarray] = {}
+        bad = 0
+        for target in wanted:
+            if target in got:
+                continue
+            key = self.info.keyframe_before(target)
+            restarted = self._needs_restart(target, key)
+            if restarted:
+                self._restart(key)
+            bad += self._run_to(target, lookup, got, deadline, timeout_s)
+            if target not in got and not restarted:  # continuing did not reach it: one clean try from its key frame
+                self._restart(key)
+                bad += self._run_to(target, lookup, got, deadline, timeout_s)
+        missing = [i for i in wanted if i not in got]
+        if missing:
+            raise VideoDecodeError(
+                self.path,
+                f"frames {missing[:8]} of {self.info.num_frames} could not be decoded "
+                f"({bad} corrupt packet(s); the data is damaged)",
+            )
+        return np.stack([got[i] for i in indices])
+
+    def close(self) -> None:
+        container, self._container = self._container, None
+        self._packets = []
+        self._demux = None
+        if container is not None:
+            container.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
