@@ -106,8 +106,9 @@ def write_report(path: Path, runs: list[dict], data_s: float, args) -> str:
         "Variants: `divided` = the `tiny` preset (divided space-time attention, 4-frame x 8 px tubelets); "
         "`space_only` = the same model with a frame-wise video encoder (no temporal attention, 1-frame patches: "
         "time enters nowhere before pooling).",
-        f"**Machine: 2 CPU cores shared with ~7 other engineers' jobs (load average {load[0]:.1f} / {load[1]:.1f} / "
-        f"{load[2]:.1f} at the end): wall-clock figures are pessimistic.** CPU seconds are this process's own.",
+        f"**Machine: 2 CPU cores, 1/5/15-minute load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end** "
+        "(this run's own 2 threads make ~2; more means other jobs shared the cores and the step counts are "
+        "pessimistic). CPU seconds are this process's own.",
         "",
         "| metric | goal | " + " | ".join(r["name"] for r in runs) + " |",
         "|---|---|" + "---|" * len(runs),
@@ -128,12 +129,13 @@ def write_report(path: Path, runs: list[dict], data_s: float, args) -> str:
                   f"{fmt(ro.get('router_entropy'))}; expert usage text / image / video: "
                   + (" / ".join("[" + ", ".join(f"{u:.2f}" for u in row) + "]" for row in usage) if usage else "n/a")
                   + f"; active-head ratio {json.dumps(ro.get('active_head_ratio'))}"]
-    lines += ["", "Evaluation during training (step: metrics):", "", "```"]
-    for r in runs:
-        for e in r["curve"]:
-            lines.append(f"{r['name']} step {e['step']}: t2i R@1 {e.get('text_to_image_R@1', 0):.3f}, "
-                         f"video top-1 {e.get('video_top1', 0):.3f}, zero-shot {e.get('video_zeroshot_top1', 0):.3f}")
-    lines += ["```"]
+    if any(r["curve"] for r in runs):
+        lines += ["", "Evaluation during training (step: metrics):", "", "```"]
+        for r in runs:
+            for e in r["curve"]:
+                lines.append(f"{r['name']} step {e['step']}: t2i R@1 {e.get('text_to_image_R@1', 0):.3f}, "
+                             f"video top-1 {e.get('video_top1', 0):.3f}, zero-shot {e.get('video_zeroshot_top1', 0):.3f}")
+        lines += ["```"]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -151,7 +151,9 @@ class SharedBackbone(nn.Module):
                 raise TypeError(f"padding_mask must be bool (True = pad), got {padding_mask.dtype}")
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None) -> BackboneOutput:
+                padding_mask: torch.Tensor | None = None, routing: bool = True) -> BackboneOutput:
+        """``routing=False`` (embeddings only, no autograd): blocks whose gate is closed for every token
+        skip their routers as well, so ``layer_stats`` lists only the MoE layers that ran."""
         self._check_inputs(x, modality_ids, padding_mask)
         if self.modality_embed is not None:
             x = x + self.modality_embed(modality_ids).to(x.dtype)
@@ -159,21 +161,24 @@ class SharedBackbone(nn.Module):
         real = None if padding_mask is None else ~padding_mask
         zero = x.new_zeros((), dtype=torch.float32)
         aux, lb, z, orth = zero, zero, zero, zero
-        stats, logits = [], []
+        stats, logits, routed_layers = [], [], []
         for block in self.blocks:
-            x, moe_out = block(x, modality_ids, mask, real)
+            x, moe_out = block(x, modality_ids, mask, real, routing=routing)
             if moe_out is not None:
                 aux, lb = aux + moe_out.aux_loss, lb + moe_out.load_balance_loss
                 z, orth = z + moe_out.z_loss, orth + moe_out.orthogonal_loss
                 stats.append(moe_out.stats)
                 logits.append(moe_out.router_logits)
-        return BackboneOutput(x, aux, lb, z, orth, stats, logits, self.activated_param_ratio(stats))
+                routed_layers.append(block.mlp)
+        return BackboneOutput(x, aux, lb, z, orth, stats, logits, self.activated_param_ratio(stats, routed_layers))
 
-    def activated_param_ratio(self, stats: list[RoutingStats]) -> torch.Tensor:
-        """Parameters a real token uses (all but unchosen experts) over all parameters."""
+    def activated_param_ratio(self, stats: list[RoutingStats], layers: list[nn.Module] | None = None) -> torch.Tensor:
+        """Parameters a real token uses (all but unchosen experts) over all parameters.
+
+        ``stats[i]`` belongs to ``layers[i]`` (default: every MoE layer in order)."""
         total = sum(p.numel() for p in self.parameters())
         unused = 0.0
-        for layer, s in zip(self.moe_layers, stats):
+        for layer, s in zip(self.moe_layers if layers is None else layers, stats):
             per_expert = layer.experts.params_per_expert()
             used = (1.0 - float(s.activated_param_ratio)) * (layer.num_experts * per_expert + layer.shared_params())
             unused += used

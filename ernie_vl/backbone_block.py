@@ -101,9 +101,13 @@ class BackboneBlock(nn.Module):
                 linear.bias.copy_(b) if b is not None else linear.bias.zero_()
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                real_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEOutput | None]:
+                real_mask: torch.Tensor | None = None, routing: bool = True) -> tuple[torch.Tensor, MoEOutput | None]:
+        """``routing=False``: a closed block (see ``is_closed_for``) skips its router too and returns
+        None for the MoE output (for callers that want embeddings only)."""
         if self.is_closed_for(modality_ids):
-            return x, routing_output(self.mlp, self.ln_2(x), modality_ids, real_mask) if self.is_moe else None
+            if not (self.is_moe and routing):
+                return x, None
+            return x, routing_output(self.mlp, self.ln_2(x), modality_ids, real_mask)
         g = self.gate[modality_ids].unsqueeze(-1).to(x.dtype)
         x = x + g * self.attn(self.ln_1(x), attn_mask=attn_mask)
         h = self.ln_2(x)

@@ -220,30 +220,33 @@ class ErnieVL(nn.Module):
         return _Features(self.text_head(pool_text_eot(out.hidden, tokens)), out)
 
     def _visual_features(self, encoder: nn.Module, projector: nn.Module, keep: str, pixels: torch.Tensor,
-                         modality: int) -> _Features:
+                         modality: int, routing: bool = True) -> _Features:
         enc = encoder(pixels)
         visual = enc.tokens[:, : enc.num_prefix_tokens] if keep == "prefix" else enc.tokens
         tokens, num_prefix = projector(visual, enc.num_prefix_tokens)
         ids = torch.full(tokens.shape[:2], modality, dtype=torch.long, device=tokens.device)
-        out = self.backbone(tokens, ids)
+        out = self.backbone(tokens, ids, routing=routing)
         pooled = pool_visual(out.hidden, self.cfg.head.visual_pool, num_prefix)
         return _Features(self.visual_head(pooled), out, enc.active_head_ratio)
 
-    def image_features(self, images: torch.Tensor) -> _Features:
-        """(B, 3, H, W) -> unnormalised (B, E) and the backbone output."""
+    def image_features(self, images: torch.Tensor, routing: bool = True) -> _Features:
+        """(B, 3, H, W) -> unnormalised (B, E) and the backbone output.
+
+        ``routing=False``: backbone blocks that are closed for images skip their routers too (their
+        routing statistics are then missing from the backbone output; the embeddings are the same)."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, 3, H, W) float tensor, got {shape}")
         return self._visual_features(self.image_encoder, self.image_projector, self.cfg.image_projector.tokens,
-                                    images, IMAGE)
+                                    images, IMAGE, routing)
 
-    def video_features(self, clips: torch.Tensor) -> _Features:
-        """(B, T, 3, H, W) -> unnormalised (B, E) and the backbone output."""
+    def video_features(self, clips: torch.Tensor, routing: bool = True) -> _Features:
+        """(B, T, 3, H, W) -> unnormalised (B, E) and the backbone output (``routing`` as for images)."""
         if not isinstance(clips, torch.Tensor) or clips.dim() != 5:
             shape = tuple(clips.shape) if isinstance(clips, torch.Tensor) else type(clips).__name__
             raise ValueError(f"videos must be a (B, T, 3, H, W) float tensor, got {shape}")
         return self._visual_features(self.video_encoder, self.video_projector, self.cfg.video_projector.tokens,
-                                    clips, VIDEO)
+                                    clips, VIDEO, routing)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) int64 -> (B, E), L2-normalised."""
@@ -251,15 +254,15 @@ class ErnieVL(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float -> (B, E), L2-normalised."""
-        return F.normalize(self.image_features(images).embeds, dim=-1)
+        return F.normalize(self.image_features(images, routing=False).embeds, dim=-1)
 
     def encode_video(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) float -> (B, E), L2-normalised."""
-        return F.normalize(self.video_features(clips).embeds, dim=-1)
+        return F.normalize(self.video_features(clips, routing=False).embeds, dim=-1)
 
     def classify_video(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) float -> (B, num_classes) logits of the supervised head."""
-        return self.classifier(self.video_features(clips).embeds)
+        return self.classifier(self.video_features(clips, routing=False).embeds)
 
     # ------------------------------------------------------------------ training
 

@@ -229,3 +229,25 @@ def test_closed_gate_shortcut_needs_every_gate_zero():
     assert calls.calls == 1
     assert not torch.equal(opened, x + bb.modality_embed.weight[IMAGE])
     assert not torch.equal(out[ids == TEXT], x[ids == TEXT])
+
+
+def test_embeddings_only_call_skips_the_routers_of_closed_blocks():
+    bb = _closed_gate_backbone()
+    x = torch.randn(2, 5, WIDTH)
+    ids = torch.full((2, 5), IMAGE)
+    routed = []
+    for layer in bb.moe_layers:  # count routing passes (the router is used through route_tokens)
+        layer.route_tokens = (lambda f: lambda *a, **k: routed.append(1) or f(*a, **k))(layer.route_tokens)
+    with torch.no_grad():
+        with_routing = bb(x, ids)
+        assert len(routed) == len(bb.moe_layers) == len(with_routing.layer_stats) >= 1
+        routed.clear()
+        embeddings_only = bb(x, ids, routing=False)
+    assert routed == [] and embeddings_only.layer_stats == []
+    assert torch.equal(embeddings_only.hidden, with_routing.hidden)
+    assert float(embeddings_only.activated_param_ratio) == 1.0  # no routed layer reported
+    moe_block = next(b for b in bb.blocks if b.is_moe)
+    with torch.no_grad():  # an open block still routes and reports, with routing=False too
+        moe_block.gate[IMAGE] = 0.5
+        partly_open = bb(x, ids, routing=False)
+    assert len(routed) == 1 and len(partly_open.layer_stats) == 1
