@@ -234,8 +234,8 @@ def main() -> int:
         "",
         "Variants: see the docstring of `bench/quantize.py`. `gates closed` is a from_open_clip model at "
         "initialisation (visual residual gates exactly 0): the exact closed-gate shortcut skips the attention "
-        "and experts of every backbone block for the image tokens (only the routers run, so routing statistics "
-        "stay exact), so this path is the int8 ViT-B/32 trunk plus projector and head. `gates open` sets every "
+        "and experts of every backbone block for the image tokens (`encode_image` skips their routers too: it "
+        "returns embeddings only; `forward()` keeps them for exact routing statistics), so this path is the int8 ViT-B/32 trunk plus projector and head. `gates open` sets every "
         "visual gate to 1.0: the compute of a model whose training has opened the gates, all 50 tokens per image "
         "through 12 attention + 8-expert top-2 MoE blocks (about as much compute again as the trunk). "
         "`cls-only` sends only the class token into the backbone (`image_projector.tokens = \"prefix\"`). "
@@ -247,8 +247,8 @@ def main() -> int:
         "convolution is an int8 GEMM, GELU is fused into fc1 under oneDNN). The int8 GEMMs run about 2x fp32 "
         "on this AVX2 CPU (no VNNI: u8 x s8 products go through vpmaddubsw + vpmaddwd), which bounds the trunk "
         "near 2x open_clip fp32. oneDNN's kernel was ~15% faster than fbgemm single-threaded but slower at 2 "
-        "threads, so `auto` uses it only single-threaded. `gates closed` trails `int8 trunk alone` by the "
-        "projector, head and the 12 routers the shortcut keeps for exact routing statistics.",
+        "threads, so `auto` uses it only single-threaded. `gates closed` trails `int8 trunk alone` only by "
+        "the projector and head.",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
