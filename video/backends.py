@@ -172,11 +172,18 @@ def decode_pyav(info: VideoInfo, indices: list[int], seek_cost_frames: float = 4
                 bad_packets += 1
             if not need_seek:
                 break  # end of stream: whatever is still missing cannot be decoded
-    missing = [i for i in wanted if i not in got]
+    return stack_decoded(info.path, info.num_frames, indices, got, bad_packets)
+
+
+def stack_decoded(path: str, num_frames: int, indices: list[int], got: dict[int, np.ndarray],
+                  bad_packets: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 of ``indices`` from the decoded frames ``got``; a VideoDecodeError naming
+    the frames that could not be decoded (and the corrupt-packet count) if any is missing."""
+    missing = sorted({i for i in indices if i not in got})
     if missing:
         raise VideoDecodeError(
-            info.path,
-            f"frames {missing[:8]} of {info.num_frames} could not be decoded "
+            path,
+            f"frames {missing[:8]} of {num_frames} could not be decoded "
             f"({bad_packets} corrupt packet(s); the data is damaged)",
         )
     return np.stack([got[i] for i in indices])

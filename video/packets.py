@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from video.backends import stack_decoded
 from video.errors import VideoDecodeError
 from video.probe import VideoInfo, open_container, scan_packets
 
@@ -198,14 +199,7 @@ class PacketDecoder:
             if target not in got and not restarted:  # continuing did not reach it: one clean try from its key frame
                 self._restart(key)
                 bad += self._run_to(target, lookup, got, deadline, timeout_s)
-        missing = [i for i in wanted if i not in got]
-        if missing:
-            raise VideoDecodeError(
-                self.path,
-                f"frames {missing[:8]} of {self.info.num_frames} could not be decoded "
-                f"({bad} corrupt packet(s); the data is damaged)",
-            )
-        return np.stack([got[i] for i in indices])
+        return stack_decoded(self.path, self.info.num_frames, indices, got, bad)
 
     def close(self) -> None:
         container, self._container = self._container, None
