@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 
 from ernie_vl.moe import DenseMLP, MoEFeedForward  # noqa: E402
 from ernie_vl.moe.grouped import choose_kernel  # noqa: E402
-from ernie_vl.moe.padded import MAX_PADDING  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "moe.md"
 
@@ -130,7 +129,9 @@ def main() -> None:
     x = torch.randn(tokens, d_model)
 
     fwd = measure({k: forward_fn(k, m, x) for k, m in modules.items()}, rounds, "forward")
+    load_fwd = os.getloadavg()[0]
     train = measure({k: train_fn(k, m, x) for k, m in modules.items()}, rounds, "fwd+bwd")
+    load_train = os.getloadavg()[0]
     torch.set_num_threads(1)  # no thread barriers: compute efficiency alone, robust to a loaded machine
     single = measure({k: forward_fn(k, modules[k], x) for k in ("ours", "dense")}, rounds, "forward, 1 thread",
                      time.thread_time)
@@ -172,7 +173,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
         f"{rounds} interleaved rounds, medians (seconds per call).",
         "",
-        f"**Machine load:** 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on "
+        f"**Machine load:** 1-minute load average {load_before[0]:.1f} before, {load_fwd:.1f} after the 2-thread "
+        f"forward rounds, {load_train:.1f} after the 2-thread fwd+bwd rounds, {load_after[0]:.1f} at the end, on "
         f"{os.cpu_count()} cores shared with other jobs, so absolute times are inflated and noisy; the "
         "ratios compare runs of the same rounds.",
         "",
@@ -208,18 +210,21 @@ def main() -> None:
             f"{k} fwd [{', '.join(f'{t:.2f}' for t in single[k])}] fwd+bwd "
             f"[{', '.join(f'{t:.2f}' for t in single_t[k])}]" for k in single),
         "",
-        "How the dropless layer runs (ernie_vl/moe/grouped.py, padded.py): one stable argsort of the (N, k) "
-        "choices and one gather of the input rows into expert order; then, with several intra-op threads and "
-        f"when padding every expert to the largest count adds at most {MAX_PADDING:.1%} rows (here "
-        f"{padding:.1%}), the padded batched kernel: one `baddbmm` over the (E, C, D) expert blocks, the GELU in "
-        "place, one `baddbmm` (a handful of multi-threaded kernels per call, so few thread barriers); otherwise "
-        "(1 thread here) the slice loop: per expert with tokens one `addmm` into a preallocated buffer, the "
-        "GELU in place and one `addmm` into that expert's slice of the output rows. One gather + batched "
-        "(1 x k) @ (k x D) product combines. Temporaries that never leave a call (gathered rows, activations, "
-        "the backward pass's gradient slices) live in per-thread scratch buffers reused across calls "
-        "(ernie_vl/moe/workspace.py), because a fresh 64 MB tensor costs ~45 ms of page faults on one core "
-        "here; training saves only the pre-activations and recomputes the GELU in the backward pass. The dense "
-        "MLP is timed as any user would run it (its 64 MB intermediates are fresh tensors on every call). "
+        "How the dropless layer runs (ernie_vl/moe/grouped.py, threaded.py, router.py): the router's small "
+        "(tokens, experts) ops (linear, softmax, top-k, logsumexp, load-balance sums; one autograd node with a "
+        "closed-form backward) and the routing statistics run on one intra-op thread, because with two threads "
+        "every small op ends in a thread barrier that costs up to a scheduler time slice on a shared machine; one "
+        "stable argsort of the (N, k) choices plans the dispatch. Then each expert is one task (gather its rows, "
+        "`addmm`, activation in place, `addmm`; backward: recompute the activation, the two weight gradients "
+        "written straight into the stacked gradient, the input gradient): with 2 threads the tasks run on 2 "
+        "persistent single-threaded worker threads, each taking whole experts, largest first (no intra-op "
+        "barriers, no padding; the padded batched kernel, which would pad every expert here by "
+        f"{padding:.1%}, stays selectable); with 1 thread one after the other. One gather + batched (1 x k) @ "
+        "(k x D) product combines. Temporaries that never leave a call live in per-thread scratch buffers "
+        "reused across calls (ernie_vl/moe/workspace.py), because a fresh 64 MB tensor costs ~45 ms of page "
+        "faults on one core here; training saves only the pre-activations, one tensor per expert (each small "
+        "enough to be served from reused heap memory), and recomputes the activation in the backward pass. The "
+        "dense MLP is timed as any user would run it (its 64 MB intermediates are fresh tensors on every call). "
         f"Kernel chosen: {kernel_2t} with 2 threads, {kernel_1t} with 1 thread.",
     ]
     text = "\n".join(lines) + "\n"

@@ -149,7 +149,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-pairs", type=int, default=64)
     p.add_argument("--batch-videos", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="default: auto (1 on an oversubscribed machine)")
     p.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,23 @@ import torch.nn.functional as F
 
 INTERP_MODES = ("bicubic", "bilinear", "nearest")
 TEMPORAL_INTERP_MODES = ("linear", "nearest")
+POS_INITS = ("normal", "sincos")
+
+
+def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(gh*gw, dim) fixed 2-D sine-cosine position table (MAE / "Attention is all you need" per axis).
+
+    The first half of the channels encodes the row, the second half the column, each as sin and cos
+    of the position at ``dim // 4`` geometric frequencies; ``dim`` must be a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4, got {dim}")
+    gh, gw = grid
+    quarter = dim // 4
+    freqs = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    rows = torch.arange(gh, dtype=torch.float64)[:, None].expand(gh, gw).reshape(-1, 1) * freqs
+    cols = torch.arange(gw, dtype=torch.float64)[None, :].expand(gh, gw).reshape(-1, 1) * freqs
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
 
 
 def resample_pos_embed_2d(

@@ -183,6 +183,8 @@ class VideoEncoder(VisionTransformerBase):
             nn.init.trunc_normal_(self.patch_embed.weight, std=0.02)
             if self.patch_embed.bias is not None:
                 nn.init.zeros_(self.patch_embed.bias)
+            if self.cfg.pos_init == "sincos":
+                self.init_pos_embed()  # the table's strength follows the 3-D patch embedding
 
     def embed_clip(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, T, 3, H, W) -> patch tokens with spatial positions (B, T', gh*gw, C), T' = T / tubelet_size."""

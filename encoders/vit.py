@@ -15,7 +15,7 @@ from torch import nn
 from .attention import check_attn_impl
 from .blocks import ACTIVATIONS, Block
 from .outputs import EncoderOutput
-from .pos_embed import INTERP_MODES, resample_pos_embed_2d
+from .pos_embed import INTERP_MODES, POS_INITS, resample_pos_embed_2d, sincos_pos_embed_2d
 
 POOLS = ("cls", "avg")
 
@@ -44,6 +44,9 @@ class ImageEncoderConfig:
     Gating: ``head_gating`` adds per-sample head gates (``encoders.gating``);
     ``head_topk`` keeps the k strongest heads per sample and skips the others'
     compute; ``gate_threshold`` drops heads whose gate (in (0, 2), 1 at init) is lower.
+    Position init (from scratch only; loaded weights replace it): ``normal`` (timm: std 0.02)
+    or ``sincos`` (a 2-D sine-cosine table as in MAE, learned from there, at the strength of
+    the patch embeddings at init, so small models start with a usable sense of position).
     """
 
     image_size: int | tuple[int, int] = 224
@@ -66,6 +69,7 @@ class ImageEncoderConfig:
     head_bias: bool = False
     attn_impl: str = "fused"
     pos_interp: str = "bicubic"
+    pos_init: str = "normal"
     local_layers: int = 0  # the first `local_layers` blocks attend in windows
     window_size: int = 7
     head_gating: bool = False
@@ -87,6 +91,8 @@ class ImageEncoderConfig:
             raise ValueError(f"unknown act {self.act!r}; valid: {', '.join(ACTIVATIONS)}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid: {', '.join(POOLS)}")
+        if self.pos_init not in POS_INITS:
+            raise ValueError(f"unknown pos_init {self.pos_init!r}; valid: {', '.join(POS_INITS)}")
         if self.pos_interp not in INTERP_MODES:
             raise ValueError(f"unknown pos_interp {self.pos_interp!r}; valid: {', '.join(INTERP_MODES)}")
         check_attn_impl(self.attn_impl)
@@ -178,10 +184,22 @@ class VisionTransformerBase(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.init_pos_embed()
         for block in self.blocks:
             if block.gate is not None:
                 block.gate.reset_parameters()
+
+    @torch.no_grad()
+    def init_pos_embed(self) -> None:
+        """``pos_init`` normal: trunc-normal std 0.02; sincos: the 2-D table scaled to the patch embedding's std."""
+        if self.cfg.pos_init == "normal":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            return
+        table = sincos_pos_embed_2d(self.cfg.grid_size, self.pos_embed.shape[1])
+        fan_in = self.patch_embed.weight[0].numel()
+        strength = float(self.patch_embed.weight.std()) * fan_in ** 0.5  # std of a patch embedding of unit pixels
+        self.pos_embed[1:].copy_(table * (strength / float(table.std())))
+        self.pos_embed[0].zero_()
 
     def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(N, 3, H, W) -> patch tokens with positions (N, gh*gw, C) and the grid."""

@@ -209,12 +209,20 @@ class ErnieVL(nn.Module):
         return tokens.long()
 
     def text_features(self, tokens: torch.Tensor) -> _Features:
-        """(B, L) ids -> unnormalised (B, E) and the backbone output."""
+        """(B, L) ids -> unnormalised (B, E) and the backbone output (hidden states trimmed to L').
+
+        The columns after the batch's last end-of-text token are cut first (L' = 1 + the largest
+        EOT position): with the causal mask, EOT pooling and padding excluded from routing and
+        the MoE losses, they change nothing, and short captions padded to the full context
+        would otherwise cost most of the text forward."""
         tokens = self._check_tokens(tokens, "texts")
+        eot = tokens.argmax(dim=-1)
+        needed = int(eot.max()) + 1 if tokens.numel() else tokens.shape[1]
+        if needed < tokens.shape[1]:
+            tokens = tokens[:, :needed]
         x = self.text_embedding(tokens)
         b, length = tokens.shape
         ids = torch.full((b, length), TEXT, dtype=torch.long, device=tokens.device)
-        eot = tokens.argmax(dim=-1)
         padding = torch.arange(length, device=tokens.device)[None, :] > eot[:, None]
         out = self.backbone(x, ids, attn_mask=causal_mask(length, tokens.device), padding_mask=padding)
         return _Features(self.text_head(pool_text_eot(out.hidden, tokens)), out)

@@ -32,8 +32,9 @@ def frame_pattern(i: int, height: int, width: int, blue: int = 64) -> np.ndarray
 
 def write_clip(path: str | os.PathLike, num_frames: int = 40, width: int = 64, height: int = 48, fps: int = 25,
                gop: int = 12, bframes: int = 0, pts: list[int] | None = None, time_base: Fraction | None = None,
-               faststart: bool = True, blue: int = 64) -> Path:
-    """An H.264 mp4 of ``frame_pattern`` frames; ``pts`` (with ``time_base``) makes it variable-rate."""
+               faststart: bool = True, blue: int = 64, slices: int = 0) -> Path:
+    """An H.264 mp4 of ``frame_pattern`` frames; ``pts`` (with ``time_base``) makes it variable-rate;
+    ``slices`` > 0 asks x264 for that many slices per frame (0: its default)."""
     path = Path(path)
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:
@@ -41,6 +42,8 @@ def write_clip(path: str | os.PathLike, num_frames: int = 40, width: int = 64, h
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": str(bframes),
                           "crf": "12", "preset": "ultrafast" if bframes == 0 else "veryfast"}
+        if slices:
+            stream.options = {**stream.options, "slices": str(slices)}
         if time_base is not None:
             stream.codec_context.time_base = time_base
             stream.time_base = time_base

@@ -200,3 +200,40 @@ def test_prefix_only_needs_class_token_pooling():
     enc = ImageEncoder(tiny_image_cfg(pool="avg"))
     with pytest.raises(ValueError, match="prefix_only needs pool='cls'"):
         enc(torch.randn(1, 3, 32, 32), prefix_only=True)
+
+
+def test_sincos_position_init():
+    """pos_init="sincos": the 2-D sine-cosine table, at the strength of the patch embeddings; unknown names refused."""
+    import math
+
+    from encoders.pos_embed import sincos_pos_embed_2d
+    from encoders.video_vit import VideoEncoder, VideoEncoderConfig
+
+    table = sincos_pos_embed_2d((2, 3), 8)  # quarter = 2 frequencies: 1 and 1/100
+    row, col = 1, 2  # patch 5 of the 2 x 3 grid
+    expected = [math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100),
+                math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)]
+    torch.testing.assert_close(table[row * 3 + col], torch.tensor(expected), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed_2d((2, 2), 6)
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_image_cfg(), pos_init="sincos")
+    enc = ImageEncoder(cfg)
+    pos = enc.pos_embed.detach()
+    assert float(pos[0].abs().max()) == 0.0  # the class token's position starts at zero
+    grid = cfg.grid_size
+    direction = torch.nn.functional.normalize(pos[1:], dim=1) @ torch.nn.functional.normalize(
+        sincos_pos_embed_2d(grid, cfg.width), dim=1).t()
+    torch.testing.assert_close(direction.diagonal(), torch.ones(grid[0] * grid[1]), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        patches = enc.patch_embed(torch.randn(64, 3, *cfg.image_size)).flatten(2)
+    assert float(pos[1:].std()) == pytest.approx(float(patches.std()), rel=0.15)
+    # a tubelet (Conv3d) video encoder scales its table to its own, wider patch embedding
+    video = VideoEncoder(VideoEncoderConfig(image_size=16, patch_size=8, width=32, depth=1, num_heads=2,
+                                            num_frames=4, tubelet_size=2, pos_init="sincos"))
+    fan_in = video.patch_embed.weight[0].numel()
+    strength = float(video.patch_embed.weight.detach().std()) * fan_in ** 0.5
+    assert float(video.pos_embed[1:].detach().std()) == pytest.approx(strength, rel=1e-4)
+    with pytest.raises(ValueError, match="pos_init"):
+        ImageEncoderConfig(pos_init="rope")

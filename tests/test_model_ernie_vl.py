@@ -48,6 +48,33 @@ def test_dual_encoder_text_embedding_does_not_depend_on_the_batch(model) -> None
     assert torch.allclose(trimmed, together[:1], atol=1e-5)
 
 
+def test_text_padding_is_trimmed_exactly(model) -> None:
+    """The text path cuts the columns after the last EOT: same embeddings, aux losses and stats as the full context."""
+    from ernie_vl.backbone import causal_mask
+    from ernie_vl.heads import pool_text_eot
+    from ernie_vl.modality import TEXT
+
+    tokens = model.tokenizer(["a red circle", "a large blue square left of a small green triangle", "x"])
+    longest = int(tokens.argmax(dim=-1).max()) + 1
+    assert longest < tokens.shape[1]
+    with torch.no_grad():
+        fast = model.text_features(tokens)
+        # the reference: the whole padded context through the backbone, padding masked
+        length = tokens.shape[1]
+        padding = torch.arange(length)[None, :] > tokens.argmax(dim=-1)[:, None]
+        ids = torch.full(tokens.shape, TEXT, dtype=torch.long)
+        full = model.backbone(model.text_embedding(tokens), ids, attn_mask=causal_mask(length, tokens.device),
+                              padding_mask=padding)
+        embeds = model.text_head(pool_text_eot(full.hidden, tokens))
+    assert fast.backbone.hidden.shape[1] == longest
+    torch.testing.assert_close(fast.embeds, embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.backbone.hidden, full.hidden[:, :longest], atol=1e-5, rtol=0)
+    for name in ("aux_loss", "load_balance_loss", "z_loss", "orthogonal_loss"):
+        torch.testing.assert_close(getattr(fast.backbone, name), getattr(full, name), atol=1e-6, rtol=1e-5)
+    for a, b in zip(fast.backbone.layer_stats, full.layer_stats):
+        assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
+
+
 def test_forward_losses_match_their_definitions(model) -> None:
     batch = make_batch(model)
     out = model(batch)

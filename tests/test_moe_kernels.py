@@ -15,7 +15,7 @@ def _grads(out: torch.Tensor, params: list[torch.Tensor], g: torch.Tensor):
     return torch.autograd.grad((out * g).sum(), params, allow_unused=True)
 
 
-@pytest.mark.parametrize("kernel", ["loop", "padded"])
+@pytest.mark.parametrize("kernel", ["loop", "padded", "threads"])
 @pytest.mark.parametrize("opts", [
     dict(expert_type="mlp", activation="gelu"),
     dict(expert_type="mlp", activation="gelu_tanh", bias=False),
@@ -82,9 +82,9 @@ def test_auto_kernel_choice():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert grouped.choose_kernel([10, 11, 9, 10]) == "padded"
-        assert grouped.choose_kernel([30, 1, 1, 1]) == "loop"  # padding would add too much work
-        assert grouped.choose_kernel([40, 0, 0, 0]) == "loop"  # one busy expert: nothing to batch
+        assert grouped.choose_kernel([10, 11, 9, 10]) == "threads"
+        assert grouped.choose_kernel([30, 1, 1, 1]) == "threads"  # no padding: uneven loads are fine
+        assert grouped.choose_kernel([40, 0, 0, 0]) == "loop"  # one busy expert: nothing to share out
         torch.set_num_threads(1)
         assert grouped.choose_kernel([10, 11, 9, 10]) == "loop"  # one thread: no barriers to save
     finally:

@@ -17,9 +17,11 @@ def data(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("data"))
 
 
-def test_resume_is_exact(data, tmp_path):
+@pytest.mark.parametrize("sampling", [{}, dict(sampler="uniform", hard_negative_share=0.5, hard_negative_group=2)],
+                         ids=["priority", "uniform+hard-negatives"])
+def test_resume_is_exact(data, tmp_path, sampling):
     """10 steps + resume + 10 steps == 20 steps (losses and every weight to 1e-6)."""
-    small = dict(max_steps=20, batch_pairs=4, batch_videos=2)
+    small = dict(max_steps=20, batch_pairs=4, batch_videos=2, **sampling)
     full = train(tiny_config(data, tmp_path / "full", **small))
     part = train(tiny_config(data, tmp_path / "part", **small), stop_after=10)
     assert part.steps == 10 and not (tmp_path / "part" / "final").exists()
@@ -50,6 +52,11 @@ def test_priority_sampler_state_is_trained_and_saved(data, tmp_path):
     assert int(seen.sum()) >= 8 and bool((pair_losses[seen] > 0).all())
     assert int(state["source"]["pair_sampler"]["draws"].sum()) == 4 * 8
     assert state["step"] == 4
+    # defaults: shuffled epochs for pairs, loss-priority for clips
+    assert state["source"]["pair_sampler"]["kind"] == "uniform"
+    assert state["source"]["video_sampler"]["kind"] == "priority"
+    video_losses = state["source"]["video_sampler"]["losses"]
+    assert int((~torch.isnan(video_losses)).sum()) >= 4
 
 
 def test_log_has_losses_lr_throughput_and_routing(data, tmp_path):
@@ -111,6 +118,8 @@ def test_cli_train_then_eval_json(data, tmp_path, capsys):
     (dict(batch_pairs=1), "batch_pairs"),
     (dict(parallel="fsdp", powersgd_rank=2), "PowerSGD"),
     (dict(sampler="lossy"), "sampler"),
+    (dict(video_sampler="lossy"), "video_sampler"),
+    (dict(hard_negative_share=2.0), "hard_negative_share"),
 ])
 def test_bad_config_is_refused(kwargs, match):
     base = dict(pairs=["x.csv"], max_steps=1)
@@ -185,6 +194,8 @@ def test_adamw_groups_and_cosine_schedule():
     assert not any(v for n, v in names.items() if n.endswith(".bias") or "norm" in n or "embed" in n)
     assert names["classifier.weight"]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert opt.defaults["fused"]  # float32 CPU parameters take the fused AdamW kernel
+    assert build_optimizer(model.double(), lr=1e-3, weight_decay=0.1).defaults["foreach"]  # float64: foreach
     assert [round(cosine_with_warmup(s, 4, 14), 6) for s in (0, 3, 4, 9, 14, 20)] == [0.25, 1.0, 1.0, 0.5, 0.0, 0.0]
     assert cosine_with_warmup(14, 4, 14, min_ratio=0.1) == pytest.approx(0.1)
 

@@ -29,7 +29,7 @@ def clips(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["short_gop", "long_gop", "bframes", "long_bframes"])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, "auto"])
 def test_packet_decoder_equals_the_seek_based_decoder(clips, name, threads):
     info = probe_video(clips[name])
     rng = random.Random(threads)
@@ -139,5 +139,5 @@ def test_reader_used_after_a_fork_opens_its_own_file(clips):
 
 
 def test_bad_thread_counts_are_refused(clips):
-    with pytest.raises(ValueError, match="threads must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="threads must be \"auto\" or an int >= 1, got 0"):
         open_video(clips["bframes"], threads=0)

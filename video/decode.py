@@ -43,6 +43,7 @@ import numpy as np
 
 from video.errors import VideoDecodeError
 from video.probe import VideoInfo, probe_video
+from video.threads import ThreadChoice, check_threads
 from video.worker import HEADER, PARENT_ENV
 
 ISOLATIONS = ("auto", "process", "inline")
@@ -255,12 +256,13 @@ class VideoReader:
 
     Indices outside ``[0, len(reader))`` raise ValueError naming the valid range.
     ``last_backend`` says which decoder served the last request; ``isolation_used``
-    is "inline" or "process" (see the module docstring). Close it (or use it as a
+    is "inline" or "process" (see the module docstring); ``thread_choice`` is the in-process
+    decoder's threading (None before its first request, and for the worker). Close it (or use it as a
     context manager) to release the open file and its packets at once.
     """
 
     def __init__(self, path: str | os.PathLike, backend: str = "auto", timeout_s: float = 30.0,
-                 isolation: str = "auto", service: DecodeService | None = None, threads: int = 1,
+                 isolation: str = "auto", service: DecodeService | None = None, threads: int | str = "auto",
                  cache: ProbeCache | None = PROBE_CACHE) -> None:
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKEND_CHOICES)}")
@@ -274,10 +276,9 @@ class VideoReader:
         self.backend = backend
         self.isolation = isolation
         self.timeout_s = float(timeout_s)
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be an int >= 1, got {threads!r}")
-        self.threads = threads
+        self.threads = check_threads(threads)
         self.last_backend: str | None = None
+        self.thread_choice: ThreadChoice | None = None
         self._decoder = None  # video.packets.PacketDecoder for in-process requests
         self.service: DecodeService | None = None
         if isolation == "process":
@@ -350,6 +351,7 @@ class VideoReader:
 
                 self._open_decoder(PacketDecoder, self.info, time.monotonic() + self.timeout_s)
             frames, used = self._decoder.decode(indices, timeout_s=self.timeout_s), "pyav"
+            self.thread_choice = self._decoder.thread_choice
         else:
             from video.backends import decode_frames
 
@@ -411,15 +413,20 @@ def _as_index_list(indices) -> list[int]:
 
 
 def open_video(path: str | os.PathLike, backend: str = "auto", timeout_s: float = 30.0,
-               isolation: str = "auto", threads: int = 1) -> VideoReader:
+               isolation: str = "auto", threads: int | str = "auto") -> VideoReader:
     """Open ``path`` for frame access; VideoDecodeError naming the file when it has no decodable video.
 
     ``backend``: "auto" (in process: the planned PyAV decoder; in the worker: the
     cheaper per request, decord falling back to PyAV), "decord" or "pyav".
     ``timeout_s`` bounds every probe and decode request. ``isolation``: "auto"
     (in process when the probe says it is safe, else the worker), "process", "inline".
-    ``threads``: decoder threads for in-process decoding. 1 (default) costs the least CPU;
-    2 lowers the latency of one request when a core is idle, for ~25-40% more CPU
-    (frame threading; bench/video.py measures both).
+    ``threads``: decoder threads for in-process decoding. "auto" (default) picks per reader at
+    its first request (``video.threads.choose_threads``): 1 thread inside a DataLoader worker
+    (the workers already use the cores), for requests that decode short runs (a restart per
+    wanted frame: short GOPs), and when fewer than 2 cores are spare; else, for long runs (long
+    GOPs, most of all without B-frames, where nothing is skippable), slice threading on frames
+    with several slices and frame threading (``min(spare cores + 1, 4)`` threads) on the others.
+    An int is used as given (1: no threading, the least CPU; more: frame threading, lower
+    latency when cores are idle, more CPU). The frames are the same either way.
     """
     return VideoReader(path, backend=backend, timeout_s=timeout_s, isolation=isolation, threads=threads)

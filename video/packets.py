@@ -34,6 +34,7 @@ import numpy as np
 from video.backends import stack_decoded
 from video.errors import VideoDecodeError
 from video.probe import VideoInfo, open_container, scan_packets
+from video.threads import ThreadChoice, check_threads, choose_threads, fixed_choice
 
 
 class PacketDecoder:
@@ -41,14 +42,18 @@ class PacketDecoder:
 
     ``info``: a cached probe of this file (same size and mtime) skips the full scan;
     the packets are then read lazily, only as far as requests need.
-    ``threads``: decoder threads (frame + slice threading when > 1).
+    ``threads``: decoder threads: an int (1: none; more: frame threading), or "auto"
+    (chosen at the first request from its plan, :func:`video.threads.choose_threads`;
+    FFmpeg fixes the threading when the codec opens, so later requests keep it);
+    ``thread_choice`` says what was used.
     When the scan finds the file unsafe (``info.unsafe_reason``), ``usable`` is False
     and the file is closed at once: ``info`` is still valid.
     """
 
-    def __init__(self, path: str, threads: int = 1, deadline: float | None = None,
+    def __init__(self, path: str, threads: int | str = 1, deadline: float | None = None,
                  info: VideoInfo | None = None, restart_cost: float = 2.0) -> None:
         self.path = path
+        self.threads = check_threads(threads)
         self.restart_cost = float(restart_cost)
         self._container = open_container(path)
         try:
@@ -60,12 +65,6 @@ class PacketDecoder:
                 self._packets = []
                 self._demux = self._container.demux(self._stream)
             ctx = self._stream.codec_context
-            if threads > 1:
-                ctx.thread_type = "AUTO"
-                ctx.thread_count = int(threads)
-            else:
-                ctx.thread_type = "NONE"
-                ctx.thread_count = 1
         except BaseException:
             self._container.close()
             raise
@@ -74,6 +73,9 @@ class PacketDecoder:
         if not self.usable:
             self.close()
         self._ctx = ctx
+        self.thread_choice: ThreadChoice | None = None
+        if self.threads != "auto" and self.usable:
+            self._set_threads(fixed_choice(self.threads))
         self._position = [0] * info.num_frames  # frame index -> packet position in decode order
         for k, index in enumerate(info.decode_order):
             self._position[index] = k
@@ -88,6 +90,12 @@ class PacketDecoder:
         self.owner_pid = os.getpid()  # a forked child must open its own (the file offset is shared)
         self.packets_sent = 0  # counters for tests and benchmarks
         self.restarts = 0
+
+    def _set_threads(self, choice: ThreadChoice) -> None:
+        """Configure the codec's threading (before it opens, i.e. before the first packet)."""
+        self._ctx.thread_type = {"frame": "FRAME", "slice": "SLICE"}.get(choice.kind, "NONE")
+        self._ctx.thread_count = choice.count
+        self.thread_choice = choice
 
     # -- packets ------------------------------------------------------------
     def _packet(self, position: int):
@@ -184,6 +192,8 @@ class PacketDecoder:
 
     def _decode(self, indices: list[int], timeout_s: float | None) -> np.ndarray:
         deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
+        if self.thread_choice is None:
+            self._set_threads(choose_threads(self.info, indices, self.restart_cost))
         wanted = sorted(set(indices))
         lookup = set(wanted)
         got: dict[int, np.ndarray] = {}

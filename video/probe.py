@@ -28,7 +28,8 @@ class VideoInfo:
     repeated: its frames are numbered in decode order, ``frame_pts`` are
     synthetic (mean frame rate) and only a forward pass reads it; ``reported_frames`` is what the container header claims (0 when
     unknown) and may exceed ``num_frames``; ``decode_order[k]`` is the frame index of the k-th
-    complete packet in the file.
+    complete packet in the file; ``slices`` the coded slices of the first key frame (1 when
+    unknown), which a slice-threaded decoder can decode in parallel.
     """
 
     path: str
@@ -46,6 +47,7 @@ class VideoInfo:
     size_bytes: int = 0
     mtime_ns: int = 0
     decode_order: tuple[int, ...] = ()  # frame index of each packet, in decode (file) order
+    slices: int = 1
     _pts_index: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
@@ -138,6 +140,22 @@ def _nal_length_size(codec: str, extradata: bytes | None) -> int:
     return 0
 
 
+def count_slices(data: memoryview, codec: str, length_size: int) -> int:
+    """Coded slice NAL units in a length-prefixed H.264 / HEVC packet (0 when none is found)."""
+    pos, end, slices = 0, len(data), 0
+    while pos + length_size < end:
+        size = int.from_bytes(data[pos:pos + length_size], "big")
+        header = data[pos + length_size]
+        if codec == "h264":
+            slices += (header & 0x1F) in (1, 5)
+        else:
+            slices += ((header >> 1) & 0x3F) < 32
+        if size <= 0:
+            break
+        pos += length_size + size
+    return slices
+
+
 def is_non_reference(data: memoryview, codec: str, length_size: int) -> bool:
     """True when every coded slice in the packet is a non-reference picture."""
     pos, end, slices = 0, len(data), 0
@@ -213,6 +231,7 @@ def scan_packets(container, path: str, keep_packets: bool = False,
     packets: list[tuple[int | None, bool, bool]] = []  # (pts, key, droppable) in decode order
     kept: list = []
     corrupt = 0
+    slices = 0
     try:
         for count, packet in enumerate(container.demux(stream)):
             if deadline is not None and count % 64 == 63 and time.monotonic() > deadline:
@@ -223,6 +242,8 @@ def scan_packets(container, path: str, keep_packets: bool = False,
                 corrupt += 1  # cut short by truncation: its frame cannot be decoded
                 continue
             key = bool(packet.is_keyframe)
+            if key and not slices and length_size:
+                slices = count_slices(memoryview(packet), codec, length_size)
             drop = not key and bool(length_size) and is_non_reference(memoryview(packet), codec, length_size)
             packets.append((packet.pts, key, drop))
             if keep_packets:
@@ -267,5 +288,6 @@ def scan_packets(container, path: str, keep_packets: bool = False,
         size_bytes=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
         decode_order=tuple(decode_order),
+        slices=max(slices, 1),
     )
     return info, kept

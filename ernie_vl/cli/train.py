@@ -10,9 +10,10 @@ from ernie_vl.train.config import TrainConfig
 
 # CLI flag -> TrainConfig field, for the flags that map one to one
 _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos", "grad_accum", "lr", "weight_decay",
-           "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "priority_alpha", "priority_uniform_mix",
+           "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "video_sampler", "priority_alpha", "priority_uniform_mix",
            "num_workers", "eval_every", "checkpoint_every", "log_every", "num_frames", "val_pairs", "val_videos",
-           "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps")
+           "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps",
+           "hard_negative_share", "hard_negative_group")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,9 +36,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"].default)
     p.add_argument("--autocast", choices=("auto", "bf16", "none"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=("priority", "uniform"), default=d["sampler"].default)
+    p.add_argument("--sampler", choices=("priority", "uniform"), default=d["sampler"].default,
+                   help="image-text pair sampling")
+    p.add_argument("--video-sampler", choices=("priority", "uniform"), default=d["video_sampler"].default,
+                   help="clip sampling")
     p.add_argument("--priority-alpha", type=float, default=d["priority_alpha"].default)
     p.add_argument("--priority-uniform-mix", type=float, default=d["priority_uniform_mix"].default)
+    p.add_argument("--hard-negative-share", type=float, default=d["hard_negative_share"].default,
+                   help="fraction of each image-text batch in groups of caption neighbours (in-batch hard negatives)")
+    p.add_argument("--hard-negative-group", type=int, default=d["hard_negative_group"].default)
     p.add_argument("--no-video-text", action="store_true", help="no video <-> class-prompt contrastive loss")
     p.add_argument("--curriculum", action="store_true", help="expert curriculum: dense routing annealed to top-k")
     p.add_argument("--curriculum-steps", type=int, default=None)

@@ -26,7 +26,7 @@ class DemoConfig:
     max_train_steps: int = 0
     batch_pairs: int = 0               # image-text pairs per step (0 = the trainer's default)
     batch_videos: int = 0              # clips per step (0 = the trainer's default)
-    lr: float = 2e-3                   # peak learning rate (as bench/train_synthetic.py)
+    lr: float = 5e-4                   # peak learning rate (as bench/train_synthetic.py)
     warmup_steps: int = 20             # learning-rate warm-up steps (0 = the trainer's default)
     eval_every: int = 50               # held-out evaluation every N steps (0 = only at the end)
     checkpoint_every: int = 50         # resume state every N steps (an interrupted run resumes)

@@ -10,18 +10,23 @@ MegaBlocks-style, tuned for CPU:
   backward's gradient slices) are per-thread scratch buffers reused across calls
   (:mod:`ernie_vl.moe.workspace`): a fresh 64 MB tensor costs ~45 ms of page faults on one
   core here, more than the activation itself;
-- training saves only the pre-activations ``h`` (and the sorted expert outputs for the
-  router-weight gradient); the backward pass recomputes each expert's activation on its
-  slice, so the (rows, hidden) activation is never stored;
+- training saves only the pre-activations ``h`` (one tensor per expert, each small enough to
+  be served from reused heap memory) and the sorted expert outputs (for the router-weight
+  gradient); the backward pass recomputes each expert's activation, so the (rows, hidden)
+  activation is never stored;
 - every data movement is a gather (``index_select``): the un-sort uses the inverse
   permutation instead of a scatter-add, in the forward and in the backward pass;
 - the backward pass writes each expert's weight gradient straight into its slice of the
   stacked gradient (autograd through ``weight[e]`` would build a full-size zero tensor per
   expert and add them up).
 
-With several intra-op threads and balanced loads, :func:`moe_experts` runs the padded batched
-kernel of :mod:`ernie_vl.moe.padded` instead of the slice loop (fewer thread barriers); both
-give the same result up to float rounding (tests/test_moe_kernels.py).
+The per-expert work (gather, matmul, activation, matmul; in the backward pass recompute,
+weight gradients, input gradient) is one task per expert (:mod:`ernie_vl.moe.threaded`).
+With one intra-op thread the tasks run one after the other on the calling thread (the
+"loop" kernel); with several, on as many single-threaded worker threads, each taking whole
+experts, largest first (the "threads" kernel: no intra-op barriers and no padding; measured
+faster here than the padded batched kernel of :mod:`ernie_vl.moe.padded`, which stays
+selectable). All give the same result up to float rounding (tests/test_moe_kernels.py).
 
 Assignments are numbered token-major (``a = n * k + j``: token n's j-th choice). A plan gives
 ``order`` (kept assignments sorted by expert), ``counts`` (rows per expert) and ``inverse``
@@ -36,13 +41,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .padded import PaddedLayout, padded_backward, padded_forward, padded_layout, padding_fits
+from .padded import PaddedLayout, padded_backward, padded_forward, padded_layout
+from .threaded import experts_backward, experts_inference, experts_training
 from .workspace import scratch
 
-# "auto": the padded batched kernel (ernie_vl/moe/padded.py) with several intra-op threads
-# when padding fits, else the slice loop; "loop" / "padded" force one (tests, benchmarks)
+# "auto": with several intra-op threads and several busy experts the expert-parallel kernel
+# (ernie_vl/moe/threaded.py), else the slice loop; "loop" / "padded" / "threads" force one
+# (tests, benchmarks)
 KERNEL = "auto"
-KERNELS = ("auto", "loop", "padded")
+KERNELS = ("auto", "loop", "padded", "threads")
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -93,16 +100,6 @@ def activation_fn(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def spans(counts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(expert, start, end) of every expert with at least one row."""
-    out, start = [], 0
-    for e, c in enumerate(counts):
-        if c > 0:
-            out.append((e, start, start + c))
-        start += c
-    return out
-
-
 def _linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
     """``out = x @ w.T (+ b)``, ``w`` in nn.Linear layout (out_features, in_features)."""
     if b is None:
@@ -135,23 +132,13 @@ def expert_activation(kind: str, act: str, h: torch.Tensor, a: torch.Tensor) -> 
 
 
 def expert_forward(kind: str, act: str, params, e: int, x: torch.Tensor, h: torch.Tensor,
-                   a: torch.Tensor, y: torch.Tensor, h_has_bias: bool = False, y_has_bias: bool = False) -> None:
-    """Expert e on rows x: pre-activation -> h, activation -> a (may be h for mlp), output -> y.
-
-    ``h_has_bias`` / ``y_has_bias``: h / y already hold the expert's biases (filled for all
-    experts by one gather), so the matmul accumulates into them.
-    """
+                   a: torch.Tensor, y: torch.Tensor) -> None:
+    """Expert e on rows x: pre-activation -> h, activation -> a (may be h for mlp), output -> y."""
     if kind == "mlp":
         w1, b1, w2, b2 = params
-        if h_has_bias:
-            h.addmm_(x, w1[e].t())
-        else:
-            _linear_into(x, w1[e], None if b1 is None else b1[e], h)
+        _linear_into(x, w1[e], None if b1 is None else b1[e], h)
         activation_forward(h, act, a)
-        if y_has_bias:
-            y.addmm_(a, w2[e].t())
-        else:
-            _linear_into(a, w2[e], None if b2 is None else b2[e], y)
+        _linear_into(a, w2[e], None if b2 is None else b2[e], y)
     else:
         w_gate_up, w_down = params
         torch.mm(x, w_gate_up[e].t(), out=h)
@@ -205,119 +192,53 @@ def _combine(rows: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -
     return torch.bmm(weights.to(rows.dtype).unsqueeze(1), per_token.view(n, top_k, d)).squeeze(1)
 
 
-def _gather_rows(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (M, D) scratch copy of the rows in expert order."""
-    return torch.index_select(x, 0, token_index, out=scratch("rows_in", (token_index.shape[0], x.shape[1]), x))
-
-
-def row_experts(counts: Sequence[int], device: torch.device) -> torch.Tensor:
-    """(M,) int64 expert of each sorted row."""
-    return torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                   torch.tensor(counts, device=device), output_size=sum(counts))
-
-
-def _fill_biases(bias: torch.Tensor | None, counts: Sequence[int], out: torch.Tensor) -> bool:
-    """Write each sorted row's expert bias into ``out`` (M, W) with one gather (instead of one
-    broadcast copy per expert inside ``addmm``); False when there is no bias."""
-    if bias is None:
-        return False
-    with torch.no_grad():
-        torch.index_select(bias, 0, row_experts(counts, out.device), out=out)
-    return True
-
-
-INFERENCE_CHUNK_ROWS = 2048  # rows per step without grad: bounds the (rows, hidden) scratch buffer
-
-
-def _experts_inference(x, token_index, counts, kind, act, params) -> torch.Tensor:
-    """Without grad: every expert on its rows, chunks of at most ``INFERENCE_CHUNK_ROWS``,
-    all in scratch buffers -> (M+1, D) scratch expert outputs (last row zero)."""
-    m, d = token_index.shape[0], x.shape[1]
-    xs = _gather_rows(x, token_index)
-    rows = scratch("rows_out", (m + 1, d), x)
-    rows[m].zero_()
-    y_bias = _fill_biases(params[3] if kind == "mlp" else None, counts, rows[:m])
-    chunk = max(1, min(INFERENCE_CHUNK_ROWS, max(counts, default=1)))
-    h = scratch("hidden", (chunk, hidden_width(kind, params)), x)
-    a = h if kind == "mlp" else scratch("act", (chunk, act_width(kind, params)), x)
-    for e, s, t in spans(counts):
-        for c in range(s, t, chunk):
-            n = min(chunk, t - c)
-            expert_forward(kind, act, params, e, xs[c:c + n], h[:n], a[:n], rows[c:c + n], y_has_bias=y_bias)
-    return rows
-
-
-def _experts_training(x, token_index, counts, kind, act, params) -> tuple[torch.Tensor, torch.Tensor]:
-    """With grad: -> (h (M, Hw) pre-activations, rows (M+1, D) expert outputs, last row zero),
-    both fresh (saved for backward); the activation lives in a scratch slice per expert."""
-    m, d = token_index.shape[0], x.shape[1]
-    xs = _gather_rows(x, token_index)
-    h = x.new_empty(m, hidden_width(kind, params))
-    rows = x.new_empty(m + 1, d)
-    rows[m].zero_()
-    h_bias = _fill_biases(params[1] if kind == "mlp" else None, counts, h)
-    y_bias = _fill_biases(params[3] if kind == "mlp" else None, counts, rows[:m])
-    a = scratch("act", (max(counts, default=0), act_width(kind, params)), x)
-    for e, s, t in spans(counts):
-        expert_forward(kind, act, params, e, xs[s:t], h[s:t], a[:t - s], rows[s:t], h_bias, y_bias)
-    return h, rows
+INFERENCE_CHUNK_ROWS = 2048  # rows per step without grad: bounds the (rows, hidden) scratch buffers
 
 
 class MoEExpertsFunction(torch.autograd.Function):
     """out[n] = sum_j w[n, j] * expert_{e(n, j)}(x[n]) over the kept assignments.
 
     x: (N, D); weights: (N, k); order (M,), token_index (M,), inverse (N*k,), counts (E ints)
-    from a token-major plan (assignment ``a = n * k + j``); kind: "mlp" | "swiglu";
-    act: activation name; params: the stacked expert tensors.
-    Saves x, the pre-activations h (M, Hw) and the expert outputs (M+1, D); the backward
-    pass re-gathers x and recomputes each expert's activation on its slice.
+    from a token-major plan (assignment ``a = n * k + j``); parallel: run the experts on the
+    single-threaded workers of :mod:`ernie_vl.moe.threaded` (else one after the other on this
+    thread); kind: "mlp" | "swiglu"; act: activation name; params: the stacked expert tensors.
+    Saves x, each busy expert's pre-activations h (count, Hw) and the expert outputs (M+1, D);
+    the backward pass re-gathers x and recomputes each expert's activation.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, order, token_index, inverse, counts, kind, act, *params):  # type: ignore[override]
-        h, rows = _experts_training(x, token_index, counts, kind, act, params)
-        out = _combine(rows, inverse, weights)
-        ctx.meta = (counts, kind, act)
-        ctx.save_for_backward(x, h, rows, weights, order, token_index, inverse, *params)
-        return out
+    def forward(ctx, x, weights, order, token_index, inverse, counts, parallel, kind, act, *params):  # type: ignore[override]
+        h, rows = experts_training(x, token_index, counts, kind, act, params, parallel)
+        ctx.meta = (counts, parallel, kind, act, len(params))
+        ctx.save_for_backward(x, rows, weights, order, token_index, inverse, *params,
+                              *[t for t in h if t is not None])
+        return _combine(rows, inverse, weights)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
-        counts, kind, act = ctx.meta
-        x, h, rows, weights, order, token_index, inverse, *params = ctx.saved_tensors
+        counts, parallel, kind, act, num_params = ctx.meta
+        x, rows, weights, order, token_index, inverse, *rest = ctx.saved_tensors
+        params, busy = rest[:num_params], iter(rest[num_params:])
+        h = [next(busy) if c > 0 else None for c in counts]
         need = ctx.needs_input_grad
-        need_x, need_w, need_params = need[0], need[1], need[8:]
-        m, d = token_index.shape[0], x.shape[1]
         n, top_k = weights.shape
-        dout = dout.contiguous()
+        d = x.shape[1]
         # every expert with rows writes its whole gradient slice; only idle experts need zeros
-        grads = [torch.empty_like(p) if (p is not None and nd) else None for p, nd in zip(params, need_params)]
+        grads = [torch.empty_like(p) if (p is not None and nd) else None for p, nd in zip(params, need[9:])]
         idle = [e for e, c in enumerate(counts) if c == 0]
         for g in grads:
             if g is not None and idle:
                 g[idle] = 0
-        dweights = None
-        if need_w:  # d out[n] / d w[n, j] = expert output of assignment (n, j)
-            per_token = torch.index_select(rows, 0, inverse, out=scratch("per_token", (n * top_k, d), rows))
-            dweights = torch.bmm(per_token.view(n, top_k, d), dout.unsqueeze(2)).squeeze(2).to(weights.dtype)
         w_sorted = weights.reshape(-1).index_select(0, order).to(x.dtype)
-        dy = torch.index_select(dout, 0, token_index, out=scratch("dy", (m, d), dout)).mul_(w_sorted[:, None])
-        xs = _gather_rows(x, token_index) if grads[0] is not None else None
-        dx_sorted = None
-        if need_x:
-            dx_sorted = scratch("dx_sorted", (m + 1, d), x)
-            dx_sorted[m].zero_()
-        for e, s, t in spans(counts):
-            expert_backward(kind, act, params, grads, e, dy[s:t], None if xs is None else xs[s:t], h[s:t],
-                            None if dx_sorted is None else dx_sorted[s:t])
-        if kind == "mlp" and grads[3] is not None:  # output bias: segment sums of dy, one op
-            grads[3].zero_().index_add_(0, row_experts(counts, dy.device), dy)
+        dx_sorted, dw_sorted = experts_backward(kind, act, params, grads, counts, x, h, rows, dout.contiguous(),
+                                                w_sorted, token_index, need[0], need[1], parallel)
+        dweights = None if dw_sorted is None else dw_sorted.index_select(0, inverse).view(n, top_k).to(weights.dtype)
         dx = None
-        if dx_sorted is not None:
+        if dx_sorted is not None:  # each token's sum over its k rows (dropped: the zero row)
             per_token = torch.index_select(dx_sorted, 0, inverse, out=scratch("per_token", (n * top_k, d), x))
             dx = per_token.view(n, top_k, d).sum(1)
-        return (dx, dweights, None, None, None, None, None, None, *grads)
+        return (dx, dweights, None, None, None, None, None, None, None, *grads)
 
 
 class PaddedExpertsFunction(torch.autograd.Function):
@@ -378,7 +299,7 @@ def choose_kernel(counts: Sequence[int]) -> str:
     if KERNEL != "auto":
         return KERNEL
     busy = sum(1 for c in counts if c > 0)
-    return "padded" if torch.get_num_threads() > 1 and busy > 1 and padding_fits(counts) else "loop"
+    return "threads" if torch.get_num_threads() > 1 and busy > 1 else "loop"
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_index: torch.Tensor,
@@ -393,11 +314,14 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, tok
         return moe_experts(x.to(params[0].dtype), weights, order, token_index, inverse, counts, kind, act,
                            params).to(in_dtype)
     x = x.contiguous()
-    padded = choose_kernel(counts) == "padded"
+    kernel = choose_kernel(counts)
     tensors = (x, weights, *params)
+    parallel = kernel == "threads"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        fn = PaddedExpertsFunction if padded else MoEExpertsFunction
-        return fn.apply(x, weights, order, token_index, inverse, counts, kind, act, *params)
-    if padded:
+        if kernel == "padded":
+            return PaddedExpertsFunction.apply(x, weights, order, token_index, inverse, counts, kind, act, *params)
+        return MoEExpertsFunction.apply(x, weights, order, token_index, inverse, counts, parallel, kind, act, *params)
+    if kernel == "padded":
         return _padded_inference(x, weights, order, token_index, inverse, counts, kind, act, params)
-    return _combine(_experts_inference(x, token_index, counts, kind, act, params), inverse, weights)
+    rows = experts_inference(x, token_index, counts, kind, act, params, INFERENCE_CHUNK_ROWS, parallel)
+    return _combine(rows, inverse, weights)

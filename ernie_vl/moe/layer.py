@@ -12,9 +12,10 @@ from .config import MoEConfig
 from .dispatch import expert_capacity, plan_dispatch
 from .experts import DenseMLP, DenseSwiGLU, MLPExperts, SwiGLUExperts
 from .grouped import moe_experts
-from .losses import load_balance_from_counts, router_orthogonal_loss, router_z_loss
+from .losses import load_balance_from_counts, router_orthogonal_loss, router_z_loss_from_lse
 from .router import Router
 from .stats import RoutingStats, compute_routing_stats
+from .threaded import single_threaded
 
 
 def check_modality_ids(modality_ids: torch.Tensor) -> None:
@@ -153,7 +154,14 @@ class MoEFeedForward(nn.Module):
 
     def route_tokens(self, x: torch.Tensor, modality_ids: torch.Tensor | None,
                      mask: torch.Tensor | None) -> "RoutedTokens":
-        """Flatten (B, L, D) to (N, D), route the real (unpadded) tokens and plan their dispatch."""
+        """Flatten (B, L, D) to (N, D), route the real (unpadded) tokens and plan their dispatch.
+
+        All small (tokens, experts) ops, run on one intra-op thread (see ``single_threaded``)."""
+        with single_threaded():
+            return self._route_tokens(x, modality_ids, mask)
+
+    def _route_tokens(self, x: torch.Tensor, modality_ids: torch.Tensor | None,
+                      mask: torch.Tensor | None) -> "RoutedTokens":
         flat, ids, mask = self._flatten_inputs(x, modality_ids, mask)
         logits = self.router.logits(flat)
         real_index = None
@@ -162,7 +170,7 @@ class MoEFeedForward(nn.Module):
             tokens, ids_r, logits_r = flat[real_index], ids[real_index], logits[real_index]
         else:
             tokens, ids_r, logits_r = flat, ids, logits
-        decision = self.router.route(logits_r, self.top_k, ids_r, self.temperature)
+        decision = self.router.route_fused(logits_r, self.top_k, ids_r, self.temperature)
         plan = plan_dispatch(decision.experts, self.config.num_experts, self.capacity(tokens.shape[0]))
         return RoutedTokens(flat, logits, tokens, ids_r, real_index, decision, plan)
 
@@ -180,16 +188,21 @@ class MoEFeedForward(nn.Module):
         return self._with_routing_terms(r, y.view(x.shape))
 
     def _with_routing_terms(self, r: "RoutedTokens", output: torch.Tensor) -> MoEOutput:
-        """The MoEOutput of routed tokens ``r`` around ``output``: aux losses and routing statistics."""
+        """The MoEOutput of routed tokens ``r`` around ``output``: aux losses and routing statistics
+        (small ops, on one intra-op thread)."""
+        with single_threaded():
+            return self._routing_terms(r, output)
+
+    def _routing_terms(self, r: "RoutedTokens", output: torch.Tensor) -> MoEOutput:
         cfg = self.config
         decision, plan, ids_r = r.decision, r.plan, r.modality_ids
         group = self.router.expert_group
         group_tokens = None
         if group is not None:
             group_tokens = torch.bincount(is_visual(ids_r).long(), minlength=2)
-        lb = load_balance_from_counts(decision.probs.sum(0), plan.routed_counts, r.tokens.shape[0], self.top_k,
+        lb = load_balance_from_counts(decision.prob_sum, plan.routed_counts, r.tokens.shape[0], self.top_k,
                                       group_tokens, group)
-        z = router_z_loss(decision.masked_logits)
+        z = router_z_loss_from_lse(decision.lse)
         orth = router_orthogonal_loss(self.router.weight)
         aux = cfg.load_balance_coef * lb + cfg.z_loss_coef * z + cfg.orthogonal_coef * orth
         stats = compute_routing_stats(decision.probs, decision.experts, ids_r, plan.routed_counts,

@@ -52,6 +52,13 @@ def router_z_loss(masked_logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(masked_logits, dim=-1).square().mean()
 
 
+def router_z_loss_from_lse(lse: torch.Tensor) -> torch.Tensor:
+    """:func:`router_z_loss` from the (N,) per-token ``logsumexp`` of the masked logits."""
+    if lse.shape[0] == 0:
+        return lse.new_zeros(())
+    return lse.square().mean()
+
+
 def router_orthogonal_loss(router_weight: torch.Tensor) -> torch.Tensor:
     """ERNIE 4.5 router orthogonal loss: ``mean((W_hat W_hat^T - I)^2)`` over the E x E entries.
 

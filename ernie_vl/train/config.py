@@ -28,7 +28,12 @@ class TrainConfig:
     through DataLoader workers. ``decode_cache``: folder where decoded data is kept as
     tensor files keyed by the files' sizes and mtimes and the transform (None: off), so a
     second run on the same data skips decoding.
-    Sampling: ``sampler`` ``priority`` (loss-priority, see ``sampler.py``) or ``uniform``.
+    Sampling: ``sampler`` (image-text pairs) and ``video_sampler`` (clips; None: as ``sampler``),
+    each ``uniform`` (shuffled epochs) or ``priority`` (loss-priority, BRIEF.md #6, see
+    ``sampler.py``). Defaults from the synthetic screens (BENCHMARKS.md): uniform for pairs,
+    where priority sampling lowered held-out Recall@1, priority for clips, where it raised top-1.
+    ``hard_negative_share``: fraction of each image-text batch made of caption-neighbour groups
+    of ``hard_negative_group`` (in-batch hard negatives, see ``hard_negatives.py``; 0 = off).
     Distributed: ``parallel`` ``ddp`` (default) or ``fsdp``; ``powersgd_rank`` > 0 registers
     PowerSGD (DDP only) after ``powersgd_warmup`` uncompressed steps.
     ``threads``: torch threads per process; None picks all CPUs, or 1 on an oversubscribed machine.
@@ -53,7 +58,7 @@ class TrainConfig:
     minutes: Optional[float] = None
     calibration_steps: int = 5
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 5e-4
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
     warmup_steps: int = 50
@@ -61,11 +66,15 @@ class TrainConfig:
     autocast: str = "auto"
     seed: int = 0
 
-    sampler: str = "priority"
+    sampler: str = "uniform"
+    video_sampler: Optional[str] = "priority"
     priority_alpha: float = 1.0
     priority_eps: float = 0.05
     priority_uniform_mix: float = 0.3
     priority_ema: float = 0.0
+    hard_negative_share: float = 0.0
+    hard_negative_group: int = 4
+    hard_negative_pool: int = 2048
 
     curriculum: bool = False
     curriculum_steps: Optional[int] = None
@@ -114,8 +123,15 @@ class TrainConfig:
         if self.powersgd_rank and self.parallel == "fsdp":
             raise ValueError("PowerSGD is a DDP communication hook and cannot be used with FSDP "
                              "(FSDP reduce-scatters sharded gradients); use parallel='ddp' or powersgd_rank=0")
-        if self.sampler not in ("priority", "uniform"):
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid: ['priority', 'uniform']")
+        for name in ("sampler", "video_sampler"):
+            value = getattr(self, name)
+            if value not in ("priority", "uniform") and not (name == "video_sampler" and value is None):
+                raise ValueError(f"unknown {name} {value!r}; valid: ['priority', 'uniform']")
+        if not 0.0 <= self.hard_negative_share <= 1.0:
+            raise ValueError(f"hard_negative_share must be in [0, 1], got {self.hard_negative_share}")
+        if self.hard_negative_group < 2 or self.hard_negative_pool < self.hard_negative_group:
+            raise ValueError(f"need hard_negative_group >= 2 and hard_negative_pool >= group, got group="
+                             f"{self.hard_negative_group}, pool={self.hard_negative_pool}")
         if "{}" not in self.video_prompt_template:
             raise ValueError(f"video_prompt_template needs a '{{}}' for the class name, got {self.video_prompt_template!r}")
 

@@ -170,8 +170,9 @@ class Trainer:
                    num_workers=workers, progress=show, cache_dir=cfg.decode_cache)
         self.mix = StepMix.from_global(cfg.batch_pairs if cfg.pairs else 0, cfg.batch_videos if cfg.videos else 0,
                                        cfg.grad_accum, self.ctx.world_size)
-        kw = dict(kind=cfg.sampler, alpha=cfg.priority_alpha, eps=cfg.priority_eps,
-                  uniform_mix=cfg.priority_uniform_mix, ema=cfg.priority_ema)
+        kw = dict(alpha=cfg.priority_alpha, eps=cfg.priority_eps, uniform_mix=cfg.priority_uniform_mix,
+                  ema=cfg.priority_ema)
+        pair_kw, video_kw = dict(kw, kind=cfg.sampler), dict(kw, kind=cfg.video_sampler or cfg.sampler)
         self.streaming = self._cache_mb(video_size) > cfg.cache_max_mb
         self.pairs = self.videos = None
         if self.streaming:
@@ -179,7 +180,8 @@ class Trainer:
 
             self.source = StreamingSource(
                 self.mix, self.ctx.rank, cfg.pairs, cfg.videos, model, self.num_frames, video_size,
-                lambda n: PrioritySampler(n, seed=cfg.seed + 1, **kw), lambda n: PrioritySampler(n, seed=cfg.seed + 2, **kw),
+                lambda n: PrioritySampler(n, seed=cfg.seed + 1, **pair_kw),
+                lambda n: PrioritySampler(n, seed=cfg.seed + 2, **video_kw),
                 video_text=cfg.video_text, prompt_template=cfg.video_prompt_template, image_col=cfg.image_col,
                 caption_col=cfg.caption_col, num_workers=workers, seed=cfg.seed)
         else:
@@ -188,9 +190,16 @@ class Trainer:
             self.videos = CachedVideos(cfg.videos, **vkw) if cfg.videos else None
             self.source = MixedSource(
                 self.mix, self.ctx.rank, self.pairs, self.videos,
-                PrioritySampler(len(self.pairs), seed=cfg.seed + 1, **kw) if self.pairs else None,
-                PrioritySampler(len(self.videos), seed=cfg.seed + 2, **kw) if self.videos else None,
+                PrioritySampler(len(self.pairs), seed=cfg.seed + 1, **pair_kw) if self.pairs else None,
+                PrioritySampler(len(self.videos), seed=cfg.seed + 2, **video_kw) if self.videos else None,
                 video_text=cfg.video_text, seed=cfg.seed)
+        if cfg.hard_negative_share > 0 and self.source.pair_sampler is not None:
+            from ernie_vl.train.hard_negatives import HardNegativeSampler
+
+            tokens = self.pairs.tokens if self.pairs is not None else self.source.tokens
+            self.source.pair_sampler = HardNegativeSampler(
+                self.source.pair_sampler, tokens, share=cfg.hard_negative_share, group=cfg.hard_negative_group,
+                pool=cfg.hard_negative_pool, seed=cfg.seed)
         self.val_pairs = CachedPairs([cfg.val_pairs], model.preprocess, model.tokenizer, cfg.image_col,
                                      cfg.caption_col, workers, show, cfg.decode_cache) if cfg.val_pairs else None
         self.val_videos = CachedVideos([cfg.val_videos], classes=self.classes, **vkw) if cfg.val_videos else None
