@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("summary", "encoders", "moe", "quantize", "video", "retrieval", "hnsw_at_scale", "server", "priority_sampling", "train_synthetic")
+ORDER = ("summary", "encoders", "moe", "quantize", "video", "retrieval", "hnsw_at_scale", "server", "priority_sampling", "train_synthetic", "train_screens")
 
 HEADER = """# Benchmarks
 

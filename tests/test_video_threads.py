@@ -71,6 +71,15 @@ def test_running_threads_are_read_from_proc():
     assert isinstance(busy, int) and busy >= 0
 
 
+def test_busy_threads_are_the_least_of_several_reads(monkeypatch):
+    """A thread that shows up in one read only (finishing) is not counted; the caller never is."""
+    reads = iter([5, 2, 7, 3])
+    monkeypatch.setattr(vt, "_running_now", lambda: next(reads))
+    assert vt.others_running(samples=4, interval_s=0.0) == 1
+    monkeypatch.setattr(vt, "_running_now", lambda: None)
+    assert vt.others_running() == 0
+
+
 def test_threads_argument_is_checked(clips):
     assert check_threads("auto") == "auto" and check_threads(3) == 3
     with pytest.raises(ValueError, match="threads must be \"auto\" or an int >= 1, got 'two'"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 from video.backends import plan_decodes
@@ -68,14 +69,31 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def others_running() -> int:
-    """Threads running or runnable now besides the caller (``/proc/loadavg``); 0 where unknown."""
+def _running_now() -> int | None:
+    """The running/runnable thread count of ``/proc/loadavg`` (field 4's numerator); None where unknown."""
     try:
         with open("/proc/loadavg", encoding="ascii") as f:
-            running = int(f.read().split()[3].split("/")[0])
+            return int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
-        return 0
-    return max(running - 1, 0)  # the calling thread is running while it reads
+        return None
+
+
+def others_running(samples: int = 4, interval_s: float = 0.0005) -> int:
+    """Threads running or runnable besides the caller (``/proc/loadavg``); 0 where unknown.
+
+    The count is instantaneous, and threads that are finishing (a decoder pool closing, a
+    short-lived helper) show up in single reads; the least of ``samples`` reads ``interval_s``
+    apart keeps what stays busy (~2 ms in all, once per reader).
+    """
+    counts = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval_s)
+        now = _running_now()
+        if now is None:
+            return 0
+        counts.append(now)
+    return max(min(counts) - 1, 0)  # the calling thread is running while it reads
 
 
 def check_threads(threads: int | str) -> int | str:
