@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="default: auto (1 on an oversubscribed machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clips-per-class", type=int, default=256, help="training motion clips per class")
+    p.add_argument("--clips-per-class", type=int, default=512, help="training motion clips per class")
     p.add_argument("--only", choices=("divided", "space_only"), default=None)
     p.add_argument("--work", default="/tmp/ernie_train_synthetic")
     p.add_argument("--no-progress", action="store_true")
