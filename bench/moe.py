@@ -27,13 +27,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ernie_vl.moe import DenseMLP, MoEFeedForward  # noqa: E402
+from ernie_vl.moe import gemm  # noqa: E402
 from ernie_vl.moe.grouped import choose_kernel  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "moe.md"
@@ -60,7 +63,53 @@ def build(d_model: int, hidden: int, num_experts: int, top_k: int) -> dict[str, 
     ours_swiglu = MoEFeedForward.from_mixtral(mixtral)
     for m in (ours, dense, capacity, mixtral, ours_swiglu):
         m.train()
-    return {"ours": ours, "dense": dense, "capacity": capacity, "mixtral": mixtral, "ours_swiglu": ours_swiglu}
+    # the same layers with every expert product on torch's BLAS (see on_torch_gemm)
+    return {"ours": ours, "dense": dense, "capacity": capacity, "mixtral": mixtral, "ours_swiglu": ours_swiglu,
+            "ours_torch_gemm": ours, "ours_swiglu_torch_gemm": ours_swiglu, "dense_openblas": DenseOnOpenBLAS(dense)}
+
+
+class OpenBLASLinear(torch.autograd.Function):
+    """``x @ w.T + b`` with its products on numpy's OpenBLAS (its own threads, fresh outputs
+    like nn.Linear): the dense anchor on the same BLAS as our experts (a context row)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return torch.from_numpy(np.matmul(x.detach().numpy(), w.detach().numpy().T)).add_(b)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        g = grad.contiguous().numpy()
+        return (torch.from_numpy(g @ w.detach().numpy()), torch.from_numpy(g.T @ x.detach().numpy()),
+                grad.sum(0))
+
+
+class DenseOnOpenBLAS(torch.nn.Module):
+    """The dense anchor's weights, every product on numpy's OpenBLAS."""
+
+    def __init__(self, dense: DenseMLP) -> None:
+        super().__init__()
+        self.dense = dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc, proj = self.dense.fc, self.dense.proj
+        return OpenBLASLinear.apply(F.gelu(OpenBLASLinear.apply(x, fc.weight, fc.bias)), proj.weight, proj.bias)
+
+
+def on_torch_gemm(name: str, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with the expert products forced onto torch's BLAS for the ``*_torch_gemm`` candidates."""
+    if not name.endswith("_torch_gemm"):
+        return fn
+
+    def run() -> None:
+        saved = gemm.GEMM
+        gemm.GEMM = "torch"
+        try:
+            fn()
+        finally:
+            gemm.GEMM = saved
+    return run
 
 
 def forward_fn(name: str, module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -68,11 +117,11 @@ def forward_fn(name: str, module: torch.nn.Module, x: torch.Tensor) -> Callable[
         with torch.no_grad():
             if name == "mixtral":
                 module(x.unsqueeze(0))
-            elif name == "dense":
+            elif name.startswith("dense"):
                 module(x)
             else:
                 module(x).output
-    return run
+    return on_torch_gemm(name, run)
 
 
 def train_fn(name: str, module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -83,13 +132,13 @@ def train_fn(name: str, module: torch.nn.Module, x: torch.Tensor) -> Callable[[]
         xg.grad = None
         if name == "mixtral":
             loss = module(xg.unsqueeze(0)).square().mean()
-        elif name == "dense":
+        elif name.startswith("dense"):
             loss = module(xg).square().mean()
         else:
             out = module(xg)
             loss = out.output.square().mean() + out.aux_loss
         loss.backward()
-    return run
+    return on_torch_gemm(name, run)
 
 
 def measure(fns: dict[str, Callable[[], None]], rounds: int, desc: str,
@@ -127,15 +176,18 @@ def main() -> None:
     load_before = os.getloadavg()
     modules = build(d_model, hidden, num_experts, top_k)
     x = torch.randn(tokens, d_model)
+    with torch.no_grad():  # the OpenBLAS dense anchor computes the same function
+        torch.testing.assert_close(modules["dense_openblas"](x[:64]), modules["dense"](x[:64]), atol=1e-4, rtol=1e-4)
 
     fwd = measure({k: forward_fn(k, m, x) for k, m in modules.items()}, rounds, "forward")
     load_fwd = os.getloadavg()[0]
     train = measure({k: train_fn(k, m, x) for k, m in modules.items()}, rounds, "fwd+bwd")
     load_train = os.getloadavg()[0]
     torch.set_num_threads(1)  # no thread barriers: compute efficiency alone, robust to a loaded machine
-    single = measure({k: forward_fn(k, modules[k], x) for k in ("ours", "dense")}, rounds, "forward, 1 thread",
+    one_thread = ("ours", "ours_torch_gemm", "dense")
+    single = measure({k: forward_fn(k, modules[k], x) for k in one_thread}, rounds, "forward, 1 thread",
                      time.thread_time)
-    single_t = measure({k: train_fn(k, modules[k], x) for k in ("ours", "dense")}, rounds, "fwd+bwd, 1 thread",
+    single_t = measure({k: train_fn(k, modules[k], x) for k in one_thread}, rounds, "fwd+bwd, 1 thread",
                        time.thread_time)
     torch.set_num_threads(2)
     med_s = {k: statistics.median(v) for k, v in single.items()}
@@ -160,7 +212,20 @@ def main() -> None:
         ("dropless (SwiGLU experts) / transformers MixtralSparseMoeBlock", med_f["ours_swiglu"],
          med_f["mixtral"], med_t["ours_swiglu"], med_t["mixtral"], ">= 1.2x faster (ratio <= 0.83)"),
         ("capacity 1.25 / dropless", med_f["capacity"], med_f["ours"], med_t["capacity"], med_t["ours"], "-"),
+        ("dropless, expert products forced onto torch's BLAS / dense MLP", med_f["ours_torch_gemm"], med_f["dense"],
+         med_t["ours_torch_gemm"], med_t["dense"], "(context)"),
+        ("dropless SwiGLU, expert products forced onto torch's BLAS / Mixtral", med_f["ours_swiglu_torch_gemm"],
+         med_f["mixtral"], med_t["ours_swiglu_torch_gemm"], med_t["mixtral"], "(context)"),
+        ("dropless / dense MLP with its products on numpy's OpenBLAS (2 threads)", med_f["ours"],
+         med_f["dense_openblas"], med_t["ours"], med_t["dense_openblas"], "(context)"),
     ]
+    lib = gemm.openblas()
+    how = (f"`ernie_vl.moe.gemm.GEMM = {gemm.GEMM!r}`; CPU vendor {gemm.cpu_vendor() or 'unknown'}, torch's BLAS "
+           f"{'MKL' if torch.backends.mkl.is_available() else 'not MKL'}")
+    blas_line = (f"- Expert products on **{gemm.backend()}** ({how}). numpy's BLAS: "
+                 + (f"OpenBLAS {lib.version}, {lib.architecture} kernels" if lib else "not OpenBLAS") + ". The first two "
+                 "`(context)` rows force torch's BLAS onto our experts, the third puts the dense MLP on OpenBLAS, "
+                 "in the same rounds: the part of the figures that the dispatch alone gives.")
     cmd = "cd /work/main && .venv/bin/python bench/moe.py" + (" --quick" if args.quick else "")
     if args.tokens or args.rounds:
         cmd += "".join(f" --{k} {v}" for k, v in (("tokens", args.tokens), ("rounds", args.rounds)) if v)
@@ -186,11 +251,16 @@ def main() -> None:
                      f"{t_a / t_b:.2f} | {goal} |")
     lines += [
         "",
+        blas_line,
         f"- 2 threads, median of the per-round ratios (ours and dense timed in the same round): forward "
-        f"**{paired_ratio(fwd, 'ours', 'dense'):.2f}x**, fwd+bwd **{paired_ratio(train, 'ours', 'dense'):.2f}x**.",
+        f"**{paired_ratio(fwd, 'ours', 'dense'):.2f}x**, fwd+bwd **{paired_ratio(train, 'ours', 'dense'):.2f}x** "
+        f"(expert products on torch's BLAS: {paired_ratio(fwd, 'ours_torch_gemm', 'dense'):.2f}x, "
+        f"{paired_ratio(train, 'ours_torch_gemm', 'dense'):.2f}x).",
         f"- 1 thread, CPU time of the calling thread, medians of {rounds} interleaved rounds: forward dropless "
         f"{med_s['ours']:.3f} s vs dense {med_s['dense']:.3f} s = **{med_s['ours'] / med_s['dense']:.2f}x**; "
-        f"fwd+bwd {med_st['ours']:.3f} s vs {med_st['dense']:.3f} s = **{med_st['ours'] / med_st['dense']:.2f}x** "
+        f"fwd+bwd {med_st['ours']:.3f} s vs {med_st['dense']:.3f} s = **{med_st['ours'] / med_st['dense']:.2f}x**; "
+        f"expert products on torch's BLAS: forward {med_s['ours_torch_gemm'] / med_s['dense']:.2f}x, fwd+bwd "
+        f"{med_st['ours_torch_gemm'] / med_st['dense']:.2f}x "
         "(no thread barriers, and time spent descheduled is not counted, so these ratios are the least "
         "sensitive to other jobs on the machine).",
         f"- ours vs Mixtral: forward {med_f['mixtral'] / med_f['ours_swiglu']:.2f}x faster, "
@@ -215,7 +285,7 @@ def main() -> None:
         "closed-form backward) and the routing statistics run on one intra-op thread, because with two threads "
         "every small op ends in a thread barrier that costs up to a scheduler time slice on a shared machine; one "
         "stable argsort of the (N, k) choices plans the dispatch. Then each expert is one task (gather its rows, "
-        "`addmm`, activation in place, `addmm`; backward: recompute the activation, the two weight gradients "
+        "product, activation in place, product; backward: recompute the activation, the two weight gradients "
         "written straight into the stacked gradient, the input gradient): with 2 threads the tasks run on 2 "
         "persistent single-threaded worker threads, each taking whole experts, largest first (no intra-op "
         "barriers, no padding; the padded batched kernel, which would pad every expert here by "

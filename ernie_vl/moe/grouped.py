@@ -4,8 +4,9 @@ MegaBlocks-style, tuned for CPU:
 - the tokens of expert ``e`` occupy one contiguous slice of the sorted rows, and each expert
   runs once on its slice (measured on CPU: a loop over contiguous slices beat
   ``torch._grouped_mm``); experts without tokens are skipped; its matmul, activation and
-  second matmul run back to back on one slice (``addmm`` / activation ``out=`` variants into
-  preallocated buffers, no per-expert concatenation);
+  second matmul run back to back on one slice (products and activation written ``out=`` into
+  preallocated buffers, no per-expert concatenation; the products go through
+  :mod:`ernie_vl.moe.gemm`, which runs them on numpy's OpenBLAS where that is faster);
 - temporaries that never leave a call (gathered rows, one expert's activations, the
   backward's gradient slices) are per-thread scratch buffers reused across calls
   (:mod:`ernie_vl.moe.workspace`): a fresh 64 MB tensor costs ~45 ms of page faults on one
@@ -41,6 +42,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import gemm
 from .padded import PaddedLayout, padded_backward, padded_forward, padded_layout
 from .threaded import experts_backward, experts_inference, experts_training
 from .workspace import scratch
@@ -102,10 +104,7 @@ def activation_fn(name: str):
 
 def _linear_into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
     """``out = x @ w.T (+ b)``, ``w`` in nn.Linear layout (out_features, in_features)."""
-    if b is None:
-        torch.mm(x, w.t(), out=out)
-    else:
-        torch.addmm(b, x, w.t(), out=out)
+    gemm.addmm(b, x, w.t(), out)
 
 
 # ---- expert kernels: one expert on one slice ---------------------------------------------
@@ -141,9 +140,9 @@ def expert_forward(kind: str, act: str, params, e: int, x: torch.Tensor, h: torc
         _linear_into(a, w2[e], None if b2 is None else b2[e], y)
     else:
         w_gate_up, w_down = params
-        torch.mm(x, w_gate_up[e].t(), out=h)
+        gemm.mm(x, w_gate_up[e].t(), h)
         expert_activation(kind, act, h, a)
-        torch.mm(a, w_down[e].t(), out=y)
+        gemm.mm(a, w_down[e].t(), y)
 
 
 def expert_backward(kind: str, act: str, params, grads, e: int, dy: torch.Tensor, x: torch.Tensor | None,
@@ -159,12 +158,12 @@ def expert_backward(kind: str, act: str, params, grads, e: int, dy: torch.Tensor
     hidden = second_w.shape[2]
     if second_grad is not None:
         a = expert_activation(kind, act, h, scratch("bwd_act", (n, hidden), h))
-        torch.mm(dy.t(), a, out=second_grad[e])
+        gemm.mm(dy.t(), a, second_grad[e])
     first_grad = grads[0]
     first_bias_grad = grads[1] if kind == "mlp" else None
     if first_grad is None and first_bias_grad is None and dx is None:
         return
-    da = torch.mm(dy, second_w[e], out=scratch("bwd_grad", (n, hidden), h))
+    da = gemm.mm(dy, second_w[e], scratch("bwd_grad", (n, hidden), h))
     if kind == "mlp":
         dh = activation_backward(da, h, act, out=da)
     else:
@@ -174,11 +173,11 @@ def expert_backward(kind: str, act: str, params, grads, e: int, dy: torch.Tensor
         torch.mul(da, u, out=dh[:, :hidden])
         activation_backward(dh[:, :hidden], g, act, out=dh[:, :hidden])  # d gate
     if first_grad is not None:
-        torch.mm(dh.t(), x, out=first_grad[e])
+        gemm.mm(dh.t(), x, first_grad[e])
     if first_bias_grad is not None:
         torch.sum(dh, dim=0, out=first_bias_grad[e])
     if dx is not None:
-        torch.mm(dh, params[0][e], out=dx)
+        gemm.mm(dh, params[0][e], dx)
 
 
 # ---- the fused layer ---------------------------------------------------------------------

@@ -21,11 +21,12 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .gemm import single_threaded_blas
 from .workspace import scratch
 
 _LOCK = threading.Lock()
@@ -101,7 +102,9 @@ def run_tasks(fn: Callable[..., None], tasks: Sequence[tuple], parallel: bool = 
     (one thread, or called from a worker)."""
     threads = torch.get_num_threads()
     if not parallel or threads <= 1 or len(tasks) <= 1 or in_worker():
-        with torch.no_grad():
+        # single-threaded products on OpenBLAS only when this thread runs one intra-op thread
+        blas = single_threaded_blas() if threads <= 1 else nullcontext()
+        with torch.no_grad(), blas:
             for task in tasks:
                 fn(*task)
         return
@@ -111,8 +114,9 @@ def run_tasks(fn: Callable[..., None], tasks: Sequence[tuple], parallel: bool = 
         with torch.inference_mode(inference), torch.no_grad():
             fn(*task)
 
-    futures = [worker_pool(threads).submit(call, task) for task in tasks]
-    wait(futures)
+    with single_threaded_blas():
+        futures = [worker_pool(threads).submit(call, task) for task in tasks]
+        wait(futures)
     for f in futures:
         f.result()
 
