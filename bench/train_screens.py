@@ -49,6 +49,10 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "videos uniform lr 5e-4": ("videos", {}, {"video_sampler": "uniform", "lr": 5e-4}),
     "videos priority lr 5e-4": ("videos", {}, {"video_sampler": "priority", "lr": 5e-4}),
     "videos uniform lr 2.5e-4": ("videos", {}, {"video_sampler": "uniform", "lr": 2.5e-4}),
+    "videos priority lr 5e-4 tubelet 2": ("videos", {"video_encoder": {"tubelet_size": 2}},
+                                          {"video_sampler": "priority", "lr": 5e-4}),
+    "videos priority lr 5e-4 tubelet 8": ("videos", {"video_encoder": {"tubelet_size": 8}},
+                                          {"video_sampler": "priority", "lr": 5e-4}),
 }
 
 
