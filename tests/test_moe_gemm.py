@@ -63,6 +63,34 @@ def test_products_stay_on_torch_outside_the_scope_and_for_other_dtypes(monkeypat
 
 
 @needs_openblas
+def test_only_threads_running_expert_tasks_use_openblas(monkeypatch, count_numpy):
+    # another thread's products stay on torch while a scope is open elsewhere; workers opt in
+    monkeypatch.setattr(gemm, "GEMM", "openblas")
+    a, w = torch.randn(8, 4), torch.randn(6, 4)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_scope() -> None:
+        with gemm.single_threaded_blas() as on:
+            assert on is True
+            entered.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_scope)
+    holder.start()
+    try:
+        assert entered.wait(10)
+        gemm.mm(a, w.t(), torch.empty(8, 6))  # this thread is outside any scope
+        assert count_numpy == []
+        with gemm.openblas_products(True):  # what a worker does for the scope's tasks
+            out = gemm.mm(a, w.t(), torch.empty(8, 6))
+        assert len(count_numpy) == 1
+        torch.testing.assert_close(out, a @ w.t())
+    finally:
+        release.set()
+        holder.join()
+
+
+@needs_openblas
 def test_scope_sets_one_openblas_thread_and_restores_the_count(monkeypatch):
     monkeypatch.setattr(gemm, "GEMM", "openblas")
     lib = gemm.openblas()

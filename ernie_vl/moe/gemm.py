@@ -12,11 +12,11 @@ GFLOP/s together). So:
 - ``"torch"`` / ``"openblas"``: forced (tests, benchmarks); the environment variable
   ``ERNIE_VL_MOE_GEMM`` sets the default.
 
-OpenBLAS is used only for contiguous-output float32/float64 CPU products while some caller
-is inside :func:`single_threaded_blas` (the expert phase of a layer call, whose tasks may run
-on other threads), which sets OpenBLAS to one thread per call for the duration (a
+OpenBLAS is used only for contiguous-output float32/float64 CPU products on a thread that
+runs expert tasks (:func:`openblas_products`) inside :func:`single_threaded_blas` (a layer
+call's expert phase), which sets OpenBLAS to one thread per call for the duration (a
 process-wide setting, restored on exit: a numpy product run by another thread meanwhile also
-runs single-threaded). Every other product (CUDA, bf16, the multi-threaded loop) stays
+runs single-threaded). The backend is decided once per scope, not per product. Every other product (CUDA, bf16, the multi-threaded loop) stays
 on torch. Both backends give the same result up to float rounding; within one process the
 backend is fixed, so the expert-parallel kernel still equals the one-thread loop bit for bit.
 """
@@ -39,6 +39,7 @@ _LOCK = threading.Lock()
 _OPENBLAS: "_OpenBLAS | None | bool" = False  # False: not probed yet; None: unavailable
 _ACTIVE = 0  # callers inside single_threaded_blas (the OpenBLAS thread count is process-wide)
 _SAVED_THREADS = 0
+_LOCAL = threading.local()  # .on: this thread's mm/addmm go to OpenBLAS
 
 
 class _OpenBLAS:
@@ -120,8 +121,10 @@ def _numpy_blas_name(np) -> str:
 
 
 @contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Run the enclosed expert products with one OpenBLAS thread per call (restored on exit).
+def single_threaded_blas() -> Iterator[bool]:
+    """Route this thread's expert products to OpenBLAS with one thread per call when the
+    backend is "openblas"; yields whether it is (pass that to :func:`openblas_products` on
+    the worker threads that run this scope's tasks).
 
     Re-entrant and safe to enter from several threads: the first to enter sets the count, the
     last to leave restores it.
@@ -129,7 +132,7 @@ def single_threaded_blas() -> Iterator[None]:
     global _ACTIVE, _SAVED_THREADS
     lib = openblas() if backend() == "openblas" else None
     if lib is None:
-        yield
+        yield False
         return
     with _LOCK:
         if _ACTIVE == 0:
@@ -138,12 +141,24 @@ def single_threaded_blas() -> Iterator[None]:
                 lib.set_threads(1)
         _ACTIVE += 1
     try:
-        yield
+        with openblas_products(True):
+            yield True
     finally:
         with _LOCK:
             _ACTIVE -= 1
             if _ACTIVE == 0 and _SAVED_THREADS != 1:
                 lib.set_threads(_SAVED_THREADS)
+
+
+@contextmanager
+def openblas_products(on: bool) -> Iterator[None]:
+    """Send this thread's :func:`mm` / :func:`addmm` to OpenBLAS (``on``) or torch, restored after."""
+    previous = getattr(_LOCAL, "on", False)
+    _LOCAL.on = on
+    try:
+        yield
+    finally:
+        _LOCAL.on = previous
 
 
 def backend() -> str:
@@ -176,18 +191,16 @@ def cpu_vendor() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _auto_choice() -> str:
-    """OpenBLAS when torch's BLAS is MKL on a non-Intel x86 CPU (MKL's generic path), else torch."""
+    """OpenBLAS when torch's BLAS is MKL on an AMD / Hygon CPU (MKL's generic path), else torch."""
     vendor = cpu_vendor()
-    mkl_off_intel = torch.backends.mkl.is_available() and "Intel" not in vendor and (
-        "AMD" in vendor or "Hygon" in vendor)
-    return "openblas" if mkl_off_intel else "torch"
+    mkl_on_amd = torch.backends.mkl.is_available() and ("AMD" in vendor or "Hygon" in vendor)
+    return "openblas" if mkl_on_amd else "torch"
 
 
 def _use_openblas(out: torch.Tensor, *operands: torch.Tensor) -> bool:
-    return (_ACTIVE > 0 and out.device.type == "cpu"
+    return (getattr(_LOCAL, "on", False) and out.device.type == "cpu"
             and out.dtype in (torch.float32, torch.float64) and out.is_contiguous()
-            and all(t.dtype == out.dtype and t.device.type == "cpu" for t in operands)
-            and backend() == "openblas")
+            and all(t.dtype == out.dtype and t.device.type == "cpu" for t in operands))
 
 
 def _np(t: torch.Tensor):

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .gemm import single_threaded_blas
+from .gemm import openblas_products, single_threaded_blas
 from .workspace import scratch
 
 _LOCK = threading.Lock()
@@ -110,11 +110,11 @@ def run_tasks(fn: Callable[..., None], tasks: Sequence[tuple], parallel: bool = 
         return
     inference = torch.is_inference_mode_enabled()
 
-    def call(task: tuple) -> None:
-        with torch.inference_mode(inference), torch.no_grad():
-            fn(*task)
+    with single_threaded_blas() as on_openblas:
+        def call(task: tuple) -> None:
+            with torch.inference_mode(inference), torch.no_grad(), openblas_products(on_openblas):
+                fn(*task)
 
-    with single_threaded_blas():
         futures = [worker_pool(threads).submit(call, task) for task in tasks]
         wait(futures)
     for f in futures:
