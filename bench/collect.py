@@ -1,36 +1,94 @@
-"""Gather the latest figures of every benchmark into BENCHMARKS.md.
+"""Gather the latest figures of every benchmark into BENCHMARKS.md and the README.
 
-Each ``bench/<name>.py`` writes ``bench/results/<name>.md`` (its command line
-first, then its tables); this script concatenates them under a fixed order.
+Each ``bench/<name>.py`` writes ``bench/results/<name>.md`` (its tables) and, through
+``bench/_report.py``, ``bench/results/<name>.json`` (the machine and one verdict row per goal).
+This script writes:
+
+- BENCHMARKS.md: a summary table built from the JSON verdicts, then every section;
+- the README's block between ``<!-- bench-summary:begin -->`` and ``<!-- bench-summary:end -->``:
+  the same summary table.
+
+Nothing in either is typed by hand; a section without a JSON file is listed as having no
+script-written verdict.
 
     python bench/collect.py
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("summary", "encoders", "moe", "quantize", "video", "retrieval", "hnsw_at_scale", "server", "priority_sampling", "train_synthetic", "train_screens")
+ORDER = ("encoders", "moe", "quantize", "video", "retrieval", "hnsw_at_scale", "server", "server_abuse",
+         "data", "train_synthetic", "train_digits", "few_shot_video", "moe_balance", "priority_sampling",
+         "train_screens")
+BEGIN, END = "<!-- bench-summary:begin -->", "<!-- bench-summary:end -->"
 
 HEADER = """# Benchmarks
 
-Latest figures, each with the command that produced it. Every benchmark times
-ours and its anchor in the same process (interleaved rounds, medians) and
-prints the ratio. Unless a section says otherwise: CPU only, 2 threads, on the
-project's 2-core machine. Regenerate one section with its command, then
+Latest figures, each with the command that produced it. Every benchmark times ours and its
+anchor in the same process (interleaved rounds, medians), prints the ratio, computes its verdict
+against the goal and names the CPU it ran on. Regenerate one section with its command, then
 `python bench/collect.py`.
 """
 
 
-def main() -> None:
-    files = {p.stem: p for p in RESULTS.glob("*.md")}
-    names = [n for n in ORDER if n in files] + sorted(set(files) - set(ORDER))
-    parts = [HEADER]
+def _status(met) -> str:
+    return {True: "met", False: "**missed**", None: "reported"}[met]
+
+
+def summary_table(records: list[dict], without_verdicts: list[str]) -> str:
+    """Markdown table: one row per verdict, with the CPU and the date each was measured."""
+    rows = ["| # | what | goal | measured | status | benchmark, CPU, date |", "|---|---|---|---|---|---|"]
+    for rec in records:
+        cpu = rec["machine"]["cpu"]
+        where = f"`{rec['benchmark']}`, {cpu}, {rec['written']}"
+        for v in rec["verdicts"]:
+            rows.append(f"| {v['claim']} | {v['what']} | {v['goal']} | {v['measured']} | {_status(v['met'])} | {where} |")
+    text = "\n".join(rows) + "\n"
+    if without_verdicts:
+        text += ("\nNo script-written verdict yet (figures in their sections come from earlier runs that did not "
+                 "record the CPU or compute a verdict; rerun them): "
+                 + ", ".join(f"`{n}`" for n in without_verdicts) + ".\n")
+    return text
+
+
+def load_records() -> tuple[list[dict], list[str], list[str]]:
+    """(verdict records in ORDER, names with a .md but no .json, every section name in ORDER)."""
+    mds = {p.stem: p for p in RESULTS.glob("*.md")}
+    names = [n for n in ORDER if n in mds] + sorted(set(mds) - set(ORDER))
+    records, missing = [], []
     for name in names:
-        parts.append(files[name].read_text().strip() + "\n")
+        js = RESULTS / f"{name}.json"
+        if js.exists():
+            records.append(json.loads(js.read_text()))
+        else:
+            missing.append(name)
+    return records, missing, names
+
+
+def update_readme(table: str, readme: Path = ROOT / "README.md") -> bool:
+    """Replace the README's marked block with ``table``; False when the markers are absent."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
+    return True
+
+
+def main() -> None:
+    records, missing, names = load_records()
+    table = summary_table(records, missing)
+    parts = [HEADER, "## Summary: goals against what we measured\n\n" + table]
+    for name in names:
+        parts.append((RESULTS / f"{name}.md").read_text().strip() + "\n")
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
-    print(f"BENCHMARKS.md: {len(names)} sections ({', '.join(names)})")
+    in_readme = update_readme(table)
+    print(f"BENCHMARKS.md: {len(names)} sections, {sum(len(r['verdicts']) for r in records)} verdicts"
+          f"{'; README block updated' if in_readme else ''}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""What every benchmark writes: the machine it ran on and the verdicts its script computed.
+
+A benchmark ``bench/<name>.py`` ends with ``write_results(name, markdown, verdicts)``:
+
+- ``bench/results/<name>.md``: its tables, for BENCHMARKS.md (``bench/collect.py`` concatenates them);
+- ``bench/results/<name>.json``: the machine facts and one row per goal (what, goal, measured, met),
+  from which ``bench/collect.py`` writes the summary table of BENCHMARKS.md and the README's figures.
+
+No figure or verdict is typed by hand: a goal counts as met only where a script wrote ``met: true``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: ISA features worth naming for our kernels (BLAS, int8 and bf16 engines).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+             "amx_int8", "amx_bf16", "asimd", "sve")
+
+
+@dataclass
+class Verdict:
+    """One goal of a benchmark. ``met`` is None for figures that are reported without a goal."""
+
+    what: str
+    goal: str
+    measured: str
+    met: bool | None
+    claim: str = "-"  # the brief's claim number this row speaks to, or "-"
+
+
+@dataclass
+class Machine:
+    """The machine a result was measured on."""
+
+    cpu: str
+    vendor: str
+    isa: list[str]
+    cores: int
+    torch: str = ""
+    blas: str = ""
+    load_before: float = 0.0
+    load_after: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One Markdown line for a results file."""
+        load = f"1-min load average {self.load_before:.1f} before, {self.load_after:.1f} after"
+        return (f"CPU: {self.cpu} ({self.vendor}, {self.cores} cores; ISA {' '.join(self.isa) or 'baseline'}); "
+                f"torch {self.torch}, BLAS {self.blas}; {load}.")
+
+
+def _cpuinfo() -> tuple[str, str, set[str]]:
+    model, vendor, flags = platform.processor() or platform.machine(), "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return model, vendor, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and value:
+            model = value
+        elif key == "vendor_id" and value:
+            vendor = value
+        elif key in ("flags", "Features") and value:
+            flags = set(value.split())
+    return model, vendor, flags
+
+
+def machine(load_before: float | None = None) -> Machine:
+    """Facts of the running machine (CPU model, vendor, ISA flags, torch and its BLAS, load)."""
+    model, vendor, flags = _cpuinfo()
+    torch_version, blas = "", ""
+    if "torch" in sys.modules or _importable("torch"):
+        import torch
+
+        torch_version = torch.__version__
+        blas = "MKL" if torch.backends.mkl.is_available() else "not MKL"
+        if torch.backends.mkldnn.is_available():
+            blas += " + oneDNN"
+    return Machine(cpu=model, vendor=vendor, isa=[f for f in ISA_FLAGS if f in flags], cores=os.cpu_count() or 1,
+                   torch=torch_version, blas=blas,
+                   load_before=os.getloadavg()[0] if load_before is None else load_before,
+                   load_after=os.getloadavg()[0])
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def write_results(name: str, markdown: str, verdicts: list[Verdict], machine_facts: Machine,
+                  command: str, results_dir: Path | None = None) -> Path:
+    """Write ``<name>.md`` and ``<name>.json`` under ``results_dir`` (default bench/results); returns the .md."""
+    out = Path(results_dir or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{name}.md"
+    md.write_text(markdown.rstrip() + "\n")
+    record = {"benchmark": name, "command": command, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": asdict(machine_facts), "verdicts": [asdict(v) for v in verdicts]}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return md
+
+
+def command_line(script: str) -> str:
+    """The command as a user would type it from the repository root."""
+    return " ".join([".venv/bin/python", f"bench/{script}"] + sys.argv[1:])

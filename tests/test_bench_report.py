@@ -1,0 +1,71 @@
+"""bench/_report.py and bench/collect.py: verdicts come from results files, never from hand-typed text."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture()
+def report():
+    return _load("_report")
+
+
+@pytest.fixture()
+def collect():
+    return _load("collect")
+
+
+def test_machine_names_the_cpu_and_isa(report):
+    facts = report.machine(load_before=0.5)
+    assert facts.cpu and facts.cores >= 1
+    assert set(facts.isa) <= set(report.ISA_FLAGS)
+    line = facts.line()
+    assert facts.cpu in line and "load average 0.5 before" in line
+
+
+def test_write_results_then_summary_and_readme_block(tmp_path, report, collect):
+    facts = report.Machine(cpu="Test CPU 9000", vendor="TestVendor", isa=["avx2"], cores=2, torch="x", blas="y")
+    verdicts = [report.Verdict("ours / anchor", ">= 1.0", "1.23x", True, claim="7"),
+                report.Verdict("ours / other", ">= 2.5", "2.10x", False),
+                report.Verdict("size", "report", "0.25", None)]
+    md = report.write_results("fake", "# Fake\n\ntable", verdicts, facts, "python bench/fake.py", results_dir=tmp_path)
+    assert md.read_text().startswith("# Fake")
+    record = json.loads((tmp_path / "fake.json").read_text())
+    assert record["machine"]["cpu"] == "Test CPU 9000"
+    assert [v["met"] for v in record["verdicts"]] == [True, False, None]
+
+    table = collect.summary_table([record], without_verdicts=["old"])
+    lines = [row for row in table.splitlines() if row.startswith("|")]
+    assert len(lines) == 2 + 3  # header, rule, three verdicts
+    assert "| 7 | ours / anchor | >= 1.0 | 1.23x | met |" in table
+    assert "| **missed** |" in table and "| reported |" in table
+    assert "Test CPU 9000" in table and "`old`" in table
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{collect.BEGIN}\nhand-typed 9.9x\n{collect.END}\noutro\n")
+    assert collect.update_readme(table, readme)
+    text = readme.read_text()
+    assert "hand-typed" not in text and "1.23x" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not collect.update_readme(table, plain)
+    assert plain.read_text() == "no markers\n"
