@@ -30,6 +30,45 @@ def frame_pattern(i: int, height: int, width: int, blue: int = 64) -> np.ndarray
     return img
 
 
+def coded_index(red_levels) -> list[int]:
+    """The frame index that ``frame_pattern`` coded in each frame's mean red level (0..255 units, (T,)):
+    8 * i mod 256. Exact: a level more than 3.5 away from every code raises AssertionError (a neighbour
+    frame is 8 levels away: a wrong frame decodes to its own index, never to the expected one)."""
+    code = np.asarray(red_levels, dtype=np.float64).reshape(-1) / 8
+    nearest = np.round(code)
+    off = float(np.abs(code - nearest).max(initial=0.0)) * 8
+    if off > 3.5:
+        raise AssertionError(f"red levels {np.round(code * 8, 2).tolist()} are {off:.1f} levels off any frame code")
+    return [int(v) % 32 for v in nearest]
+
+
+def reference_frames(path: str | os.PathLike, indices) -> np.ndarray:
+    """uint8 (T,H,W,3): frames ``indices`` of PyAV's sequential decode (frame i = the i-th frame it outputs)."""
+    wanted = [int(i) for i in indices]
+    got: dict[int, np.ndarray] = {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if len(got) == len(set(wanted)):
+                break
+    return np.stack([got[i] for i in wanted])
+
+
+def faststart_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``src`` remuxed (no re-encoding) with its index (moov) first, so a cut copy keeps a readable start."""
+    dst = Path(dst)
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        for packet in inp.demux(stream_in):
+            if packet.dts is None:
+                continue
+            packet.stream = stream_out
+            out.mux(packet)
+    return dst
+
+
 def write_clip(path: str | os.PathLike, num_frames: int = 40, width: int = 64, height: int = 48, fps: int = 25,
                gop: int = 12, bframes: int = 0, pts: list[int] | None = None, time_base: Fraction | None = None,
                faststart: bool = True, blue: int = 64, slices: int = 0) -> Path:

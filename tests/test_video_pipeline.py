@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from _video_fixtures import write_clip, write_solid_clip
+from _video_fixtures import coded_index, reference_frames, write_clip, write_solid_clip
 from _video_models import BlueLevelClassifier, ColourEmbedder, ColourTokenizer
 from video import VideoFolder, ZeroShotClassifier, classify, evaluate, parse_views
 from video.transforms import build_clip_transform
@@ -54,9 +54,13 @@ def test_multi_view_items_hold_every_clip_and_crop(tinted):
     views, label, index = mv[first]
     assert views.shape == (6, 2, 3, 16, 16) and label == 1 and index == first
     # TSN over 24 frames, 2 segments of 12: view 0 at offset 3, view 1 at offset 9
-    red = views[:, :, 0].mean(dim=(2, 3)) * 255 / 8
-    assert torch.allclose(red[0], torch.tensor([3.0, 15.0]), atol=1.0)
-    assert torch.allclose(red[3], torch.tensor([9.0, 21.0]), atol=1.0)
+    red = views[:, :, 0].mean(dim=(2, 3)) * 255
+    assert coded_index(red[0]) == [3, 15] and coded_index(red[3]) == [9, 21]
+    # exact: every view is the transform of PyAV's sequential decode of those frames, crop by crop
+    frames = torch.from_numpy(reference_frames(ds.samples[first][0], [3, 15, 9, 21]))
+    for view in range(6):
+        clip_frames = frames[:2] if view < 3 else frames[2:]
+        assert torch.equal(views[view], ds.transform(clip_frames, crop_index=view % 3, num_crops=3))
     # the three crops of one clip come from the left, centre and right of the 16x21 frame
     assert not torch.equal(views[0], views[2])
 
