@@ -11,7 +11,7 @@ from ernie_vl.train.config import TrainConfig
 # CLI flag -> TrainConfig field, for the flags that map one to one
 _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos", "grad_accum", "lr", "weight_decay",
            "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "video_sampler", "priority_alpha", "priority_uniform_mix",
-           "num_workers", "eval_every", "checkpoint_every", "log_every", "num_frames", "val_pairs", "val_videos",
+           "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
            "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps",
            "hard_negative_share", "hard_negative_group")
 
@@ -23,10 +23,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", nargs="*", default=[], metavar="CSV", help="image-text CSVs (filepath,caption)")
     p.add_argument("--videos", nargs="*", default=[], metavar="DIR_OR_CSV",
                    help="labelled videos: ROOT/<class>/<file> folders or path,label CSVs")
-    p.add_argument("--out", required=True, help="run folder: log.jsonl, train_state.pt, final/")
+    p.add_argument("--out", required=True, help="run folder: log.jsonl, train_state.safetensors, final/")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (the schedule is fitted to it)")
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: as many as --minutes allows)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/train_state.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from OUT/train_state.safetensors (warns when there is none; refuses "
+                        "when OUT holds a run without one)")
     p.add_argument("--batch-pairs", type=int, default=d["batch_pairs"].default, help="global image-text pairs per step")
     p.add_argument("--batch-videos", type=int, default=d["batch_videos"].default, help="global clips per step")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -52,7 +54,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-pairs", default=None, metavar="CSV", help="held-out pairs for Recall@K during training")
     p.add_argument("--val-videos", default=None, metavar="DIR_OR_CSV", help="held-out videos for top-1/top-5")
     p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also save the training state every STEPS steps (default 0: by time only)")
+    p.add_argument("--checkpoint-minutes", type=float, default=d["checkpoint_minutes"].default, metavar="MIN",
+                   help="save the training state every MIN minutes (default %(default)s; 0: only at the end)")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=d["num_workers"].default)
     p.add_argument("--image-col", default="filepath")

@@ -1,22 +1,36 @@
-"""Training checkpoints for exact resume, written atomically.
+"""Training checkpoints for exact resume: safetensors + JSON, never a pickle, written atomically.
 
-A training state (model, optimizer, scheduler, sampler, RNG states, step) is
-saved with ``torch.save`` to ``<dir>/.<name>.tmp-<pid>``, flushed and fsynced,
-then ``os.replace``-d onto ``<dir>/<name>``: a crash mid-write leaves the last
-good checkpoint untouched. (The released model is the separate safetensors
-folder written by ``save_pretrained``; this file is only for resuming.)
+A training state (model, optimizer, scheduler, sampler, RNG states, step) is saved as one
+``<dir>/train_state.safetensors``: every tensor and numpy array as a tensor, the rest of the
+tree as JSON in the file's header (``ernie_vl.train.state_codec``). Loading it parses
+safetensors and JSON only, so a run folder from elsewhere cannot run code. The file goes to
+``<dir>/.<name>.tmp-<pid>``, is flushed and fsynced, then ``os.replace``-d into place: a crash
+mid-write leaves the last good checkpoint. The older pickle file ``train_state.pt`` is refused
+with :class:`LegacyStateError` (it is never opened). ``log.jsonl`` helpers keep a resumed log
+free of repeated steps.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, IO
 
 import numpy as np
 import torch
 
-CHECKPOINT_NAME = "train_state.pt"
+from ernie_vl.train import state_codec
+
+CHECKPOINT_NAME = "train_state.safetensors"
+LEGACY_CHECKPOINT_NAME = "train_state.pt"
+LOG_NAME = "log.jsonl"
+STATE_FORMAT = "ernie-vl-train-state"
+STATE_VERSION = "1"
+
+
+class LegacyStateError(ValueError):
+    """A run folder holds only a pickle-based ``train_state.pt``, which is never loaded."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -34,14 +48,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary sibling, fsync, then rename onto ``path``."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """``write(f)`` into a temporary sibling, fsync, then rename onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,16 +65,110 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through :func:`atomic_write` (tensor-only caches read back with ``weights_only=True``)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def save_training_state(directory: str | Path, state: dict[str, Any]) -> Path:
-    return atomic_torch_save(state, Path(directory) / CHECKPOINT_NAME)
+    """Write ``state`` to ``directory/train_state.safetensors`` atomically."""
+    from safetensors.torch import save
+
+    skeleton, tensors = state_codec.pack(state)
+    metadata = {"format": "pt", "ernie_vl_format": STATE_FORMAT, "ernie_vl_version": STATE_VERSION,
+                "state": json.dumps(skeleton, allow_nan=False)}
+    blob = save(tensors, metadata=metadata)
+    return atomic_write(Path(directory) / CHECKPOINT_NAME, lambda f: f.write(blob))
+
+
+def legacy_message(path: Path) -> str:
+    return (f"{str(path)!r} is a training state in the old pickle format; it is not loaded, because "
+            f"unpickling a file can run any code in it (run folders are shared like any download). "
+            f"Resume needs {CHECKPOINT_NAME}, which this version writes. Start the run again in a new --out "
+            f"(or delete {path.name} to train afresh in this folder)")
+
+
+def has_training_state(directory: str | Path) -> bool:
+    """True when ``directory`` holds a resumable state; ``LegacyStateError`` when it holds only a pickle one."""
+    directory = Path(directory)
+    if (directory / CHECKPOINT_NAME).is_file():
+        return True
+    legacy = directory / LEGACY_CHECKPOINT_NAME
+    if legacy.exists():
+        raise LegacyStateError(legacy_message(legacy))
+    return False
 
 
 def load_training_state(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no training checkpoint {str(path)!r} to resume from")
+    """The state saved by :func:`save_training_state` (safetensors and JSON only; nothing unpickled)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not has_training_state(directory):
+        raise FileNotFoundError(f"no training checkpoint {str(directory / CHECKPOINT_NAME)!r} to resume from")
+    path = directory / CHECKPOINT_NAME
     try:
-        # weights_only=False: the state holds Python RNG tuples and numpy arrays; only our own files are loaded
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated / not a checkpoint
-        raise ValueError(f"training checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err})") from err
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # truncated / not a safetensors file
+        raise ValueError(f"training checkpoint {str(path)!r} cannot be read as safetensors "
+                         f"({type(err).__name__}: {err})") from None
+    if metadata.get("ernie_vl_format") != STATE_FORMAT or "state" not in metadata:
+        raise ValueError(f"training checkpoint {str(path)!r} cannot be read: it is not an ernie-vl training "
+                         f"state (header format {metadata.get('ernie_vl_format')!r})")
+    if metadata.get("ernie_vl_version") != STATE_VERSION:
+        raise ValueError(f"training checkpoint {str(path)!r} has state version {metadata.get('ernie_vl_version')!r}; "
+                         f"this code reads version {STATE_VERSION}")
+    try:
+        skeleton = json.loads(metadata["state"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"training checkpoint {str(path)!r} cannot be read: its state is not JSON ({err})") from None
+    state = state_codec.unpack(skeleton, tensors, f"training checkpoint {str(path)!r}")
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"training checkpoint {str(path)!r} cannot be read: no step recorded")
+    return state
+
+
+# ---------------------------------------------------------------------------- log.jsonl
+
+
+def logged_steps(path: str | Path) -> int:
+    """The last step recorded in a ``log.jsonl`` (0 when absent or empty)."""
+    last = 0
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                last = max(last, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last
+
+
+def truncate_log(path: str | Path, step: int) -> int:
+    """Keep only the records of steps <= ``step`` (and drop a half-written last line); returns how many went.
+
+    Rewritten atomically, so a resumed run appends after its checkpoint's step and never repeats one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        data = "".join(kept).encode("utf-8", errors="surrogateescape")
+        atomic_write(path, lambda f: f.write(data))
+    return dropped

@@ -37,6 +37,10 @@ class TrainConfig:
     Distributed: ``parallel`` ``ddp`` (default) or ``fsdp``; ``powersgd_rank`` > 0 registers
     PowerSGD (DDP only) after ``powersgd_warmup`` uncompressed steps.
     ``threads``: torch threads per process; None picks all CPUs, or 1 on an oversubscribed machine.
+    Checkpoints (``OUT/train_state.safetensors``, exact resume): every ``checkpoint_minutes``
+    of training (default 5; 0 or None: off) and/or every ``checkpoint_every`` steps (0: off),
+    and always at the end. ``resume`` continues from it; without one it warns and starts at
+    step 0, unless the folder already holds a run (a log or ``final/``), which it refuses.
     """
 
     out: str = "runs/train"
@@ -86,6 +90,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_max_pairs: int = 1000
     checkpoint_every: int = 0
+    checkpoint_minutes: Optional[float] = 5.0
     resume: bool = False
     progress: bool = True
 
@@ -112,6 +117,10 @@ class TrainConfig:
             raise ValueError(f"batch_pairs must be >= 2 for a contrastive loss, got {self.batch_pairs}")
         if self.videos and self.batch_videos < 1:
             raise ValueError(f"batch_videos must be >= 1 when videos are given, got {self.batch_videos}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0 (steps; 0 = off), got {self.checkpoint_every!r}")
+        if self.checkpoint_minutes is not None and not 0 <= self.checkpoint_minutes < float("inf"):
+            raise ValueError(f"checkpoint_minutes must be >= 0 (0 or None = off), got {self.checkpoint_minutes!r}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.autocast not in AUTOCAST_MODES:

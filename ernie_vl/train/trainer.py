@@ -5,8 +5,10 @@ each drawing its global mix of samples (``ernie_vl.data.mixing``) from loss-prio
 samplers; AdamW with a cosine schedule and warm-up, gradient clipping, optional
 autocast, optional expert curriculum, DDP (+ PowerSGD) under torchrun. Rank 0 writes
 ``OUT/log.jsonl`` (one line per step: loss parts, lr, samples/s, routing statistics,
-measured gradient compression), ``OUT/train_state.pt`` (exact resume: model,
-optimiser, scheduler, samplers, RNG states) and ``OUT/final`` (``save_pretrained``).
+measured gradient compression), ``OUT/train_state.safetensors`` (exact resume: model,
+optimiser, scheduler, samplers, RNG states; safetensors + JSON, no pickle; saved every
+``checkpoint_minutes`` and/or ``checkpoint_every`` steps and at the end) and ``OUT/final``
+(``save_pretrained``). A resumed run cuts ``log.jsonl`` back to its checkpoint's step.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -121,14 +124,16 @@ class Trainer:
         self.steps_fitted = cfg.minutes is None
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
-        if cfg.resume:
-            self._resume()
+        resumed = self._resume() if cfg.resume else False
         # each rank its own stream for dropout / router jitter, restored exactly on resume
-        if not cfg.resume:
+        if not resumed:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)
-        # a resumed run appends to its log; a fresh run in the same folder starts a new one
-        mode = "a" if cfg.resume else "w"
-        self.log_file = open(self.out / "log.jsonl", mode, encoding="utf-8") if self.ctx.is_main else None
+        # a resumed run appends to its log (cut back to the checkpoint's step); a fresh run starts a new one
+        log_path = self.out / ckpt.LOG_NAME
+        if resumed and self.ctx.is_main:
+            ckpt.truncate_log(log_path, self.step)
+        self.log_file = open(log_path, "a" if resumed else "w", encoding="utf-8") if self.ctx.is_main else None
+        self.last_checkpoint = time.perf_counter()
 
     # ------------------------------------------------------------------ setup
     def _video_classes(self) -> Optional[list[str]]:
@@ -258,11 +263,31 @@ class Trainer:
         if self.ctx.is_main:
             ckpt.save_training_state(self.out, state)
         barrier(self.ctx)
+        self.last_checkpoint = time.perf_counter()
 
-    def _resume(self) -> None:
-        path = self.out / ckpt.CHECKPOINT_NAME
-        if not path.is_file():
-            return  # nothing yet: a fresh start with --resume is allowed
+    def _checkpoint_due(self) -> bool:
+        """Every ``checkpoint_every`` steps and/or ``checkpoint_minutes`` since the last save (rank 0 decides)."""
+        cfg = self.cfg
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            return True
+        if not cfg.checkpoint_minutes:
+            return False
+        late = time.perf_counter() - self.last_checkpoint >= cfg.checkpoint_minutes * 60
+        return bool(broadcast_object(late, self.ctx))
+
+    def _resume(self) -> bool:
+        """Load the run folder's state; False (with a warning) when there is none and none was expected."""
+        if not ckpt.has_training_state(self.out):  # a pickle-only folder raises LegacyStateError here
+            steps = ckpt.logged_steps(self.out / ckpt.LOG_NAME)
+            if steps or (self.out / "final").exists():
+                raise ValueError(
+                    f"--resume: {str(self.out)!r} holds a run ({steps} logged steps"
+                    f"{', a final/ model' if (self.out / 'final').exists() else ''}) but no "
+                    f"{ckpt.CHECKPOINT_NAME} to resume it from; refusing to start over from step 0 in it. "
+                    f"Use a new --out, or drop --resume to overwrite the run")
+            warnings.warn(f"--resume: no {ckpt.CHECKPOINT_NAME} in {str(self.out)!r}; starting from step 0",
+                          stacklevel=3)
+            return False
         state = ckpt.load_training_state(self.out)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -276,6 +301,7 @@ class Trainer:
             for key in ("iter", "error_dict", "p_memory_dict", "q_memory_dict", "rng"):
                 if key in state["meter"]:
                     setattr(self.meter.state, key, state["meter"][key])
+        return True
 
     # ------------------------------------------------------------------ one step
     def _update_priorities(self, drawn, out) -> None:
@@ -387,7 +413,7 @@ class Trainer:
             self._log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            if self._checkpoint_due():
                 self.save_checkpoint()
         bar.close()
         seconds = time.perf_counter() - train_start
