@@ -1,5 +1,5 @@
 import sys
 
-from ernie_vl.cli import main
+from ernie_vl.app.cli import main
 
 sys.exit(main())

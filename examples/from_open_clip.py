@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ernie_vl
     from ernie_vl.quantize import state_dict_bytes
-    from ernie_vl.serve import ServerThread, create_app, run_server
+    from ernie_vl.app.serve import ServerThread, create_app, run_server
     from retrieval import load_image
     from retrieval.datasets import list_image_files
     from retrieval.folder import index_folder

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from ernie_vl.hub import load_model, model_spec_for_manifest
+    from ernie_vl.app.hub import load_model, model_spec_for_manifest
     from retrieval import Index, search_image, search_text, write_gallery
     from retrieval.folder import index_folder
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ernie_vl.demo import DemoConfig
+from ernie_vl.app.demo import DemoConfig
 
 _RUNS: dict[str, Any] = {}
 
@@ -30,7 +30,7 @@ def small_config(out_dir: Path) -> DemoConfig:
 def demo_run(tmp_path_factory) -> tuple[Path, dict]:
     """(output folder, report) of the session's demo run, run on first use."""
     if "run" not in _RUNS:
-        from ernie_vl.demo import run_demo
+        from ernie_vl.app.demo import run_demo
 
         out = tmp_path_factory.mktemp("demo")
         report = run_demo(small_config(out), log=lambda msg: None, print_summary=False)

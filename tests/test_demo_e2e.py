@@ -36,7 +36,7 @@ def test_every_stage_finishes_and_writes_its_files(run):
 
 
 def test_training_curves_read_the_real_trainer_log(run):
-    from ernie_vl.demo import plots
+    from ernie_vl.app.demo import plots
 
     out, _ = run
     panels = dict(plots.curve_panels(plots.read_jsonl(out / "train/log.jsonl")))
@@ -110,7 +110,7 @@ def test_quantization_stage_reports_real_agreement(run):
 
 
 def test_checkpoint_and_index_work_with_the_cli(run, capsys):
-    from ernie_vl.cli import main
+    from ernie_vl.app.cli import main
 
     out, report = run
     assert main(["search", str(out / "index"), "a large red circle", "-k", "2", "--json"]) == 0
@@ -123,7 +123,7 @@ def test_checkpoint_and_index_work_with_the_cli(run, capsys):
 
 
 def test_rerun_reuses_every_finished_stage(run):
-    from ernie_vl.demo import run_demo
+    from ernie_vl.app.demo import run_demo
 
     out, _ = run
     log_before = (out / "train/log.jsonl").read_text()
@@ -134,7 +134,7 @@ def test_rerun_reuses_every_finished_stage(run):
 
 
 def test_interrupted_training_resumes_and_a_failing_stage_is_reported(run, monkeypatch, tmp_path):
-    from ernie_vl.demo import pipeline, run_demo
+    from ernie_vl.app.demo import pipeline, run_demo
 
     src, _ = run
     out = tmp_path / "copy"
@@ -171,7 +171,7 @@ def test_interrupted_training_resumes_and_a_failing_stage_is_reported(run, monke
 
 
 def test_cli_refuses_bad_minutes(capsys, tmp_path):
-    from ernie_vl.cli import main
+    from ernie_vl.app.cli import main
 
     assert main(["demo", "--out", str(tmp_path), "--minutes", "-1"]) == 2
     assert "--minutes must be > 0, got -1.0" in capsys.readouterr().err

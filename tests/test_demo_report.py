@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ernie_vl.demo import plots
-from ernie_vl.demo.report import format_value, write_report_html, write_report_json
-from ernie_vl.demo.routing import merge_layer_stats
-from ernie_vl.demo.summary import format_summary, format_table
+from ernie_vl.app.demo import plots
+from ernie_vl.app.demo.report import format_value, write_report_html, write_report_json
+from ernie_vl.app.demo.routing import merge_layer_stats
+from ernie_vl.app.demo.summary import format_summary, format_table
 
 
 def _png_size(path):

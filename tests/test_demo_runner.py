@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ernie_vl.demo.runner import CACHED, DONE, FAILED, SKIPPED, STATE_FILE, Stage, StageRunner
+from ernie_vl.app.demo.runner import CACHED, DONE, FAILED, SKIPPED, STATE_FILE, Stage, StageRunner
 
 
 def _stages(calls: list[str], fail: set[str] = frozenset(), params: dict | None = None) -> list[Stage]:
@@ -107,7 +107,7 @@ def test_a_result_json_cannot_store_fails_that_stage_only(tmp_path):
 
 
 def test_demo_config_checks_its_values():
-    from ernie_vl.demo import DemoConfig
+    from ernie_vl.app.demo import DemoConfig
 
     quick = DemoConfig.quick("x", num_videos=1)
     assert quick.num_videos == 1 and quick.max_train_steps == 40 and str(quick.out_dir) == "x"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from ernie_vl.cli import main
+from ernie_vl.app.cli import main
 
 
 def test_list_models_table_and_json(capsys) -> None:

@@ -1,4 +1,4 @@
-"""`ernie-vl index / search / eval-retrieval` end to end, and ernie_vl.hub.load_model."""
+"""`ernie-vl index / search / eval-retrieval` end to end, and ernie_vl.app.hub.load_model."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ernie_vl.cli import main
-from ernie_vl.hub import load_model
+from ernie_vl.app.cli import main
+from ernie_vl.app.hub import load_model
 from retrieval.index import Index
 
 from _retrieval_helpers import write_captions_csv, write_color_image

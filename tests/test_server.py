@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import ernie_vl
-from ernie_vl.serve import BatchingConfig, DynamicBatcher, ServerConfig, ServerThread, create_app
-from ernie_vl.serve.text_trim import trim_padding, trimming_is_exact
+from ernie_vl.app.serve import BatchingConfig, DynamicBatcher, ServerConfig, ServerThread, create_app
+from ernie_vl.app.serve.text_trim import trim_padding, trimming_is_exact
 from retrieval.embed import encode_text_batch
 from retrieval.folder import index_folder
 from retrieval.index import Index

@@ -76,7 +76,7 @@ def test_log_has_losses_lr_throughput_and_routing(data, tmp_path):
 
 
 def test_cli_train_then_eval_json(data, tmp_path, capsys):
-    from ernie_vl.cli import main
+    from ernie_vl.app.cli import main
 
     out = tmp_path / "cli"
     rc = main(["train", "--model", "test", "--pairs", str(data["pairs"]), "--videos", str(data["videos"]),

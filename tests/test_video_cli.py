@@ -1,4 +1,4 @@
-"""`ernie-vl classify` and `ernie-vl eval-video` with a stand-in model behind ernie_vl.hub.load_model."""
+"""`ernie-vl classify` and `ernie-vl eval-video` with a stand-in model behind ernie_vl.app.hub.load_model."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from _video_fixtures import write_clip, write_solid_clip
 from _video_models import BlueLevelClassifier, ColourEmbedder, ColourTokenizer
-from ernie_vl.cli import main
+from ernie_vl.app.cli import main
 
 
 @dataclass
@@ -35,10 +35,10 @@ def fake_hub(monkeypatch):
         return models[spec]
 
     try:
-        import ernie_vl.hub as hub  # the real module, when it exists
+        import ernie_vl.app.hub as hub  # the real module, when it exists
         monkeypatch.setattr(hub, "load_model", load_model)
     except ImportError:
-        monkeypatch.setitem(sys.modules, "ernie_vl.hub", types.SimpleNamespace(load_model=load_model))
+        monkeypatch.setitem(sys.modules, "ernie_vl.app.hub", types.SimpleNamespace(load_model=load_model))
     head = BlueLevelClassifier([0.0, 0.5, 1.0])
     head.class_names = ["low", "mid", "high"]
     models["supervised"] = FakeLoaded(head, Preprocess(), None, "stand-in-head")

@@ -8,7 +8,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ernie_vl.cli.train import add_train_arguments, config_from_args
+    from ernie_vl.train.arguments import add_train_arguments, config_from_args
     from ernie_vl.train import train
     from ernie_vl.train.distributed import shutdown_distributed
 

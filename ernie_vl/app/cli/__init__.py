@@ -1,6 +1,6 @@
 """The ``ernie-vl`` command line.
 
-Each subcommand lives in its own module ``ernie_vl/cli/<name>.py`` exposing
+Each subcommand lives in its own module ``ernie_vl/app/cli/<name>.py`` exposing
 ``register(subparsers)``; the parser below imports the ones listed in
 ``SUBCOMMANDS`` that exist, so a subcommand is added by adding its module and
 its name here.

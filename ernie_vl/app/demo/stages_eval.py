@@ -7,8 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ernie_vl.demo.runner import StageContext
-from ernie_vl.demo.workspace import Workspace, read_captions
+from ernie_vl.app.demo.runner import StageContext
+from ernie_vl.app.demo.workspace import Workspace, read_captions
 
 
 def embed_split(model: Any, csv_path: Path, batch_size: int, progress: bool) -> dict:

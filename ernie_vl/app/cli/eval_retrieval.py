@@ -39,7 +39,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_vl.hub import load_model, optional_device
+    from ernie_vl.app.hub import load_model, optional_device
     from retrieval.datasets import ImageTextCSV
     from retrieval.embed import embed_images, embed_texts
     from retrieval.metrics import recall_at_k

@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from ernie_vl.serve.batcher import BatchingConfig, DynamicBatcher, QueueFullError
-from ernie_vl.serve.text_trim import pad_id_of, trim_padding, trimming_is_exact
+from ernie_vl.app.serve.batcher import BatchingConfig, DynamicBatcher, QueueFullError
+from ernie_vl.app.serve.text_trim import pad_id_of, trim_padding, trimming_is_exact
 from retrieval.embed import encode_image_batch, encode_text_batch
 from retrieval.images import ImageLoadError, load_image_bytes
 from retrieval.index import Index

@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_vl.hub import load_model, optional_device
-    from ernie_vl.serve import BatchingConfig, ServerConfig, create_app, run_server
+    from ernie_vl.app.hub import load_model, optional_device
+    from ernie_vl.app.serve import BatchingConfig, ServerConfig, create_app, run_server
     from retrieval.index import Index
 
     if not 0 < args.port < 65536:

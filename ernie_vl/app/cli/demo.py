@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_vl.demo import DemoConfig, run_demo
+    from ernie_vl.app.demo import DemoConfig, run_demo
 
     overrides: dict = {"seed": args.seed, "show_progress": not args.no_progress}
     if args.minutes is not None:

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_vl.hub import load_model
+    from ernie_vl.app.hub import load_model
     from video.datasets import VideoCSV, VideoFolder
     from video.pipeline import evaluate
 

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_vl.hub import load_model, model_spec_for_manifest, optional_device
+    from ernie_vl.app.hub import load_model, model_spec_for_manifest, optional_device
     from retrieval.folder import index_folder
     from retrieval.index import MANIFEST, Index
 

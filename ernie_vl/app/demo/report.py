@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from ernie_vl.demo.runner import write_json_atomic
+from ernie_vl.app.demo.runner import write_json_atomic
 
 PathLike = str | Path
 

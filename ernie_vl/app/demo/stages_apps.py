@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ernie_vl.demo import plots
-from ernie_vl.demo.runner import StageContext
-from ernie_vl.demo.stages_eval import clip_transform, embed_split, validation_clips
-from ernie_vl.demo.workspace import Workspace, list_videos, read_captions
+from ernie_vl.app.demo import plots
+from ernie_vl.app.demo.runner import StageContext
+from ernie_vl.app.demo.stages_eval import clip_transform, embed_split, validation_clips
+from ernie_vl.app.demo.workspace import Workspace, list_videos, read_captions
 
 
 # ----------------------------------------------------------------------------- search
@@ -37,7 +37,7 @@ def search_index(ws: Workspace, ctx: StageContext) -> dict:
     """Index the held-out images into ``DIR/index`` the way ``ernie-vl index`` does (so ``ernie-vl search``
     and ``serve`` use it), run text queries (held-out captions, whose image is known, and free-form
     ones) and one image query (a validation picture), and draw the gallery."""
-    from ernie_vl.hub import model_spec_for_manifest
+    from ernie_vl.app.hub import model_spec_for_manifest
     from retrieval import search_image, search_text
     from retrieval.folder import index_folder
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ernie_vl.demo.config import DemoConfig
+from ernie_vl.app.demo.config import DemoConfig
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ernie_vl.demo.workspace import Workspace, read_captions
+from ernie_vl.app.demo.workspace import Workspace, read_captions
 
 
 def merge_layer_stats(calls: Sequence[Sequence[dict]]) -> list[dict]:
@@ -40,7 +40,7 @@ def heldout_routing(ws: Workspace, num_pairs: int = 32, num_clips: int = 16) -> 
     from ernie_vl.model import ErnieVLBatch
     from retrieval import load_image
 
-    from ernie_vl.demo.stages_eval import validation_clips
+    from ernie_vl.app.demo.stages_eval import validation_clips
 
     model = ws.model()
     paths, captions = read_captions(ws.csv("heldout"))

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_vl.hub import load_model, optional_device
+    from ernie_vl.app.hub import load_model, optional_device
     from retrieval.gallery import GALLERY_FORMATS, write_gallery
     from retrieval.index import Index
     from retrieval.search import search_image, search_text

@@ -8,14 +8,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DemoConfig": "ernie_vl.demo.config",
-    "run_demo": "ernie_vl.demo.pipeline",
-    "build_stages": "ernie_vl.demo.pipeline",
-    "Stage": "ernie_vl.demo.runner",
-    "StageRunner": "ernie_vl.demo.runner",
-    "write_report_html": "ernie_vl.demo.report",
-    "write_report_json": "ernie_vl.demo.report",
-    "format_summary": "ernie_vl.demo.summary",
+    "DemoConfig": "ernie_vl.app.demo.config",
+    "run_demo": "ernie_vl.app.demo.pipeline",
+    "build_stages": "ernie_vl.app.demo.pipeline",
+    "Stage": "ernie_vl.app.demo.runner",
+    "StageRunner": "ernie_vl.app.demo.runner",
+    "write_report_html": "ernie_vl.app.demo.report",
+    "write_report_json": "ernie_vl.app.demo.report",
+    "format_summary": "ernie_vl.app.demo.summary",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -24,7 +24,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'ernie_vl.demo' has no attribute {name!r}")
+        raise AttributeError(f"module 'ernie_vl.app.demo' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ernie_vl.demo.report import format_value
+from ernie_vl.app.demo.report import format_value
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:

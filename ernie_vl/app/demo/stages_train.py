@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ernie_vl.demo.runner import StageContext
-from ernie_vl.demo.workspace import Workspace
+from ernie_vl.app.demo.runner import StageContext
+from ernie_vl.app.demo.workspace import Workspace
 
 TRAIN_PARAMS_FILE = "demo_train_params.json"
 

@@ -11,15 +11,15 @@ import platform
 import sys
 from typing import Any, Callable, Optional
 
-from ernie_vl.demo import plots
-from ernie_vl.demo.config import DemoConfig
-from ernie_vl.demo.report import write_report_html, write_report_json
-from ernie_vl.demo.runner import OK_STATUSES, Stage, StageContext, StageRecord, StageRunner
-from ernie_vl.demo.stages_apps import classify_videos, quantize_and_check, search_index
-from ernie_vl.demo.stages_eval import evaluate_actions, evaluate_retrieval
-from ernie_vl.demo.stages_train import generate_data, train_model
-from ernie_vl.demo.summary import format_summary
-from ernie_vl.demo.workspace import Workspace, list_videos
+from ernie_vl.app.demo import plots
+from ernie_vl.app.demo.config import DemoConfig
+from ernie_vl.app.demo.report import write_report_html, write_report_json
+from ernie_vl.app.demo.runner import OK_STATUSES, Stage, StageContext, StageRecord, StageRunner
+from ernie_vl.app.demo.stages_apps import classify_videos, quantize_and_check, search_index
+from ernie_vl.app.demo.stages_eval import evaluate_actions, evaluate_retrieval
+from ernie_vl.app.demo.stages_train import generate_data, train_model
+from ernie_vl.app.demo.summary import format_summary
+from ernie_vl.app.demo.workspace import Workspace, list_videos
 
 FIGURES = {
     "Training curves": "training_curves.png",
@@ -105,7 +105,7 @@ def _training_curves(ws: Workspace, ctx: StageContext) -> None:
 
 
 def _expert_usage(ws: Workspace, ctx: StageContext) -> None:
-    from ernie_vl.demo.routing import heldout_routing
+    from ernie_vl.app.demo.routing import heldout_routing
 
     layers = heldout_routing(ws)
     plots.plot_expert_usage(plots.usage_matrix(layers), ws.figure("expert_usage.png"),
@@ -198,7 +198,7 @@ def _note(record: StageRecord) -> str:
 
 
 def assemble_report(ws: Workspace, records: list[StageRecord], total_seconds: float) -> dict[str, Any]:
-    """The report dict (see ``ernie_vl.demo.report``) from the stage records."""
+    """The report dict (see ``ernie_vl.app.demo.report``) from the stage records."""
     results = {r.name: r.result for r in records if r.status in OK_STATUSES}
     sections: dict[str, Any] = {}
     if "data" in results:
