@@ -103,9 +103,16 @@ def siglip_loss(
 def classification_loss(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy with label smoothing. logits (B, K), labels (B,) int in [0, K)."""
+    """Cross-entropy with label smoothing. logits (B, K); labels (B,) int in [0, K), or soft
+    targets (B, K) float (class probabilities, e.g. from mixup / cutmix)."""
     if logits.ndim != 2:
         raise ValueError(f"logits must be (B, num_classes), got {tuple(logits.shape)}")
+    if labels.dtype.is_floating_point and labels.ndim == 2:
+        if labels.shape != logits.shape:
+            raise ValueError(f"soft targets must be {tuple(logits.shape)} like the logits, got {tuple(labels.shape)}")
+        per_sample = F.cross_entropy(logits, labels.to(logits.dtype), reduction="none",
+                                     label_smoothing=label_smoothing)
+        return per_sample.mean(), per_sample
     if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels must be ({logits.shape[0]},) to match the logits, got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:

@@ -53,7 +53,8 @@ class ErnieVLBatch:
     """One training batch; any of pairs, videos, or both.
 
     images: (Bi, 3, H, W) float, with texts: (Bi, L) int64 their captions.
-    videos: (Bv, T, 3, H, W) float, with video_labels: (Bv,) int64 and/or
+    videos: (Bv, T, 3, H, W) float, with video_labels: (Bv,) int64 (or (Bv, K) float soft targets,
+    e.g. mixup) and/or
     video_texts: (Bv, L) int64 (video-text contrastive).
     """
 

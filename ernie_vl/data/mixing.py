@@ -57,12 +57,13 @@ class MixedSource:
     """Builds micro-step batches from in-memory pair and video sources and their samplers."""
 
     def __init__(self, mix: StepMix, rank: int, pairs: Any = None, videos: Any = None, pair_sampler: Any = None,
-                 video_sampler: Any = None, video_text: bool = True, seed: int = 0) -> None:
+                 video_sampler: Any = None, video_text: bool = True, seed: int = 0, augmenter: Any = None) -> None:
         self.mix, self.rank = mix, rank
         self.pairs, self.videos = (pairs if mix.pairs else None), (videos if mix.videos else None)
         self.pair_sampler, self.video_sampler = pair_sampler, video_sampler
         self.video_text = video_text
         self.prompt_generator = torch.Generator().manual_seed(seed + 7919)
+        self.augmenter = augmenter  # ernie_vl.data.clip_augment.ClipAugmenter or None
 
     def _local(self, ids: torch.Tensor, per_rank: int) -> torch.Tensor:
         return ids[self.rank * per_rank:(self.rank + 1) * per_rank]
@@ -81,11 +82,16 @@ class MixedSource:
             per_rank = self.mix.videos // self.mix.world_size
             local = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
             labels = self.videos.labels[video_ids]
-            fields.update(videos=self.videos.norm.to_float(self.videos.clips[video_ids[local]]),
-                          video_labels=labels[local])
+            clips = self.videos.clips[video_ids[local]]
+            if self.augmenter is not None:  # choices for the global batch, pixels for this rank's slice
+                draw = self.augmenter.draw(labels, clips.shape[1])
+                labels, clips = draw.labels, self.augmenter.pixels(clips, draw, local)
+            texts = None
             if self.video_text:
                 # prompts are drawn for the whole global batch so every rank's generator stays in step
-                fields["video_texts"] = pick_prompts(self.videos.prompt_tokens, labels, self.prompt_generator)[local]
+                texts = pick_prompts(self.videos.prompt_tokens, labels, self.prompt_generator)[local]
+            fields.update(augmented_video_fields(self.augmenter, self.videos.norm.to_float(clips), labels[local],
+                                                 texts))
         return DrawnStep(ErnieVLBatch(**fields), pair_ids, video_ids)
 
     def state_dict(self) -> dict[str, Any]:
@@ -95,9 +101,24 @@ class MixedSource:
         load_source_state(self, state)
 
 
+def augmented_video_fields(augmenter: Any, clips: torch.Tensor, labels: torch.Tensor,
+                           texts: Optional[torch.Tensor]) -> dict[str, Any]:
+    """``ErnieVLBatch`` video fields after mixup / cutmix (when the augmenter mixes): soft targets, and
+    each mixed clip's text taken from the clip with the larger share."""
+    swapped = False
+    if augmenter is not None:
+        clips, labels, swapped = augmenter.mix(clips, labels)
+    fields: dict[str, Any] = {"videos": clips, "video_labels": labels}
+    if texts is not None:
+        fields["video_texts"] = texts.flip(0) if swapped else texts
+    return fields
+
+
 def source_state(source: Any) -> dict[str, Any]:
-    """The resumable state of a step source: its prompt generator and its samplers."""
+    """The resumable state of a step source: its prompt generator, its samplers and its clip augmenter."""
     state: dict[str, Any] = {"prompt_generator": source.prompt_generator.get_state()}
+    if getattr(source, "augmenter", None) is not None:
+        state["augmenter"] = source.augmenter.state_dict()
     if source.pair_sampler is not None:
         state["pair_sampler"] = source.pair_sampler.state_dict()
     if source.video_sampler is not None:
@@ -108,6 +129,8 @@ def source_state(source: Any) -> dict[str, Any]:
 def load_source_state(source: Any, state: dict[str, Any]) -> None:
     """Inverse of :func:`source_state`."""
     source.prompt_generator.set_state(state["prompt_generator"])
+    if getattr(source, "augmenter", None) is not None and "augmenter" in state:
+        source.augmenter.load_state_dict(state["augmenter"])
     if source.pair_sampler is not None:
         source.pair_sampler.load_state_dict(state["pair_sampler"])
     if source.video_sampler is not None:

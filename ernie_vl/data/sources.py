@@ -32,8 +32,9 @@ def video_dataset(path: str | Path, num_frames: int, image_size: int, mean: Sequ
                   train: bool, classes: Optional[Sequence[str]] = None):
     """``video.VideoFolder`` (a folder) or ``video.VideoCSV`` (a .csv) with the model's clip transform.
 
-    Training streams use TSN sampling and random resized crops but never flips: a flip
-    changes the label of direction-sensitive actions (move left / right).
+    Training streams use TSN sampling and random resized crops but no flips here: a flip
+    changes the label of direction-sensitive actions (move left / right), so flips and
+    reversals happen per batch, relabelled through declared maps (``clip_augment``).
     """
     from video.transforms import ClipTransform, ClipTransformConfig
 

@@ -4,7 +4,8 @@ Same contract as ``ernie_vl.data.mixing.MixedSource`` (``next() -> DrawnStep``,
 ``state_dict`` / ``load_state_dict``). The samplers run in the main process inside
 the DataLoader's batch sampler, so each step's global ids are drawn exactly as in the
 in-memory path; DataLoader workers decode this rank's slice (images with the model's
-transform; videos with TSN sampling and random resized crops, no flips). Captions and
+transform; videos with TSN sampling and random resized crops; flips, reversals and mixing only
+as the ``augmenter`` declares). Captions and
 class prompts are tokenised once up front. A file that fails to decode is replaced in
 its batch by another item of the same batch (the batch keeps its size, which the
 cross-rank feature gather needs) and gets no priority update.
@@ -20,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ernie_vl.data.mixing import DrawnStep, StepMix, load_source_state, source_state
+from ernie_vl.data.mixing import DrawnStep, StepMix, augmented_video_fields, load_source_state, source_state
 from ernie_vl.data.sources import Normaliser, class_prompts, pick_prompts, tokenize, video_dataset
 
 
@@ -49,12 +50,13 @@ class StreamingSource:
     def __init__(self, mix: StepMix, rank: int, pair_csvs: list[str], video_roots: list[str], model: Any,
                  num_frames: int, video_size: int, pair_sampler_factory, video_sampler_factory,
                  video_text: bool = True, prompt_template: str = "a video of {}", image_col: str = "filepath",
-                 caption_col: str = "caption", num_workers: int = 2, seed: int = 0) -> None:
+                 caption_col: str = "caption", num_workers: int = 2, seed: int = 0, augmenter: Any = None) -> None:
         from torch.utils.data import ConcatDataset
 
         from retrieval.datasets import ImageTextCSV
 
         self.mix, self.rank, self.video_text = mix, rank, video_text
+        self.num_frames = num_frames
         pairs = videos = None
         if pair_csvs and mix.pairs:
             parts = [ImageTextCSV(p, transform=model.preprocess, image_col=image_col, caption_col=caption_col)
@@ -74,6 +76,7 @@ class StreamingSource:
         self.pair_sampler = pair_sampler_factory(len(pairs)) if pairs is not None else None
         self.video_sampler = video_sampler_factory(len(videos)) if videos is not None else None
         self.prompt_generator = torch.Generator().manual_seed(seed + 7919)
+        self.augmenter = augmenter  # flips / reversals / mixing on the decoded batch (ClipAugmenter)
         self.pending: deque = deque()  # (pair_ids, video_ids, prompts) drawn, not yet trained on
         self.replay: deque = deque()
         self.loader = DataLoader(_Items(pairs, videos), batch_sampler=_StepKeys(self), num_workers=num_workers,
@@ -86,10 +89,15 @@ class StreamingSource:
             return self.replay.popleft()
         pair_ids = self.pair_sampler.sample_global(self.mix.pairs) if self.pair_sampler else None
         video_ids = self.video_sampler.sample_global(self.mix.videos) if self.video_sampler else None
-        prompts = None
-        if video_ids is not None and self.video_text:
-            prompts = pick_prompts(self.prompt_tokens, self.labels[video_ids], self.prompt_generator)
-        return pair_ids, video_ids, prompts
+        prompts = draw = None
+        if video_ids is not None:
+            labels = self.labels[video_ids]
+            if self.augmenter is not None:
+                draw = self.augmenter.draw(labels, self.num_frames)
+                labels = draw.labels
+            if self.video_text:
+                prompts = pick_prompts(self.prompt_tokens, labels, self.prompt_generator)
+        return pair_ids, video_ids, (prompts, draw)
 
     def _local(self, ids: torch.Tensor, total: int) -> slice:
         per_rank = total // self.mix.world_size
@@ -109,10 +117,13 @@ class StreamingSource:
             fields.update(images=torch.stack(images), texts=self.tokens[pair_ids[local]])
         if video_ids is not None:
             local = self._local(video_ids, self.mix.videos)
-            clips = self._fill([x for k, _, x in items if k == 1])
-            fields.update(videos=torch.stack(clips), video_labels=self.labels[video_ids[local]])
-            if prompts is not None:
-                fields["video_texts"] = prompts[local]
+            clips = torch.stack(self._fill([x for k, _, x in items if k == 1]))
+            prompts, draw = prompts
+            labels = self.labels[video_ids]
+            if draw is not None:
+                labels, clips = draw.labels, self.augmenter.pixels(clips, draw, local)
+            fields.update(augmented_video_fields(self.augmenter, clips, labels[local],
+                                                 None if prompts is None else prompts[local]))
         return DrawnStep(ErnieVLBatch(**fields), pair_ids, video_ids)
 
     def _fill(self, tensors: list) -> list:

@@ -13,7 +13,7 @@ _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos"
            "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "video_sampler", "priority_alpha", "priority_uniform_mix",
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
            "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps",
-           "hard_negative_share", "hard_negative_group")
+           "hard_negative_share", "hard_negative_group", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +47,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hard-negative-share", type=float, default=d["hard_negative_share"].default,
                    help="fraction of each image-text batch in groups of caption neighbours (in-batch hard negatives)")
     p.add_argument("--hard-negative-group", type=int, default=d["hard_negative_group"].default)
+    p.add_argument("--hflip-map", default=None, metavar="MAP",
+                   help="flip clips and relabel: 'a:b,c:d' (symmetric), a JSON object or a JSON file; replaces "
+                        "ROOT/augment.json's 'hflip'. Nothing declared: no flips")
+    p.add_argument("--reverse-map", default=None, metavar="MAP", help="time reversal with relabelling, as --hflip-map")
+    p.add_argument("--no-hflip", nargs="*", default=[], metavar="CLASS", help="classes never flipped")
+    p.add_argument("--no-reverse", nargs="*", default=[], metavar="CLASS", help="classes never reversed")
+    p.add_argument("--p-hflip", type=float, default=d["p_hflip"].default)
+    p.add_argument("--p-reverse", type=float, default=d["p_reverse"].default)
+    p.add_argument("--temporal-jitter", action="store_true", help="TSN random segment offsets every step")
+    p.add_argument("--speed-min", type=float, default=d["speed_min"].default,
+                   help="frame-rate jitter: each clip plays a random span of SPEED_MIN..1 of its length (1 = off)")
+    p.add_argument("--mixup", type=float, default=d["mixup"].default, help="mixup alpha for clips (0 = off)")
+    p.add_argument("--cutmix", type=float, default=d["cutmix"].default, help="cutmix alpha for clips (0 = off)")
     p.add_argument("--no-video-text", action="store_true", help="no video <-> class-prompt contrastive loss")
     p.add_argument("--curriculum", action="store_true", help="expert curriculum: dense routing annealed to top-k")
     p.add_argument("--curriculum-steps", type=int, default=None)
@@ -75,6 +88,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = json.loads(args.model_overrides) if args.model_overrides else {}
     if not isinstance(overrides, dict):
         raise ValueError(f"--model-overrides must be a JSON object, got {args.model_overrides!r}")
+    from video.label_maps import parse_map
+
+    values.update(hflip_map=parse_map(args.hflip_map, "--hflip-map") if args.hflip_map else None,
+                  reverse_map=parse_map(args.reverse_map, "--reverse-map") if args.reverse_map else None,
+                  no_hflip=list(args.no_hflip), no_reverse=list(args.no_reverse),
+                  temporal_jitter=args.temporal_jitter)
     return TrainConfig(pairs=list(args.pairs), videos=list(args.videos), resume=args.resume,
                        video_text=not args.no_video_text, curriculum=args.curriculum, model_overrides=overrides,
                        progress=not args.no_progress, **values)

@@ -34,6 +34,12 @@ class TrainConfig:
     where priority sampling lowered held-out Recall@1, priority for clips, where it raised top-1.
     ``hard_negative_share``: fraction of each image-text batch made of caption-neighbour groups
     of ``hard_negative_group`` (in-batch hard negatives, see ``hard_negatives.py``; 0 = off).
+    Clip augmentation (``ernie_vl.data.clip_augment``): a horizontal flip / time reversal relabelled
+    through class maps declared in ``ROOT/augment.json`` and / or ``hflip_map`` / ``reverse_map`` /
+    ``no_hflip`` / ``no_reverse`` here (a field given here replaces the file's entry; nothing declared:
+    no flips), with probabilities ``p_hflip`` / ``p_reverse``; ``temporal_jitter`` (TSN offsets over
+    clips cached with twice the frames), ``speed_min`` < 1 (frame-rate jitter: a random span of
+    ``speed_min``..1 of the clip), ``mixup`` / ``cutmix`` (Beta alphas; 0 = off).
     Distributed: ``parallel`` ``ddp`` (default) or ``fsdp``; ``powersgd_rank`` > 0 registers
     PowerSGD (DDP only) after ``powersgd_warmup`` uncompressed steps.
     ``threads``: torch threads per process; None picks all CPUs, or 1 on an oversubscribed machine.
@@ -79,6 +85,17 @@ class TrainConfig:
     hard_negative_share: float = 0.0
     hard_negative_group: int = 4
     hard_negative_pool: int = 2048
+
+    hflip_map: Optional[dict[str, str]] = None
+    reverse_map: Optional[dict[str, str]] = None
+    no_hflip: list[str] = field(default_factory=list)
+    no_reverse: list[str] = field(default_factory=list)
+    p_hflip: float = 0.5
+    p_reverse: float = 0.5
+    temporal_jitter: bool = False
+    speed_min: float = 1.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
     curriculum: bool = False
     curriculum_steps: Optional[int] = None
@@ -141,6 +158,13 @@ class TrainConfig:
         if self.hard_negative_group < 2 or self.hard_negative_pool < self.hard_negative_group:
             raise ValueError(f"need hard_negative_group >= 2 and hard_negative_pool >= group, got group="
                              f"{self.hard_negative_group}, pool={self.hard_negative_pool}")
+        for name in ("p_hflip", "p_reverse"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.speed_min <= 1.0:
+            raise ValueError(f"speed_min must be in (0, 1] (1 = no frame-rate jitter), got {self.speed_min}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"mixup and cutmix alphas must be >= 0, got {self.mixup} and {self.cutmix}")
         if "{}" not in self.video_prompt_template:
             raise ValueError(f"video_prompt_template needs a '{{}}' for the class name, got {self.video_prompt_template!r}")
 

@@ -134,6 +134,11 @@ class Trainer:
             ckpt.truncate_log(log_path, self.step)
         self.log_file = open(log_path, "a" if resumed else "w", encoding="utf-8") if self.ctx.is_main else None
         self.last_checkpoint = time.perf_counter()
+        if self.ctx.is_main:
+            setup = self.setup_summary()
+            (self.out / "setup.json").write_text(json.dumps(setup, indent=1) + "\n", encoding="utf-8")
+            if cfg.progress:
+                print(f"setup: {json.dumps(setup)}", flush=True)
 
     # ------------------------------------------------------------------ setup
     def _video_classes(self) -> Optional[list[str]]:
@@ -178,6 +183,11 @@ class Trainer:
         kw = dict(alpha=cfg.priority_alpha, eps=cfg.priority_eps, uniform_mix=cfg.priority_uniform_mix,
                   ema=cfg.priority_ema)
         pair_kw, video_kw = dict(kw, kind=cfg.sampler), dict(kw, kind=cfg.video_sampler or cfg.sampler)
+        self.augmenter = self._build_augmenter() if cfg.videos else None  # bad label maps fail before decoding
+        if self.augmenter is not None and self.augmenter.cfg.needs_extra_frames:
+            vkw_train = dict(vkw, num_frames=2 * self.num_frames)  # room for temporal / frame-rate jitter
+        else:
+            vkw_train = vkw
         self.streaming = self._cache_mb(video_size) > cfg.cache_max_mb
         self.pairs = self.videos = None
         if self.streaming:
@@ -188,16 +198,16 @@ class Trainer:
                 lambda n: PrioritySampler(n, seed=cfg.seed + 1, **pair_kw),
                 lambda n: PrioritySampler(n, seed=cfg.seed + 2, **video_kw),
                 video_text=cfg.video_text, prompt_template=cfg.video_prompt_template, image_col=cfg.image_col,
-                caption_col=cfg.caption_col, num_workers=workers, seed=cfg.seed)
+                caption_col=cfg.caption_col, num_workers=workers, seed=cfg.seed, augmenter=self.augmenter)
         else:
             self.pairs = CachedPairs(cfg.pairs, model.preprocess, model.tokenizer, cfg.image_col, cfg.caption_col,
                                      workers, show, cfg.decode_cache) if cfg.pairs else None
-            self.videos = CachedVideos(cfg.videos, **vkw) if cfg.videos else None
+            self.videos = CachedVideos(cfg.videos, **vkw_train) if cfg.videos else None
             self.source = MixedSource(
                 self.mix, self.ctx.rank, self.pairs, self.videos,
                 PrioritySampler(len(self.pairs), seed=cfg.seed + 1, **pair_kw) if self.pairs else None,
                 PrioritySampler(len(self.videos), seed=cfg.seed + 2, **video_kw) if self.videos else None,
-                video_text=cfg.video_text, seed=cfg.seed)
+                video_text=cfg.video_text, seed=cfg.seed, augmenter=self.augmenter)
         if cfg.hard_negative_share > 0 and self.source.pair_sampler is not None:
             from ernie_vl.train.hard_negatives import HardNegativeSampler
 
@@ -208,6 +218,27 @@ class Trainer:
         self.val_pairs = CachedPairs([cfg.val_pairs], model.preprocess, model.tokenizer, cfg.image_col,
                                      cfg.caption_col, workers, show, cfg.decode_cache) if cfg.val_pairs else None
         self.val_videos = CachedVideos([cfg.val_videos], classes=self.classes, **vkw) if cfg.val_videos else None
+
+    def _build_augmenter(self):
+        """The clip augmenter of this run; the label maps are checked against the classes here."""
+        from ernie_vl.data.clip_augment import ClipAugmentConfig, ClipAugmenter, declared_maps
+        from video.label_maps import LabelMaps
+
+        cfg = self.cfg
+        flags = LabelMaps(cfg.hflip_map, cfg.reverse_map, list(cfg.no_hflip), list(cfg.no_reverse))
+        declared = any(flags.declared(kind) for kind in ("hflip", "reverse"))
+        maps = declared_maps(cfg.videos, flags if declared else None)
+        aug = ClipAugmentConfig(maps=maps, p_hflip=cfg.p_hflip, p_reverse=cfg.p_reverse,
+                                temporal_jitter=cfg.temporal_jitter, speed_min=cfg.speed_min, mixup=cfg.mixup,
+                                cutmix=cfg.cutmix)
+        return ClipAugmenter(aug, self.classes, self.num_frames, seed=cfg.seed)
+
+    def setup_summary(self) -> dict[str, Any]:
+        """What this run chose beyond its config (augmentation), for the first log record and setup.json."""
+        info: dict[str, Any] = {}
+        if self.augmenter is not None:
+            info["augment"] = self.augmenter.summary()
+        return info
 
     def _cache_mb(self, video_size: int) -> float:
         """Decoded uint8 size of the training data in MiB (decides in-memory cache vs streaming)."""
@@ -368,6 +399,8 @@ class Trainer:
         return bool(broadcast_object(late, self.ctx))
 
     def _log(self, record: dict[str, Any]) -> None:
+        if self.step == 1:
+            record["setup"] = self.setup_summary()
         self.history.append({k: v for k, v in record.items() if k != "routing"})
         if self.log_file is not None and (self.step % max(self.cfg.log_every, 1) == 0 or "eval" in record):
             self.log_file.write(json.dumps(record) + "\n")

@@ -1,0 +1,84 @@
+"""Batch-level clip augmentation on tensors: temporal jitter, frame-rate jitter, mixup and cutmix.
+
+These work on clips already in memory, so a training set decoded once (with more frames
+than the model takes) still gets a new temporal view every step:
+
+- :func:`temporal_indices`: for each clip pick ``num_frames`` of the ``available`` frames
+  TSN-style (equal segments, a random offset in each: temporal jitter) over a random span of
+  the clip (frame-rate jitter: a span fraction ``s`` in ``speed`` plays the action 1/s times
+  slower, starting anywhere the span fits). Without jitter: segment centres of the whole clip.
+- :func:`mix_clips`: mixup (whole clips blended) or cutmix (one box pasted into every
+  frame of a partner clip), with soft targets mixed by the same weight.
+
+Randomness comes only from the explicit ``torch.Generator``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def temporal_indices(available: int, num_frames: int, batch: int, generator: torch.Generator | None = None,
+                     jitter: bool = True, speed: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """(batch, num_frames) int64 frame indices in [0, available); see the module docstring."""
+    if available < 1 or num_frames < 1:
+        raise ValueError(f"need available >= 1 and num_frames >= 1 frames, got {available} and {num_frames}")
+    lo, hi = speed
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"speed (span fractions) must satisfy 0 < low <= high <= 1, got {speed!r}")
+    u = torch.rand(3, batch, 1, generator=generator, dtype=torch.float64)
+    span = (lo + (hi - lo) * u[0]) * available  # (B,1) frames covered
+    start = (available - span) * u[1]
+    seg = span / num_frames
+    offset = torch.rand(batch, num_frames, generator=generator, dtype=torch.float64) if jitter else \
+        torch.full((batch, num_frames), 0.5, dtype=torch.float64)
+    pos = start + (torch.arange(num_frames, dtype=torch.float64) + offset) * seg
+    return pos.floor().long().clamp_(0, available - 1)
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) int -> (B, num_classes) float32 one-hot targets."""
+    return torch.nn.functional.one_hot(labels.long(), num_classes).float()
+
+
+def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator | None = None
+               ) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a box covering about ``1 - lam`` of the frame, centred at a random point."""
+    cut = math.sqrt(max(0.0, 1.0 - lam))
+    bh, bw = int(round(height * cut)), int(round(width * cut))
+    cy = int(torch.randint(height, (1,), generator=generator))
+    cx = int(torch.randint(width, (1,), generator=generator))
+    top, left = max(cy - bh // 2, 0), max(cx - bw // 2, 0)
+    bottom, right = min(cy + (bh - bh // 2), height), min(cx + (bw - bw // 2), width)
+    return top, left, bottom - top, right - left
+
+
+def mix_clips(clips: torch.Tensor, targets: torch.Tensor, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup or cutmix of a float batch (B,T,C,H,W) with its soft targets (B,K) -> (clips, targets, lam).
+
+    Each clip is mixed with the clip ``B-1-i`` (the batch reversed). With both alphas > 0 the
+    step picks one at random; ``lam`` is drawn from Beta(alpha, alpha); cutmix's ``lam`` is
+    the uncovered share actually kept. Both alphas 0: the batch is returned unchanged (lam 1).
+    """
+    if clips.dim() != 5 or targets.dim() != 2 or clips.shape[0] != targets.shape[0]:
+        raise ValueError(f"need clips (B,T,C,H,W) and targets (B,K) of one batch, got {tuple(clips.shape)} and "
+                         f"{tuple(targets.shape)}")
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup/cutmix alphas must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        return clips, targets, 1.0
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or bool(torch.rand((), generator=generator) < 0.5))
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    gamma = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64), generator=generator)
+    lam = float(gamma[0] / gamma.sum())
+    partner = clips.flip(0)
+    if use_cutmix:
+        top, left, h, w = cutmix_box(clips.shape[-2], clips.shape[-1], lam, generator)
+        mixed = clips.clone()
+        mixed[..., top:top + h, left:left + w] = partner[..., top:top + h, left:left + w]
+        lam = 1.0 - h * w / (clips.shape[-2] * clips.shape[-1])
+    else:
+        mixed = clips * lam + partner * (1.0 - lam)
+    return mixed, targets * lam + targets.flip(0) * (1.0 - lam), lam
