@@ -322,3 +322,16 @@ def test_augmented_training_logs_its_choices_and_resumes_exactly(tiny_data, tmp_
     assert [r["step"] for r in log_part] == list(range(1, 7))
     for a, b in zip(log_full, log_part):
         assert a["video_cls"] == pytest.approx(b["video_cls"], abs=1e-6, rel=0)
+
+
+def test_streaming_path_flips_and_resumes_with_its_pending_draws(tiny_data, tmp_path):
+    from _train_helpers import read_log, tiny_config
+
+    from ernie_vl.train import train
+
+    kw = dict(max_steps=4, batch_videos=4, cache_max_mb=0.0, hflip_map={"move_left": "move_right"},
+              p_hflip=1.0, speed_min=0.5)
+    train(tiny_config(tiny_data, tmp_path / "s", **kw), stop_after=2)
+    rest = train(tiny_config(tiny_data, tmp_path / "s", resume=True, **kw))
+    assert rest.steps == 4 and [r["step"] for r in read_log(tmp_path / "s")] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "s" / "setup.json").read_text())["augment"]["hflip"]["p"] == 1.0

@@ -93,8 +93,9 @@ class StreamingSource:
         if video_ids is not None:
             labels = self.labels[video_ids]
             if self.augmenter is not None:
-                draw = self.augmenter.draw(labels, self.num_frames)
-                labels = draw.labels
+                drawn = self.augmenter.draw(labels, self.num_frames)
+                labels = drawn.labels
+                draw = (drawn.flip, drawn.reverse, drawn.labels, drawn.frames)  # plain tuple: saved with the state
             if self.video_text:
                 prompts = pick_prompts(self.prompt_tokens, labels, self.prompt_generator)
         return pair_ids, video_ids, (prompts, draw)
@@ -121,6 +122,9 @@ class StreamingSource:
             prompts, draw = prompts
             labels = self.labels[video_ids]
             if draw is not None:
+                from ernie_vl.data.clip_augment import AugmentDraw
+
+                draw = AugmentDraw(*draw)
                 labels, clips = draw.labels, self.augmenter.pixels(clips, draw, local)
             fields.update(augmented_video_fields(self.augmenter, clips, labels[local],
                                                  None if prompts is None else prompts[local]))
