@@ -179,7 +179,5 @@ class SharedBackbone(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         unused = 0.0
         for layer, s in zip(self.moe_layers if layers is None else layers, stats):
-            per_expert = layer.experts.params_per_expert()
-            used = (1.0 - float(s.activated_param_ratio)) * (layer.num_experts * per_expert + layer.shared_params())
-            unused += used
+            unused += (1.0 - float(s.activated_param_ratio)) * layer.expert_params()
         return torch.tensor(1.0 - unused / max(total, 1), dtype=torch.float32)

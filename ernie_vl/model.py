@@ -135,6 +135,7 @@ def merge_routing_stats(passes: list[tuple[int, list[RoutingStats]]]) -> list[Ro
                 overlap_rate=overlap_rate(usage, counts).float(),
                 activated_param_ratio=sum(w * s.activated_param_ratio for w, (_, s) in zip(weights, stats)),
                 num_tokens=tokens.sum().long(),
+                expert_group=stats[0][1].expert_group,
             )
         )
     return merged
@@ -232,7 +233,8 @@ class ErnieVL(nn.Module):
                          modality: int, routing: bool = True) -> _Features:
         enc = encoder(pixels)
         visual = enc.tokens[:, : enc.num_prefix_tokens] if keep == "prefix" else enc.tokens
-        tokens, num_prefix = projector(visual, enc.num_prefix_tokens)
+        layout = {"grid": enc.grid, "num_frames": enc.num_frames} if getattr(projector, "takes_layout", False) else {}
+        tokens, num_prefix = projector(visual, enc.num_prefix_tokens, **layout)
         ids = torch.full(tokens.shape[:2], modality, dtype=torch.long, device=tokens.device)
         out = self.backbone(tokens, ids, routing=routing)
         pooled = pool_visual(out.hidden, self.cfg.head.visual_pool, num_prefix)

@@ -404,6 +404,7 @@ class Int8MoEFeedForward(MoEFeedForward):
         nn.Module.__init__(self)
         self.d_model, self.config = layer.d_model, layer.config
         self.top_k, self.temperature = layer.top_k, layer.temperature
+        self.groups = None
         self.router = copy.deepcopy(layer.router)
         self.experts = Int8Experts.from_experts(layer.experts)
         self.shared = None if layer.shared is None else quantize_modules(copy.deepcopy(layer.shared))
@@ -440,8 +441,8 @@ class Int8MoEFeedForward(MoEFeedForward):
 def quantize_modules(module: nn.Module, patch_embed: bool = True) -> nn.Module:
     """Replace, in place, every MoE layer, encoder MLP, ``nn.Linear`` and ``nn.Embedding`` below
     ``module``, and (``patch_embed=True``) every patch-embedding ``nn.Conv2d`` named ``patch_embed``."""
-    if isinstance(module, MoEFeedForward) and not isinstance(module, Int8MoEFeedForward):
-        return Int8MoEFeedForward(module)
+    if isinstance(module, MoEFeedForward) and not isinstance(module, Int8MoEFeedForward) and module.groups is None:
+        return Int8MoEFeedForward(module)  # a groups-mode layer keeps its shell; its groups become int8
     if isinstance(module, Mlp) and activation_name(module.act) is not None:
         return Int8Mlp(module)
     if isinstance(module, nn.Linear):

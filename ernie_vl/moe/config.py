@@ -7,7 +7,8 @@ from typing import Any
 EXPERT_TYPES = ("mlp", "swiglu")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "silu")
 DISPATCH_MODES = ("dropless", "capacity")
-ROUTING_MODES = ("shared", "isolated")
+ROUTING_MODES = ("shared", "isolated", "groups")
+GROUP_FAMILIES = {"text": (0,), "vision": (1, 2), "image": (1,), "video": (2,)}  # name -> modality ids
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -30,9 +31,23 @@ class MoEConfig:
     dispatch: ``"dropless"`` (sort-based, every token kept) or ``"capacity"``.
     capacity_factor / eval_capacity_factor: per-expert capacity
         ``ceil(factor * tokens * top_k / E)`` in training / in eval (capacity mode only).
-    routing: ``"shared"`` (any token to any expert) or ``"isolated"`` (text tokens among the
-        first ``num_text_experts`` experts, visual tokens among the rest).
+    routing: ``"shared"`` (any token to any expert), ``"isolated"`` (one router masked so that
+        text tokens choose among the first ``num_text_experts`` experts, visual tokens among the
+        rest) or ``"groups"`` (ERNIE 4.5 VL: one expert group per modality family, each with its
+        own router, expert count and hidden width; see :mod:`ernie_vl.moe.groups`).
     num_text_experts: size of the text group in isolated routing (default E // 2).
+    group_layout: groups mode: the modality family of each group, ``"text"``, ``"vision"``
+        (image and video), ``"image"`` or ``"video"``; a modality in no group fails at run time.
+    group_experts / group_hidden: groups mode: experts and hidden width per group (default
+        ``num_experts`` / ``hidden`` for every group). ``num_experts`` of the layer is their sum.
+    score_bias: keep a per-expert score-correction bias (float32 buffer, ERNIE 4.5 / DeepSeek-V3
+        aux-loss-free balancing): experts are chosen by top-k of ``probs + bias``; the combine
+        weights are the chosen ``probs`` renormalised, without the bias.
+    bias_gamma: step of the bias update ``bias += gamma * sign(mean_load - load)`` made by
+        :func:`ernie_vl.moe.balance.update_score_biases` after each optimiser step (0 = frozen
+        bias); > 0 turns ``score_bias`` on.
+    norm_min: the top-k weights are divided by ``max(sum, norm_min)`` (ERNIE's ``moe_norm_min``);
+        0 keeps the plain renormalisation (softmax over the chosen logits).
     num_shared_experts: experts every token uses, added to the routed output.
     router_jitter: multiplicative uniform noise ``[1-j, 1+j]`` on the router input in training.
     load_balance_coef / z_loss_coef / orthogonal_coef: weights of the auxiliary losses.
@@ -49,6 +64,12 @@ class MoEConfig:
     eval_capacity_factor: float = 2.0
     routing: str = "shared"
     num_text_experts: int | None = None
+    group_layout: tuple[str, ...] = ("text", "vision")
+    group_experts: tuple[int, ...] | None = None
+    group_hidden: tuple[int, ...] | None = None
+    score_bias: bool = False
+    bias_gamma: float = 0.0
+    norm_min: float = 0.0
     num_shared_experts: int = 0
     router_jitter: float = 0.0
     load_balance_coef: float = 0.01
@@ -82,13 +103,48 @@ class MoEConfig:
                 raise ValueError(
                     f"num_text_experts must be in [1, {self.num_experts - 1}], got {self.num_text_experts}"
                 )
+        if self.bias_gamma < 0 or self.norm_min < 0:
+            raise ValueError(f"bias_gamma and norm_min must be >= 0, got {self.bias_gamma}, {self.norm_min}")
+        if self.bias_gamma > 0:
+            self.score_bias = True
+        if self.routing == "groups":
+            self._check_groups()
         self.check_top_k(self.top_k)
 
+    def _check_groups(self) -> None:
+        self.group_layout = tuple(self.group_layout)
+        n = len(self.group_layout)
+        if n == 0:
+            raise ValueError("group_layout is empty; give at least one of " + ", ".join(GROUP_FAMILIES))
+        seen: dict[int, str] = {}
+        for name in self.group_layout:
+            _check_choice("group family", name, tuple(GROUP_FAMILIES))
+            for m in GROUP_FAMILIES[name]:
+                if m in seen:
+                    raise ValueError(f"group_layout {list(self.group_layout)}: modality {m} is in both "
+                                     f"{seen[m]!r} and {name!r}")
+                seen[m] = name
+        for field_name, default in (("group_experts", self.num_experts), ("group_hidden", self.hidden)):
+            value = getattr(self, field_name)
+            value = (default,) * n if value is None else tuple(int(v) for v in value)
+            if len(value) != n or min(value) < 1:
+                raise ValueError(f"{field_name} must give one value >= 1 per group of group_layout "
+                                 f"{list(self.group_layout)} ({n}), got {list(value)}")
+            setattr(self, field_name, value)
+
+    @property
+    def total_experts(self) -> int:
+        """Routed experts of the layer (the sum over groups in groups mode)."""
+        return sum(self.group_experts) if self.routing == "groups" else self.num_experts  # type: ignore[arg-type]
+
     def group_sizes(self) -> tuple[int, ...]:
-        """Experts a token may choose from: (E,) shared, (text, visual) isolated."""
+        """Experts a token may choose from: (E,) shared, (text, visual) isolated, one per group."""
         if self.routing == "isolated":
             assert self.num_text_experts is not None
             return (self.num_text_experts, self.num_experts - self.num_text_experts)
+        if self.routing == "groups":
+            assert self.group_experts is not None
+            return tuple(self.group_experts)
         return (self.num_experts,)
 
     def check_top_k(self, top_k: int) -> int:

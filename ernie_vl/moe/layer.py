@@ -36,6 +36,8 @@ class MoEOutput:
     aux_loss: () weighted sum ``lb_coef * lb + z_coef * z + orth_coef * orth``.
     load_balance_loss / z_loss / orthogonal_loss: () unweighted, padding excluded.
     stats: routing statistics of the real tokens.
+    groups: ``routing="groups"`` only: ``"<index>:<family>"`` -> that group's own MoEOutput (its
+        losses and statistics over its experts), for the groups present in the batch.
     """
 
     output: torch.Tensor
@@ -45,6 +47,7 @@ class MoEOutput:
     z_loss: torch.Tensor
     orthogonal_loss: torch.Tensor
     stats: RoutingStats
+    groups: dict[str, "MoEOutput"] | None = None
 
 
 @dataclass
@@ -99,14 +102,21 @@ class MoEFeedForward(nn.Module):
         self.config = cfg
         self.top_k = cfg.top_k
         self.temperature = 1.0
-        text_experts = cfg.num_text_experts if cfg.routing == "isolated" else None
-        self.router = Router(d_model, cfg.num_experts, cfg.router_jitter, text_experts)
         act = cfg.activation
         assert act is not None
-        if cfg.expert_type == "swiglu":
-            self.experts: nn.Module = SwiGLUExperts(cfg.num_experts, d_model, cfg.hidden, act)
+        self.groups: nn.ModuleList | None = None
+        if cfg.routing == "groups":  # per-family sub-layers own the routers and experts
+            from .groups import build_groups
+
+            self.router, self.experts, self.groups = None, None, build_groups(d_model, cfg)
         else:
-            self.experts = MLPExperts(cfg.num_experts, d_model, cfg.hidden, act, cfg.bias)
+            text_experts = cfg.num_text_experts if cfg.routing == "isolated" else None
+            self.router = Router(d_model, cfg.num_experts, cfg.router_jitter, text_experts, cfg.score_bias,
+                                 cfg.norm_min, cfg.bias_gamma)
+            if cfg.expert_type == "swiglu":
+                self.experts = SwiGLUExperts(cfg.num_experts, d_model, cfg.hidden, act)
+            else:
+                self.experts = MLPExperts(cfg.num_experts, d_model, cfg.hidden, act, cfg.bias)
         self.shared: nn.Module | None = None
         if cfg.num_shared_experts > 0:
             shared_hidden = cfg.num_shared_experts * cfg.hidden
@@ -119,10 +129,23 @@ class MoEFeedForward(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.config.num_experts
+        """Routed experts of the layer (summed over the groups in groups mode)."""
+        return self.config.total_experts
 
     def shared_params(self) -> int:
         return 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
+
+    def expert_params(self) -> int:
+        """Parameters of all routed and shared experts."""
+        if self.groups is not None:
+            return sum(g.expert_params() for g in self.groups) + self.shared_params()
+        return self.num_experts * self.experts.params_per_expert() + self.shared_params()
+
+    def active_expert_params(self) -> int:
+        """Expert parameters one token uses at ``top_k`` (the widest group's in groups mode)."""
+        if self.groups is not None:
+            return max(g.active_expert_params() for g in self.groups) + self.shared_params()
+        return self.top_k * self.experts.params_per_expert() + self.shared_params()
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for ``num_tokens`` real tokens (None when dropless)."""
@@ -172,12 +195,18 @@ class MoEFeedForward(nn.Module):
             tokens, ids_r, logits_r = flat, ids, logits
         decision = self.router.route_fused(logits_r, self.top_k, ids_r, self.temperature)
         plan = plan_dispatch(decision.experts, self.config.num_experts, self.capacity(tokens.shape[0]))
+        if self.training:
+            self.router.record_load(plan.routed_counts)
         return RoutedTokens(flat, logits, tokens, ids_r, real_index, decision, plan)
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> MoEOutput:
         cfg = self.config
         cfg.check_top_k(self.top_k)
+        if self.groups is not None:
+            from .groups import grouped_forward
+
+            return grouped_forward(self, x, modality_ids, mask)
         r = self.route_tokens(x, modality_ids, mask)
         tokens, ids_r, decision, plan = r.tokens, r.modality_ids, r.decision, r.plan
         experts = self.experts
@@ -215,6 +244,10 @@ class MoEFeedForward(nn.Module):
         and routing statistics of the full call, with ``output`` a zero (expanded) view of x's shape,
         for a caller that multiplies it by a closed (zero) gate."""
         self.config.check_top_k(self.top_k)
+        if self.groups is not None:
+            from .groups import grouped_forward
+
+            return grouped_forward(self, x, modality_ids, mask, routing_only=True)
         r = self.route_tokens(x, modality_ids, mask)
         return self._with_routing_terms(r, x.new_zeros(()).expand(x.shape))
 
@@ -260,6 +293,22 @@ class MoEFeedForward(nn.Module):
         from .upcycle import layer_from_mixtral
 
         return layer_from_mixtral(cls, block)
+
+    @classmethod
+    def from_ernie45(cls, block: nn.Module) -> "MoEFeedForward":
+        """A layer equal to a transformers ``Ernie4_5_MoeSparseMoeBlock``: SwiGLU experts, shared
+        experts, the score-correction bias and ``norm_min`` (output matches ``block(x)``)."""
+        from .convert_ernie45 import layer_from_ernie45
+
+        return layer_from_ernie45(cls, block)
+
+    @classmethod
+    def from_ernie45_vl(cls, block: nn.Module) -> "MoEFeedForward":
+        """A groups-mode layer (text, vision) equal to a transformers ``Ernie4_5_VLMoeMoeBlock``:
+        ``layer(x, modality_ids)`` matches ``block(x, moe_mm_token_type_ids)``, and so do the router logits."""
+        from .convert_ernie45 import layer_from_ernie45_vl
+
+        return layer_from_ernie45_vl(cls, block)
 
     def extra_repr(self) -> str:
         cfg = self.config

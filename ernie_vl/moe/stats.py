@@ -27,6 +27,8 @@ class RoutingStats:
         assignments per token x params per expert + shared experts) over all expert
         parameters of the layer (routed + shared).
     num_tokens: () int64 real (non-padding) tokens routed.
+    expert_group: (E,) int64 group of each expert in ``routing="groups"`` (see
+        :mod:`ernie_vl.moe.groups`), else None.
     """
 
     tokens_per_expert: torch.Tensor
@@ -36,12 +38,16 @@ class RoutingStats:
     overlap_rate: torch.Tensor
     activated_param_ratio: torch.Tensor
     num_tokens: torch.Tensor
+    expert_group: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain floats / ints / lists for JSON logs (NaN -> None)."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            value = getattr(self, f.name).detach().cpu()
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            value = value.detach().cpu()
             py = value.tolist()
             if isinstance(py, float) and math.isnan(py):
                 py = None

@@ -131,6 +131,18 @@ def _mixtral_activation(block: nn.Module) -> str:
     return _HF_ACTIVATIONS[name]
 
 
+def stacked_swiglu_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' expert weights as (E, 2I, D) ``[gate; up]`` and (E, D, I) ``down``."""
+    if hasattr(experts, "gate_up_proj"):  # transformers >= 5: stacked (E, 2I, D) / (E, D, I)
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if getattr(experts, "is_transposed", False):
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        return gate_up, down
+    # older: ModuleList of w1 (gate), w3 (up), w2 (down) Linears
+    gate_up = torch.stack([torch.cat([e.w1.weight, e.w3.weight], 0) for e in experts])
+    return gate_up, torch.stack([e.w2.weight for e in experts])
+
+
 @torch.no_grad()
 def layer_from_mixtral(cls: type, block: nn.Module):
     """Implementation of ``MoEFeedForward.from_mixtral`` (stacked and per-expert Mixtral layouts)."""
@@ -139,14 +151,7 @@ def layer_from_mixtral(cls: type, block: nn.Module):
     router_w = block.gate.weight
     num_experts, d_model = router_w.shape
     top_k = int(getattr(block, "top_k", getattr(block.gate, "top_k", 2)))
-    experts = block.experts
-    if hasattr(experts, "gate_up_proj"):  # transformers >= 5: stacked (E, 2I, D) / (E, D, I)
-        gate_up, down = experts.gate_up_proj, experts.down_proj
-        if getattr(experts, "is_transposed", False):
-            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    else:  # older: ModuleList of w1 (gate), w3 (up), w2 (down) Linears
-        gate_up = torch.stack([torch.cat([e.w1.weight, e.w3.weight], 0) for e in experts])
-        down = torch.stack([e.w2.weight for e in experts])
+    gate_up, down = stacked_swiglu_weights(block.experts)
     hidden = down.shape[2]
     jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0)
     layer = cls(d_model, hidden, num_experts, top_k, expert_type="swiglu",

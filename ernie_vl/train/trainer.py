@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ernie_vl.data.mixing import MixedSource, StepMix
+from ernie_vl.moe.balance import update_score_biases
 from ernie_vl.train import checkpointing as ckpt
 from ernie_vl.train.config import TrainConfig, TrainResult
 from ernie_vl.train.distributed import (DistContext, all_gather_cat, barrier, broadcast_object, gather_objects,
@@ -370,6 +371,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        update_score_biases(self.model)  # aux-loss-free balancing: routers with a score bias
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0

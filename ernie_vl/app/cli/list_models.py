@@ -22,9 +22,7 @@ def preset_summary(name: str) -> dict:
     inactive = 0
     for block in model.backbone.blocks:
         if block.is_moe:
-            moe = block.mlp
-            per_expert = count(moe.experts) // moe.num_experts
-            inactive += (moe.num_experts - moe.top_k) * per_expert
+            inactive += block.mlp.expert_params() - block.mlp.active_expert_params()
     return {
         "name": name,
         "params": total,
