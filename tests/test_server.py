@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -29,6 +32,31 @@ def _png(rgb, size=(10, 10)) -> bytes:
     return buf.getvalue()
 
 
+@contextmanager
+def worker_held_until_submitted(service, counts: dict):
+    """Hold the model worker thread until every named batcher has had ``counts[name]`` items
+    submitted, then let it run: all those items are queued before the first batch runs, whatever
+    the timing of the requests (no reliance on arrival within ``max_wait_ms``)."""
+    gate, holding = threading.Event(), threading.Event()
+    service.executor.submit(lambda: (holding.set(), gate.wait(120)))
+    assert holding.wait(30), "the worker thread did not start"
+    batchers = {b.name: b for b in service.batchers}
+
+    def release_when_all_submitted():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(batchers[n].submitted < c for n, c in counts.items()):
+            time.sleep(0.005)
+        gate.set()
+
+    waiter = threading.Thread(target=release_when_all_submitted, daemon=True)
+    waiter.start()
+    try:
+        yield
+    finally:
+        gate.set()
+        waiter.join(5)
+
+
 @pytest.fixture()
 def served(tmp_path):
     root = tmp_path / "photos"
@@ -40,11 +68,11 @@ def served(tmp_path):
     app = create_app(model, model.preprocess, model.tokenizer, model.model_id, index, config)
     with ServerThread(app) as url:
         with httpx.Client(base_url=url, timeout=30) as client:
-            yield client, model
+            yield client, model, app.state.service
 
 
 def test_health_and_embeddings(served):
-    client, model = served
+    client, model, _ = served
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model_id"] == "test:color"
     assert health["index"] == {"count": 3, "kind": "flat", "embedding_dim": 3}
@@ -58,7 +86,7 @@ def test_health_and_embeddings(served):
 
 
 def test_search_by_text_and_image(served):
-    client, _ = served
+    client, _, _ = served
     r = client.post("/search", json={"text": "a green field", "k": 2})
     assert r.status_code == 200
     hits = r.json()["hits"]
@@ -78,13 +106,13 @@ def test_search_by_text_and_image(served):
     (dict(json=["red"]), 422, "object"),
 ])
 def test_bad_search_requests_get_4xx(served, kwargs, status, needle):
-    client, _ = served
+    client, _, _ = served
     r = client.post("/search", **kwargs)
     assert r.status_code == status and needle in r.json()["error"]
 
 
 def test_bad_uploads_are_refused_and_server_survives(served):
-    client, _ = served
+    client, _, _ = served
     r = client.post("/embed/image", files={"file": ("x.png", b"this is text, not a picture", "image/png")})
     assert r.status_code == 415 and "x.png" in r.json()["error"]
     r = client.post("/embed/image", files={"file": ("big.png", b"\x00" * 30_000, "image/png")})
@@ -100,7 +128,7 @@ def test_bad_uploads_are_refused_and_server_survives(served):
 
 
 def test_concurrent_requests_are_batched(served):
-    client, model = served
+    client, model, service = served
     model.text_batch_sizes.clear()
     url = str(client.base_url)
 
@@ -108,13 +136,16 @@ def test_concurrent_requests_are_batched(served):
         async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
             return await asyncio.gather(*(ac.post("/embed/text", json={"text": f"blue {i}"}) for i in range(16)))
 
-    responses = asyncio.run(burst())
+    with worker_held_until_submitted(service, {"text": 16}):
+        responses = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses)
     for r in responses:
         np.testing.assert_allclose(r.json()["embeddings"][0], [0, 0, 1], atol=1e-2)
+    # all 16 were queued before the first forward: after the first batch (whatever it gathered),
+    # the rest fill batches of max_batch_size, never more
     assert sum(model.text_batch_sizes) == 16
-    assert max(model.text_batch_sizes) > 1          # some requests shared a forward pass
-    assert max(model.text_batch_sizes) <= 8         # never above max_batch_size
+    assert max(model.text_batch_sizes) == 8
+    assert len(model.text_batch_sizes) <= 3
     stats = client.get("/health").json()["stats"]["text"]
     assert stats["items"] >= 16 and stats["max_batch"] <= 8
 
@@ -240,7 +271,8 @@ def test_server_batches_are_exact(ernie_model, tmp_path):
                 searches = [ac.post("/search", json={"text": t, "k": 2 + i}) for i, t in enumerate(TEXTS)]
                 return await asyncio.gather(*embeds, *searches)
 
-        replies = asyncio.run(burst())
+        with worker_held_until_submitted(app.state.service, {"text": 4, "search_text": 4}):
+            replies = asyncio.run(burst())
         health = httpx.get(url + "/health").json()
     assert all(r.status_code == 200 for r in replies)
     got = np.array([r.json()["embeddings"][0] for r in replies[:4]])

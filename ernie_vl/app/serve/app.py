@@ -4,7 +4,10 @@ Text and image embedding and text and image search each have a :class:`DynamicBa
 batch is one tokenisation, one forward and one index scan for all its queries. The batchers share
 one worker thread, so one model forward (or index scan) runs at a time. Text batches are cut to
 their longest real sequence when that is exact for the model (checked at start-up, see
-``text_trim``). Bad requests get a 4xx with a message; nothing a client sends can stop the server.
+``text_trim``). What a client sends is bounded before it costs memory: request bodies by
+:class:`~ernie_vl.app.serve.body.BodyGuard`, images by :class:`~ernie_vl.app.serve.decode.BoundedDecoder`;
+bad requests get a 4xx with a short message (``parsing``), and nothing a client sends can stop the
+server or close another request's connection.
 """
 from __future__ import annotations
 
@@ -18,23 +21,42 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
 from ernie_vl.app.serve.batcher import BatchingConfig, DynamicBatcher, QueueFullError
+from ernie_vl.app.serve.body import BodyGuard, BodyStats
+from ernie_vl.app.serve.decode import BoundedDecoder, ImageRefused, default_max_pixels, usable_cores
+from ernie_vl.app.serve.parsing import HTTPError, check_string, int_field, parse_json_object
 from ernie_vl.app.serve.text_trim import pad_id_of, trim_padding, trimming_is_exact
 from retrieval.embed import encode_image_batch, encode_text_batch
-from retrieval.images import ImageLoadError, load_image_bytes
 from retrieval.index import Index
+
+MB = 1024 * 1024
+
+
+class ErrorResponse(JSONResponse):
+    """``{"error": message}`` as ASCII JSON: encodable whatever the message echoes back."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content).encode("ascii")
 
 
 @dataclass
 class ServerConfig:
-    """Limits and batching of the HTTP server."""
+    """Limits and batching of the HTTP server (connection limits: ``connections.ConnectionLimits``).
+
+    ``max_image_pixels`` None: from the model's input size (``decode.default_max_pixels``);
+    ``decode_workers`` None: the usable cores.
+    """
 
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_upload_bytes: int = 10 * MB          # one image file
+    max_form_bytes: int = 32 * MB            # a whole multipart body
+    max_json_bytes: int = 1 * MB             # any other body
+    body_timeout_s: float = 30.0             # longest gap between two pieces of a body
+    max_image_pixels: Optional[int] = None
+    decode_workers: Optional[int] = None
     max_texts_per_request: int = 64
     max_images_per_request: int = 16
     max_text_chars: int = 2000
@@ -45,24 +67,21 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.trim_text not in (None, True, False):
             raise ValueError(f"trim_text must be None (auto), True or False, got {self.trim_text!r}")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def _int_field(value: Any, name: str, default: int, hi: int) -> int:
-    if value is None or value == "":
-        return default
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise HTTPError(422, f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, bool) or not 1 <= k <= hi or (isinstance(value, float) and value != k):
-        raise HTTPError(422, f"{name} must be an integer in [1, {hi}], got {value!r}")
-    return k
+        for name in ("max_upload_bytes", "max_form_bytes", "max_json_bytes", "max_texts_per_request",
+                     "max_images_per_request", "max_text_chars", "max_k", "default_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_image_pixels", "decode_workers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None (automatic) or a positive integer, got {value!r}")
+        if isinstance(self.body_timeout_s, bool) or not isinstance(self.body_timeout_s, (int, float)) \
+                or not self.body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s!r}")
+        if self.max_form_bytes < self.max_upload_bytes:
+            raise ValueError(f"max_form_bytes ({self.max_form_bytes}) must be >= max_upload_bytes "
+                             f"({self.max_upload_bytes}): one image must fit in a request")
 
 
 class Service:
@@ -82,6 +101,9 @@ class Service:
         self.search_image_batcher = DynamicBatcher(self._search_images, b, self.executor, "search_image")
         self.batchers = (self.text_batcher, self.image_batcher, self.search_text_batcher, self.search_image_batcher)
         self.embedding_dim: Optional[int] = index.dim if index is not None else None
+        self.decoder = BoundedDecoder(preprocess, config.max_image_pixels or default_max_pixels(preprocess),
+                                      config.decode_workers or usable_cores())
+        self.body_stats = BodyStats()
         self.pad_id = pad_id_of(tokenizer)
         self.trim_text = config.trim_text
         if self.trim_text is None:
@@ -136,45 +158,31 @@ class Service:
             raise HTTPError(422, "give 'text' (a string) or 'texts' (a non-empty list of strings)")
         if len(texts) > self.config.max_texts_per_request:
             raise HTTPError(413, f"{len(texts)} texts in one request; the limit is {self.config.max_texts_per_request}")
-        for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise HTTPError(422, f"every text must be a non-empty string, got {t!r}")
-            if len(t) > self.config.max_text_chars:
-                raise HTTPError(413, f"a text of {len(t)} characters; the limit is {self.config.max_text_chars}")
-        return texts
+        return [check_string(t, "text", self.config.max_text_chars) for t in texts]
 
     async def read_upload(self, upload: Any) -> torch.Tensor:
         if not isinstance(upload, UploadFile):
             raise HTTPError(422, "image fields must be file uploads (multipart/form-data)")
+        name = upload.filename or "<upload>"
         data = await upload.read(self.config.max_upload_bytes + 1)
         if len(data) > self.config.max_upload_bytes:
-            raise HTTPError(413, f"upload {upload.filename!r} is larger than {self.config.max_upload_bytes} bytes")
+            raise HTTPError(413, f"upload {name!r} is larger than {self.config.max_upload_bytes} bytes")
         try:
-            image = await run_in_threadpool(load_image_bytes, data, upload.filename or "<upload>",
-                                            self.config.max_image_pixels)
-        except ImageLoadError as err:
-            status = 413 if "larger than" in err.reason else 415
-            raise HTTPError(status, f"not a readable image: {err}") from None
-        return await run_in_threadpool(self.preprocess, image)
+            return await self.decoder(data, name)
+        except ImageRefused as err:
+            raise HTTPError(err.status, f"image {name!r} refused: {err.reason}") from None
 
     async def json_body(self, request: Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HTTPError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HTTPError(422, f"the JSON body must be an object, got {type(body).__name__}")
-        return body
+        return parse_json_object(await request.body())
 
     async def form(self, request: Request):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.config.max_upload_bytes * 2:
-            raise HTTPError(413, f"request body of {length} bytes is too large")
         try:
             return await request.form(max_files=self.config.max_images_per_request, max_fields=16,
                                       max_part_size=self.config.max_upload_bytes)
-        except Exception as err:  # starlette raises its own errors for malformed / oversized forms
-            raise HTTPError(400, f"malformed multipart form: {err}") from None
+        except MultiPartException as err:   # starlette's messages are written for clients
+            raise HTTPError(400, f"malformed multipart form: {err.message}") from None
+        except (ValueError, UnicodeError, KeyError):
+            raise HTTPError(400, "malformed multipart form") from None
 
 
 def create_app(model: Any, preprocess: Callable, tokenizer: Callable, model_id: str,
@@ -192,27 +200,31 @@ def create_app(model: Any, preprocess: Callable, tokenizer: Callable, model_id: 
 
     app = FastAPI(title="ERNIE-VL search", lifespan=lifespan)
     app.state.service = service
+    cfg = service.config
+    app.add_middleware(BodyGuard, json_limit=cfg.max_json_bytes, form_limit=cfg.max_form_bytes,
+                       idle_timeout_s=cfg.body_timeout_s, stats=service.body_stats)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, err: HTTPError):
-        return JSONResponse({"error": err.message}, status_code=err.status)
+        return ErrorResponse({"error": err.message}, status_code=err.status)
 
     @app.exception_handler(QueueFullError)
     async def _busy(request: Request, err: QueueFullError):
-        return JSONResponse({"error": str(err)}, status_code=503)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception):
-        return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}"}, status_code=500)
+        return ErrorResponse({"error": str(err)}, status_code=503)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
         s = service
+        connections = getattr(request.app.state, "connections", None)
         return {"status": "ok", "model_id": s.model_id,
                 "index": None if s.index is None else {"count": len(s.index), "kind": s.index.kind,
                                                        "embedding_dim": s.index.dim},
                 "batching": asdict(s.config.batching), "trim_text": s.trim_text,
-                "stats": {b.name: b.stats.to_dict() for b in s.batchers}}
+                "stats": {b.name: b.stats.to_dict() for b in s.batchers},
+                "limits": {"max_json_bytes": s.config.max_json_bytes, "max_form_bytes": s.config.max_form_bytes,
+                           "max_upload_bytes": s.config.max_upload_bytes},
+                "refused": s.body_stats.to_dict(), "decode": s.decoder.to_dict(),
+                "connections": None if connections is None else connections.to_dict()}
 
     @app.post("/embed/text")
     async def embed_text(request: Request) -> JSONResponse:
@@ -245,16 +257,17 @@ def create_app(model: Any, preprocess: Callable, tokenizer: Callable, model_id: 
             upload = form.get("image") or form.get("file")
             if upload is None:
                 raise HTTPError(422, "multipart search needs an image in the field 'image'")
-            k = _int_field(form.get("k"), "k", service.config.default_k, service.config.max_k)
+            k = int_field(form.get("k"), "k", service.config.default_k, service.config.max_k)
             hits = await service.search_image_batcher.submit((await service.read_upload(upload), k))
-            kind, shown = "image", getattr(upload, "filename", None)
+            name = getattr(upload, "filename", None)
+            kind, shown = "image", None if name is None else name.encode("utf-8", "replace").decode("utf-8")
         else:
             body = await service.json_body(request)
             text = body.get("text", body.get("query"))
             if not isinstance(text, str):
                 raise HTTPError(422, "JSON search needs 'text': a string (or send an image as multipart 'image')")
-            service.check_texts(text)
-            k = _int_field(body.get("k"), "k", service.config.default_k, service.config.max_k)
+            text = check_string(text, "text", service.config.max_text_chars)
+            k = int_field(body.get("k"), "k", service.config.default_k, service.config.max_k)
             hits = await service.search_text_batcher.submit((text, k))
             kind, shown = "text", text
         return JSONResponse({"query": {"kind": kind, "value": shown}, "k": k, "hits": hits})

@@ -67,6 +67,7 @@ class DynamicBatcher:
                  executor: Executor, name: str = "batcher") -> None:
         self.fn, self.config, self.executor, self.name = fn, config, executor, name
         self.stats = BatchStats()
+        self.submitted = 0             # items ever submitted (queued, running or done)
         self._queue: Optional[asyncio.Queue] = None
         self._task: Optional[asyncio.Task] = None
         self._last_batch = 0
@@ -98,6 +99,7 @@ class DynamicBatcher:
             self._queue.put_nowait((item, fut))
         except asyncio.QueueFull as err:
             raise QueueFullError(f"{self.name}: {self.config.max_queue} requests already waiting") from err
+        self.submitted += 1
         return await fut
 
     async def submit_many(self, items: Sequence[Any]) -> list[Any]:
