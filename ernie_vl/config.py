@@ -20,7 +20,7 @@ from encoders.video_vit import VideoEncoderConfig
 from encoders.vit import ImageEncoderConfig
 from ernie_vl.backbone import BackboneConfig
 
-PROJECTOR_KINDS = ("linear", "mlp", "resampler")
+PROJECTOR_KINDS = ("linear", "mlp", "resampler", "resampler_ernie45")
 PROJECTOR_TOKENS = ("all", "prefix")
 VISUAL_POOLS = ("cls", "mean")
 CONTRASTIVE_KINDS = ("clip", "siglip")
@@ -70,7 +70,9 @@ class ProjectorConfig:
 
     kind: ``linear`` | ``mlp`` (Linear-GELU-Linear) | ``resampler`` (``num_queries``
         learned queries cross-attend to all visual tokens, ``depth`` layers; turns a
-        video's T x N tokens into M tokens).
+        video's T x N tokens into M tokens) | ``resampler_ernie45`` (ERNIE 4.5 VL's
+        variable-resolution resampler: 2 x 2 spatial and frame-pair merges, MLPs, linear,
+        RMSNorm; needs ``tokens="all"`` and an even patch grid).
     mlp_ratio: hidden width of the ``mlp`` projector and of the resampler's MLPs, as a
         multiple of the backbone width.
     tokens: ``all`` (every encoder token enters the backbone) or ``prefix`` (only the class

@@ -2,7 +2,9 @@
 
 Projectors map visual tokens (B, N, C_enc) to backbone width (B, N', D):
 ``LinearProjector`` and ``MLPProjector`` keep N' = N, ``Resampler`` returns N' = M
-learned queries (Perceiver / Q-Former style), so a video's T x N tokens become M.
+learned queries (Perceiver / Q-Former style), so a video's T x N tokens become M;
+``ErnieResamplerProjector`` (ERNIE 4.5 VL, :mod:`ernie_vl.resampler`) merges 2 x 2 patches
+and frame pairs, N' = T/2 * N/4 (it also takes the grid and frame count).
 Every projector's ``forward`` returns ``(tokens, num_prefix)``: how many leading
 tokens are class / query tokens, which ``pool_visual(..., "cls")`` averages.
 """
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie_vl.config import ProjectorConfig
+from ernie_vl.resampler import ErnieResamplerProjector, VariableResolutionResampler  # noqa: F401 (public here)
 
 
 class LinearProjector(nn.Module):
@@ -98,7 +101,9 @@ def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int) -> nn.Modul
         return MLPProjector(in_dim, out_dim, hidden)
     if cfg.kind == "resampler":
         return Resampler(in_dim, out_dim, cfg.num_queries, cfg.num_heads, cfg.depth, hidden)
-    raise ValueError(f"unknown projector kind {cfg.kind!r}; valid: linear, mlp, resampler")
+    if cfg.kind == "resampler_ernie45":
+        return ErnieResamplerProjector(in_dim, out_dim)
+    raise ValueError(f"unknown projector kind {cfg.kind!r}; valid: linear, mlp, resampler, resampler_ernie45")
 
 
 def pool_text_eot(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

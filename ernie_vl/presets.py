@@ -4,6 +4,10 @@
   1000-id folded vocabulary and 16-token context, see ``TextConfig``).
 - ``tiny``: trains in minutes on 2 CPU cores (64 px, patch 8, 8-frame clips, 2-layer
   256-wide backbone with 4 experts top-2, 32-token context).
+- ``ernie45-tiny``: ``tiny`` built the ERNIE 4.5 VL way: text and vision expert groups with their
+  own routers at ERNIE's 3:1 width ratio (SwiGLU, 192 / 64), a shared expert, score-bias
+  (aux-loss-free) balancing next to a small load-balance loss, and the variable-resolution
+  resampler as the aligner of images and clips.
 - ``base``: ViT-B/16 image and space-time video encoders, 12-layer 512-wide backbone,
   8 experts top-2 in every second block.
 - ``large``: ViT-L/14 encoders, 24-layer 768-wide backbone, 16 experts top-2.
@@ -25,8 +29,8 @@ def _preset_files() -> dict[str, Any]:
 
 
 def list_models() -> list[str]:
-    """Preset names, smallest first (``["test", "tiny", "base", "large"]``)."""
-    order = {"test": 0, "tiny": 1, "base": 2, "large": 3}
+    """Preset names, smallest first (``["test", "tiny", "ernie45-tiny", "base", "large"]``)."""
+    order = {"test": 0, "tiny": 1, "ernie45-tiny": 2, "base": 3, "large": 4}
     return sorted(_preset_files(), key=lambda n: (order.get(n, len(order)), n))
 
 

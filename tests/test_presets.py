@@ -16,11 +16,11 @@ def _count(name: str) -> tuple[int, ernie_vl.ErnieVL]:
 
 
 def test_list_models_names_the_presets_smallest_first() -> None:
-    assert ernie_vl.list_models() == ["test", "tiny", "base", "large"]
+    assert ernie_vl.list_models() == ["test", "tiny", "ernie45-tiny", "base", "large"]
 
 
 def test_unknown_preset_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="unknown model preset 'huge'; valid: test, tiny, base, large"):
+    with pytest.raises(ValueError, match="unknown model preset 'huge'; valid: test, tiny, ernie45-tiny, base, large"):
         ernie_vl.create_model("huge")
 
 

@@ -31,10 +31,17 @@ def preset_summary(name: str) -> dict:
                  f"w{cfg.image_encoder.width} d{cfg.image_encoder.depth}",
         "video": f"{cfg.video_encoder.num_frames}x{cfg.video_encoder.image_size[0]}px {cfg.video_encoder.attention}",
         "backbone": f"d{cfg.backbone.depth} w{cfg.backbone.width}",
-        "experts": f"{cfg.backbone.moe.num_experts} top-{cfg.backbone.moe.top_k} every {cfg.backbone.moe_every}"
+        "experts": f"{_experts(cfg.backbone.moe)} top-{cfg.backbone.moe.top_k} every {cfg.backbone.moe_every}"
         if cfg.backbone.moe_every and cfg.backbone.moe is not None else "dense",
         "embed_dim": cfg.head.embed_dim,
     }
+
+
+def _experts(moe) -> str:
+    """``8``, or ``4+4`` for modality groups (text+vision)."""
+    if moe.routing == "groups":
+        return "+".join(str(e) for e in moe.group_experts)
+    return str(moe.num_experts)
 
 
 def _millions(n: int) -> str:
