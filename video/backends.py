@@ -222,27 +222,34 @@ def decode_decord(info: VideoInfo, indices: list[int], threads: int = 1, check_t
         del reader
 
 
-def decode_frames(info: VideoInfo, indices, backend: str = "auto", cost: DecodeCost = DecodeCost()) -> tuple[np.ndarray, str]:
+def decode_frames(info: VideoInfo, indices, backend: str = "auto", cost: DecodeCost = DecodeCost(),
+                  max_concealed: float = 0.25) -> tuple[np.ndarray, str, list[int]]:
     """Decode ``indices`` with ``backend`` ("auto" picks the cheaper one per request).
 
-    Returns (frames uint8 (T,H,W,3), backend used). Under "auto", a decord
-    failure on this file falls back to PyAV; a named backend does not fall back.
+    Returns (frames uint8 (T,H,W,3), backend used, concealed indices). PyAV decodes by the file's
+    plan (``video.plan``). decord only runs where the plan trusts it (``decord_refusal``): a named
+    "decord" on another file raises VideoDecodeError saying why; under "auto" such files, and decord
+    failures, go to PyAV.
     """
+    from video.plan import decode_planned, decord_refusal
+
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of: auto, {', '.join(BACKENDS)}")
     indices = info.check_indices(indices)
     if not indices:
-        return np.zeros((0, info.height, info.width, 3), np.uint8), "none"
+        return np.zeros((0, info.height, info.width, 3), np.uint8), "none", []
     available = available_backends()
-    if backend != "auto":
-        if backend not in available:
-            raise ValueError(f"backend {backend!r} is not installed; available: {', '.join(available) or 'none'}")
-        decode = decode_decord if backend == "decord" else decode_pyav
-        return decode(info, indices), backend
-    chosen = choose_backend(info, indices, available, cost)
-    if chosen == "decord":
+    if backend != "auto" and backend not in available:
+        raise ValueError(f"backend {backend!r} is not installed; available: {', '.join(available) or 'none'}")
+    refusal = decord_refusal(info) if "decord" in available else "decord is not installed"
+    if backend == "decord":
+        if refusal is not None:
+            raise VideoDecodeError(info.path, f"{refusal}; use backend 'pyav' or 'auto'")
+        return decode_decord(info, indices), "decord", []
+    if backend == "auto" and refusal is None and choose_backend(info, indices, available, cost) == "decord":
         try:
-            return decode_decord(info, indices), "decord"
+            return decode_decord(info, indices), "decord", []
         except VideoDecodeError:
             pass  # decord disagrees with the container or fails on it: PyAV decodes what exists
-    return decode_pyav(info, indices), "pyav"
+    frames, concealed, _ = decode_planned(info, indices, max_concealed=max_concealed)
+    return frames, "pyav", concealed

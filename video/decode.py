@@ -41,8 +41,11 @@ from typing import Sequence
 
 import numpy as np
 
+from video.conceal import DEFAULT_MAX_CONCEALED, check_max_concealed
+from video.convert import quarter_turns
 from video.errors import VideoDecodeError
-from video.probe import VideoInfo, probe_video
+from video.plan import DecodePlan, choose_plan, open_planned
+from video.probe import VideoInfo, complete_probe, probe_video
 from video.threads import ThreadChoice, check_threads
 from video.worker import HEADER, PARENT_ENV
 
@@ -76,6 +79,7 @@ class DecodeService:
         self._lock = threading.Lock()
         self.restarts = 0  # workers started after the first (timeouts, crashes, recycling)
         self.last_cpu_s = 0.0  # CPU seconds the worker spent on the last request
+        self.last_concealed: list[int] = []  # frames of the last request replaced by a decodable neighbour
         self._started = 0
 
     # -- worker lifecycle -------------------------------------------------
@@ -183,8 +187,12 @@ class DecodeService:
     def probe(self, path: str, timeout_s: float | None = None) -> VideoInfo:
         return self.request({"op": "probe", "path": path}, path, timeout_s)["info"]
 
-    def frames(self, path: str, indices: list[int], backend: str = "auto", timeout_s: float | None = None) -> tuple[np.ndarray, str]:
-        reply = self.request({"op": "frames", "path": path, "indices": indices, "backend": backend}, path, timeout_s)
+    def frames(self, path: str, indices: list[int], backend: str = "auto", timeout_s: float | None = None,
+               max_concealed: float = DEFAULT_MAX_CONCEALED) -> tuple[np.ndarray, str]:
+        """(frames, backend used); ``last_concealed`` lists the requested frames that were concealed."""
+        reply = self.request({"op": "frames", "path": path, "indices": indices, "backend": backend,
+                              "max_concealed": max_concealed}, path, timeout_s)
+        self.last_concealed = list(reply.get("concealed", []))
         return reply["frames"], reply["backend"]
 
     def __del__(self) -> None:  # pragma: no cover - best effort
@@ -254,16 +262,19 @@ PROBE_CACHE = ProbeCache()
 class VideoReader:
     """A probed video: ``len(reader)`` decodable frames, ``fps``, ``duration``, ``get_frames(indices)``.
 
-    Indices outside ``[0, len(reader))`` raise ValueError naming the valid range.
-    ``last_backend`` says which decoder served the last request; ``isolation_used``
-    is "inline" or "process" (see the module docstring); ``thread_choice`` is the in-process
-    decoder's threading (None before its first request, and for the worker). Close it (or use it as a
-    context manager) to release the open file and its packets at once.
+    Indices outside ``[0, len(reader))`` raise ValueError naming the valid range. ``plan`` says how
+    the file is decoded and why (``video.plan``: key-frame restarts where the corpus test proves them
+    exact, else one sequential pass). ``last_backend`` says which decoder served the last request,
+    ``last_concealed`` which requested frames did not decode and were replaced by their nearest
+    decodable neighbour (a request fails when more than ``max_concealed`` of its frames are);
+    ``isolation_used`` is "inline" or "process" (see the module docstring); ``thread_choice`` is the
+    in-process decoder's threading (None before its first request, and for the worker). Close it (or
+    use it as a context manager) to release the open file and its packets at once.
     """
 
     def __init__(self, path: str | os.PathLike, backend: str = "auto", timeout_s: float = 30.0,
                  isolation: str = "auto", service: DecodeService | None = None, threads: int | str = "auto",
-                 cache: ProbeCache | None = PROBE_CACHE) -> None:
+                 cache: ProbeCache | None = PROBE_CACHE, max_concealed: float = DEFAULT_MAX_CONCEALED) -> None:
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKEND_CHOICES)}")
         if isolation not in ISOLATIONS:
@@ -277,44 +288,79 @@ class VideoReader:
         self.isolation = isolation
         self.timeout_s = float(timeout_s)
         self.threads = check_threads(threads)
+        self.max_concealed = check_max_concealed(max_concealed)
         self.last_backend: str | None = None
+        self.last_concealed: list[int] = []
         self.thread_choice: ThreadChoice | None = None
-        self._decoder = None  # video.packets.PacketDecoder for in-process requests
+        self._decoder = None  # video.packets.PacketDecoder or video.sequential.SequentialDecoder, in process
         self.service: DecodeService | None = None
         if isolation == "process":
-            self.service = service if service is not None else default_service()
-            self.info: VideoInfo = self.service.probe(self.path, timeout_s=self.timeout_s)
-            self.isolation_used = "process"
+            self._use_worker(service)
             return
         cached = cache.get(self.path) if cache is not None else None
         deadline = time.monotonic() + self.timeout_s
         wants_decord = backend == "decord" or (backend == "auto" and "pyav" not in _available())
         if cached is not None:
-            info = cached
+            info = cached if cached.complete or not wants_decord else complete_probe(cached)
         elif wants_decord or os.path.getsize(self.path) > INLINE_MAX_BYTES:
             info = probe_video(self.path, deadline=deadline)
         else:
             from video.packets import PacketDecoder
 
             info = self._open_decoder(PacketDecoder, None, deadline)
-        if cache is not None and cached is None:
+            if info.unsafe_reason is None and not info.counted and choose_plan(info).kind == "sequential":
+                info = self._count(info, deadline)
+        if cache is not None and cached is None and (info.counted or info.unsafe_reason is None):
             cache.put(info)
         self.info = info
         inline_ok = info.unsafe_reason is None and not wants_decord and info.size_bytes <= INLINE_MAX_BYTES
         if isolation == "auto" and not inline_ok:
-            self.service = service if service is not None else default_service()
-            self.isolation_used = "process"
             self.close()
+            if info.counted or wants_decord:
+                self.service = service if service is not None else default_service()
+                self.isolation_used = "process"
+            else:
+                self._use_worker(service)  # the worker's probe counts what the demux could not
         else:
             self.isolation_used = "inline"
             if not inline_ok:
-                self.close()  # "inline" on a file the packet decoder refuses: the seek-based decoders, in process
+                self.close()  # "inline" on a file the in-process decoders refuse: decode_frames, in process
+                if not info.counted and choose_plan(info).kind == "sequential":
+                    self.info = complete_probe(info, max(deadline - time.monotonic(), 0.001))
+
+    def _use_worker(self, service: DecodeService | None) -> None:
+        self.service = service if service is not None else default_service()
+        self.info: VideoInfo = self.service.probe(self.path, timeout_s=self.timeout_s)
+        self.isolation_used = "process"
 
     def _open_decoder(self, factory, info: VideoInfo | None, deadline: float) -> VideoInfo:
-        decoder = factory(self.path, threads=self.threads, deadline=deadline, info=info)
+        decoder = factory(self.path, threads=self.threads, deadline=deadline, info=info,
+                          max_concealed=self.max_concealed)
         if decoder.usable:
             self._decoder = decoder
         return decoder.info
+
+    def _count(self, info: VideoInfo, deadline: float) -> VideoInfo:
+        """Sequential plan: one full pass counts the frames; its decoded frames serve the first requests."""
+        from video.sequential import SequentialDecoder
+
+        self.close()
+        decoder = SequentialDecoder(self.path, info, max_concealed=self.max_concealed)
+        try:
+            info = decoder.count(timeout_s=max(deadline - time.monotonic(), 0.001))
+        except BaseException:
+            decoder.release()
+            raise
+        if info.unsafe_reason is None:
+            self._decoder = decoder
+        else:
+            decoder.release()
+        return info
+
+    @property
+    def plan(self) -> DecodePlan:
+        """How this file is decoded, and why (``video.plan.choose_plan``)."""
+        return choose_plan(self.info)
 
     def __len__(self) -> int:
         return self.info.num_frames
@@ -329,8 +375,12 @@ class VideoReader:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(height, width) of the frames."""
-        return self.info.height, self.info.width
+        """(height, width) of the frames as returned (upright: a rotation by 90 degrees swaps them)."""
+        rotation = self.info.rotation
+        if self._decoder is not None and self._decoder.converter.rotation:
+            rotation = self._decoder.converter.rotation
+        h, w = self.info.height, self.info.width
+        return (w, h) if quarter_turns(rotation) % 2 else (h, w)
 
     def timestamps(self, indices: Sequence[int]) -> "torch.Tensor":
         """Seconds from the first frame, float64 (T,)."""
@@ -339,24 +389,39 @@ class VideoReader:
         return torch.tensor([self.info.frame_time(i) for i in self.info.check_indices(indices)], dtype=torch.float64)
 
     def get_frames_numpy(self, indices: Sequence[int]) -> np.ndarray:
-        """Frames as numpy uint8 (T,H,W,3), in the order of ``indices``."""
+        """Frames as numpy uint8 (T,H,W,3), upright RGB, in the order of ``indices``."""
         indices = self.info.check_indices(_as_index_list(indices))
+        concealed: list[int] = []
         if self.service is not None:
-            frames, used = self.service.frames(self.path, indices, self.backend, timeout_s=self.timeout_s)
+            frames, used = self.service.frames(self.path, indices, self.backend, timeout_s=self.timeout_s,
+                                               max_concealed=self.max_concealed)
+            concealed = self.service.last_concealed
         elif self.info.unsafe_reason is None and self.backend != "decord" and self.info.size_bytes <= INLINE_MAX_BYTES:
-            if self._decoder is not None and self._decoder.owner_pid != os.getpid():
-                self._decoder = None  # opened before a fork: the parent's file offset must not move under it
-            if self._decoder is None:  # cached probe, or reopened after close(): packets are read as needed
-                from video.packets import PacketDecoder
-
-                self._open_decoder(PacketDecoder, self.info, time.monotonic() + self.timeout_s)
-            frames, used = self._decoder.decode(indices, timeout_s=self.timeout_s), "pyav"
-            self.thread_choice = self._decoder.thread_choice
+            frames, concealed, used = self._decode_inline(indices), None, "pyav"
         else:
             from video.backends import decode_frames
 
-            frames, used = decode_frames(self.info, indices, self.backend)
+            frames, used, concealed = decode_frames(self.info, indices, self.backend, max_concealed=self.max_concealed)
         self.last_backend = used
+        self.last_concealed = list(concealed if concealed is not None else self._decoder.last_concealed)
+        return frames
+
+    def _decode_inline(self, indices: list[int]) -> np.ndarray:
+        from video.packets import PlanMismatch
+
+        if self._decoder is not None and self._decoder.owner_pid != os.getpid():
+            self._decoder = None  # opened before a fork: the parent's file offset must not move under it
+        if self._decoder is None:  # cached probe, or reopened after close(): packets are read as needed
+            self._decoder = open_planned(self.info, threads=self.threads, max_concealed=self.max_concealed)
+        try:
+            frames = self._decoder.decode(indices, timeout_s=self.timeout_s)
+        except PlanMismatch:  # the packets do not map onto the frames: count them and read them in order
+            self.close()
+            self.info = self._count(self.info, time.monotonic() + self.timeout_s)
+            if self._decoder is None:
+                raise VideoDecodeError(self.path, f"decoding found damaged data: {self.info.unsafe_reason}") from None
+            frames = self._decoder.decode(self.info.check_indices(indices), timeout_s=self.timeout_s)
+        self.thread_choice = self._decoder.thread_choice
         return frames
 
     def get_frames(self, indices: Sequence[int]) -> "torch.Tensor":
@@ -366,10 +431,10 @@ class VideoReader:
         return torch.from_numpy(self.get_frames_numpy(indices))
 
     def close(self) -> None:
-        """Release the open file and the packets held in memory (a later request reopens it)."""
+        """Release the open file and the packets or frames held in memory (a later request reopens it)."""
         decoder, self._decoder = self._decoder, None
         if decoder is not None:
-            decoder.close()
+            getattr(decoder, "release", decoder.close)()
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -413,7 +478,8 @@ def _as_index_list(indices) -> list[int]:
 
 
 def open_video(path: str | os.PathLike, backend: str = "auto", timeout_s: float = 30.0,
-               isolation: str = "auto", threads: int | str = "auto") -> VideoReader:
+               isolation: str = "auto", threads: int | str = "auto",
+               max_concealed: float = DEFAULT_MAX_CONCEALED) -> VideoReader:
     """Open ``path`` for frame access; VideoDecodeError naming the file when it has no decodable video.
 
     ``backend``: "auto" (in process: the planned PyAV decoder; in the worker: the
@@ -428,5 +494,8 @@ def open_video(path: str | os.PathLike, backend: str = "auto", timeout_s: float 
     with several slices and frame threading (``min(spare cores + 1, 4)`` threads) on the others.
     An int is used as given (1: no threading, the least CPU; more: frame threading, lower
     latency when cores are idle, more CPU). The frames are the same either way.
+    ``max_concealed``: the fraction of a request's frames that may be replaced by their nearest
+    decodable neighbour when they do not decode (damaged data) before the request fails.
     """
-    return VideoReader(path, backend=backend, timeout_s=timeout_s, isolation=isolation, threads=threads)
+    return VideoReader(path, backend=backend, timeout_s=timeout_s, isolation=isolation, threads=threads,
+                       max_concealed=max_concealed)

@@ -19,6 +19,12 @@ Work per request (PyAV; the frames equal decord's and the seek-based decoder's, 
 - the decoder state survives between requests (multi-view testing reads many
   clips of one file from one open container).
 
+Exactness: used only on the (container, codec) pairs of ``video.plan.FAST_PATHS``, which the corpus
+test proves equal to PyAV's sequential decode. As a safety net a decoded frame whose timestamp is
+not a packet's, or that comes out of order, raises :class:`PlanMismatch` and the reader switches
+the file to the sequential plan. A wanted frame that does not decode is concealed by the nearest
+frame that does (``video.conceal``).
+
 Timeout: the deadline is checked before every packet, so a request ends at most
 one packet's decode after it (ffmpeg decodes one packet in bounded time; there is
 no wait on data that is not there). A crash inside ffmpeg is not contained here.
@@ -31,10 +37,17 @@ import time
 
 import numpy as np
 
-from video.backends import stack_decoded
+from video.conceal import DEFAULT_MAX_CONCEALED, assemble, nearest
+from video.convert import FrameConverter
 from video.errors import VideoDecodeError
 from video.probe import VideoInfo, open_container, scan_packets
 from video.threads import ThreadChoice, check_threads, choose_threads, fixed_choice
+
+CONCEAL_WINDOW = 32  # frames searched on each side of an undecodable one for its stand-in
+
+
+class PlanMismatch(VideoDecodeError):
+    """Decoded frames do not map one-to-one onto the packets' timestamps: use the sequential plan."""
 
 
 class PacketDecoder:
@@ -51,8 +64,11 @@ class PacketDecoder:
     """
 
     def __init__(self, path: str, threads: int | str = 1, deadline: float | None = None,
-                 info: VideoInfo | None = None, restart_cost: float = 2.0) -> None:
+                 info: VideoInfo | None = None, restart_cost: float = 2.0, allow_unsafe: bool = False,
+                 max_concealed: float = DEFAULT_MAX_CONCEALED) -> None:
         self.path = path
+        self.max_concealed = float(max_concealed)
+        self.last_concealed: list[int] = []
         self.threads = check_threads(threads)
         self.restart_cost = float(restart_cost)
         self._container = open_container(path)
@@ -69,7 +85,7 @@ class PacketDecoder:
             self._container.close()
             raise
         self.info = info
-        self.usable = info.unsafe_reason is None  # False: the caller must use the process watchdog
+        self.usable = allow_unsafe or info.unsafe_reason is None  # False: the caller must use the process watchdog
         if not self.usable:
             self.close()
         self._ctx = ctx
@@ -85,7 +101,7 @@ class PacketDecoder:
         self._floor = 0  # key frame of the last restart: earlier frames (open-GOP leaders) are not trusted
         self._sent: set[int] = set()
         self._drained = False
-        self._reformatter = None
+        self.converter = FrameConverter()
         self._lock = threading.Lock()  # one request at a time: the decoder state is shared
         self.owner_pid = os.getpid()  # a forked child must open its own (the file offset is shared)
         self.packets_sent = 0  # counters for tests and benchmarks
@@ -130,22 +146,20 @@ class PacketDecoder:
             return True
         return self._position[key] > self._next + self.restart_cost
 
-    def _to_rgb(self, frame) -> np.ndarray:
-        """uint8 (H,W,3); one swscale context for the file, one thread (the same pixels as ``to_ndarray``)."""
-        if self._reformatter is None:
-            from av.video.reformatter import VideoReformatter
-
-            self._reformatter = VideoReformatter()
-        return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    def _index(self, frame) -> int:
+        """The frame index of a decoded frame, by its timestamp; PlanMismatch when that does not place it."""
+        index = self.info.index_of_pts(frame.pts) if frame.pts is not None else None
+        if index is None or index <= self._last_out:
+            raise PlanMismatch(self.path, f"a decoded frame's timestamp {frame.pts} is not the next packet's "
+                                          f"(after frame {self._last_out})")
+        self._last_out = index
+        return index
 
     def _take(self, frames, lookup: set[int], got: dict[int, np.ndarray]) -> None:
         for frame in frames:
-            index = self.info.index_of_pts(frame.pts) if frame.pts is not None else None
-            if index is None:
-                index = self._last_out + 1
-            self._last_out = index
+            index = self._index(frame)
             if index in lookup and index >= self._floor and index not in got:
-                got[index] = self._to_rgb(frame)
+                got[index] = self.converter.convert(frame)
 
     def _run_to(self, target: int, lookup: set[int], got: dict[int, np.ndarray], deadline: float | None,
                 timeout_s: float | None) -> int:
@@ -188,6 +202,7 @@ class PacketDecoder:
         if not indices:
             return np.zeros((0, self.info.height, self.info.width, 3), np.uint8)
         with self._lock:
+            self.last_concealed = []
             return self._decode(indices, timeout_s)
 
     def _decode(self, indices: list[int], timeout_s: float | None) -> np.ndarray:
@@ -209,7 +224,53 @@ class PacketDecoder:
             if target not in got and not restarted:  # continuing did not reach it: one clean try from its key frame
                 self._restart(key)
                 bad += self._run_to(target, lookup, got, deadline, timeout_s)
-        return stack_decoded(self.path, self.info.num_frames, indices, got, bad)
+        replacements: dict[int, int] = {}
+        missing = [i for i in wanted if i not in got]
+        if missing and len(missing) <= self.max_concealed * len(wanted):
+            for target in missing:
+                stand_in, bad_more = self._nearest_decodable(target, got, deadline, timeout_s)
+                bad += bad_more
+                if stand_in is not None:
+                    replacements[target] = stand_in
+        frames, self.last_concealed = assemble(self.path, self.info.num_frames, indices, got, replacements,
+                                               self.max_concealed, bad)
+        return frames
+
+    def _nearest_decodable(self, target: int, got: dict[int, np.ndarray], deadline: float | None,
+                           timeout_s: float | None) -> tuple[int | None, int]:
+        """Decode the frames within ``CONCEAL_WINDOW`` of ``target`` (which does not decode) and keep the
+        nearest one in ``got``: (its index or None, corrupt packets met)."""
+        import av
+
+        first = max(target - CONCEAL_WINDOW, 0)
+        last = min(target + CONCEAL_WINDOW, self.info.num_frames - 1)
+        self._restart(self.info.keyframe_before(first))
+        best: tuple[int, object] | None = None
+        bad = 0
+        while self._last_out < last and not self._drained:
+            if deadline is not None and time.monotonic() > deadline:
+                raise VideoDecodeError(self.path, f"decoding timed out after {timeout_s:.1f} s")
+            packet = self._packet(self._next)
+            self._next += 1
+            self._drained = packet is None  # None: the end; this decode drains the delayed frames
+            try:
+                frames = self._ctx.decode(packet)
+            except av.FFmpegError:
+                bad += 1
+                continue
+            for frame in frames:
+                index = self.info.index_of_pts(frame.pts) if frame.pts is not None else None
+                if index is None:
+                    continue  # damaged data: a frame that cannot be placed stands in for nothing
+                self._last_out = max(self._last_out, index)
+                if index >= first and index != target:
+                    if best is None or nearest(target, (best[0], index)) == index:
+                        best = (index, frame)
+        if best is None:
+            return None, bad
+        if best[0] not in got:
+            got[best[0]] = self.converter.convert(best[1])
+        return best[0], bad
 
     def close(self) -> None:
         container, self._container = self._container, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from video.errors import VideoDecodeError
@@ -48,6 +48,14 @@ class VideoInfo:
     mtime_ns: int = 0
     decode_order: tuple[int, ...] = ()  # frame index of each packet, in decode (file) order
     slices: int = 1
+    container: str = ""  # demuxer name, e.g. "avi", "matroska,webm", "mov,mp4,m4a,3gp,3g2,mj2"
+    pix_fmt: str = ""  # the decoder's pixel format, e.g. "yuv420p", "yuvj420p", "yuv420p10le"
+    rotation: int = 0  # display rotation, counter-clockwise degrees (phones: -90 / 90); frames come out upright
+    counted: bool = False  # num_frames is what a full sequential decode produced (the sequential plan)
+    complete: bool = False  # rotation (and, on the sequential plan, the count) came from decoded frames
+    open_gop: bool = False  # a key frame is not an IDR (H.264 recovery point, HEVC CRA/BLA): leading frames
+                            # after it reference the previous GOP
+    decode_errors: int = 0  # packets the counting pass could not decode
     _pts_index: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
@@ -92,6 +100,8 @@ class VideoInfo:
             return f"the container claims {self.reported_frames} frames, {self.num_frames} exist"
         if len(self.decode_order) != self.num_frames:
             return "no packet order recorded"
+        if self.decode_errors:
+            return f"{self.decode_errors} packet(s) failed to decode"
         return None
 
     def frame_time(self, index: int) -> float:
@@ -180,14 +190,61 @@ def is_non_reference(data: memoryview, codec: str, length_size: int) -> bool:
     return slices > 0
 
 
+def is_open_gop_key(data: memoryview, codec: str, length_size: int) -> bool:
+    """True when a key-frame packet codes no IDR picture (H.264 I slice with a recovery point, HEVC CRA/BLA)."""
+    pos, end = 0, len(data)
+    vcl = []
+    while pos + length_size < end:
+        size = int.from_bytes(data[pos:pos + length_size], "big")
+        header = data[pos + length_size]
+        if codec == "h264":
+            nal_type = header & 0x1F
+            if nal_type in (1, 5):
+                vcl.append(nal_type == 5)
+        else:
+            nal_type = (header >> 1) & 0x3F
+            if nal_type < 32:
+                vcl.append(nal_type in (19, 20))  # IDR_W_RADL, IDR_N_LP
+        if size <= 0:
+            break
+        pos += length_size + size
+    return bool(vcl) and not all(vcl)
+
+
 def probe_video(path: str | os.PathLike, deadline: float | None = None) -> VideoInfo:
     """Demux ``path`` and return its :class:`VideoInfo`; VideoDecodeError when it has no decodable video.
 
-    ``deadline`` (``time.monotonic()`` seconds) bounds the demux: past it, VideoDecodeError.
+    Files on the sequential plan (``video.plan``) are decoded once to count their frames; others get
+    their display rotation from the first frame. ``deadline`` (``time.monotonic()`` seconds) bounds
+    the work: past it, VideoDecodeError.
     """
+    import time
+
     container = open_container(path)
     with container:
-        return scan_packets(container, os.fspath(path), deadline=deadline)[0]
+        info = scan_packets(container, os.fspath(path), deadline=deadline)[0]
+    return complete_probe(info, None if deadline is None else max(deadline - time.monotonic(), 0.001))
+
+
+def complete_probe(info: VideoInfo, timeout_s: float | None = None) -> VideoInfo:
+    """What the demux cannot tell: the decoded frame count (sequential plan) or the rotation (first frame)."""
+    from video.plan import choose_plan
+
+    if info.complete:
+        return info
+    if choose_plan(info).kind == "sequential":
+        from video.sequential import count_frames
+
+        return count_frames(info, timeout_s=timeout_s)
+    import av
+
+    try:
+        with open_container(info.path) as container:
+            for frame in container.decode(video=0):
+                return replace(info, rotation=int(frame.rotation or 0), complete=True)
+    except (av.FFmpegError, VideoDecodeError):
+        pass  # the frames themselves will say what is wrong
+    return replace(info, complete=True)
 
 
 def open_container(path: str | os.PathLike):
@@ -232,6 +289,7 @@ def scan_packets(container, path: str, keep_packets: bool = False,
     kept: list = []
     corrupt = 0
     slices = 0
+    open_gop = False
     try:
         for count, packet in enumerate(container.demux(stream)):
             if deadline is not None and count % 64 == 63 and time.monotonic() > deadline:
@@ -244,6 +302,8 @@ def scan_packets(container, path: str, keep_packets: bool = False,
             key = bool(packet.is_keyframe)
             if key and not slices and length_size:
                 slices = count_slices(memoryview(packet), codec, length_size)
+            if key and length_size and not open_gop:
+                open_gop = is_open_gop_key(memoryview(packet), codec, length_size)
             drop = not key and bool(length_size) and is_non_reference(memoryview(packet), codec, length_size)
             packets.append((packet.pts, key, drop))
             if keep_packets:
@@ -289,5 +349,8 @@ def scan_packets(container, path: str, keep_packets: bool = False,
         mtime_ns=stat.st_mtime_ns,
         decode_order=tuple(decode_order),
         slices=max(slices, 1),
+        container=str(container.format.name),
+        pix_fmt=str(ctx.pix_fmt or ""),
+        open_gop=open_gop,
     )
     return info, kept

@@ -97,8 +97,9 @@ class Worker:
         if op == "frames":
             from video.backends import decode_frames
 
-            frames, used = decode_frames(info, request["indices"], request.get("backend", "auto"))
-            return {"ok": True, "frames": frames, "backend": used}
+            frames, used, concealed = decode_frames(info, request["indices"], request.get("backend", "auto"),
+                                                    max_concealed=request.get("max_concealed", 0.25))
+            return {"ok": True, "frames": frames, "backend": used, "concealed": concealed}
         raise ValueError(f"unknown worker op {op!r}; valid: ping, probe, frames")
 
 

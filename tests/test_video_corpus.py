@@ -1,0 +1,126 @@
+"""Differential test: every corpus clip, every backend and isolation mode, TSN / dense / random indices,
+equal to PyAV's sequential decode to the pixel (tests/video_corpus.py builds the clips)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from video import VideoDecodeError, open_video, probe_video
+from video.plan import FAST_PATHS, choose_plan, decord_refusal
+from video.sampling import DenseSampler, TSNSampler
+from video_corpus import DERIVED, OPENCV_FILES, SPECS, build_corpus, decoded_count, reference_frames
+
+NAMES = list(SPECS) + list(DERIVED) + list(OPENCV_FILES)
+
+
+@dataclass
+class Reference:
+    count: int
+    indices: dict[str, list[int]]
+    frames: dict[str, np.ndarray]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, object]:
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def references() -> dict[str, Reference]:
+    return {}
+
+
+def reference(corpus, references, name: str) -> Reference:
+    if name not in corpus:
+        pytest.skip(f"{name}: no encoder for it in this PyAV build, or the opencv-doc file is absent "
+                    "(make test fetches it into .cache/opencv-doc)")
+    if name not in references:
+        path = corpus[name]
+        count = decoded_count(path)
+        g = torch.Generator().manual_seed(len(name))
+        indices = {
+            "tsn": TSNSampler(8)(count).indices.tolist(),
+            "dense": DenseSampler(8, stride=2)(count).indices.tolist(),
+            "random": torch.randint(count, (8,), generator=g).tolist(),  # unsorted, repeats allowed
+        }
+        frames = {kind: reference_frames(path, idx) for kind, idx in indices.items()}
+        references[name] = Reference(count, indices, frames)
+    return references[name]
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> str:
+    if a.shape != b.shape:
+        return f"shape {a.shape} != {b.shape}"
+    per_frame = np.abs(a.astype(np.int16) - b).reshape(len(a), -1).mean(1)
+    return f"mean |diff| per frame {np.round(per_frame, 2).tolist()}"
+
+
+@pytest.mark.parametrize("isolation", ["auto", "inline", "process"])
+@pytest.mark.parametrize("backend", ["auto", "pyav", "decord"])
+@pytest.mark.parametrize("name", NAMES)
+def test_reader_equals_sequential_decode(corpus, references, name, backend, isolation):
+    ref = reference(corpus, references, name)
+    with open_video(corpus[name], backend=backend, isolation=isolation) as reader:
+        assert len(reader) == ref.count, f"{name}: {len(reader)} frames, sequential decode gives {ref.count}"
+        refusal = decord_refusal(reader.info) if backend == "decord" else None
+        for kind, indices in ref.indices.items():
+            if refusal is not None:
+                with pytest.raises(VideoDecodeError, match="use backend 'pyav' or 'auto'"):
+                    reader.get_frames(indices)
+                continue
+            frames = reader.get_frames_numpy(indices)
+            assert np.array_equal(frames, ref.frames[kind]), \
+                f"{name} [{reader.plan}] {kind} {indices}: {_diff(frames, ref.frames[kind])}"
+            assert reader.last_concealed == []
+            if backend != "auto":
+                assert reader.last_backend == backend
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decord_is_trusted_only_where_it_agrees(corpus, references, name):
+    """The plan lets decord decode a file only where decord's own frames equal the reference."""
+    decord = pytest.importorskip("decord")
+    ref = reference(corpus, references, name)
+    reader = open_video(corpus[name], isolation="process")
+    if decord_refusal(reader.info) is not None:
+        return  # never used there; nothing to check
+    vr = decord.VideoReader(str(corpus[name]))
+    assert len(vr) == ref.count
+    for kind, indices in ref.indices.items():
+        assert np.array_equal(vr.get_batch(indices).asnumpy(), ref.frames[kind]), f"{name} {kind}"
+
+
+def test_plans_follow_the_proven_pairs(corpus):
+    if "avi_mpeg4_bframes" not in corpus or "mp4_h264_long_gop_bframes" not in corpus:
+        pytest.skip("mpeg4 or libx264 encoder missing")
+    avi = open_video(corpus["avi_mpeg4_bframes"])
+    assert avi.plan.kind == "sequential" and "mpeg4 in avi" in avi.plan.reason
+    mp4 = open_video(corpus["mp4_h264_long_gop_bframes"])
+    assert mp4.plan.kind == "packets" and (mp4.info.container, mp4.info.codec) in FAST_PATHS
+    assert str(mp4.plan).startswith("packets: ")
+    assert choose_plan(probe_video(mp4.path)).decord_ok  # probed rotation: decord may serve it
+    for name, why in [("mov_h264_open_gop", "open-GOP"), ("mp4_h264_portrait_phone", "rotation"),
+                      ("mp4_h264_10bit", "yuv420p10le"), ("mp4_h264_cut", "damaged")]:
+        if name in corpus:
+            assert why in decord_refusal(probe_video(corpus[name])), name
+    if "Megamind.avi" in corpus:
+        assert open_video(corpus["Megamind.avi"]).plan.kind == "sequential"
+
+
+def test_header_that_promises_more_is_corrected(corpus):
+    """An N-VOP at the end (Xvid, HMDB51): header and packets say 41, 40 frames decode; len says 40."""
+    if "avi_mpeg4_nvop_tail" not in corpus:
+        pytest.skip("mpeg4 encoder missing")
+    for isolation in ("auto", "inline", "process"):
+        reader = open_video(corpus["avi_mpeg4_nvop_tail"], isolation=isolation)
+        assert reader.info.reported_frames == 41 and len(reader) == 40
+        assert reader.plan.kind == "sequential"
+        with pytest.raises(ValueError, match=r"valid indices are 0\.\.39 \(40 decodable frames, the container claims 41\)"):
+            reader.get_frames([40])
+    over = open_video(corpus["avi_mpeg4_header_over"])
+    under = open_video(corpus["avi_mpeg4_header_under"])
+    assert (over.info.reported_frames, len(over)) == (45, 40)
+    assert (under.info.reported_frames, len(under)) == (35, 40)
