@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ernie_vl.config import ErnieVLConfig
+from ernie_vl.limits import check_param_budget
 
 if TYPE_CHECKING:
     from ernie_vl.model import ErnieVL
@@ -71,8 +73,7 @@ def save_pretrained(model: "ErnieVL", directory: str | os.PathLike, extra_metada
     tmp_config.write_text(config_text)
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
     os.replace(tmp_config, directory / CONFIG_NAME)
-    if not model.cfg.model_id:
-        model.model_id = weights_model_id(model.cfg.name, metadata["sha256"])
+    model.model_id = weights_model_id(model.cfg.name, metadata["sha256"])
     return directory
 
 
@@ -163,17 +164,28 @@ def check_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
         raise ValueError(f"{source} does not match the model built from its config: " + "; ".join(problems))
 
 
-def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ErnieVL":
-    """Build ``cls(config)`` and load the weights strictly; quantized checkpoints come back quantized."""
+def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    max_params: int | None = None) -> "ErnieVL":
+    """Build ``cls(config)`` and load the weights strictly; quantized checkpoints come back quantized.
+
+    The config is validated and its parameter count checked (``ernie_vl.limits``) before the
+    weights are read. ``model_id`` is computed from the weights' digest (verified against the
+    tensors); a ``model_id`` stored in ``config.json`` is only compared: when it differs, a
+    warning names both and the computed one is used.
+    """
     cfg = read_config(directory)
+    check_param_budget(cfg, max_params)
     path = Path(directory) / WEIGHTS_NAME
     tensors, metadata = load_tensors(path)
-    model = cls(cfg)
+    model = cls(cfg, max_params=max_params)
     if metadata.get("quantization"):
         from ernie_vl.quantize import prepare_quantized
 
         model = prepare_quantized(model, metadata["quantization"])
     check_keys(model, tensors, str(path))
     model.load_state_dict(tensors, strict=True)
-    model.model_id = cfg.model_id or weights_model_id(cfg.name, metadata["sha256"])
+    model.model_id = weights_model_id(cfg.name, metadata["sha256"])
+    if cfg.model_id and cfg.model_id != model.model_id:
+        warnings.warn(f"{directory}: config.json says model_id {cfg.model_id!r} but the weights give "
+                      f"{model.model_id!r}; using the one computed from the weights", stacklevel=3)
     return model.to(map_location).eval()

@@ -19,6 +19,7 @@ from typing import Any
 from encoders.video_vit import VideoEncoderConfig
 from encoders.vit import ImageEncoderConfig
 from ernie_vl.backbone import BackboneConfig
+from ernie_vl.limits import check_field_bounds, check_field_type, validate_config
 
 PROJECTOR_KINDS = ("linear", "mlp", "resampler", "resampler_ernie45")
 PROJECTOR_TOKENS = ("all", "prefix")
@@ -152,7 +153,10 @@ class LossConfig:
 class ErnieVLConfig:
     """The whole model.
 
-    name: preset or model name; ``model_id`` (when empty) defaults to ``ernie-vl:<name>``.
+    name: preset or model name. model_id: the id of a model not yet saved (empty:
+        ``ernie-vl:<name>``); a saved or loaded model's id is computed from its weights, and
+        a value stored here is only compared with it (a warning when different).
+    Every field's type and range is checked (``ernie_vl.limits``) when the config is made.
     num_classes / class_names: the supervised video head; ``class_names`` (if given)
         fixes ``num_classes`` to its length.
     image_mean / image_std: pixel normalisation of ``model.preprocess`` (CLIP's by default).
@@ -182,6 +186,7 @@ class ErnieVLConfig:
                 raise ValueError(f"class_names has duplicates: {self.class_names}")
             self.num_classes = len(self.class_names)
         _check_positive(self, "num_classes")
+        validate_config(self)  # every field's type and bounds (ernie_vl.limits), before anything is built
 
     @property
     def resolved_model_id(self) -> str:
@@ -214,7 +219,9 @@ def config_from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass ``cls`` from ``data`` (a dict), recursing into nested dataclass fields.
 
     Unknown keys raise ``ValueError`` naming them, where they are and the valid keys;
-    lists become tuples where the field is a tuple.
+    a value of the wrong type (``num_experts: 4.0``) raises ``TypeError`` and one outside
+    ``ernie_vl.limits.FIELD_BOUNDS`` ``ValueError``, both naming the field's path, before the
+    section is built; lists become tuples where the field is a tuple.
     """
     label = where or cls.__name__
     if isinstance(data, cls):
@@ -232,8 +239,11 @@ def config_from_dict(cls: type, data: Any, where: str = "") -> Any:
         sub = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(tp) and isinstance(tp, type) and value is not None:
             value = config_from_dict(tp, value, sub)
-        elif typing.get_origin(tp) is tuple and isinstance(value, list):
-            value = tuple(value)
+        else:
+            check_field_type(value, hints.get(key, Any), sub)
+            check_field_bounds(key, value, sub)
+            if typing.get_origin(tp) is tuple and isinstance(value, list):
+                value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
 

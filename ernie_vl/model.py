@@ -39,6 +39,7 @@ from encoders.vit import ImageEncoder
 from ernie_vl import checkpoint
 from ernie_vl.backbone import BackboneOutput, SharedBackbone, causal_mask
 from ernie_vl.config import ErnieVLConfig
+from ernie_vl.limits import check_param_budget, validate_config
 from ernie_vl.heads import ContrastiveLogits, EmbeddingHead, build_projector, pool_text_eot, pool_visual
 from ernie_vl.losses import classification_loss, clip_loss, siglip_loss
 from ernie_vl.modality import IMAGE, NAMES, TEXT, VIDEO
@@ -150,10 +151,15 @@ class ErnieVL(nn.Module):
     ``preprocess``, ``class_names`` and ``model_id``. See the module docstring.
     """
 
-    def __init__(self, cfg: ErnieVLConfig) -> None:
+    def __init__(self, cfg: ErnieVLConfig, max_params: int | None = None) -> None:
+        """Build from ``cfg``; refuses (``ModelTooLargeError``, with the count) a config over ``max_params``
+        parameters (default: ``$ERNIE_VL_MAX_PARAMS`` or ``ernie_vl.limits.DEFAULT_MAX_PARAMS``) before
+        allocating anything."""
         super().__init__()
         if not isinstance(cfg, ErnieVLConfig):
             raise TypeError(f"ErnieVL needs an ErnieVLConfig, got {type(cfg).__name__}")
+        validate_config(cfg)  # again: a config's fields may have been changed after it was made
+        check_param_budget(cfg, max_params)
         for name in ("image_encoder", "video_encoder"):
             if getattr(cfg, name).embed_dim is not None:
                 raise ValueError(
@@ -185,9 +191,11 @@ class ErnieVL(nn.Module):
         checkpoint.save_pretrained(self, directory, getattr(self, "_checkpoint_metadata", None))
 
     @classmethod
-    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu") -> "ErnieVL":
-        """Load a ``save_pretrained`` folder strictly (every key mismatch is named)."""
-        return checkpoint.from_pretrained(cls, directory, map_location)
+    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu",
+                        max_params: int | None = None) -> "ErnieVL":
+        """Load a ``save_pretrained`` folder strictly (every key mismatch is named); its config is
+        validated and its parameter count checked against ``max_params`` before anything is read."""
+        return checkpoint.from_pretrained(cls, directory, map_location, max_params)
 
     # ------------------------------------------------------------------ features
 

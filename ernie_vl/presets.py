@@ -53,8 +53,12 @@ def load_config(name: str, **overrides: Any) -> ErnieVLConfig:
     return ErnieVLConfig.from_dict(data)
 
 
-def create_model(name: str, **overrides: Any):
-    """A randomly initialised ``ErnieVL`` from preset ``name`` (see ``load_config`` for overrides)."""
+def create_model(name: str, max_params: int | None = None, **overrides: Any):
+    """A randomly initialised ``ErnieVL`` from preset ``name`` (see ``load_config`` for overrides).
+
+    Every field is validated and the parameter count checked against ``max_params``
+    (``ernie_vl.limits``) before anything is allocated.
+    """
     from ernie_vl.model import ErnieVL
 
-    return ErnieVL(load_config(name, **overrides))
+    return ErnieVL(load_config(name, **overrides), max_params=max_params)
