@@ -23,7 +23,7 @@ from typing import Any, Optional
 FIELD_BOUNDS: dict[str, tuple[float, float]] = {
     "width": (1, 16384), "depth": (1, 256), "num_heads": (1, 1024), "embed_dim": (1, 16384),
     "mlp_dim": (1, 131072), "mlp_hidden": (1, 131072), "hidden": (1, 131072), "mlp_ratio": (1e-3, 64),
-    "num_experts": (1, 1024), "top_k": (1, 1024), "num_text_experts": (1, 1023), "num_shared_experts": (0, 64),
+    "num_experts": (1, 1024), "group_experts": (1, 1024), "group_hidden": (1, 131072), "top_k": (1, 1024), "num_text_experts": (1, 1023), "num_shared_experts": (0, 64),
     "moe_every": (0, 256), "capacity_factor": (1e-3, 1024), "eval_capacity_factor": (1e-3, 1024),
     "router_jitter": (0, 1), "image_size": (1, 4096), "patch_size": (1, 1024), "in_chans": (1, 64),
     "num_frames": (1, 1024), "tubelet_size": (1, 64), "window_size": (1, 1024), "local_layers": (0, 256),
@@ -124,6 +124,8 @@ def _check_relations(cfg: Any, where: str) -> None:
         raise ValueError(f"{prefix}num_heads = {cfg.num_heads} does not divide {prefix}width = {cfg.width}")
     if {"num_experts", "top_k"} <= names and cfg.top_k > cfg.num_experts:
         raise ValueError(f"{prefix}top_k = {cfg.top_k} exceeds {prefix}num_experts = {cfg.num_experts}")
+    if "group_experts" in names and cfg.routing == "groups" and cfg.group_experts:
+        check_field_bounds("num_experts", sum(cfg.group_experts), f"{prefix}sum(group_experts)")
     if {"image_size", "patch_size"} <= names:
         (h, w), (ph, pw) = _pair(cfg.image_size), _pair(cfg.patch_size)
         if (h // ph) * (w // pw) > MAX_PATCHES:
@@ -181,12 +183,16 @@ def _backbone_params(c: Any) -> int:
         n += 4 * w + _linear(w, 3 * w) + _linear(w, w) + len(c.gate_init)
         if c.moe_every > 0 and (i + 1) % c.moe_every == 0:
             hid = moe.hidden if moe is not None else mlp_hidden
-            experts = moe.num_experts if moe is not None else 8
             swiglu = moe is not None and moe.expert_type == "swiglu"
             bias = moe is None or moe.bias
-            per = 3 * w * hid if swiglu else 2 * w * hid + ((hid + w) if bias else 0)
+            if moe is not None and moe.routing == "groups":  # one router and expert pool per group
+                pools = list(zip(moe.group_experts, moe.group_hidden))
+            else:
+                pools = [(moe.num_experts if moe is not None else 8, hid)]
+            for experts, h in pools:
+                per = 3 * w * h if swiglu else 2 * w * h + ((h + w) if bias else 0)
+                n += experts * per + experts * w
             shared = moe.num_shared_experts * hid if moe is not None else 0
-            n += experts * per + experts * w
             if shared:
                 n += 3 * w * shared if swiglu else 2 * w * shared + ((shared + w) if bias else 0)
         else:

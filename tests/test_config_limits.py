@@ -38,6 +38,8 @@ ABSURD = [
     (dict(image_encoder={"image_size": 4096, "patch_size": 8}), ValueError, r"262144 patches"),
     (dict(loss={"init_logit_scale": float("nan")}), ValueError, r"loss\.init_logit_scale"),
     (dict(num_classes=10**8), ValueError, r"num_classes = 100000000"),
+    (dict(backbone={"moe": {"routing": "groups", "group_experts": [1000, 1000]}}), ValueError,
+     r"backbone\.moe\.sum\(group_experts\) = 2000"),
 ]
 
 
@@ -109,6 +111,9 @@ VARIANTS = [(name, {}) for name in list_models()] + [
     ("test", dict(backbone={"moe_every": 0}, loss={"contrastive": "siglip"},
                   video_encoder={"tubelet_size": 2, "attention": "joint"})),
     ("test", dict(backbone={"moe": None, "moe_every": 1, "mlp_hidden": 48})),
+    ("test", dict(backbone={"moe": {"routing": "groups", "group_layout": ["text", "image", "video"],
+                                    "group_experts": [4, 3, 2], "group_hidden": [16, 24, 8], "top_k": 2,
+                                    "num_shared_experts": 1, "score_bias": True}})),
 ]
 
 

@@ -127,7 +127,7 @@ def test_malicious_pickle_state_is_refused_and_never_runs(data, tmp_path):
 
 
 def test_cli_resume_over_a_pickle_state_says_why(data, tmp_path, capsys):
-    from ernie_vl.cli import main
+    from ernie_vl.app.cli import main
 
     marker = tmp_path / "exploit-ran"
     run = tmp_path / "run"
@@ -159,7 +159,7 @@ def test_atomic_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_checkpoints_by_time_are_on_by_default():
     assert TrainConfig.__dataclass_fields__["checkpoint_minutes"].default == 5.0
-    from ernie_vl.cli import build_parser
+    from ernie_vl.app.cli import build_parser
 
     args = build_parser().parse_args(["train", "--out", "x", "--pairs", "a.csv"])
     assert args.checkpoint_minutes == 5.0 and args.checkpoint_every == 0
