@@ -4,8 +4,8 @@ Every field of an ``ErnieVLConfig`` (and of its encoder, text, projector, backbo
 head and loss sections) has its type checked against the dataclass annotation and its
 value against :data:`FIELD_BOUNDS` (by field name, in every section), plus the
 cross-field rules (heads divide widths, ``top_k <= num_experts``, patch grids). Then
-:func:`estimate_params` counts the parameters the config would build, from its sizes
-alone, and :func:`check_param_budget` refuses a model over the limit: ``max_params`` when
+:func:`estimate_params` counts the parameters the config would build (on the meta
+device: shapes only, no memory), and :func:`check_param_budget` refuses a model over the limit: ``max_params`` when
 given, else the ``ERNIE_VL_MAX_PARAMS`` environment variable, else
 :data:`DEFAULT_MAX_PARAMS`. A config from ``create_model``, a preset or a checkpoint's
 ``config.json`` thus fails in milliseconds with the field name, never in the allocator.
@@ -142,75 +142,18 @@ def _pair(value: Any) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- parameter count
 
 
-def _linear(i: int, o: int, bias: bool = True) -> int:
-    return i * o + (o if bias else 0)
-
-
-def _vit_params(c: Any, video: bool) -> int:
-    w, h = c.width, c.hidden_dim
-    (gh, gw), (ph, pw) = c.grid_size, _pair(c.patch_size)
-    k = c.tubelet_size if video else 1
-    n = c.in_chans * ph * pw * k * w + (w if c.patch_bias else 0) + w + (1 + gh * gw) * w
-    if video and c.attention != "space_only":
-        n += (c.num_frames // k) * w
-    n += 2 * w if c.pre_norm else 0
-    block = 4 * w + _linear(w, 3 * w, c.qkv_bias) + _linear(w, w, c.proj_bias) + _linear(w, h) + _linear(h, w)
-    block += _linear(w, c.num_heads) if c.head_gating else 0
-    block += 2 * w if c.ls_init is not None else 0
-    if video and c.attention == "divided":
-        block += 2 * w + _linear(w, 3 * w, c.qkv_bias) + _linear(w, w, c.proj_bias) + _linear(w, w)
-    n += c.depth * block + 2 * w
-    return n + (_linear(w, c.embed_dim, c.head_bias) if c.embed_dim is not None else 0)
-
-
-def _projector_params(c: Any, in_dim: int, out: int) -> int:
-    hidden = max(1, int(round(c.mlp_ratio * out)))
-    if c.kind == "linear":
-        return _linear(in_dim, out)
-    if c.kind == "mlp":
-        return _linear(in_dim, hidden) + _linear(hidden, out)
-    block = 6 * out + _linear(out, out) + _linear(out, 2 * out) + _linear(out, out) + _linear(out, hidden) \
-        + _linear(hidden, out)
-    return _linear(in_dim, out) + c.num_queries * out + c.depth * block
-
-
-def _backbone_params(c: Any) -> int:
-    w = c.width
-    mlp_hidden = 4 * w if c.mlp_hidden is None else c.mlp_hidden
-    moe = c.moe
-    n = 3 * w if c.modality_embed else 0
-    for i in range(c.depth):
-        n += 4 * w + _linear(w, 3 * w) + _linear(w, w) + len(c.gate_init)
-        if c.moe_every > 0 and (i + 1) % c.moe_every == 0:
-            hid = moe.hidden if moe is not None else mlp_hidden
-            swiglu = moe is not None and moe.expert_type == "swiglu"
-            bias = moe is None or moe.bias
-            if moe is not None and moe.routing == "groups":  # one router and expert pool per group
-                pools = list(zip(moe.group_experts, moe.group_hidden))
-            else:
-                pools = [(moe.num_experts if moe is not None else 8, hid)]
-            for experts, h in pools:
-                per = 3 * w * h if swiglu else 2 * w * h + ((h + w) if bias else 0)
-                n += experts * per + experts * w
-            shared = moe.num_shared_experts * hid if moe is not None else 0
-            if shared:
-                n += 3 * w * shared if swiglu else 2 * w * shared + ((shared + w) if bias else 0)
-        else:
-            n += _linear(w, mlp_hidden) + _linear(mlp_hidden, w)
-    return n
-
-
 def estimate_params(cfg: Any) -> int:
-    """Parameters ``ErnieVL(cfg)`` would hold, from the config's sizes alone (nothing is built)."""
-    w, e = cfg.backbone.width, cfg.head.embed_dim
-    n = _vit_params(cfg.image_encoder, False) + _vit_params(cfg.video_encoder, True)
-    n += (cfg.text.vocab_size + cfg.text.context_length) * w
-    n += _projector_params(cfg.image_projector, cfg.image_encoder.width, w)
-    n += _projector_params(cfg.video_projector, cfg.video_encoder.width, w)
-    n += _backbone_params(cfg.backbone)
-    n += (2 * w if cfg.head.text_norm else 0) + (2 * w if cfg.head.visual_norm else 0) + 2 * w * e
-    n += (2 if cfg.loss.contrastive == "siglip" else 1) + _linear(e, cfg.num_classes)  # logit scale (+ bias)
-    return n
+    """Parameters ``ErnieVL(cfg)`` would hold: the model built on the meta device (shapes only, no memory).
+
+    Exact and in step with the model code; call it on a validated config (the bounds keep the build short).
+    """
+    import torch
+
+    from ernie_vl.model import ErnieVL
+
+    with torch.device("meta"):
+        model = ErnieVL(cfg)
+    return sum(p.numel() for p in model.parameters())
 
 
 def max_params_limit(max_params: Optional[int] = None) -> int:
@@ -231,10 +174,14 @@ def max_params_limit(max_params: Optional[int] = None) -> int:
 def check_param_budget(cfg: Any, max_params: Optional[int] = None) -> int:
     """The estimated parameter count of ``cfg``; ``ModelTooLargeError`` (with the numbers) over the limit."""
     limit = max_params_limit(max_params)
+    import torch
+
+    if torch.get_default_device().type == "meta":
+        return 0  # building on the meta device allocates nothing (this is how the count is made)
     count = estimate_params(cfg)
     if count > limit:
         raise ModelTooLargeError(
-            f"model {cfg.name!r} would have about {count:,} parameters ({count * 4 / 2**30:,.1f} GiB as float32), "
+            f"model {cfg.name!r} would have {count:,} parameters ({count * 4 / 2**30:,.1f} GiB as float32), "
             f"over the limit of {limit:,}; refusing before allocating it. Check the config's sizes, or raise "
             f"the limit with max_params=... or {MAX_PARAMS_ENV}")
     return count
