@@ -180,3 +180,42 @@ def flipped_copy(src: str | os.PathLike, dst: str | os.PathLike, count: int = 20
         data[i] ^= 0xFF
     Path(dst).write_bytes(bytes(data))
     return Path(dst)
+
+
+def with_garbage_packets(src: str | os.PathLike, dst: str | os.PathLike, frames: list[int],
+                         seed: int = 0) -> Path:
+    """``src`` remuxed with the packets of ``frames`` (presentation indices) replaced by random bytes of the
+    same size: complete, timestamped packets that do not decode (what a damaged disk or transfer leaves)."""
+    dst = Path(dst)
+    rng = np.random.default_rng(seed)
+    with av.open(str(src)) as inp:
+        stream_in = inp.streams.video[0]
+        packets = [p for p in inp.demux(stream_in) if p.size]
+        order = sorted(p.pts for p in packets)
+        damaged = {order[i] for i in frames}
+        with av.open(str(dst), "w", format=inp.format.name.split(",")[0] if "," not in inp.format.name else "mp4",
+                     options={"movflags": "faststart"}) as out:
+            stream_out = out.add_stream_from_template(stream_in)
+            for packet in packets:
+                if packet.pts in damaged:
+                    fresh = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+                    fresh.pts, fresh.dts, fresh.time_base = packet.pts, packet.dts, packet.time_base
+                    fresh.is_keyframe = packet.is_keyframe
+                    packet = fresh
+                packet.stream = stream_out
+                out.mux(packet)
+    return dst
+
+
+def write_mjpeg_clip(path: str | os.PathLike, num_frames: int = 40, width: int = 64, height: int = 48) -> Path:
+    """An MJPEG mp4 of ``frame_pattern`` frames (intra-only: one bad packet damages one frame only)."""
+    path = Path(path)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+        for i in range(num_frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame_pattern(i, height, width), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -41,12 +41,12 @@ def assemble(path: str, num_frames: int, indices: list[int], got: dict[int, np.n
     """
     wanted = sorted(set(indices))
     missing = [i for i in wanted if i not in got]
+    if missing and len(missing) > max_concealed * len(wanted):
+        raise VideoDecodeError(path, f"{len(missing)} of {len(wanted)} requested frames could not be decoded "
+                                     f"(frames {missing[:8]} of {num_frames}; {bad_packets} corrupt packet(s)): "
+                                     f"more than the {max_concealed:.0%} that may be concealed")
     lost = [i for i in missing if replacements.get(i) not in got]
     if lost:
         raise VideoDecodeError(path, f"frames {lost[:8]} of {num_frames} could not be decoded and no frame "
                                      f"near them decodes ({bad_packets} corrupt packet(s); the data is damaged)")
-    if missing and len(missing) > max_concealed * len(wanted):
-        raise VideoDecodeError(path, f"{len(missing)} of {len(wanted)} requested frames could not be decoded "
-                                     f"(frames {missing[:8]}; {bad_packets} corrupt packet(s)): more than the "
-                                     f"{max_concealed:.0%} that may be concealed")
     return np.stack([got[i] if i in got else got[replacements[i]] for i in indices]), missing

@@ -35,6 +35,14 @@ class VideoFailure:
     reason: str
 
 
+@dataclass(frozen=True)
+class ConcealedClip:
+    """A clip made although some of its frames did not decode: ``frames`` were replaced by neighbours."""
+
+    path: str
+    frames: list[int]
+
+
 def _remove_if_owner(path: str, owner: int) -> None:
     if os.getpid() == owner:
         try:
@@ -65,22 +73,38 @@ class FailureLog:
         self._finalizer = None
 
     def record(self, path: str, reason: str) -> None:
-        line = json.dumps({"path": path, "reason": reason}) + "\n"
+        self._append({"path": path, "reason": reason})
+
+    def _append(self, entry: dict) -> None:
+        line = json.dumps(entry) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
 
-    def entries(self) -> list[VideoFailure]:
+    def _lines(self) -> list[dict]:
         try:
             with open(self.path, encoding="utf-8") as fh:
-                return [VideoFailure(**json.loads(line)) for line in fh if line.strip()]
+                return [json.loads(line) for line in fh if line.strip()]
         except FileNotFoundError:
             return []
 
+    def entries(self) -> list[VideoFailure]:
+        return [VideoFailure(**entry) for entry in self._lines()]
+
     def clear(self) -> None:
         open(self.path, "w").close()
+
+
+class ConcealLog(FailureLog):
+    """Clips that needed concealment, recorded like failures (any process, one JSON line each)."""
+
+    def record(self, path: str, frames: Sequence[int]) -> None:  # type: ignore[override]
+        self._append({"path": path, "frames": [int(i) for i in frames]})
+
+    def entries(self) -> list[ConcealedClip]:  # type: ignore[override]
+        return [ConcealedClip(**entry) for entry in self._lines()]
 
 
 def collate_skip_none(batch: Sequence):
@@ -98,13 +122,15 @@ class VideoClipDataset(Dataset):
     (``stride`` for dense). ``train`` picks random sampling/augmentation.
     ``transform``: a :class:`~video.transforms.ClipTransform` or any callable
     taking uint8 frames (T,H,W,3) and returning float (T,3,H,W); default: the
-    CLIP-style transform at ``image_size``. ``backend``/``timeout_s``/``isolation``
-    go to :func:`video.open_video`.
+    CLIP-style transform at ``image_size``. ``backend``/``timeout_s``/``isolation``/``max_concealed``
+    go to :func:`video.open_video`. Clips that needed concealment (frames that did not decode,
+    replaced by neighbours) are counted in ``dataset.concealed``; files that failed in ``failures``.
     """
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], num_frames: int, sampling: str = "tsn",
                  train: bool = False, transform: Callable | None = None, stride: int = 2, backend: str = "auto",
-                 timeout_s: float = 30.0, image_size: int = 224, seed: int = 0, isolation: str = "auto") -> None:
+                 timeout_s: float = 30.0, image_size: int = 224, seed: int = 0, isolation: str = "auto",
+                 max_concealed: float = 0.25) -> None:
         self.samples = list(samples)
         self.classes = list(classes)
         self.num_frames = int(num_frames)
@@ -116,7 +142,9 @@ class VideoClipDataset(Dataset):
         self.timeout_s = float(timeout_s)
         self.isolation = isolation
         self.seed = int(seed)
+        self.max_concealed = float(max_concealed)
         self.failure_log = FailureLog()
+        self.conceal_log = ConcealLog()
 
     # -- bookkeeping --------------------------------------------------------
     @property
@@ -127,6 +155,26 @@ class VideoClipDataset(Dataset):
     def failures(self) -> list[VideoFailure]:
         """Every failed load so far (from all worker processes), in the order they happened."""
         return self.failure_log.entries()
+
+    @property
+    def concealed(self) -> list[ConcealedClip]:
+        """Every clip made with concealed frames so far (from all worker processes)."""
+        return self.conceal_log.entries()
+
+    def open(self, path: str):
+        """``video.open_video`` with this dataset's decoding options."""
+        return open_video(path, backend=self.backend, timeout_s=self.timeout_s, isolation=self.isolation,
+                          max_concealed=self.max_concealed)
+
+    def note_concealed(self, path: str, frames: Sequence[int]) -> None:
+        if frames:
+            self.conceal_log.record(path, frames)
+
+    def concealment_report(self) -> dict:
+        """{"clips": clips with concealed frames, "frames": frames concealed, "files": [{"path", "frames"}]}."""
+        entries = self.concealed
+        return {"clips": len(entries), "frames": sum(len(e.frames) for e in entries),
+                "files": [asdict(e) for e in entries]}
 
     def failure_report(self) -> dict:
         """{"count": failed loads, "files": [{"path", "reason"}] (one per file)} for a run's report."""
@@ -162,18 +210,20 @@ class VideoClipDataset(Dataset):
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, SampledClip]:
         """Decoded frames uint8 (T,H,W,3) of temporal view ``view`` and the sampled indices/times."""
         path, _ = self.samples[index]
-        with open_video(path, backend=self.backend, timeout_s=self.timeout_s, isolation=self.isolation) as reader:
+        with self.open(path) as reader:
             clip = self.sampler(len(reader), fps=reader.fps, frame_times=None, generator=generator,
                                 view=view, num_views=num_views)
             times = reader.timestamps(clip.indices)
-            return reader.get_frames(clip.indices), SampledClip(clip.indices, times)
+            frames = reader.get_frames(clip.indices)
+            return frames, SampledClip(clip.indices, times, tuple(reader.last_concealed))
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         generator = self._generator(index)
         try:
-            frames, _ = self.load_frames(index, generator=generator)
+            frames, sampled = self.load_frames(index, generator=generator)
             clip = self._apply_transform(frames, generator)
+            self.note_concealed(path, sampled.concealed)
         except (VideoDecodeError, OSError, RuntimeError, ValueError) as err:
             reason = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
             self.failure_log.record(path, reason)

@@ -33,6 +33,7 @@ class ClassifyResult:
     scores: list[float] = field(default_factory=list)
     class_indices: list[int] = field(default_factory=list)
     error: str | None = None
+    concealed: list[int] = field(default_factory=list)  # frames that did not decode, replaced by neighbours
 
 
 @dataclass
@@ -48,6 +49,7 @@ class EvalResult:
     num_evaluated: int
     failures: list[dict]
     views: str
+    concealed: list[dict] = field(default_factory=list)  # clips with concealed frames: {"path", "frames"}
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -139,6 +141,10 @@ def classify(model, paths: Sequence[str | os.PathLike], class_names: Sequence[st
         for r in results:
             if r.path == failure.path and not r.labels:
                 r.error = failure.reason
+    for clip in dataset.concealed:
+        for r in results:
+            if r.path == clip.path:
+                r.concealed = sorted(set(r.concealed) | set(clip.frames))
     return results
 
 
@@ -149,13 +155,15 @@ def evaluate(model, dataset: VideoClipDataset, views: ViewSpec | str = "1x1", ba
 
     With ``out_dir``: writes metrics.json, confusion.json, confusion.png,
     classes.json (class -> index) and predictions.jsonl; failed files are listed
-    in metrics.json under "failures".
+    in metrics.json under "failures" (count "num_failed"), clips evaluated with concealed frames
+    under "concealed" (counts "num_concealed_clips", "num_concealed_frames").
     """
     _check_model(model)
     views = parse_views(views)
     classes = list(dataset.classes)
     c = len(classes)
     before = len(dataset.failures)
+    concealed_before = len(dataset.concealed)
     device = _device_of(model, device)
     all_labels, all_indices, all_probs = [], [], []
     with tqdm(total=len(dataset), desc=f"eval {views}", unit="video", disable=not progress) as bar:
@@ -167,6 +175,7 @@ def evaluate(model, dataset: VideoClipDataset, views: ViewSpec | str = "1x1", ba
             all_indices.append(indices)
             all_probs.append(probs)
     failures = [asdict(f) for f in dataset.failures[before:]]
+    concealed = [asdict(c) for c in dataset.concealed[concealed_before:]]
     labels = torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.long)
     probs = torch.cat(all_probs) if all_probs else torch.zeros(0, c)
     indices = torch.cat(all_indices) if all_indices else torch.zeros(0, dtype=torch.long)
@@ -181,7 +190,7 @@ def evaluate(model, dataset: VideoClipDataset, views: ViewSpec | str = "1x1", ba
         top1=float((pred == labels).float().mean()) if n else 0.0,
         top5=float((top5 == labels[:, None]).any(-1).float().mean()) if n else 0.0,
         per_class_accuracy=per_class, confusion=confusion, classes=classes, num_videos=len(dataset),
-        num_evaluated=n, failures=failures, views=str(views),
+        num_evaluated=n, failures=failures, views=str(views), concealed=concealed,
     )
     if out_dir is not None:
         _write_eval(result, dataset, labels, indices, probs, Path(out_dir))
@@ -194,6 +203,8 @@ def _write_eval(result: EvalResult, dataset: VideoClipDataset, labels: torch.Ten
     metrics = result.to_dict()
     metrics.pop("confusion")
     metrics["num_failed"] = len(result.failures)
+    metrics["num_concealed_clips"] = len(result.concealed)
+    metrics["num_concealed_frames"] = sum(len(c["frames"]) for c in result.concealed)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     dataset.save_class_index(out / "classes.json")
     save_confusion_matrix(result.confusion, result.classes, out / "confusion.png", out / "confusion.json",

@@ -10,6 +10,12 @@ seconds). Randomness comes only from the explicit ``torch.Generator``.
   testing shifts the offset by ``view / num_views``.
 - :class:`DenseSampler`: T frames ``stride`` apart (SlowFast / I3D style) from a
   random start (training) or from evenly spaced starts (testing views).
+
+Indices past the end: a sampler never returns one. ``num_frames`` is ``len(reader)``, the frames
+that decode (a header that promises more is not trusted), and every sampler clamps into
+``[0, num_frames - 1]``: a video shorter than the clip repeats frames (uniform, TSN) or its last
+frame (dense). The reader itself refuses an index past the end with a ValueError naming the valid
+range; it never guesses.
 """
 from __future__ import annotations
 
@@ -22,10 +28,15 @@ SAMPLINGS = ("uniform", "tsn", "dense")
 
 @dataclass(frozen=True)
 class SampledClip:
-    """Frame ``indices`` (T,) int64 and their ``times`` (T,) float64 seconds from the first frame."""
+    """Frame ``indices`` (T,) int64 and their ``times`` (T,) float64 seconds from the first frame.
+
+    ``concealed``: the indices whose frame did not decode and was replaced by the nearest decodable
+    one (set by the datasets after decoding; empty for a clean clip).
+    """
 
     indices: torch.Tensor
     times: torch.Tensor
+    concealed: tuple[int, ...] = ()
 
 
 def _times(indices: torch.Tensor, fps: float, frame_times: torch.Tensor | None) -> torch.Tensor:

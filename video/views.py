@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from video.decode import open_video
 from video.errors import VideoDecodeError
 from video.transforms import ClipTransform
 
@@ -90,11 +89,12 @@ class MultiViewDataset(Dataset):
         path, _ = ds.samples[index]
         generator = torch.Generator().manual_seed(ds.seed * 1_000_003 + index)
         n = self.views.num_clips
-        with open_video(path, backend=ds.backend, timeout_s=ds.timeout_s, isolation=ds.isolation) as reader:
+        with ds.open(path) as reader:
             per_clip = [ds.sampler(len(reader), fps=reader.fps, generator=generator, view=v, num_views=n).indices
                         for v in range(n)]
             wanted = torch.unique(torch.cat(per_clip))  # every clip's frames in one decode request
             frames = reader.get_frames(wanted)
+            concealed = list(reader.last_concealed)
         position = {int(i): k for k, i in enumerate(wanted.tolist())}
         out = []
         for indices in per_clip:
@@ -104,6 +104,7 @@ class MultiViewDataset(Dataset):
                     out.append(ds.transform(clip_frames, crop_index=crop, num_crops=self.views.num_crops))
                 else:
                     out.append(ds.transform(clip_frames))
+        ds.note_concealed(path, concealed)
         return torch.stack(out).float()
 
     def __getitem__(self, index: int):

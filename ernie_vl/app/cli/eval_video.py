@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
                       out_dir=args.out, device=args.device, progress=not args.no_progress)
     print(f"model {loaded.model_id}  views {result.views}  videos {result.num_evaluated}/{result.num_videos}")
     print(f"top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%")
+    frames = sum(len(c["frames"]) for c in result.concealed)
+    print(f"failed {len(result.failures)}  concealed {len(result.concealed)} clip(s) ({frames} frame(s) "
+          "that did not decode, replaced by their nearest decodable frame)")
     if result.failures:
         print(f"{len(result.failures)} videos could not be decoded (listed in {args.out / 'metrics.json'}):",
               file=sys.stderr)
