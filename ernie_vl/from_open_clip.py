@@ -167,6 +167,8 @@ def from_open_clip(clip_model: nn.Module, num_experts: int = 8, top_k: int = 2, 
         })
         written.update(f"{p}.mlp.{k}" for k, _ in block.mlp.named_parameters() if not k.startswith("router."))
     _check_all_written(tensors, written)
+    # saved checkpoints say where the weights came from (``ernie-vl train`` keeps the inflated video path)
+    model._checkpoint_metadata = {"trained_on": "open_clip"}
     return model.float().eval()
 
 

@@ -70,3 +70,12 @@ def test_visual_tokens_pass_through_the_moe_backbone(pair) -> None:
     assert int(out.routing[0].num_tokens) == 50 + 4  # 1 + 7x7 image tokens, "<sot> a cat <eot>"
     assert model.logits.scale().item() == pytest.approx(clip.logit_scale.exp().item(), rel=1e-6)
     assert (out.image_embeds - opened).abs().max() > 1e-3
+
+
+def test_saved_checkpoint_says_it_came_from_open_clip(pair, tmp_path) -> None:
+    """``ernie-vl train`` reads this to keep the already inflated video path (no re-inflation)."""
+    from ernie_vl.train.trainer import trained_on
+
+    _, model = pair
+    model.save_pretrained(str(tmp_path / "m"))
+    assert trained_on(tmp_path / "m") == {"open_clip"}

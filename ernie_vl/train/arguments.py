@@ -13,7 +13,8 @@ _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos"
            "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "video_sampler", "priority_alpha", "priority_uniform_mix",
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
            "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps",
-           "hard_negative_share", "hard_negative_group", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix")
+           "hard_negative_share", "hard_negative_group", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix",
+           "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,9 +56,24 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reverse", nargs="*", default=[], metavar="CLASS", help="classes never reversed")
     p.add_argument("--p-hflip", type=float, default=d["p_hflip"].default)
     p.add_argument("--p-reverse", type=float, default=d["p_reverse"].default)
-    p.add_argument("--temporal-jitter", action="store_true", help="TSN random segment offsets every step")
-    p.add_argument("--speed-min", type=float, default=d["speed_min"].default,
-                   help="frame-rate jitter: each clip plays a random span of SPEED_MIN..1 of its length (1 = off)")
+    p.add_argument("--temporal-jitter", action=argparse.BooleanOptionalAction, default=None,
+                   help="TSN random segment offsets every step (default: the recipe's choice)")
+    p.add_argument("--speed-min", type=float, default=None,
+                   help="frame-rate jitter: each clip plays a random span of SPEED_MIN..1 of its length (1 = off; "
+                        "default: the recipe's choice)")
+    p.add_argument("--recipe", choices=("auto", "off"), default="auto",
+                   help="auto: pick augmentation, regularisation, EMA and length from the clips per class (the "
+                        "choices go to OUT/setup.json and the first log record); off: plain defaults")
+    p.add_argument("--label-smoothing", type=float, default=None, help="video classification label smoothing")
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth of the video encoder")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="EMA of the weights (0 = off)")
+    p.add_argument("--epochs", type=float, default=None, help="cap on passes over the training clips")
+    p.add_argument("--freeze", choices=("none", "backbone"), default=None,
+                   help="backbone: train only the video classifier (linear probe, head started from the class "
+                        "prompts) for very small sets")
+    p.add_argument("--video-init", choices=("auto", "image", "keep"), default="auto",
+                   help="start the video encoder from the image encoder (auto: when the checkpoint was trained on "
+                        "pairs but not videos)")
     p.add_argument("--mixup", type=float, default=d["mixup"].default, help="mixup alpha for clips (0 = off)")
     p.add_argument("--cutmix", type=float, default=d["cutmix"].default, help="cutmix alpha for clips (0 = off)")
     p.add_argument("--no-video-text", action="store_true", help="no video <-> class-prompt contrastive loss")

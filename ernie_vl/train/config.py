@@ -40,6 +40,13 @@ class TrainConfig:
     no flips), with probabilities ``p_hflip`` / ``p_reverse``; ``temporal_jitter`` (TSN offsets over
     clips cached with twice the frames), ``speed_min`` < 1 (frame-rate jitter: a random span of
     ``speed_min``..1 of the clip), ``mixup`` / ``cutmix`` (Beta alphas; 0 = off).
+    Few-shot recipe (``recipe.py``): ``recipe="auto"`` fills the fields left None here
+    (``temporal_jitter``, ``speed_min``, ``weight_decay``, ``label_smoothing``, ``drop_path`` of the
+    video encoder, ``ema`` decay (0 = off), ``epochs`` (a cap on passes over the clips), ``freeze``
+    ("none" | "backbone": linear probe)) from the number of clips per class; ``"off"`` fills them with
+    the plain defaults. ``video_init``: ``"auto"`` starts the video path from the image path
+    (``ernie_vl.inflate``) when the checkpoint given as ``model`` was trained on pairs but never on
+    videos; ``"image"`` always does; ``"keep"`` never does.
     Distributed: ``parallel`` ``ddp`` (default) or ``fsdp``; ``powersgd_rank`` > 0 registers
     PowerSGD (DDP only) after ``powersgd_warmup`` uncompressed steps.
     ``threads``: torch threads per process; None picks all CPUs, or 1 on an oversubscribed machine.
@@ -70,7 +77,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 5e-4
     min_lr_ratio: float = 0.05
-    weight_decay: float = 0.05
+    weight_decay: Optional[float] = None
     warmup_steps: int = 50
     grad_clip: float = 1.0
     autocast: str = "auto"
@@ -92,10 +99,18 @@ class TrainConfig:
     no_reverse: list[str] = field(default_factory=list)
     p_hflip: float = 0.5
     p_reverse: float = 0.5
-    temporal_jitter: bool = False
-    speed_min: float = 1.0
+    temporal_jitter: Optional[bool] = None
+    speed_min: Optional[float] = None
     mixup: float = 0.0
     cutmix: float = 0.0
+
+    recipe: str = "auto"
+    label_smoothing: Optional[float] = None
+    drop_path: Optional[float] = None
+    ema: Optional[float] = None
+    epochs: Optional[float] = None
+    freeze: Optional[str] = None
+    video_init: str = "auto"
 
     curriculum: bool = False
     curriculum_steps: Optional[int] = None
@@ -161,8 +176,22 @@ class TrainConfig:
         for name in ("p_hflip", "p_reverse"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 < self.speed_min <= 1.0:
+        if self.speed_min is not None and not 0.0 < self.speed_min <= 1.0:
             raise ValueError(f"speed_min must be in (0, 1] (1 = no frame-rate jitter), got {self.speed_min}")
+        if self.recipe not in ("auto", "off"):
+            raise ValueError(f"unknown recipe {self.recipe!r}; valid: ['auto', 'off']")
+        if self.freeze not in (None, "none", "backbone"):
+            raise ValueError(f"unknown freeze {self.freeze!r}; valid: ['none', 'backbone']")
+        if self.video_init not in ("auto", "image", "keep"):
+            raise ValueError(f"unknown video_init {self.video_init!r}; valid: ['auto', 'image', 'keep']")
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema (decay) must be in [0, 1), 0 = off; got {self.ema}")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.mixup < 0 or self.cutmix < 0:
             raise ValueError(f"mixup and cutmix alphas must be >= 0, got {self.mixup} and {self.cutmix}")
         if "{}" not in self.video_prompt_template:

@@ -33,6 +33,8 @@ from ernie_vl.train.config import TrainConfig, TrainResult
 from ernie_vl.train.distributed import (DistContext, all_gather_cat, barrier, broadcast_object, gather_objects,
                                         init_distributed, unwrap, wrap_model)
 from ernie_vl.train.evaluation import evaluate
+from ernie_vl.train.ema import ModelEMA
+from ernie_vl.train.finetune import add_drop_path, freeze, init_head_from_prompts, replace_head
 from ernie_vl.train.optim import RefittableCosine, build_optimizer
 from ernie_vl.train.sampler import PrioritySampler
 
@@ -52,6 +54,17 @@ def resolve_threads(requested: Optional[int]) -> int:
     except OSError:
         load = 0.0
     return 1 if load >= 1.5 * cpus else cpus
+
+
+def trained_on(checkpoint_dir: str | Path) -> set[str]:
+    """What a checkpoint was trained on, from its weights file's metadata: {"pairs", "videos", "open_clip"}."""
+    from ernie_vl import checkpoint
+
+    try:
+        meta = checkpoint.read_header(Path(checkpoint_dir) / checkpoint.WEIGHTS_NAME).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return set()
+    return {k for k in str(meta.get("trained_on", "")).split(",") if k}
 
 
 def seed_everything(seed: int) -> None:
@@ -112,11 +125,14 @@ class Trainer:
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.model = self._build_model()
+        self.settings = self._choose_settings()  # the few-shot recipe, or the plain defaults
         self._build_data()
+        self._apply_settings()
         self.model.to(self.ctx.device)
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg.lr, self.settings["weight_decay"])
+        self.ema = ModelEMA(self.model, self.settings["ema"]) if self.settings["ema"] else None
         # a time budget re-fits the schedule's length after the first steps (continuously: no LR jump)
-        self.schedule = RefittableCosine(cfg.warmup_steps, cfg.max_steps or 10**9, cfg.min_lr_ratio)
+        self.schedule = RefittableCosine(cfg.warmup_steps, self.max_steps or 10**9, cfg.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.curriculum = self._build_curriculum()
         self.ddp_model, self.meter = wrap_model(self.model, self.ctx, cfg.parallel, cfg.powersgd_rank,
@@ -143,23 +159,47 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _video_classes(self) -> Optional[list[str]]:
+        """The class names of the videos; sets ``clips_per_class`` (median) and ``num_clips``."""
+        self.clips_per_class, self.num_clips = 0.0, 0
         if not self.cfg.videos:
             return None
         from ernie_vl.data.sources import video_dataset
 
-        return list(video_dataset(self.cfg.videos[0], 2, 32, (0.5,) * 3, (0.5,) * 3, train=False).classes)
+        datasets = [video_dataset(root, 2, 32, (0.5,) * 3, (0.5,) * 3, train=False) for root in self.cfg.videos]
+        classes = list(datasets[0].classes)
+        counts = torch.zeros(len(classes))
+        for ds in datasets:
+            for _, label in ds.samples:
+                counts[label] += 1
+        self.clips_per_class, self.num_clips = float(counts.median()), int(counts.sum())
+        return classes
 
     def _build_model(self) -> nn.Module:
         cfg = self.cfg
         classes = self.classes = self._video_classes()
         path = Path(cfg.model)
+        self.trained_on: set[str] = set()
+        self.video_init = "new model"
         if (path / "config.json").is_file():
             from ernie_vl.model import ErnieVL
 
             model = ErnieVL.from_pretrained(path)
-            if classes is not None and model.class_names is not None and list(model.class_names) != classes:
+            self.trained_on = trained_on(path)
+            if classes is not None and model.class_names is None:
+                replace_head(model, classes)  # e.g. a model trained on pairs only
+            elif classes is not None and list(model.class_names) != classes:
                 raise ValueError(f"the model {cfg.model!r} classifies {model.class_names[:10]} but the videos have "
                                  f"classes {classes[:10]}; train from a preset to get a new head")
+            inflate = cfg.video_init == "image" or (
+                cfg.video_init == "auto" and bool(cfg.videos) and "pairs" in self.trained_on
+                and "videos" not in self.trained_on)
+            if inflate:
+                from ernie_vl.inflate import inflate_video_from_image
+
+                model = inflate_video_from_image(model)
+                self.video_init = "inflated from the image encoder"
+            else:
+                self.video_init = "kept from the checkpoint"
             return model
         import ernie_vl
 
@@ -167,6 +207,42 @@ class Trainer:
         if classes is not None:
             overrides["class_names"] = classes
         return ernie_vl.create_model(cfg.model, **overrides)
+
+    def _choose_settings(self) -> dict[str, Any]:
+        """Recipe-controlled settings: the user's where given, else the recipe's (or the plain defaults)."""
+        from ernie_vl.train.recipe import PLAIN, choose_recipe
+
+        cfg = self.cfg
+        video_run = bool(cfg.videos)
+        recipe = choose_recipe(self.clips_per_class, pretrained=bool(self.trained_on), expected_steps=cfg.max_steps,
+                               mode=cfg.recipe if video_run else "off")
+        self.recipe = recipe
+        chosen = recipe.to_dict()
+        if cfg.pairs:  # image-text training too: the recipe speaks for the videos only
+            chosen["weight_decay"] = PLAIN["weight_decay"]
+        settings = {}
+        for key in PLAIN:
+            given = getattr(cfg, key)
+            settings[key] = given if given is not None else chosen[key]
+        self.max_steps = cfg.max_steps
+        if settings["epochs"] and video_run and cfg.batch_videos:
+            cap = max(1, math.ceil(settings["epochs"] * self.num_clips / cfg.batch_videos))
+            self.max_steps = min(cfg.max_steps or cap, cap)
+        return settings
+
+    def _apply_settings(self) -> None:
+        """Label smoothing, drop-path, freezing and (for a linear probe) the prompt-initialised head."""
+        s, model = self.settings, self.model
+        if s["label_smoothing"] is not None:
+            model.cfg.loss.label_smoothing = float(s["label_smoothing"])
+        if s["drop_path"]:
+            add_drop_path(model.video_encoder, float(s["drop_path"]))
+        self.trainable = freeze(model, s["freeze"])
+        if s["freeze"] == "backbone" and self.videos is not None:
+            stored = self.videos.clips[:64]
+            step = max(1, stored.shape[1] // self.num_frames)  # clips cached with extra frames for jitter
+            init_head_from_prompts(model, self.videos.prompt_tokens,
+                                   self.videos.norm.to_float(stored[:, ::step][:, :self.num_frames]))
 
     def _build_data(self) -> None:
         from ernie_vl.data.sources import CachedPairs, CachedVideos, cpu_workers
@@ -230,13 +306,22 @@ class Trainer:
         declared = any(flags.declared(kind) for kind in ("hflip", "reverse"))
         maps = declared_maps(cfg.videos, flags if declared else None)
         aug = ClipAugmentConfig(maps=maps, p_hflip=cfg.p_hflip, p_reverse=cfg.p_reverse,
-                                temporal_jitter=cfg.temporal_jitter, speed_min=cfg.speed_min, mixup=cfg.mixup,
-                                cutmix=cfg.cutmix)
+                                temporal_jitter=bool(self.settings["temporal_jitter"]),
+                                speed_min=float(self.settings["speed_min"]), mixup=cfg.mixup, cutmix=cfg.cutmix)
         return ClipAugmenter(aug, self.classes, self.num_frames, seed=cfg.seed)
 
     def setup_summary(self) -> dict[str, Any]:
-        """What this run chose beyond its config (augmentation), for the first log record and setup.json."""
+        """What this run chose beyond its config (recipe, augmentation, video start), for the first log
+        record and setup.json."""
         info: dict[str, Any] = {}
+        if self.cfg.videos:
+            info["videos"] = {"clips_per_class": self.clips_per_class, "clips": self.num_clips,
+                              "classes": len(self.classes or [])}
+            info["recipe"] = {"mode": self.cfg.recipe, "settings": self.settings, "max_steps": self.max_steps,
+                              "why": self.recipe.why,
+                              "given": sorted(k for k in self.settings if getattr(self.cfg, k) is not None)}
+            info["video_init"] = self.video_init
+            info["trainable_params"] = self.trainable
         if self.augmenter is not None:
             info["augment"] = self.augmenter.summary()
         return info
@@ -288,6 +373,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                 "rng": gather_objects(ckpt.rng_state(), self.ctx), "world_size": self.ctx.world_size,
                 "meter": None if self.meter is None else self.meter.state.__getstate__(),
+                "ema": None if self.ema is None else self.ema.state_dict(),
                 "config": self.cfg.to_dict()}
 
     def save_checkpoint(self) -> None:
@@ -327,6 +413,8 @@ class Trainer:
         self.source.load_state_dict(state["source"])
         self.step, self.steps_fitted = state["step"], state["steps_fitted"]
         self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
         if self.meter is not None and state.get("meter"):
@@ -373,6 +461,8 @@ class Trainer:
         self.optimizer.step()
         update_score_biases(self.model)  # aux-loss-free balancing: routers with a score bias
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.step += 1
         dt = time.perf_counter() - t0
         record: dict[str, Any] = {"step": self.step, "lr": lr, **totals, "samples": samples, "step_time": dt,
@@ -390,7 +480,7 @@ class Trainer:
         remaining = self.cfg.minutes * 60 - (time.perf_counter() - self.start_time)
         per_step = float(np.median(step_times))
         fitted = self.step + max(1, int(remaining / per_step))
-        fitted = broadcast_object(min(fitted, self.cfg.max_steps or fitted), self.ctx)
+        fitted = broadcast_object(min(fitted, self.max_steps or fitted), self.ctx)
         self.schedule.refit(self.step, fitted)  # keeps the LR reached so far: no jump
         self.steps_fitted = True
 
@@ -409,9 +499,21 @@ class Trainer:
             self.log_file.flush()
 
     def run_evaluation(self) -> dict[str, float]:
+        """Held-out metrics (of the EMA weights when there is an EMA)."""
         if self.val_pairs is None and self.val_videos is None:
             return {}
-        return evaluate(unwrap(self.model), self.val_pairs, self.val_videos, max_pairs=self.cfg.eval_max_pairs)
+        model = unwrap(self.model)
+        with self.ema.swapped(model) if self.ema is not None else nullcontext():
+            return evaluate(model, self.val_pairs, self.val_videos, max_pairs=self.cfg.eval_max_pairs)
+
+    def save_final(self, final_dir: Path) -> None:
+        """``final_dir``: the model (its EMA weights when there is an EMA), marked with what it was trained on."""
+        model = unwrap(self.model)
+        kinds = set(self.trained_on) | {k for k, given in (("pairs", self.cfg.pairs), ("videos", self.cfg.videos))
+                                         if given}
+        model._checkpoint_metadata = {"trained_on": ",".join(sorted(kinds))}
+        with self.ema.swapped(model) if self.ema is not None else nullcontext():
+            model.save_pretrained(final_dir)
 
     def run(self, stop_after: Optional[int] = None) -> TrainResult:
         """Train until the schedule ends, the time budget is spent, or ``stop_after`` more steps."""
@@ -458,7 +560,7 @@ class Trainer:
         evaluation: dict[str, float] = {}
         if finished:
             if self.ctx.is_main:
-                unwrap(self.model).save_pretrained(final_dir)
+                self.save_final(final_dir)
                 evaluation = self.run_evaluation()
                 if evaluation:
                     (self.out / "eval.json").write_text(json.dumps(evaluation, indent=1))

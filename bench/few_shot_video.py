@@ -1,0 +1,147 @@
+"""Actions from few labelled clips: `tiny` trained on 40 (and 512) clips per class of a motion set drawn
+by a generator unlike the demo's (``bench/_motion_clips.py``: 16 frames at 64x64, other shapes, sizes,
+speeds and backgrounds, a static distractor object).
+
+Rows (``--rows``, each ``CLIPS:VARIANT:SEED``):
+
+- ``full``: the training defaults for video-only data (``ernie-vl train --videos``): the few-shot
+  recipe and the label maps of the data's ``augment.json`` (flip and reversal partners);
+- ``noaug``: the same without any clip augmentation (no flips, reversals, temporal or frame-rate
+  jitter, mixing): what label-aware augmentation buys;
+- ``space_only``: ``full`` with a frame-wise video encoder (no temporal attention, 1-frame patches):
+  what modelling time buys.
+
+Every row trains for ``--minutes`` of wall clock and / or ``--steps`` optimiser steps (the issue's
+budget is 10 minutes on 2 cores; on a shared machine a step budget keeps rows comparable), then
+reports supervised and zero-shot top-1 on 32 held-out clips per class. Rows accumulate in
+``bench/results/few_shot_video_rows.json`` (a rerun of a row replaces it), and the tables and the
+verdicts (>= 0.90 on both seeds at 40 clips per class, >= 0.97 at 512) are computed from all rows.
+
+    .venv/bin/python bench/few_shot_video.py --rows 40:full:0,40:full:1 --minutes 10 --steps 600
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from _motion_clips import make_clips  # noqa: E402
+from _report import Verdict, command_line, machine, write_results  # noqa: E402
+
+NAME = "few_shot_video"
+ROWS_FILE = Path(__file__).resolve().parent / "results" / f"{NAME}_rows.json"
+VARIANTS = {
+    "full": ({}, {}),
+    "noaug": ({}, dict(p_hflip=0.0, p_reverse=0.0, temporal_jitter=False, speed_min=1.0, mixup=0.0, cutmix=0.0)),
+    "space_only": ({"video_encoder": {"attention": "space_only", "tubelet_size": 1}}, {}),
+}
+GOALS = {40: 0.90, 512: 0.97}
+
+
+def parse_rows(text: str) -> list[tuple[int, str, int]]:
+    rows = []
+    for item in filter(None, text.split(",")):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[1] not in VARIANTS or not parts[0].isdigit() or not parts[2].isdigit():
+            raise ValueError(f"row {item!r} is not CLIPS:VARIANT:SEED with VARIANT in {list(VARIANTS)}")
+        rows.append((int(parts[0]), parts[1], int(parts[2])))
+    return rows
+
+
+def run_row(clips: int, variant: str, seed: int, args) -> dict:
+    from ernie_vl.train import TrainConfig
+    from ernie_vl.train.trainer import Trainer
+
+    data = make_clips(Path(args.work) / f"data_{clips}", clips)
+    overrides, extra = VARIANTS[variant]
+    out = Path(args.work) / f"{clips}_{variant}_{seed}"
+    kw = dict(out=str(out), model="tiny", model_overrides=overrides, videos=[str(data["train"])],
+              val_videos=str(data["val"]), minutes=args.minutes, max_steps=args.steps, seed=seed,
+              batch_videos=args.batch_videos, num_workers=1, progress=not args.no_progress, threads=args.threads,
+              decode_cache=None)
+    kw.update(extra)
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    trainer = Trainer(TrainConfig(**kw))
+    result = trainer.run()
+    setup = json.loads((out / "setup.json").read_text())
+    return {"clips": clips, "variant": variant, "seed": seed, "steps": result.steps,
+            "train_s": round(result.seconds, 1), "total_s": round(time.perf_counter() - t0, 1),
+            "top1": result.evaluation.get("video_top1"), "zeroshot_top1": result.evaluation.get("video_zeroshot_top1"),
+            "budget": {"minutes": args.minutes, "steps": args.steps}, "load": [round(load0, 2),
+                                                                                round(os.getloadavg()[0], 2)],
+            "setup": setup, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def verdicts(rows: list[dict]) -> list[Verdict]:
+    out = []
+    for clips, goal in GOALS.items():
+        full = sorted((r for r in rows if r["clips"] == clips and r["variant"] == "full"), key=lambda r: r["seed"])
+        seeds = {r["seed"]: r for r in full}
+        if not seeds:
+            out.append(Verdict(f"supervised top-1, {clips} clips/class, two seeds", f">= {goal:.2f} on both",
+                               "not run", None))
+            continue
+        measured = ", ".join(f"seed {s}: {r['top1']:.3f} ({r['steps']} steps)" for s, r in sorted(seeds.items()))
+        met = len(seeds) >= 2 and all(r["top1"] >= goal for r in seeds.values())
+        if len(seeds) < 2:
+            measured += " (one seed only)"
+        out.append(Verdict(f"supervised top-1, {clips} clips/class, two seeds", f">= {goal:.2f} on both", measured,
+                           met))
+    return out
+
+
+def markdown(rows: list[dict], command: str, facts) -> str:
+    lines = [f"# Few-shot video: `tiny` on a second motion generator", "", f"`{command}` (latest invocation; rows "
+             "accumulate across invocations, each with its own budget and load)", "", facts.line(), "",
+             "| clips/class | variant | seed | steps | train s | budget (min / steps) | load before / after | "
+             "top-1 | zero-shot top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["clips"], list(VARIANTS).index(r["variant"]), r["seed"])):
+        b = r["budget"]
+        lines.append(f"| {r['clips']} | {r['variant']} | {r['seed']} | {r['steps']} | {r['train_s']} | "
+                     f"{b['minutes']} / {b['steps']} | {r['load'][0]} / {r['load'][1]} | {r['top1']:.3f} | "
+                     f"{r['zeroshot_top1']:.3f} |")
+    lines += ["", "Held-out: 32 clips per class (8 classes, chance 0.125). `full`: the defaults of "
+              "`ernie-vl train --videos` (recipe + the data's augment.json); `noaug`: no clip augmentation; "
+              "`space_only`: frame-wise encoder. The machine is shared: wall-clock budgets are not comparable "
+              "between rows with different loads; step budgets are.", ""]
+    setups = {f"{r['clips']}:{r['variant']}": r["setup"] for r in rows}
+    lines += ["What each setting chose (setup.json of its latest row):", "", "```",
+              json.dumps(setups, indent=1)[:4000], "```"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="40:full:0,40:full:1,40:noaug:0,40:space_only:0,512:full:0,512:full:1")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-videos", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--work", default="runs/bench_few_shot")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args()
+    todo = parse_rows(args.rows)
+    load0 = os.getloadavg()[0]
+    rows = json.loads(ROWS_FILE.read_text()) if ROWS_FILE.is_file() else []
+    for clips, variant, seed in todo:
+        row = run_row(clips, variant, seed, args)
+        print(json.dumps({k: v for k, v in row.items() if k != "setup"}), flush=True)
+        rows = [r for r in rows if (r["clips"], r["variant"], r["seed"]) != (clips, variant, seed)] + [row]
+        ROWS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        ROWS_FILE.write_text(json.dumps(rows, indent=1) + "\n")  # each finished row is kept at once
+    facts = machine(load0)
+    command = command_line("few_shot_video.py")
+    vs = verdicts(rows)
+    for v in vs:
+        print(f"{v.what}: {v.measured} -> goal {v.goal}: {'met' if v.met else 'not met'}")
+    write_results(NAME, markdown(rows, command, facts), vs, facts, command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Image -> video transfer: start a model's video path from its trained image path (inflation).
+
+``inflate_video_from_image(model)`` returns a new ``ErnieVL`` whose
+
+- video encoder is the image encoder inflated in time (``encoders.convert.video_encoder_from_image_encoder``):
+  spatial blocks copied, temporal attention with a zero output projection, zero time embedding,
+  ``per_frame`` class tokens; with ``tubelet_size`` k > 1 the 2D patch kernel becomes the 3D one by
+  *mean* inflation (kernel / k in each of the k frames, I3D's averaging), so the clip encoder is
+  exactly the image encoder applied to each tubelet's mean frame, its pooled output the mean over
+  time steps (the frame-mean model), and a still clip embeds exactly as its frame. Mean rather than
+  central-frame inflation: every frame's pixels reach the first layer from step one, so motion can
+  be learnt by the patch kernel without first waking dead time slices, and a still clip still
+  equals the image. With head gating, a clip's gates are pooled over all its frames, so the
+  equality with per-frame image gates holds for still clips (without gating, for every clip);
+- video projector is a copy of the image projector (config and weights);
+- backbone treats video tokens as it treats image tokens (the video modality embedding and
+  residual gates copied from the image ones), so ``encode_video`` of a still clip equals
+  ``encode_image`` of its frame.
+
+The spatial geometry (patch size, width, depth, heads) comes from the image encoder; the number
+of frames, tubelet size and attention mode are kept from the video encoder's configuration. Text,
+image path, backbone weights and classifier are unchanged.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from encoders.convert import video_encoder_from_image_encoder
+from ernie_vl.modality import IMAGE, VIDEO
+
+
+@torch.no_grad()
+def inflate_video_from_image(model, cls_mode: str = "per_frame"):
+    """A new ``ErnieVL``: ``model`` with its video path started from its image path (module docstring)."""
+    from ernie_vl.model import ErnieVL
+
+    cfg = copy.deepcopy(model.cfg)
+    old = cfg.video_encoder
+    attention = old.attention
+    video_encoder = video_encoder_from_image_encoder(model.image_encoder, old.num_frames, attention, cls_mode,
+                                                     old.tubelet_size)
+    cfg.video_encoder = video_encoder.cfg
+    cfg.video_projector = copy.deepcopy(cfg.image_projector)
+    new = ErnieVL(cfg).to(model.logits.log_scale.device)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(("video_encoder.", "video_projector."))}
+    state.update({f"video_encoder.{k}": v for k, v in video_encoder.state_dict().items()})
+    state.update({f"video_projector.{k}": v for k, v in model.image_projector.state_dict().items()})
+    backbone = model.backbone
+    if backbone.modality_embed is not None:
+        table = backbone.modality_embed.weight.detach().clone()
+        table[VIDEO] = table[IMAGE]
+        state["backbone.modality_embed.weight"] = table
+    for i, block in enumerate(backbone.blocks):
+        gate = block.gate.detach().clone()
+        gate[VIDEO] = gate[IMAGE]
+        state[f"backbone.blocks.{i}.gate"] = gate
+    new.load_state_dict(state, strict=True)
+    for name in ("tokenizer", "preprocess", "class_names"):
+        setattr(new, name, getattr(model, name))
+    new.train(model.training)
+    return new
+

@@ -1,0 +1,77 @@
+"""Fine-tuning helpers: freezing, drop-path on the video encoder, a prompt-initialised head, a new head.
+
+- :func:`freeze`: ``"backbone"`` trains only the video classifier (a linear probe on frozen
+  features); ``"none"`` trains everything.
+- :func:`add_drop_path`: stochastic depth on the residual branches (spatial attention and MLP)
+  of the video encoder's blocks, rate rising linearly with depth to ``rate`` (timm's rule), as
+  forward hooks (the weights and their names are unchanged; training mode only).
+- :func:`init_head_from_prompts`: the classifier's rows set to the class prompts' text
+  embeddings, scaled so that its logits start as the zero-shot classifier's (logit scale x cosine)
+  at the clips' mean embedding norm.
+- :func:`replace_head`: a fresh classifier for new class names (e.g. a model trained on pairs only).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+FREEZE_MODES = ("none", "backbone")
+
+
+def freeze(model: nn.Module, mode: str) -> int:
+    """Apply ``mode``; returns the number of trainable parameters left."""
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"unknown freeze mode {mode!r}; valid: {list(FREEZE_MODES)}")
+    if mode == "backbone":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier."))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _drop_hook(rate: float):
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if not module.training or rate <= 0:
+            return out
+        keep = 1.0 - rate
+        mask = torch.empty((out.shape[0],) + (1,) * (out.dim() - 1), device=out.device, dtype=out.dtype)
+        return out * mask.bernoulli_(keep).div_(keep)
+    return hook
+
+
+def add_drop_path(encoder: nn.Module, rate: float) -> list:
+    """Stochastic depth on ``encoder.blocks[i].ls1`` / ``ls2`` outputs (per clip); returns the hook handles."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {rate!r}")
+    handles = []
+    blocks = list(getattr(encoder, "blocks", []))
+    for i, block in enumerate(blocks):
+        block_rate = rate * i / max(len(blocks) - 1, 1)
+        if block_rate > 0:
+            handles += [block.ls1.register_forward_hook(_drop_hook(block_rate)),
+                        block.ls2.register_forward_hook(_drop_hook(block_rate))]
+    return handles
+
+
+@torch.no_grad()
+def init_head_from_prompts(model: Any, prompt_tokens: Sequence[torch.Tensor], clips: torch.Tensor) -> None:
+    """Classifier rows := normalised class text embeddings x (logit scale / mean clip embedding norm)."""
+    from ernie_vl.train.evaluation import class_text_embeddings
+
+    was = model.training
+    model.eval()
+    text = class_text_embeddings(model, prompt_tokens)  # (C, E), unit rows
+    norm = model.video_features(clips, routing=False).embeds.float().norm(dim=-1).mean().clamp_min(1e-6)
+    model.train(was)
+    model.classifier.weight.copy_(text * (model.logits.scale().float() / norm))
+    model.classifier.bias.zero_()
+
+
+def replace_head(model: Any, class_names: Sequence[str]) -> None:
+    """A freshly initialised classifier for ``class_names`` (config and ``model.class_names`` follow)."""
+    names = [str(c) for c in class_names]
+    old = model.classifier
+    model.classifier = nn.Linear(old.in_features, len(names)).to(old.weight.device, old.weight.dtype)
+    model.cfg.class_names, model.cfg.num_classes = list(names), len(names)
+    model.class_names = list(names)

@@ -1,0 +1,224 @@
+"""Few-shot video training: image -> video inflation, the recipe, EMA, freezing, drop-path."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ernie_vl
+from encoders.convert import video_encoder_from_image_encoder
+from encoders.vit import ImageEncoder, ImageEncoderConfig
+from ernie_vl.inflate import inflate_video_from_image
+from ernie_vl.train.ema import ModelEMA
+from ernie_vl.train.finetune import add_drop_path, freeze
+from ernie_vl.train.recipe import PLAIN, choose_recipe
+
+SMALL = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+# --------------------------------------------------------------------------- inflation
+
+
+def test_inflated_tubelet_encoder_is_the_frame_mean_of_the_image_encoder_on_tubelet_means():
+    """Mean inflation (I3D): the clip encoder = the image encoder on each tubelet's mean frame, averaged."""
+    torch.manual_seed(0)
+    image = ImageEncoder(ImageEncoderConfig(**SMALL)).eval()
+    video = video_encoder_from_image_encoder(image, 8, "divided", "per_frame", tubelet_size=4).eval()
+    clips = torch.randn(3, 8, 3, 32, 32)  # moving content: every frame different
+    with torch.no_grad():
+        got = video(clips).pooled
+        means = clips.reshape(3, 2, 4, 3, 32, 32).mean(2)  # (B, T', 3, H, W)
+        want = torch.stack([image(means[:, t]).pooled for t in range(2)], 1).mean(1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_inflated_model_embeds_a_still_clip_as_its_image_and_keeps_the_rest():
+    torch.manual_seed(0)
+    model = ernie_vl.create_model("tiny", class_names=["a", "b", "c"]).eval()
+    assert model.cfg.video_encoder.patch_size != model.cfg.image_encoder.patch_size  # tiny: 8 vs 4
+    new = inflate_video_from_image(model).eval()
+    assert new.cfg.video_encoder.patch_size == model.cfg.image_encoder.patch_size
+    assert new.cfg.video_encoder.tubelet_size == 4 and new.cfg.video_encoder.num_frames == 8
+    assert new.cfg.video_encoder.cls_mode == "per_frame"
+    frames = torch.randn(2, 3, 32, 32)
+    tokens = model.tokenizer(["a red square", "a blue disc"])
+    with torch.no_grad():
+        still = frames[:, None].expand(2, 8, 3, 32, 32).contiguous()
+        torch.testing.assert_close(new.encode_video(still), new.encode_image(frames), rtol=1e-4, atol=1e-5)
+        # the image and text paths and the head are untouched
+        torch.testing.assert_close(new.encode_image(frames), model.encode_image(frames))
+        torch.testing.assert_close(new.encode_text(tokens), model.encode_text(tokens))
+    assert torch.equal(new.classifier.weight, model.classifier.weight) and new.class_names == ["a", "b", "c"]
+    assert torch.count_nonzero(new.video_encoder.time_embed) == 0
+    for block in new.video_encoder.blocks:
+        assert torch.count_nonzero(block.temporal_proj.weight) == 0
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def test_recipe_by_clips_per_class():
+    few = choose_recipe(40)
+    assert (few.temporal_jitter, few.speed_min, few.label_smoothing, few.weight_decay, few.drop_path, few.epochs,
+            few.freeze) == (True, 0.8, 0.2, 0.1, 0.1, 400.0, "none")
+    assert few.ema > 0 and set(few.why) >= {"temporal_jitter", "ema", "freeze", "epochs"}
+    many = choose_recipe(512)
+    assert (many.temporal_jitter, many.speed_min, many.label_smoothing, many.weight_decay, many.drop_path,
+            many.epochs, many.ema) == (True, 1.0, 0.1, 0.05, 0.0, None, 0.0)
+    assert choose_recipe(5000).temporal_jitter is False
+    assert choose_recipe(4, pretrained=True).freeze == "backbone"
+    assert choose_recipe(4, pretrained=False).freeze == "none"
+    assert choose_recipe(40, expected_steps=100).ema == 0.0  # too short to average
+    off = choose_recipe(40, mode="off").to_dict()
+    assert {k: off[k] for k in PLAIN} == PLAIN
+    with pytest.raises(ValueError, match="unknown recipe"):
+        choose_recipe(40, mode="fast")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from _train_helpers import make_tiny_data
+
+    return make_tiny_data(tmp_path_factory.mktemp("fsdata"))
+
+
+def test_trainer_logs_the_recipe_and_user_values_win(tiny_data, tmp_path):
+    from _train_helpers import read_log, tiny_config
+
+    from ernie_vl.train import train
+
+    train(tiny_config(tiny_data, tmp_path / "r", max_steps=2, weight_decay=0.01, epochs=2.0, pairs=[]))
+    setup = json.loads((tmp_path / "r" / "setup.json").read_text())
+    recipe = setup["recipe"]
+    assert setup["videos"] == {"clips_per_class": 3.0, "clips": 12, "classes": 4}
+    assert recipe["settings"]["weight_decay"] == 0.01 and recipe["settings"]["epochs"] == 2.0
+    assert recipe["given"] == ["epochs", "weight_decay"]
+    assert recipe["settings"]["label_smoothing"] == 0.2 and recipe["settings"]["temporal_jitter"] is True
+    assert recipe["max_steps"] == 2  # min(max_steps, ceil(2 epochs x 12 clips / 4 per step) = 6)
+    assert read_log(tmp_path / "r")[0]["setup"]["recipe"] == recipe
+    # an epoch cap binds when it is the smaller
+    train(tiny_config(tiny_data, tmp_path / "cap", max_steps=50, epochs=1.0, pairs=[]))
+    assert len(read_log(tmp_path / "cap")) == 3  # 1 epoch = 12 clips / 4 per step
+
+
+def test_recipe_off_is_the_plain_behaviour(tiny_data, tmp_path):
+    from _train_helpers import tiny_config
+
+    from ernie_vl.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "off", max_steps=1, recipe="off"))
+    assert trainer.settings == PLAIN and trainer.ema is None
+    assert trainer.videos.clips.shape[1] == 4  # no extra frames cached: no jitter
+    assert trainer.model.cfg.loss.label_smoothing == 0.1  # the preset's
+
+
+# --------------------------------------------------------------------------- transfer in the trainer
+
+
+def test_a_pairs_trained_checkpoint_starts_its_video_path_from_the_image_path(tiny_data, tmp_path):
+    from _train_helpers import tiny_config
+
+    from ernie_vl.train import train
+    from ernie_vl.train.trainer import Trainer, trained_on
+
+    pre = train(tiny_config(tiny_data, tmp_path / "pre", max_steps=2, videos=[]))
+    assert trained_on(pre.final_dir) == {"pairs"}
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "ft", model=str(pre.final_dir), max_steps=1))
+    model = trainer.model
+    assert trainer.video_init == "inflated from the image encoder"
+    assert model.class_names == ["grow", "move_left", "move_right", "shrink"] and model.classifier.out_features == 4
+    for name, p in model.image_encoder.blocks.named_parameters():
+        torch.testing.assert_close(dict(model.video_encoder.blocks.named_parameters())[name], p)
+    assert json.loads((tmp_path / "ft" / "setup.json").read_text())["video_init"] == trainer.video_init
+    result = trainer.run()
+    assert trained_on(result.final_dir) == {"pairs", "videos"}
+    # a checkpoint that has seen videos keeps its video encoder; "keep" keeps it too
+    again = Trainer(tiny_config(tiny_data, tmp_path / "ft2", model=str(result.final_dir), max_steps=1))
+    assert again.video_init == "kept from the checkpoint"
+    kept = Trainer(tiny_config(tiny_data, tmp_path / "ft3", model=str(pre.final_dir), max_steps=1, video_init="keep"))
+    assert kept.video_init == "kept from the checkpoint"
+
+
+# --------------------------------------------------------------------------- EMA, freezing, drop-path
+
+
+def test_ema_tracks_the_average_and_swaps_back():
+    net = torch.nn.Linear(3, 2)
+    ema = ModelEMA(net, 0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)  # decay min(0.5, 2/11)
+    d = 2 / 11
+    torch.testing.assert_close(ema.shadow["weight"], d * start + (1 - d) * (start + 1))
+    trained = net.weight.detach().clone()
+    with ema.swapped(net):
+        torch.testing.assert_close(net.weight, ema.shadow["weight"])
+    assert torch.equal(net.weight, trained)
+    copy = ModelEMA(torch.nn.Linear(3, 2), 0.9)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.updates == 1 and torch.equal(copy.shadow["weight"], ema.shadow["weight"])
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(net, 1.0)
+
+
+def test_ema_run_resumes_exactly_and_saves_the_average(tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from _train_helpers import tiny_config
+
+    from ernie_vl.train import train
+
+    kw = dict(max_steps=6, ema=0.9)
+    full = train(tiny_config(tiny_data, tmp_path / "full", **kw))
+    train(tiny_config(tiny_data, tmp_path / "part", **kw), stop_after=3)
+    train(tiny_config(tiny_data, tmp_path / "part", resume=True, **kw))
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert json.loads((tmp_path / "full" / "setup.json").read_text())["recipe"]["settings"]["ema"] == 0.9
+    del full
+
+
+def test_freeze_backbone_trains_only_a_prompt_initialised_head(tiny_data, tmp_path):
+    from _train_helpers import tiny_config
+
+    from ernie_vl.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "probe", max_steps=3, freeze="backbone", pairs=[]))
+    model = trainer.model
+    assert trainer.trainable == model.classifier.weight.numel() + model.classifier.bias.numel()
+    from ernie_vl.train.evaluation import class_text_embeddings
+
+    text = class_text_embeddings(model, trainer.videos.prompt_tokens)
+    cos = torch.nn.functional.cosine_similarity(model.classifier.weight.detach(), text, dim=-1)
+    torch.testing.assert_close(cos, torch.ones(4))  # the head starts as the zero-shot classifier
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.run()
+    after = model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["classifier.bias", "classifier.weight"]
+    with pytest.raises(ValueError, match="unknown freeze"):
+        freeze(model, "encoders")
+
+
+def test_drop_path_drops_whole_branches_in_training_only():
+    from encoders.video_vit import VideoEncoder, VideoEncoderConfig
+
+    torch.manual_seed(0)
+    enc = VideoEncoder(VideoEncoderConfig(**{**SMALL, "depth": 3}, num_frames=4))
+    names = sorted(enc.state_dict())
+    handles = add_drop_path(enc, 0.5)
+    assert len(handles) == 4 and sorted(enc.state_dict()) == names  # blocks 1 and 2; names unchanged
+    clips = torch.randn(4, 4, 3, 32, 32)
+    enc.eval()
+    with torch.no_grad():
+        a, b = enc(clips).pooled, enc(clips).pooled
+    assert torch.equal(a, b)
+    enc.train()
+    with torch.no_grad():
+        outs = [enc(clips).pooled for _ in range(6)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    with pytest.raises(ValueError, match="drop_path"):
+        add_drop_path(enc, 1.0)
