@@ -70,6 +70,36 @@ class ImageFolderFiles(ImageFiles):
         return [p.relative_to(self.root).as_posix() for p in self.paths]
 
 
+def read_text_file(path: PathLike) -> str:
+    """The file's text as UTF-8 (a BOM is dropped); a bad byte raises ValueError naming the file and the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: line {line} has the byte {data[err.start:err.start + 1]!r} "
+                         f"(byte offset {err.start}); save the file as UTF-8") from None
+
+
+def read_csv_columns(path: PathLike, columns: Sequence[str], hint: str = "") -> list[tuple[str, ...]]:
+    """Rows of ``columns`` from a CSV with a header; a missing column or non-UTF-8 byte names the file."""
+    import io
+
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ValueError(f"{str(path)!r} has no column(s) {missing}; its header is {header}"
+                         + (f" ({hint} to the right names)" if hint else ""))
+    rows = []
+    for row in reader:
+        values = tuple(row[c] for c in columns)
+        if any(v is None for v in values):
+            raise ValueError(f"{str(path)!r} line {reader.line_num}: the row has fewer fields than the header {header}")
+        rows.append(values)
+    return rows
+
+
 class ImageTextCSV(Dataset):
     """Image-caption pairs from a CSV with a header; paths are relative to the CSV's folder.
 
@@ -93,16 +123,7 @@ class ImageTextCSV(Dataset):
         self.transform = transform
         self.image_col, self.caption_col = image_col, caption_col
         root = self.csv_path.parent
-        with open(self.csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in (image_col, caption_col) if c not in header]
-            if missing:
-                raise ValueError(
-                    f"{str(self.csv_path)!r} has no column(s) {missing}; its header is {header} "
-                    f"(set image_col= / caption_col= to the right names)"
-                )
-            rows = [(r[image_col], r[caption_col]) for r in reader]
+        rows = read_csv_columns(self.csv_path, (image_col, caption_col), hint="set image_col= / caption_col=")
         if not rows:
             raise ValueError(f"captions CSV {str(self.csv_path)!r} has no rows")
         self.paths: list[Path] = [Path(p) if os.path.isabs(p) else root / p for p, _ in rows]

@@ -143,7 +143,7 @@ def test_expert_curriculum_is_applied_from_the_config(data, tmp_path):
     assert [m.top_k for m in layers] == [m.config.top_k for m in layers] == [2] * len(layers)
 
 
-def test_decoded_data_is_cached_as_a_tensor_file(data, tmp_path):
+def test_decoded_images_are_cached_as_a_memory_mapped_file(data, tmp_path):
     import os
 
     import ernie_vl
@@ -152,16 +152,18 @@ def test_decoded_data_is_cached_as_a_tensor_file(data, tmp_path):
     model = ernie_vl.create_model("test")
     args = ([str(data["val_pairs"])], model.preprocess, model.tokenizer)
     first = CachedPairs(*args, num_workers=0, progress=False, cache_dir=tmp_path)
-    files = list(tmp_path.glob("*.pt"))
-    assert len(files) == 1
+    files = list(tmp_path.glob("*.u8"))
+    assert len(files) == 1 and first.cache_file == files[0]
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.progress.json"))
     os.utime(files[0], ns=(0, 0))  # would be replaced if decoded again
     second = CachedPairs(*args, num_workers=0, progress=False, cache_dir=tmp_path)
     assert torch.equal(first.images, second.images) and first.captions == second.captions
-    assert os.stat(files[0]).st_mtime_ns == 0  # read, not rewritten
-    image = str(data["val_pairs"].parent / second.paths[0]) if not os.path.isabs(second.paths[0]) else second.paths[0]
-    os.utime(image)  # a changed file makes a new cache entry
+    assert os.stat(files[0]).st_mtime_ns == 0  # mapped, not rewritten
+    fresh = CachedPairs(*args, num_workers=0, progress=False, cache_dir=None)  # the RAM path decodes the same
+    assert torch.equal(fresh.images, second.images)
+    os.utime(second.paths[0])  # a changed file makes a new cache entry
     CachedPairs(*args, num_workers=0, progress=False, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.pt"))) == 2
+    assert len(list(tmp_path.glob("*.u8"))) == 2
 
 
 def test_adamw_groups_and_cosine_schedule():

@@ -6,9 +6,11 @@ tensors. Two kinds:
 * cached (``CachedPairs`` / ``CachedVideos``): every item is decoded once (in
   DataLoader worker processes) with the model's transform, and stored as uint8
   pixels (the normalisation is undone, rounded, and redone per batch: 4x smaller
-  than float32, and a batch is one index + one fused multiply-add). Videos keep
+  than float32, and a batch is one index + one fused multiply-add). Images go into
+  one preallocated array or a memory-mapped cache file (``ernie_vl.data.image_cache``),
+  so neither memory nor open file handles grow per item. Videos keep
   one deterministic view (uniform frames, centre crop), so there is no per-step
-  decoding at all. Unreadable files are dropped once, counted and listed.
+  decoding at all. Unreadable files (and empty captions) are dropped once, counted and listed.
 * streaming (``PairDataset`` / ``VideoDataset`` through ``ernie_vl.data.mixing``):
   for data larger than the cache budget; decoded per step in workers.
 
@@ -106,8 +108,13 @@ class Failures:
     files: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _decode_all(dataset: Dataset, num_workers: int, desc: str, progress: bool) -> tuple[list[int], list[Any]]:
-    """Run ``dataset`` once through a DataLoader; returns the kept indices and the items (None dropped)."""
+def _decode_all(dataset: Dataset, num_workers: int, desc: str, progress: bool,
+                convert: Callable[[Any], Any]) -> tuple[list[int], list[Any]]:
+    """Run ``dataset`` once through a DataLoader; returns the kept indices and ``convert(item)`` (None dropped).
+
+    Each item is converted (a fresh uint8 copy) as soon as it arrives, so the worker's shared-memory
+    tensor, and its file descriptor, is released at once: open handles stay bounded by the prefetch.
+    """
     from tqdm import tqdm
 
     loader = DataLoader(_WithIndex(dataset), batch_size=32, num_workers=num_workers, collate_fn=list,
@@ -117,19 +124,9 @@ def _decode_all(dataset: Dataset, num_workers: int, desc: str, progress: bool) -
         for index, item in batch:
             if item is not None:
                 keep.append(index)
-                items.append(item)
+                items.append(convert(item))
+        del batch
     return keep, items
-
-
-def _file_stamp(paths: Sequence[str]) -> list:
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append((str(p), st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append((str(p), -1, -1))
-    return out
 
 
 def _decode_cached(cache_dir: Optional[str | Path], key: Any, decode: Callable[[], dict]) -> dict:
@@ -139,12 +136,9 @@ def _decode_cached(cache_dir: Optional[str | Path], key: Any, decode: Callable[[
     """
     if not cache_dir:
         return decode()
-    import hashlib
-    import json
+    from ernie_vl.data.image_cache import cache_key
 
-    folder = Path(cache_dir).expanduser()
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = folder / f"{digest}.pt"
+    path = Path(cache_dir).expanduser() / f"{cache_key(key)}.pt"
     if path.is_file():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -172,39 +166,46 @@ class _WithIndex(Dataset):
 
 
 class CachedPairs:
-    """Image-text pairs held in memory: ``images`` uint8 (N,3,S,S), ``tokens`` (N,L), ``captions``."""
+    """Image-text pairs decoded once: ``images`` uint8 (N,3,S,S) (RAM or a memory-mapped cache file),
+    ``tokens`` (N,L), ``captions``, ``paths``; ``failures`` lists unreadable images and empty captions.
 
-    def __init__(self, csv_paths: Sequence[str | Path], preprocess: Callable, tokenizer: Callable,
+    ``csv_paths`` are ``filepath,caption`` CSVs (see ``ernie_vl.data.pairs.PairList``) or one
+    ``PairList`` already read. See ``ernie_vl.data.image_cache`` for the cache and its key.
+    """
+
+    def __init__(self, csv_paths: Sequence[str | Path] | Any, preprocess: Callable, tokenizer: Callable,
                  image_col: str = "filepath", caption_col: str = "caption", num_workers: int = 2,
                  progress: bool = True, cache_dir: Optional[str | Path] = None) -> None:
-        from retrieval.datasets import ImageTextCSV
+        from ernie_vl.data.image_cache import decode_images
+        from ernie_vl.data.pairs import PairList
 
-        parts = [ImageTextCSV(p, transform=preprocess, image_col=image_col, caption_col=caption_col) for p in csv_paths]
-        dataset = ConcatDataset(parts)
-        all_paths = [str(p) for part in parts for p in part.paths]
-        all_captions = [c for part in parts for c in part.captions]
+        listed = csv_paths if isinstance(csv_paths, PairList) else PairList.from_csvs(csv_paths, image_col, caption_col)
         self.norm = Normaliser(tuple(preprocess.mean), tuple(preprocess.std))
-        def decode() -> dict:
-            keep, items = _decode_all(dataset, num_workers, "decoding images", progress)
-            if not items:
-                raise ValueError(f"no readable images in {[str(p) for p in csv_paths]}")
-            return {"keep": keep, "images": torch.stack([self.norm.to_uint8(image) for image, _, _ in items])}
-
-        key = ["pairs", repr(preprocess), _file_stamp([str(p) for p in csv_paths] + sorted(set(all_paths)))]
-        decoded = _decode_cached(cache_dir, key, decode)
-        keep, self.images = list(decoded["keep"]), decoded["images"]
-        self.captions = [all_captions[i] for i in keep]
-        self.paths = [all_paths[i] for i in keep]
-        dropped = sorted(set(range(len(all_paths))) - set(keep))
-        self.failures = Failures(len(dropped), [(all_paths[i], "unreadable image") for i in dropped])
+        decoded = decode_images(listed.paths, preprocess, cache_dir, [listed.digest], num_workers, progress)
+        if not len(decoded.rows):
+            raise ValueError(f"no readable images in {listed.sources}")
+        self.cache_file = decoded.cache_file
+        self._pixels, self._rows = decoded.pixels, decoded.rows
+        keep = decoded.rows.tolist()
+        self.captions = [listed.captions[i] for i in keep]
+        self.paths = [listed.paths[i] for i in keep]
+        self.failures = Failures(0, list(listed.skipped) + [(listed.paths[r], why) for r, why in decoded.failed])
+        self.failures.count = len(self.failures.files)
         self.tokens = tokenize(tokenizer, self.captions)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(N,3,S,S) uint8 of the kept pairs (a copy when some rows failed; use :meth:`batch` in loops)."""
+        if len(self._rows) == len(self._pixels):
+            return self._pixels
+        return self._pixels[self._rows]
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def batch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(images (B,3,S,S) float32, tokens (B,L) int64)."""
-        return self.norm.to_float(self.images[ids]), self.tokens[ids]
+        return self.norm.to_float(self._pixels[self._rows[ids]]), self.tokens[ids]
 
 
 class CachedVideos:
@@ -223,13 +224,16 @@ class CachedVideos:
         dataset = ConcatDataset(datasets)
         all_paths = [p for ds in datasets for p, _ in ds.samples]
         def decode() -> dict:
-            keep, items = _decode_all(dataset, num_workers, "decoding videos", progress)
+            keep, items = _decode_all(dataset, num_workers, "decoding videos", progress,
+                                      lambda item: (self.norm.to_uint8(item[0]), int(item[1])))
             if not items:
                 raise ValueError(f"no decodable videos in {[str(r) for r in roots]}")
-            return {"keep": keep, "clips": torch.stack([self.norm.to_uint8(clip) for clip, _ in items]),
+            return {"keep": keep, "clips": torch.stack([clip for clip, _ in items]),
                     "labels": torch.tensor([label for _, label in items], dtype=torch.int64)}
 
-        key = ["videos", num_frames, image_size, list(mean), list(std), self.classes, _file_stamp(all_paths)]
+        from ernie_vl.data.image_cache import file_stamps
+
+        key = ["videos", num_frames, image_size, list(mean), list(std), self.classes, file_stamps(all_paths)]
         decoded = _decode_cached(cache_dir, key, decode)
         keep, self.clips, self.labels = list(decoded["keep"]), decoded["clips"], decoded["labels"]
         self.paths = [all_paths[i] for i in keep]

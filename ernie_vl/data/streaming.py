@@ -26,7 +26,7 @@ from ernie_vl.data.sources import Normaliser, class_prompts, pick_prompts, token
 
 
 class _Items(Dataset):
-    """Key ``(kind, index)`` -> ``(kind, index, tensor or None)``; kind 0 = image, 1 = video clip."""
+    """Key ``(kind, index)`` -> ``(kind, index, tensor or None, reason)``; kind 0 = image (uint8), 1 = clip."""
 
     def __init__(self, pairs: Optional[Dataset], videos: Optional[Dataset]) -> None:
         self.pairs, self.videos = pairs, videos
@@ -36,12 +36,27 @@ class _Items(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         kind, index = key
-        item = (self.pairs if kind == 0 else self.videos)[index]
-        return kind, index, None if item is None else item[0]
+        if kind == 0:
+            _, pixels, reason = self.pairs[index]
+            return kind, index, pixels, reason
+        item = self.videos[index]
+        return kind, index, None if item is None else item[0], None if item is not None else "undecodable video"
 
 
-def _collate(items: list) -> list:
-    return items
+def _collate(items: list) -> dict:
+    """Per kind: (ok mask (n,), the decoded tensors stacked (k,...) or None, [(index, reason)] failed).
+
+    Stacking in the worker sends one shared-memory tensor per kind and step, not one per item.
+    """
+    out = {}
+    for kind in (0, 1):
+        chosen = [(i, x, why) for k, i, x, why in items if k == kind]
+        if not chosen:
+            continue
+        good = [x for _, x, _ in chosen if x is not None]
+        out[kind] = (torch.tensor([x is not None for _, x, _ in chosen]), torch.stack(good) if good else None,
+                     [(i, why) for i, x, why in chosen if x is None])
+    return out
 
 
 class StreamingSource:
@@ -53,20 +68,24 @@ class StreamingSource:
                  caption_col: str = "caption", num_workers: int = 2, seed: int = 0, augmenter: Any = None) -> None:
         from torch.utils.data import ConcatDataset
 
-        from retrieval.datasets import ImageTextCSV
+        from ernie_vl.data.pairs import PairImages, PairList
 
         self.mix, self.rank, self.video_text = mix, rank, video_text
         self.num_frames = num_frames
         pairs = videos = None
+        self.skipped: list[tuple[str, str]] = []  # (file, reason) not yet reported
         if pair_csvs and mix.pairs:
-            parts = [ImageTextCSV(p, transform=model.preprocess, image_col=image_col, caption_col=caption_col)
-                     for p in pair_csvs]
-            pairs = ConcatDataset(parts)
-            self.tokens = tokenize(model.tokenizer, [c for part in parts for c in part.captions])
+            listed = pair_csvs if isinstance(pair_csvs, PairList) else PairList.from_csvs(pair_csvs, image_col,
+                                                                                           caption_col)
+            self.pair_paths = listed.paths
+            self.skipped += listed.skipped
+            pairs = PairImages(listed.paths, model.preprocess)
+            self.tokens = tokenize(model.tokenizer, listed.captions)
         if video_roots and mix.videos:
             parts = [video_dataset(r, num_frames, video_size, model.preprocess.mean, model.preprocess.std, train=True)
                      for r in video_roots]
             self.classes = list(parts[0].classes)
+            self.video_paths = [p for part in parts for p, _ in part.samples]
             videos = ConcatDataset(parts)
             self.labels = torch.tensor([label for part in parts for _, label in part.samples], dtype=torch.int64)
             prompts = class_prompts(self.classes, video_roots, prompt_template)
@@ -113,12 +132,12 @@ class StreamingSource:
         pair_ids, video_ids, prompts = self.pending.popleft()
         fields: dict[str, Any] = {}
         if pair_ids is not None:
-            local = self._local(pair_ids, self.mix.pairs)
-            images = self._fill([x for k, _, x in items if k == 0])
-            fields.update(images=torch.stack(images), texts=self.tokens[pair_ids[local]])
+            ids = pair_ids[self._local(pair_ids, self.mix.pairs)]
+            images = self._fill(items[0], ids, self.pair_paths)
+            fields.update(images=self.norm.to_float(images), texts=self.tokens[ids])
         if video_ids is not None:
             local = self._local(video_ids, self.mix.videos)
-            clips = torch.stack(self._fill([x for k, _, x in items if k == 1]))
+            clips = self._fill(items[1], video_ids[local], self.video_paths)
             prompts, draw = prompts
             labels = self.labels[video_ids]
             if draw is not None:
@@ -130,12 +149,23 @@ class StreamingSource:
                                                  None if prompts is None else prompts[local]))
         return DrawnStep(ErnieVLBatch(**fields), pair_ids, video_ids)
 
-    def _fill(self, tensors: list) -> list:
-        good = [t for t in tensors if t is not None]
-        if not good:
-            raise ValueError("every file of this step's batch failed to decode; check the data")
-        self.failures += len(tensors) - len(good)
-        return [t if t is not None else good[0] for t in tensors]
+    def _fill(self, part: tuple, ids: torch.Tensor, paths: list[str]) -> torch.Tensor:
+        """The step's stacked tensors with each failed item replaced by the batch's first good one."""
+        ok, stacked, failed = part
+        if stacked is None:
+            raise ValueError("every file of this step's batch failed to decode; check the data "
+                             f"(e.g. {paths[int(ids[0])]!r}: {failed[0][1]})")
+        self.failures += len(failed)
+        self.skipped += [(paths[i], why) for i, why in failed]
+        if not failed:
+            return stacked
+        position = torch.cumsum(ok.long(), 0) - 1
+        return stacked[torch.where(ok, position, torch.zeros_like(position))]
+
+    def take_skipped(self) -> list[tuple[str, str]]:
+        """(file, reason) of the items skipped since the last call (for the run's log)."""
+        out, self.skipped = self.skipped, []
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {**source_state(self), "pending": list(self.replay) + list(self.pending)}

@@ -25,9 +25,10 @@ class TrainConfig:
     at 2x, 4x, ... those steps, continuously: the LR never jumps).
     Data loading: datasets whose decoded size is under ``cache_max_mb`` are decoded once
     (with ``num_workers`` processes) and kept in memory as uint8; larger ones stream
-    through DataLoader workers. ``decode_cache``: folder where decoded data is kept as
-    tensor files keyed by the files' sizes and mtimes and the transform (None: off), so a
-    second run on the same data skips decoding.
+    through DataLoader workers. ``decode_cache``: folder where decoded data is kept (images:
+    a memory-mapped uint8 file; clips: a tensor file) keyed by the CSV content, the files'
+    sizes and mtimes and the transform (None: in RAM), so a second run on the same data
+    skips decoding and an interrupted decode resumes.
     Sampling: ``sampler`` (image-text pairs) and ``video_sampler`` (clips; None: as ``sampler``),
     each ``uniform`` (shuffled epochs) or ``priority`` (loss-priority, BRIEF.md #6, see
     ``sampler.py``). Defaults from the synthetic screens (BENCHMARKS.md): uniform for pairs,

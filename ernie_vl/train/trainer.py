@@ -138,6 +138,7 @@ class Trainer:
         self.ddp_model, self.meter = wrap_model(self.model, self.ctx, cfg.parallel, cfg.powersgd_rank,
                                                 cfg.powersgd_warmup)
         self.step = 0
+        self.skipped_total = 0
         self.steps_fitted = cfg.minutes is None
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
@@ -265,20 +266,25 @@ class Trainer:
             vkw_train = dict(vkw, num_frames=2 * self.num_frames)  # room for temporal / frame-rate jitter
         else:
             vkw_train = vkw
-        self.streaming = self._cache_mb(video_size) > cfg.cache_max_mb
+        listed = None
+        if cfg.pairs:
+            from ernie_vl.data.pairs import PairList
+
+            listed = PairList.from_csvs(cfg.pairs, cfg.image_col, cfg.caption_col)
+        self.streaming = self._cache_mb(video_size, len(listed) if listed else 0) > cfg.cache_max_mb
         self.pairs = self.videos = None
         if self.streaming:
             from ernie_vl.data.streaming import StreamingSource
 
             self.source = StreamingSource(
-                self.mix, self.ctx.rank, cfg.pairs, cfg.videos, model, self.num_frames, video_size,
+                self.mix, self.ctx.rank, listed, cfg.videos, model, self.num_frames, video_size,
                 lambda n: PrioritySampler(n, seed=cfg.seed + 1, **pair_kw),
                 lambda n: PrioritySampler(n, seed=cfg.seed + 2, **video_kw),
                 video_text=cfg.video_text, prompt_template=cfg.video_prompt_template, image_col=cfg.image_col,
                 caption_col=cfg.caption_col, num_workers=workers, seed=cfg.seed, augmenter=self.augmenter)
         else:
-            self.pairs = CachedPairs(cfg.pairs, model.preprocess, model.tokenizer, cfg.image_col, cfg.caption_col,
-                                     workers, show, cfg.decode_cache) if cfg.pairs else None
+            self.pairs = CachedPairs(listed, model.preprocess, model.tokenizer, cfg.image_col, cfg.caption_col,
+                                     workers, show, cfg.decode_cache) if listed else None
             self.videos = CachedVideos(cfg.videos, **vkw_train) if cfg.videos else None
             self.source = MixedSource(
                 self.mix, self.ctx.rank, self.pairs, self.videos,
@@ -326,16 +332,21 @@ class Trainer:
             info["augment"] = self.augmenter.summary()
         return info
 
-    def _cache_mb(self, video_size: int) -> float:
+    def skipped_files(self) -> list[tuple[str, str]]:
+        """(file, reason) of training items left out since the last call: unreadable images, empty captions,
+        undecodable clips (all at once for decoded sources, as they come for streaming ones)."""
+        if hasattr(self.source, "take_skipped"):
+            return self.source.take_skipped()
+        if getattr(self, "_skipped_reported", False):
+            return []
+        self._skipped_reported = True
+        return [f for src in (self.pairs, self.videos) if src is not None for f in src.failures.files]
+
+    def _cache_mb(self, video_size: int, num_pairs: int) -> float:
         """Decoded uint8 size of the training data in MiB (decides in-memory cache vs streaming)."""
         from ernie_vl.data.sources import estimate_bytes, video_dataset
 
-        size = self.model.preprocess.image_size
-        total = 0
-        for path in self.cfg.pairs:
-            with open(path, encoding="utf-8") as f:
-                rows = max(0, sum(1 for _ in f) - 1)
-            total += estimate_bytes(rows, 1, size)
+        total = estimate_bytes(num_pairs, 1, self.model.preprocess.image_size)
         for root in self.cfg.videos:
             count = len(video_dataset(root, 2, 32, (0.5,) * 3, (0.5,) * 3, train=False).samples)
             total += estimate_bytes(count, self.num_frames, video_size)
@@ -493,8 +504,14 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.step == 1:
             record["setup"] = self.setup_summary()
-        self.history.append({k: v for k, v in record.items() if k != "routing"})
-        if self.log_file is not None and (self.step % max(self.cfg.log_every, 1) == 0 or "eval" in record):
+        skipped = self.skipped_files()
+        if skipped:
+            self.skipped_total += len(skipped)
+            record["skipped"] = {"count": len(skipped), "total": self.skipped_total,
+                                 "files": [{"path": p, "reason": why} for p, why in skipped]}
+        self.history.append({k: v for k, v in record.items() if k not in ("routing", "skipped")})
+        if self.log_file is not None and (self.step % max(self.cfg.log_every, 1) == 0 or "eval" in record
+                                          or "skipped" in record):
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
 
