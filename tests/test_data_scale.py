@@ -72,6 +72,7 @@ def test_streaming_keeps_peak_memory_bounded_when_the_set_exceeds_the_budget(tmp
     for name, csv, mode in (("stream-3k", small, "stream"), ("stream-9k", large, "stream"), ("ram-3k", small, "ram")):
         result = run({**common, "csv": str(csv), "out": str(tmp_path / name), "mode": mode})
         growth[name] = result["rss_peak_mb"] - result["rss_before_mb"]
+    print(growth)
     assert growth["ram-3k"] - growth["stream-3k"] > 0.8 * decoded_mb, growth
     assert growth["stream-9k"] - growth["stream-3k"] < 0.1 * 2 * decoded_mb, growth  # 6k more images: < 44 MB
 
