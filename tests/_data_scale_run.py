@@ -2,7 +2,7 @@
 
 ``python _data_scale_run.py SPEC_JSON``; SPEC keys: csv, out, mode ("ram" | "cache" | "stream"), nofile,
 workers, steps, image_size (of the ``test`` preset), cache_dir. Prints one JSON line:
-``{"rss_before_mb", "rss_peak_mb", "steps", "streaming"}`` (peak: this process, from getrusage).
+``{"rss_before_mb", "rss_ready_mb" (data in place), "rss_peak_mb", "steps", "streaming"}`` (peak: this process).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (spec["nofile"], spec["nofile"]))
     import torch
 
-    from ernie_vl.train import TrainConfig, train
+    from ernie_vl.train import TrainConfig
 
     torch.set_num_threads(1)
     size = spec.get("image_size", 32)
@@ -35,10 +35,15 @@ def main() -> None:
                       batch_pairs=16, max_steps=spec["steps"], warmup_steps=1, num_workers=spec["workers"],
                       progress=False, threads=1, seed=0, cache_max_mb=budget,
                       decode_cache=spec.get("cache_dir") if spec["mode"] == "cache" else None)
+    from ernie_vl.train.trainer import Trainer
+
     before = rss_mb()
-    result = train(cfg)
+    trainer = Trainer(cfg)
+    ready = rss_mb()  # data in place, before the first step
+    result = trainer.run()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rss_before_mb": before, "rss_peak_mb": peak, "steps": result.steps}))
+    print(json.dumps({"rss_before_mb": before, "rss_ready_mb": ready, "rss_peak_mb": peak, "steps": result.steps,
+                      "streaming": trainer.streaming}))
 
 
 if __name__ == "__main__":
