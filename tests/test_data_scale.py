@@ -86,7 +86,7 @@ def test_an_interrupted_decode_resumes_where_it_stopped(tmp_path, monkeypatch):
     from ernie_vl.data import image_cache
     from ernie_vl.data.pairs import PairList
 
-    csv = write_pairs(tmp_path / "data", 40)
+    csv = write_pairs(tmp_path / "data", 200)  # batches of 64: progress records at 64 and 128
     listed = PairList.from_csvs([csv])
     model = ernie_vl.create_model("test")
     monkeypatch.setattr(image_cache, "PROGRESS_EVERY", 10)
@@ -111,9 +111,9 @@ def test_an_interrupted_decode_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert progress["done"] == calls[-1] > 0
     monkeypatch.setattr(image_cache, "decode_into", original)
     starts = []
-    monkeypatch.setattr(image_cache, "decode_into", lambda *a, **k: (starts.append(k["start"]), original(*a, **k))[1])
+    monkeypatch.setattr(image_cache, "decode_into", lambda *a, **k: (starts.append(k.get("start", 0)), original(*a, **k))[1])
     resumed = image_cache.decode_images(listed.paths, model.preprocess, tmp_path / "cache", [listed.digest], 0, False)
-    assert starts == [progress["done"]]
+    assert starts == [progress["done"]] == [128]
     fresh = image_cache.decode_images(listed.paths, model.preprocess, None, [], 0, False)
     assert torch.equal(resumed.pixels, fresh.pixels) and resumed.cache_file.suffix == ".u8"
 
