@@ -56,6 +56,16 @@ def _pad(scores: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return out_i, out_s
 
 
+CHECK_BLOCK = 65536  # vectors per block when checking a loaded store
+
+
+def _nonfinite_rows(read_block, total: int) -> np.ndarray:
+    """Slots whose vector holds NaN or inf; ``read_block(start, n)`` -> (n, D) float32."""
+    bad = [np.flatnonzero(~np.isfinite(read_block(start, min(CHECK_BLOCK, total - start))).all(axis=1)) + start
+           for start in range(0, total, CHECK_BLOCK)]
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+
 class FlatStore:
     """Exact inner-product search with chunked torch matmul + top-k over the vectors stored
     column-major: a (D, N) matrix, so a block of scores is ``queries @ columns``.
@@ -144,6 +154,10 @@ class FlatStore:
         np.save(folder / "vectors.npy", self.vectors)  # (N, D), written in Fortran order: no copy
         return ["vectors.npy"]
 
+    def nonfinite_slots(self) -> np.ndarray:
+        """Slots whose stored vector holds NaN or inf (checked after loading)."""
+        return _nonfinite_rows(lambda start, n: self.columns[:, start:start + n].T, self.ntotal)
+
     def load(self, folder: Path) -> None:
         vectors = np.load(folder / "vectors.npy", allow_pickle=False)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or vectors.dtype != np.float32:
@@ -204,6 +218,10 @@ class HNSWStore:
     def save(self, folder: Path) -> list[str]:
         faiss.write_index(self.index, str(folder / "index.faiss"))
         return ["index.faiss"]
+
+    def nonfinite_slots(self) -> np.ndarray:
+        """Slots whose stored vector holds NaN or inf (checked after loading)."""
+        return _nonfinite_rows(lambda start, n: self.index.reconstruct_n(start, n), self.ntotal)
 
     def load(self, folder: Path) -> None:
         index = faiss.read_index(str(folder / "index.faiss"))
@@ -275,6 +293,18 @@ class IVFPQStore:
 
     def reconstruct(self, slots: np.ndarray) -> np.ndarray:
         raise ValueError("ivfpq keeps only compressed codes; the original vectors cannot be recovered")
+
+    def nonfinite_slots(self) -> np.ndarray:
+        """All slots when the trained codebooks (coarse centroids, PQ centroids) hold NaN or inf: the codes
+        themselves are integers, so that is where a damaged ivfpq index shows."""
+        if self.index is None:
+            return np.zeros(0, np.int64)
+        ivf = faiss.extract_index_ivf(self.index)
+        coarse = ivf.quantizer.reconstruct_n(0, ivf.quantizer.ntotal)
+        pq = faiss.vector_to_array(faiss.downcast_index(self.index).pq.centroids)
+        if np.isfinite(coarse).all() and np.isfinite(pq).all():
+            return np.zeros(0, np.int64)
+        return np.arange(self.ntotal, dtype=np.int64)
 
     def compact(self, keep: np.ndarray) -> None:
         pass  # ids stay sparse; removed codes are already gone

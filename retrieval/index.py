@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from retrieval.backends import STORES, IndexParams
+from retrieval.names import json_text
 
 FORMAT_NAME = "ernie-vl-index"
 FORMAT_VERSION = 1
@@ -235,7 +236,7 @@ class Index:
             np.save(tmp / IDS_FILE, self._slot_ids)
             with open(tmp / METADATA_FILE, "w", encoding="utf-8") as f:
                 for meta in self._slot_meta:
-                    f.write(json.dumps(meta, ensure_ascii=False) + "\n")
+                    f.write(json_text(meta) + "\n")  # non-UTF-8 file names kept as \udcXX escapes
             manifest = self.manifest()
             manifest["files"] = {name: (tmp / name).stat().st_size for name in files + [IDS_FILE, METADATA_FILE]}
             with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
@@ -311,6 +312,7 @@ class Index:
         if index.kind != "ivfpq" and index._store.ntotal != len(slot_ids):
             raise IndexMismatchError(f"index {folder}: the vector store holds {index._store.ntotal} vectors, "
                                      f"expected {len(slot_ids)}")
+        _check_loaded(folder, index, slot_ids, metas, m)
         index._slot_ids, index._slot_meta = slot_ids, metas
         index._id_to_slot = {int(i): s for s, i in enumerate(slot_ids) if i >= 0}
         index._next_id = int(m["next_id"])
@@ -318,3 +320,25 @@ class Index:
 
     def __repr__(self) -> str:
         return f"Index(kind={self.kind!r}, count={len(self)}, dim={self.dim}, model_id={self.model_id!r})"
+
+
+def _check_loaded(folder: Path, index: Index, slot_ids: np.ndarray, metas: list, manifest: dict) -> None:
+    """Refuse a loaded index whose ids repeat, whose metadata rows are not objects, or whose vectors are not finite."""
+    alive = slot_ids[slot_ids >= 0]
+    if (slot_ids < -1).any():
+        raise IndexMismatchError(f"index {folder} is damaged: ids below -1 ({sorted(set(slot_ids[slot_ids < -1].tolist()))[:10]})")
+    values, counts = np.unique(alive, return_counts=True)
+    if (counts > 1).any():
+        raise IndexMismatchError(f"index {folder} is damaged: duplicate ids {values[counts > 1][:10].tolist()} "
+                                 f"({int((counts > 1).sum())} ids appear more than once)")
+    if len(alive) and int(manifest["next_id"]) <= int(alive.max()):
+        raise IndexMismatchError(f"index {folder} is damaged: next_id {manifest['next_id']} is not above the "
+                                 f"largest id {int(alive.max())}")
+    wrong = [row for row, (i, meta) in enumerate(zip(slot_ids, metas)) if not isinstance(meta, dict) and
+             not (meta is None and i < 0)]
+    if wrong:
+        raise IndexMismatchError(f"index {folder} is damaged: metadata rows {wrong[:10]} are not JSON objects")
+    bad = index._store.nonfinite_slots()
+    if len(bad):
+        raise IndexMismatchError(f"index {folder} is damaged: {len(bad)} vectors hold NaN or inf "
+                                 f"(ids {slot_ids[bad[:10]].tolist()}); rebuild it")

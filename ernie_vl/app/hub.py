@@ -83,6 +83,38 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
     return LoadedModel(model.eval(), model.preprocess, model.tokenizer, model_id)
 
 
+def download_reason(spec: str) -> Optional[str]:
+    """Why loading ``spec`` could fetch files from the network, or None when it loads from local files only.
+
+    An ErnieVL checkpoint folder, an open_clip architecture at random init, a local weights file or a
+    ``local-dir:`` folder load locally (unless their text tower comes from the Hugging Face Hub);
+    ``hf-hub:`` specs and pretrained tags are downloads.
+    """
+    if not isinstance(spec, str) or not spec.startswith(OPEN_CLIP_PREFIX):
+        return None
+    rest = spec[len(OPEN_CLIP_PREFIX):]
+    if rest.startswith("hf-hub:"):
+        return "an hf-hub: model is downloaded from the Hugging Face Hub"
+    if rest.startswith("local-dir:"):
+        import json
+
+        try:
+            config = json.loads((Path(rest[len("local-dir:"):]) / "open_clip_config.json").read_text())
+        except (OSError, ValueError):
+            return None  # load_model reports the broken folder
+        model_cfg = config.get("model_cfg", {}) if isinstance(config, dict) else {}
+    else:
+        import open_clip
+
+        arch, _, weights = rest.partition(":")
+        if weights and not Path(weights).is_file():
+            return f"the pretrained weights {weights!r} are downloaded (or read from a download cache)"
+        model_cfg = open_clip.get_model_config(arch) or {}
+    text_cfg = model_cfg.get("text_cfg", {}) if isinstance(model_cfg, dict) else {}
+    hf_name = text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name") if isinstance(text_cfg, dict) else None
+    return f"its text tower {hf_name!r} comes from the Hugging Face Hub" if hf_name else None
+
+
 def model_spec_for_manifest(spec: str) -> str:
     """The spec to record in an index: folders and weight files made absolute."""
     if spec.startswith(OPEN_CLIP_PREFIX):

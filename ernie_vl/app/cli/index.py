@@ -5,7 +5,6 @@ Re-running on the same ``--out`` embeds only new or changed files and drops dele
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ernie_vl.app.hub import load_model, model_spec_for_manifest, optional_device
     from retrieval.folder import index_folder
     from retrieval.index import MANIFEST, Index
+    from retrieval.names import json_text, printable
 
     if not args.images_dir.is_dir():
         raise ValueError(f"IMAGES_DIR {str(args.images_dir)!r} is not a folder")
@@ -55,12 +55,11 @@ def run(args: argparse.Namespace) -> int:
     )
     index.save(args.out)
     if args.json:
-        print(json.dumps({"index": str(args.out), "kind": index.kind, "count": len(index),
-                          "added": report.added, "updated": report.updated, "removed": report.removed,
-                          "unchanged": report.unchanged, "failures": [list(f) for f in report.failures]},
-                         indent=2, ensure_ascii=False))
+        print(json_text({"index": str(args.out), "kind": index.kind, "count": len(index),
+                         "added": report.added, "updated": report.updated, "removed": report.removed,
+                         "unchanged": report.unchanged, "failures": [list(f) for f in report.failures]}, indent=2))
     else:
-        print(f"index {args.out}: {len(index)} images ({index.kind}); {report.summary()}")
+        print(printable(f"index {args.out}: {len(index)} images ({index.kind}); {report.summary()}"))
         for path, reason in report.failures:
-            print(f"  skipped {path}: {reason}", file=sys.stderr)
+            print(printable(f"  skipped {path}: {reason}"), file=sys.stderr)
     return 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -17,17 +16,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("query", nargs="?", default=None, help="text query")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--image", type=Path, default=None, help="search with this image instead of text")
-    p.add_argument("--model", default=None, help="override the model recorded in the index")
+    p.add_argument("--model", default=None,
+                   help="the model to embed queries with (default: the one recorded in the index, if it loads "
+                        "from local files; a recorded download is never started)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.add_argument("--gallery", type=Path, default=None, help="also write the hits to a .html or .png file")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="let the gallery read files outside the indexed folder (absolute or '..' paths in the "
+                        "index's metadata; off by default: an index from elsewhere could name any file)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_vl.app.hub import load_model, optional_device
+    from ernie_vl.app.hub import download_reason, load_model, optional_device
     from retrieval.gallery import GALLERY_FORMATS, write_gallery
     from retrieval.index import Index
+    from retrieval.names import json_text, printable
     from retrieval.search import search_image, search_text
 
     if (args.query is None) == (args.image is None):
@@ -37,9 +42,15 @@ def run(args: argparse.Namespace) -> int:
     if args.gallery is not None and args.gallery.suffix.lower() not in GALLERY_FORMATS:
         raise ValueError(f"--gallery {str(args.gallery)!r} must end in one of {GALLERY_FORMATS}")
     manifest = Index.read_manifest(args.index)
-    spec = args.model or manifest.get("info", {}).get("model_spec")
-    if not spec:
-        raise ValueError(f"index {str(args.index)!r} records no model; pass --model")
+    spec = args.model
+    if spec is None:  # the index's own record: used only when it loads from local files
+        spec = manifest.get("info", {}).get("model_spec")
+        if not spec or not isinstance(spec, str):
+            raise ValueError(f"index {str(args.index)!r} records no model; pass --model")
+        reason = download_reason(spec)
+        if reason:
+            raise ValueError(f"index {str(args.index)!r} was built with the model {spec!r}, but {reason}; an "
+                             f"index never starts a download. If you trust it, pass it yourself: --model {spec}")
     loaded = load_model(spec, device=optional_device(args.device))
     index = Index.load(args.index, model_id=loaded.model_id)
     if args.image is not None:
@@ -52,16 +63,16 @@ def run(args: argparse.Namespace) -> int:
         title = f"images for {args.query!r}"
     root = index.info.get("root")
     if args.gallery is not None:
-        write_gallery(hits, args.gallery, root=root, title=title)
+        write_gallery(hits, args.gallery, root=root, title=title, allow_outside=args.allow_outside)
     if args.json:
         out = {"query": args.query, "image": str(args.image) if args.image else None, "root": root,
                "hits": [h.to_dict() for h in hits]}
         if args.gallery is not None:
             out["gallery"] = str(args.gallery)
-        print(json.dumps(out, indent=2, ensure_ascii=False))
+        print(json_text(out, indent=2))
     else:
         for h in hits:
-            print(f"{h.rank + 1:3d}  {h.score:8.4f}  {h.metadata.get('path', h.id)}")
+            print(printable(f"{h.rank + 1:3d}  {h.score:8.4f}  {h.metadata.get('path', h.id)}"))
         if args.gallery is not None:
             print(f"gallery written to {args.gallery}")
     return 0
