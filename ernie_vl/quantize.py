@@ -34,7 +34,7 @@ from torch import nn
 
 from encoders.blocks import Mlp, QuickGELU
 from ernie_vl.moe import MoEFeedForward, MoEOutput
-from ernie_vl.moe.grouped import activation_fn
+from ernie_vl.moe.activation import activation_fn
 from ernie_vl.moe.stats import compute_routing_stats
 
 #: checkpoint schemes this version reads; v2 (the default) also quantizes the patch convolutions
@@ -143,7 +143,7 @@ def int8_linear(x: torch.Tensor, packed, kernel: str, activation: str | None = N
 
     Activations are quantized per call, per tensor, to 7 bits (u8 0..127, as fbgemm's
     ``reduce_range``: without VNNI the u8 x s8 pair sums of the AVX2 kernels saturate 16 bits
-    at full range). ``activation``: None, or a name of ``ernie_vl.moe.grouped.activation_fn``;
+    at full range). ``activation``: None, or a name of ``ernie_vl.moe.activation.activation_fn``;
     oneDNN fuses those in ``ONEDNN_POST_OPS`` into the GEMM.
     """
     lead = x.shape[:-1]

@@ -8,7 +8,7 @@ from ernie_vl.backbone import SharedBackbone
 from ernie_vl.modality import IMAGE, TEXT
 from ernie_vl.moe import ExpertCurriculum, MoEConfig, MoEFeedForward
 
-from _moe_reference import reference_moe
+from _moe_helpers import reference_output
 
 
 def test_schedule_values():
@@ -34,7 +34,7 @@ def test_apply_walks_a_whole_model_and_changes_the_forward():
     dense_out = layer(x)
     # k = E: every token uses every expert, weighted by the full softmax (a soft mixture)
     assert dense_out.stats.tokens_per_expert.tolist() == [10, 10, 10, 10]
-    torch.testing.assert_close(dense_out.output, reference_moe(layer, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_out.output, reference_output(layer, x), atol=1e-5, rtol=1e-5)
     probs = dense_out.router_logits.softmax(-1)
     soft = sum(probs[:, e, None] * layer.experts.expert(x, e) for e in range(4))
     torch.testing.assert_close(dense_out.output, soft, atol=1e-5, rtol=1e-5)

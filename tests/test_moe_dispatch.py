@@ -8,7 +8,7 @@ from ernie_vl.modality import IMAGE, TEXT, VIDEO
 from ernie_vl.moe import MoEFeedForward
 from ernie_vl.moe.dispatch import expert_capacity, plan_dispatch
 
-from _moe_reference import reference_moe
+from _moe_helpers import kept_assignments, reference_output
 
 D = 8
 
@@ -33,13 +33,14 @@ def test_capacity_drops_known_overflow_top1():
     assert int(out.stats.dropped_tokens) == 2
     assert out.stats.tokens_per_expert.tolist() == [5, 1]
     keep = torch.tensor([[True], [True], [True], [False], [False], [True]])
-    torch.testing.assert_close(out.output, reference_moe(layer, x, keep=keep), atol=1e-6, rtol=1e-6)
+    assert torch.equal(kept_assignments(layer, x), keep)
+    torch.testing.assert_close(out.output, reference_output(layer, x), atol=1e-6, rtol=1e-6)
     assert torch.equal(out.output[3:5], torch.zeros(2, D))  # dropped: only the residual is left
     assert float(out.stats.activated_param_ratio) == pytest.approx(4 / 6 / 2)
     layer.eval()  # eval factor 2.0 -> capacity 6, nothing dropped
     out_eval = layer(x)
     assert int(out_eval.stats.dropped_tokens) == 0
-    torch.testing.assert_close(out_eval.output, reference_moe(layer, x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out_eval.output, reference_output(layer, x), atol=1e-6, rtol=1e-6)
 
 
 def test_capacity_serves_first_choices_before_second_choices():
@@ -54,7 +55,8 @@ def test_capacity_serves_first_choices_before_second_choices():
     assert int(out.stats.dropped_tokens) == 1
     keep = torch.ones(4, 2, dtype=torch.bool)
     keep[1, 1] = False
-    torch.testing.assert_close(out.output, reference_moe(layer, x, keep=keep), atol=1e-6, rtol=1e-6)
+    assert torch.equal(kept_assignments(layer, x), keep)
+    torch.testing.assert_close(out.output, reference_output(layer, x), atol=1e-6, rtol=1e-6)
 
 
 def test_plan_dispatch_orders_rows_by_expert():
@@ -80,7 +82,7 @@ def test_isolated_routing_keeps_modalities_on_their_experts():
     assert usage[TEXT, 2:].sum() == 0 and usage[TEXT, :2].sum() == pytest.approx(1.0)
     assert usage[IMAGE, :2].sum() == 0 and usage[VIDEO, :2].sum() == 0
     assert float(out.stats.overlap_rate) == 0.0
-    torch.testing.assert_close(out.output, reference_moe(layer, x, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.output, reference_output(layer, x, ids), atol=1e-5, rtol=1e-5)
     # load balance per group: E_g * sum f_e P_e over the group's tokens, weighted by token share
     probs = layer.router.route(out.router_logits, 2, ids).probs
     chosen = layer.router.route(out.router_logits, 2, ids).experts
@@ -111,7 +113,7 @@ def test_shared_experts_add_a_dense_path_for_every_token():
     x = torch.randn(9, D)
     out = layer(x).output
     assert layer.shared.fc.out_features == 24
-    routed_only = reference_moe(layer, x) - layer.shared(x)
+    routed_only = reference_output(layer, x) - layer.shared(x)
     torch.testing.assert_close(out - layer.shared(x), routed_only, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(out, routed_only)
 
@@ -136,7 +138,8 @@ def test_capacity_mode_gradients_match_reference_with_drops():
             if used[e] < cap:
                 keep[n, j], used[e] = True, used[e] + 1
     assert int(out.stats.dropped_tokens) == int((~keep).sum())
-    ref = reference_moe(layer, x, keep=keep)
+    assert torch.equal(kept_assignments(layer, x.detach()), keep)
+    ref = reference_output(layer, x)
     torch.testing.assert_close(out.output, ref, atol=1e-6, rtol=1e-5)
     params = [x, layer.router.weight, layer.experts.w1, layer.experts.b2]
     ours = torch.autograd.grad(out.output.pow(2).sum(), params)

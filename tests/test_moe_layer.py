@@ -1,4 +1,4 @@
-"""MoEFeedForward: dropless dispatch against a naive reference, gradients, losses, padding."""
+"""MoEFeedForward: dropless dispatch against the reference dispatch, gradients, losses, padding."""
 from __future__ import annotations
 
 import pytest
@@ -9,16 +9,7 @@ from ernie_vl.modality import IMAGE, TEXT, VIDEO
 from ernie_vl.moe import DenseMLP, MoEFeedForward, MoEOutput, RoutingStats
 from ernie_vl.moe.losses import load_balance_loss, router_orthogonal_loss, router_z_loss
 
-from _moe_reference import reference_moe
-
-
-def _layer(**kw) -> MoEFeedForward:
-    opts = dict(hidden=24, num_experts=4, top_k=2)
-    opts.update(kw)
-    layer = MoEFeedForward(16, **opts)
-    with torch.no_grad():  # larger router weights so routing is decisive
-        layer.router.weight.normal_(std=0.5)
-    return layer
+from _moe_helpers import reference_output, small_layer as _layer
 
 
 @pytest.mark.parametrize("expert_type,activation", [("mlp", "gelu"), ("mlp", "quick_gelu"), ("swiglu", "silu")])
@@ -27,7 +18,7 @@ def test_dropless_matches_reference_forward_and_backward(expert_type, activation
     x = torch.randn(40, 16, requires_grad=True)
     out = layer(x)
     assert isinstance(out, MoEOutput) and isinstance(out.stats, RoutingStats)
-    ref = reference_moe(layer, x)
+    ref = reference_output(layer, x)
     torch.testing.assert_close(out.output, ref, atol=1e-5, rtol=1e-5)
 
     g = torch.randn_like(ref)
@@ -43,7 +34,7 @@ def test_grad_through_grouped_mlp_without_bias_and_with_frozen_weights():
     layer.experts.w1.requires_grad_(False)
     x = torch.randn(12, 16, requires_grad=True)
     out = layer(x).output
-    ref = reference_moe(layer, x)
+    ref = reference_output(layer, x)
     gx, gw2 = torch.autograd.grad(out.sum(), [x, layer.experts.w2])
     rx, rw2 = torch.autograd.grad(ref.sum(), [x, layer.experts.w2])
     torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-4)
@@ -199,7 +190,7 @@ def test_idle_expert_gets_zero_gradient():
     x.requires_grad_(True)
     out = layer(x)
     assert int(out.stats.tokens_per_expert[3]) == 0
-    ref = reference_moe(layer, x)
+    ref = reference_output(layer, x)
     params = [x, layer.experts.w1, layer.experts.b1, layer.experts.w2, layer.experts.b2]
     ours = torch.autograd.grad(out.output.sum(), params)
     theirs = torch.autograd.grad(ref.sum(), params)
@@ -210,9 +201,9 @@ def test_idle_expert_gets_zero_gradient():
 
 @pytest.mark.parametrize("expert_type,activation", [("mlp", "gelu"), ("swiglu", "silu")])
 def test_chunked_inference_equals_training_path(monkeypatch, expert_type, activation):
-    import ernie_vl.moe.grouped as grouped
+    import ernie_vl.moe.kernels.fused as fused
 
-    monkeypatch.setattr(grouped, "INFERENCE_CHUNK_ROWS", 3)  # several chunks per expert
+    monkeypatch.setattr(fused, "INFERENCE_CHUNK_ROWS", 3)  # several chunks per expert
     layer = _layer(expert_type=expert_type, activation=activation)
     x = torch.randn(25, 16)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 
 from ernie_vl.modality import IMAGE, TEXT, VIDEO
 from ernie_vl.moe.router import Router
-from ernie_vl.moe.threaded import single_threaded
+from ernie_vl.moe.kernels.pool import single_threaded
 
 
 @pytest.mark.parametrize("isolated,temperature,top_k", [(False, 1.0, 2), (True, 1.0, 2), (False, 0.7, 3),

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ernie_vl.moe import MoEFeedForward
-from ernie_vl.moe.workspace import release_workspace, scratch, workspace_bytes
+from ernie_vl.moe.kernels.workspace import release_workspace, scratch, workspace_bytes
 
-from _moe_reference import reference_moe, small_layer as _layer
+from _moe_helpers import reference_output, small_layer as _layer
 
 
 def test_scratch_reuses_one_buffer_per_slot_and_grows_when_needed():
@@ -35,7 +35,7 @@ def test_repeated_inference_calls_do_not_grow_the_workspace():
         second = layer(x).output
     assert held > 0 and workspace_bytes() == held
     assert torch.equal(first, second)
-    torch.testing.assert_close(first, reference_moe(layer, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first, reference_output(layer, x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("expert_type,activation", [("mlp", "gelu"), ("swiglu", "silu")])
@@ -47,7 +47,7 @@ def test_forward_between_forward_and_backward_does_not_corrupt_gradients(expert_
     layer(x2).output.sum().backward()  # reuses every scratch slot before out1's backward
     params = [x1] + list(layer.experts.parameters()) + [layer.router.weight]
     ours = torch.autograd.grad((out1 * out1).sum(), params, retain_graph=True)
-    ref = reference_moe(layer, x1)
+    ref = reference_output(layer, x1)
     theirs = torch.autograd.grad((ref * ref).sum(), params)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -66,7 +66,7 @@ def test_training_after_an_inference_mode_call():
     out = layer(xg).output
     torch.testing.assert_close(out.detach(), fast, atol=1e-6, rtol=1e-6)
     gx, = torch.autograd.grad(out.sum(), [xg])
-    rx, = torch.autograd.grad(reference_moe(layer, xg).sum(), [xg])
+    rx, = torch.autograd.grad(reference_output(layer, xg).sum(), [xg])
     torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-4)
 
 

@@ -100,7 +100,7 @@ def test_activation_quantization_is_7_bit_with_exact_zero() -> None:
 @pytest.mark.parametrize("kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "silu", "quick_gelu"])
 def test_each_kernel_matches_float_with_its_activation(kernel, activation) -> None:
-    from ernie_vl.moe.grouped import activation_fn
+    from ernie_vl.moe.activation import activation_fn
 
     torch.manual_seed(0)
     linear = nn.Linear(96, 300)

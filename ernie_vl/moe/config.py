@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .activation import ACTIVATIONS
+
 EXPERT_TYPES = ("mlp", "swiglu")
-ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "silu")
 DISPATCH_MODES = ("dropless", "capacity")
 ROUTING_MODES = ("shared", "isolated", "groups")
 GROUP_FAMILIES = {"text": (0,), "vision": (1, 2), "image": (1,), "video": (2,)}  # name -> modality ids

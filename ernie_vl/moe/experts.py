@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grouped import activation_fn
+from .activation import activation_fn
 
 
 def _uniform_(t: torch.Tensor, fan_in: int) -> None:
@@ -55,7 +55,7 @@ class MLPExperts(nn.Module):
     """E GELU-style MLP experts stored as stacked tensors.
 
     w1 (E, H, D), b1 (E, H), w2 (E, D, H), b2 (E, D) — each expert in nn.Linear layout.
-    The fused kernels in :mod:`ernie_vl.moe.grouped` run them (``kind``, ``params()``);
+    The fused kernels in :mod:`ernie_vl.moe.kernels` run them (``kind``, ``params()``);
     ``expert(x, e)`` is a plain-autograd reference for one expert.
     """
 

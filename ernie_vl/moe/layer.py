@@ -1,4 +1,9 @@
-"""The MoE feed-forward layer: router -> sort-based dispatch -> stacked experts -> combine."""
+"""The MoE feed-forward layer: router -> sort-based dispatch -> stacked experts -> combine.
+
+The experts run on the layer's ``backend`` (:mod:`ernie_vl.moe.kernels.choose`). The spec is
+:func:`reference_dispatch` below: sort the assignments by expert, one product per expert, combine;
+every fast kernel under ``ernie_vl/moe/kernels/`` is tested against it, output and every gradient.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,13 +14,12 @@ from torch import nn
 
 from ..modality import NUM_MODALITIES, TEXT, is_visual
 from .config import MoEConfig
-from .dispatch import expert_capacity, plan_dispatch
+from .dispatch import DispatchPlan, expert_capacity, plan_dispatch
 from .experts import DenseMLP, DenseSwiGLU, MLPExperts, SwiGLUExperts
-from .grouped import moe_experts
+from .kernels import check_backend, choose_backend, run_experts, single_threaded
 from .losses import load_balance_from_counts, router_orthogonal_loss, router_z_loss_from_lse
 from .router import Router
 from .stats import RoutingStats, compute_routing_stats
-from .threaded import single_threaded
 
 
 def check_modality_ids(modality_ids: torch.Tensor) -> None:
@@ -25,6 +29,20 @@ def check_modality_ids(modality_ids: torch.Tensor) -> None:
     if modality_ids.numel() and (int(modality_ids.min()) < 0 or int(modality_ids.max()) >= NUM_MODALITIES):
         raise ValueError(f"modality_ids must be in [0, {NUM_MODALITIES}) (TEXT=0, IMAGE=1, VIDEO=2), "
                          f"got values in [{int(modality_ids.min())}, {int(modality_ids.max())}]")
+
+
+def reference_dispatch(experts: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """The spec of every expert kernel, in plain autograd ops.
+
+    tokens (N, D), weights (N, k) router weights of each token's k choices, ``plan`` from
+    :func:`~ernie_vl.moe.dispatch.plan_dispatch` -> (N, D): each token's weighted sum of its
+    kept experts' outputs (a dropped assignment adds nothing).
+    """
+    rows = tokens.index_select(0, plan.token_index)  # (M, D): the kept assignments, sorted by expert
+    outputs = [experts.expert(chunk, e) for e, chunk in enumerate(rows.split(plan.counts))]  # one product each
+    outputs.append(tokens.new_zeros(1, tokens.shape[1]))  # row M: what a dropped assignment gets
+    per_token = torch.cat(outputs).index_select(0, plan.inverse).view(*weights.shape, -1)  # (N, k, D)
+    return (weights.to(tokens.dtype).unsqueeze(-1) * per_token).sum(1)
 
 
 @dataclass
@@ -86,12 +104,16 @@ class MoEFeedForward(nn.Module):
         returns :class:`MoEOutput`.
 
     ``self.top_k`` is the k in use (an :class:`ExpertCurriculum` may change it);
-    ``self.temperature`` divides the router logits before the softmax (default 1).
+    ``self.temperature`` divides the router logits before the softmax (default 1);
+    ``self.backend`` (constructor ``backend=``, default ``"auto"``) is the expert kernel:
+    ``"auto"`` | ``"reference"`` | ``"loop"`` | ``"threads"`` | ``"openblas"``
+    (:mod:`ernie_vl.moe.kernels.choose`); a run-time choice, not part of the config.
     """
 
     def __init__(self, d_model: int, hidden: int = 2048, num_experts: int = 8, top_k: int = 2,
-                 **options: Any) -> None:
+                 backend: str = "auto", **options: Any) -> None:
         super().__init__()
+        self.backend = backend
         try:
             cfg = MoEConfig(hidden=hidden, num_experts=num_experts, top_k=top_k, **options)
         except TypeError as err:
@@ -122,6 +144,18 @@ class MoEFeedForward(nn.Module):
             shared_hidden = cfg.num_shared_experts * cfg.hidden
             self.shared = (DenseSwiGLU(d_model, shared_hidden, act) if cfg.expert_type == "swiglu"
                            else DenseMLP(d_model, shared_hidden, act, cfg.bias))
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = check_backend(name)
+
+    def expert_backend(self, tokens: torch.Tensor, counts: list[int]) -> str:
+        """The backend this layer's experts run on for ``tokens`` with per-expert row ``counts``."""
+        return choose_backend(self.backend, tokens, counts).name
 
     @classmethod
     def from_config(cls, d_model: int, cfg: MoEConfig) -> "MoEFeedForward":
@@ -210,8 +244,12 @@ class MoEFeedForward(nn.Module):
         r = self.route_tokens(x, modality_ids, mask)
         tokens, ids_r, decision, plan = r.tokens, r.modality_ids, r.decision, r.plan
         experts = self.experts
-        y = moe_experts(tokens, decision.weights, plan.order, plan.token_index, plan.inverse, plan.counts,
-                        experts.kind, experts.activation, experts.params())
+        backend = self.expert_backend(tokens, plan.counts)
+        if backend == "reference":
+            y = reference_dispatch(experts, tokens, decision.weights, plan)
+        else:
+            y = run_experts(backend, tokens, decision.weights, plan.order, plan.token_index, plan.inverse,
+                            plan.counts, experts.kind, experts.activation, experts.params())
         y = r.scatter_back(y + self.shared(tokens) if self.shared is not None else y)
 
         return self._with_routing_terms(r, y.view(x.shape))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..modality import is_visual
-from .threaded import single_threaded
+from .kernels.pool import single_threaded
 
 
 @dataclass
