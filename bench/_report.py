@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ernie_vl import runtime  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-#: ISA features worth naming for our kernels (BLAS, int8 and bf16 engines).
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
-             "amx_int8", "amx_bf16", "asimd", "sve")
-
 
 @dataclass
 class Verdict:
@@ -57,27 +57,10 @@ class Machine:
                 f"torch {self.torch}, BLAS {self.blas}; {load}.")
 
 
-def _cpuinfo() -> tuple[str, str, set[str]]:
-    model, vendor, flags = platform.processor() or platform.machine(), "unknown", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return model, vendor, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if key == "model name" and value:
-            model = value
-        elif key == "vendor_id" and value:
-            vendor = value
-        elif key in ("flags", "Features") and value:
-            flags = set(value.split())
-    return model, vendor, flags
-
-
 def machine(load_before: float | None = None) -> Machine:
-    """Facts of the running machine (CPU model, vendor, ISA flags, torch and its BLAS, load)."""
-    model, vendor, flags = _cpuinfo()
+    """Facts of the running machine (CPU model, vendor, ISA flags, torch and its BLAS, load), read by
+    :mod:`ernie_vl.runtime` (the same facts the toolkit's kernel choices use)."""
+    cpu = runtime.cpu_info()
     torch_version, blas = "", ""
     if "torch" in sys.modules or _importable("torch"):
         import torch
@@ -86,7 +69,7 @@ def machine(load_before: float | None = None) -> Machine:
         blas = "MKL" if torch.backends.mkl.is_available() else "not MKL"
         if torch.backends.mkldnn.is_available():
             blas += " + oneDNN"
-    return Machine(cpu=model, vendor=vendor, isa=[f for f in ISA_FLAGS if f in flags], cores=os.cpu_count() or 1,
+    return Machine(cpu=cpu.model, vendor=cpu.vendor or "unknown", isa=list(cpu.isa), cores=os.cpu_count() or 1,
                    torch=torch_version, blas=blas,
                    load_before=os.getloadavg()[0] if load_before is None else load_before,
                    load_after=os.getloadavg()[0])

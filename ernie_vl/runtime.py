@@ -19,7 +19,7 @@ from typing import Any
 
 #: ISA flags (``/proc/cpuinfo`` names) the toolkit's kernels care about, in report order
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-             "amx_tile", "amx_int8", "amx_bf16")
+             "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ernie_vl.moe import MoEFeedForward
+from ernie_vl.moe.router import Router
 
 
 def small_layer(**kw) -> MoEFeedForward:
@@ -12,7 +13,8 @@ def small_layer(**kw) -> MoEFeedForward:
     opts.update(kw)
     layer = MoEFeedForward(16, **opts)
     with torch.no_grad():
-        layer.router.weight.normal_(std=0.5)
+        for router in (m for m in layer.modules() if isinstance(m, Router)):  # every group's router too
+            router.weight.normal_(std=0.5)
     return layer
 
 

@@ -144,3 +144,21 @@ def test_layers():
     assert layer_of("ernie_vl.data.sources") == "training"
     assert layer_of("ernie_vl.app.serve.app") == "app"
     assert layer_of("video.decode") == "video"
+
+
+# leaves of the core: what they may import from the project (DESIGN.md: kernels as leaves under moe/kernels/)
+LEAVES = {
+    "ernie_vl.moe.kernels": ("ernie_vl.moe.kernels", "ernie_vl.moe.activation", "ernie_vl.runtime"),
+    "ernie_vl.runtime": (),
+    "ernie_vl.moe.activation": (),
+}
+
+
+@pytest.mark.parametrize("leaf", sorted(LEAVES))
+def test_leaves_import_only_downward(leaf):
+    allowed = LEAVES[leaf]
+    files = [p for p in SOURCES if _is_under(module_name(p), leaf)]
+    assert files, leaf
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p in files for line, name in imported_modules(p)
+           if name.split(".")[0] in PACKAGES and name != "ernie_vl" and not any(_is_under(name, a) for a in allowed)]
+    assert not bad, f"{leaf} may import only {allowed or 'nothing'} from the project:\n" + "\n".join(bad)

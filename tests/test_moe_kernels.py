@@ -40,6 +40,8 @@ CASES = [
     dict(expert_type="swiglu", activation="silu"),
     dict(expert_type="mlp", activation="gelu", dispatch="capacity", capacity_factor=0.5),
     dict(expert_type="swiglu", activation="silu", routing="isolated"),
+    dict(expert_type="swiglu", activation="silu", routing="groups", group_experts=(4, 3), group_hidden=(24, 8),
+         num_shared_experts=1, score_bias=True, norm_min=0.5),
 ]
 
 
@@ -51,7 +53,7 @@ def test_kernel_matches_the_reference_output_and_every_gradient(backend, threads
     layer = _layer(**opts)
     layer.train()
     x = torch.randn(37, 16)
-    ids = torch.tensor([TEXT, IMAGE] * 18 + [TEXT]) if opts.get("routing") == "isolated" else None
+    ids = torch.tensor([TEXT, IMAGE] * 18 + [TEXT]) if opts.get("routing") in ("isolated", "groups") else None
     mask = torch.ones(37, dtype=torch.bool)
     mask[[3, 20]] = False  # padding: not routed, output 0, no gradient
     ref_out, ref_grads = _run(layer, x, "reference", threads, ids, mask)
@@ -59,6 +61,10 @@ def test_kernel_matches_the_reference_output_and_every_gradient(backend, threads
     if opts.get("dispatch") == "capacity":
         assert int(layer(x, ids, mask).stats.dropped_tokens) > 0  # the dropped-row sentinel is exercised
     assert torch.equal(out[[3, 20]], torch.zeros(2, 16))
+    if opts.get("routing") == "groups":  # the backend reaches every group's sub-layer
+        layer.backend = backend
+        assert [g.backend for g in layer.groups] == [backend] * 2
+        layer.backend = "auto"
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     assert len(grads) == len(ref_grads) == 1 + len(list(layer.parameters()))
     for a, b in zip(grads, ref_grads):

@@ -113,6 +113,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, d_model: int, hidden: int = 2048, num_experts: int = 8, top_k: int = 2,
                  backend: str = "auto", **options: Any) -> None:
         super().__init__()
+        self.groups: nn.ModuleList | None = None
         self.backend = backend
         try:
             cfg = MoEConfig(hidden=hidden, num_experts=num_experts, top_k=top_k, **options)
@@ -126,11 +127,11 @@ class MoEFeedForward(nn.Module):
         self.temperature = 1.0
         act = cfg.activation
         assert act is not None
-        self.groups: nn.ModuleList | None = None
         if cfg.routing == "groups":  # per-family sub-layers own the routers and experts
             from .groups import build_groups
 
             self.router, self.experts, self.groups = None, None, build_groups(d_model, cfg)
+            self.backend = backend  # the sub-layers run on it too
         else:
             text_experts = cfg.num_text_experts if cfg.routing == "isolated" else None
             self.router = Router(d_model, cfg.num_experts, cfg.router_jitter, text_experts, cfg.score_bias,
@@ -152,6 +153,8 @@ class MoEFeedForward(nn.Module):
     @backend.setter
     def backend(self, name: str) -> None:
         self._backend = check_backend(name)
+        for sub in self.groups or ():
+            sub.backend = name
 
     def expert_backend(self, tokens: torch.Tensor, counts: list[int]) -> str:
         """The backend this layer's experts run on for ``tokens`` with per-expert row ``counts``."""
