@@ -24,6 +24,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "search",
     "eval_retrieval",
     "serve",
+    "env",
 )
 
 

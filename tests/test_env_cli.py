@@ -1,0 +1,38 @@
+"""``ernie-vl env``: machine facts and the kernel choices the toolkit makes here, as text and JSON."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ernie_vl import runtime
+from ernie_vl.app.cli import main
+from ernie_vl.moe.kernels.choose import choose_backend
+
+
+def test_env_json_names_the_machine_and_every_choice(capsys):
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    m, c = env["machine"], env["choices"]
+    assert m["cpu_model"] == runtime.cpu_info().model and m["cpu_vendor"] == runtime.cpu_info().vendor
+    for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"):
+        assert m["isa"][flag] is runtime.has_isa(flag)
+    assert m["torch_blas"] == runtime.torch_blas() and m["threads"]["torch_intra_op"] == torch.get_num_threads()
+    # the MoE choice is the one a call makes: asked of the same rule, it agrees
+    expected = choose_backend("auto", torch.empty(4096, 512), [1024] * 8).name
+    assert c["moe"][f"{torch.get_num_threads()}_threads"]["backend"] == expected
+    assert c["moe"]["1_threads"]["backend"] in ("loop", "openblas")
+    assert set(c["int8"]) >= {"available", "policy"} or "error" in c["int8"]
+    for name in ("long_gop", "short_gop"):
+        assert c["video_decode"][name]["threads"] >= 1 and c["video_decode"][name]["reason"]
+    assert c["video_decode"]["short_gop"]["threads"] == 1  # short runs never pay for decoder threads
+    assert c["search"]["auto_kind_below_threshold"] == "flat" and c["search"]["auto_kind_from_threshold"] == "hnsw"
+    assert torch.get_num_threads() == m["threads"]["torch_intra_op"]  # asking changed nothing
+
+
+def test_env_text_is_readable(capsys):
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("cpu:") and runtime.cpu_info().model in text
+    assert "MoE experts, 1 thread:" in text and "int8 engine" in text and "video decode threads" in text
+    assert "search index kind auto: flat below" in text
