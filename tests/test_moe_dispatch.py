@@ -155,3 +155,5 @@ def test_mixed_dtype_input_runs_in_the_expert_dtype():
     assert out.dtype == torch.bfloat16
     ref = layer(x.to(torch.bfloat16).float()).output.to(torch.bfloat16)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert reference_output(layer, x.to(torch.bfloat16)).dtype == torch.bfloat16  # the spec casts the same way
+    torch.testing.assert_close(reference_output(layer, x.to(torch.bfloat16)), ref, atol=1e-2, rtol=1e-2)

@@ -191,3 +191,17 @@ def test_inference_mode_reaches_the_workers():
     torch.testing.assert_close(fast, reference_output(layer, x).detach(), atol=1e-5, rtol=1e-5)
     assert pool.in_worker() is False
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_cuda_runs_the_reference_and_every_kernel_agrees():
+    layer = _layer().cuda()
+    x = torch.randn(64, 16, device="cuda")
+    plan = layer.route_tokens(x, None, None).plan
+    assert layer.expert_backend(x, plan.counts) == "reference"
+    ref_out, ref_grads = _run(layer, x, "reference", torch.get_num_threads())
+    for backend in ("loop", "threads"):
+        out, grads = _run(layer, x, backend, torch.get_num_threads())
+        torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

@@ -36,13 +36,14 @@ def reference_dispatch(experts: nn.Module, tokens: torch.Tensor, weights: torch.
 
     tokens (N, D), weights (N, k) router weights of each token's k choices, ``plan`` from
     :func:`~ernie_vl.moe.dispatch.plan_dispatch` -> (N, D): each token's weighted sum of its
-    kept experts' outputs (a dropped assignment adds nothing).
+    kept experts' outputs (a dropped assignment adds nothing), computed in the experts' dtype.
     """
-    rows = tokens.index_select(0, plan.token_index)  # (M, D): the kept assignments, sorted by expert
+    x = tokens.to(experts.params()[0].dtype)
+    rows = x.index_select(0, plan.token_index)  # (M, D): the kept assignments, sorted by expert
     outputs = [experts.expert(chunk, e) for e, chunk in enumerate(rows.split(plan.counts))]  # one product each
-    outputs.append(tokens.new_zeros(1, tokens.shape[1]))  # row M: what a dropped assignment gets
+    outputs.append(x.new_zeros(1, x.shape[1]))  # row M: what a dropped assignment gets
     per_token = torch.cat(outputs).index_select(0, plan.inverse).view(*weights.shape, -1)  # (N, k, D)
-    return (weights.to(tokens.dtype).unsqueeze(-1) * per_token).sum(1)
+    return (weights.to(x.dtype).unsqueeze(-1) * per_token).sum(1).to(tokens.dtype)
 
 
 @dataclass
