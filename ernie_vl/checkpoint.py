@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ernie_vl.config import ErnieVLConfig
-from ernie_vl.limits import check_param_budget
 
 if TYPE_CHECKING:
     from ernie_vl.model import ErnieVL
@@ -174,10 +173,9 @@ def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_loca
     warning names both and the computed one is used.
     """
     cfg = read_config(directory)
-    check_param_budget(cfg, max_params)
+    model = cls(cfg, max_params=max_params)  # validates the config and checks the budget before building
     path = Path(directory) / WEIGHTS_NAME
     tensors, metadata = load_tensors(path)
-    model = cls(cfg, max_params=max_params)
     if metadata.get("quantization"):
         from ernie_vl.quantize import prepare_quantized
 

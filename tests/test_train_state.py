@@ -39,7 +39,8 @@ def _write_exploit(path, marker) -> None:
 
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and  # bitwise: NaN too
+                torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
     if isinstance(a, np.random.RandomState):
@@ -233,3 +234,39 @@ def test_truncate_log_keeps_steps_up_to_the_checkpoint(tmp_path):
     assert ckpt.truncate_log(path, 2) == 3
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert ckpt.truncate_log(path, 5) == 0 and ckpt.logged_steps(path) == 2
+
+
+def test_a_legacy_state_you_wrote_converts_and_resumes(data, tmp_path):
+    from ernie_vl.train.legacy_state import main as convert
+
+    run = tmp_path / "run"
+    train(tiny_config(data, run, max_steps=6, checkpoint_minutes=0), stop_after=3)
+    state = ckpt.load_training_state(run)
+    state["meter"] = {"rng": np.random.RandomState(1), "iter": 3}  # what a PowerSGD run also held
+    torch.save(state, run / ckpt.LEGACY_CHECKPOINT_NAME)  # exactly what earlier versions wrote
+    (run / ckpt.CHECKPOINT_NAME).unlink()
+    with pytest.raises(ckpt.LegacyStateError, match="python -m ernie_vl.train.legacy_state"):
+        train(tiny_config(data, run, max_steps=6, resume=True))
+    assert convert([str(run)]) == 0
+    assert (run / "train_state.pt.converted").is_file() and not (run / ckpt.LEGACY_CHECKPOINT_NAME).exists()
+    assert _same(ckpt.load_training_state(run), state)
+    result = train(tiny_config(data, run, max_steps=6, resume=True))
+    assert result.steps == 6 and [r["step"] for r in read_log(run)] == list(range(1, 7))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_the_legacy_converter_refuses_a_crafted_pickle(tmp_path, capsys):
+    from ernie_vl.train.legacy_state import main as convert
+
+    marker = tmp_path / "exploit-ran"
+    _write_exploit(tmp_path / ckpt.LEGACY_CHECKPOINT_NAME, marker)
+    assert convert([str(tmp_path)]) == 2
+    assert "refused by the restricted unpickler" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / ckpt.CHECKPOINT_NAME).exists()
+
+
+def test_a_fresh_run_over_a_saved_state_warns(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, max_steps=2))
+    with pytest.warns(UserWarning, match="starts over from step 0 and will replace"):
+        train(tiny_config(data, run, max_steps=2))

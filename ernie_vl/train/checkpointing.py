@@ -84,8 +84,9 @@ def save_training_state(directory: str | Path, state: dict[str, Any]) -> Path:
 def legacy_message(path: Path) -> str:
     return (f"{str(path)!r} is a training state in the old pickle format; it is not loaded, because "
             f"unpickling a file can run any code in it (run folders are shared like any download). "
-            f"Resume needs {CHECKPOINT_NAME}, which this version writes. Start the run again in a new --out "
-            f"(or delete {path.name} to train afresh in this folder)")
+            f"Resume needs {CHECKPOINT_NAME}, which this version writes. If you wrote this file yourself, convert "
+            f"it: python -m ernie_vl.train.legacy_state {str(path.parent)!r} (PyTorch's restricted unpickler with "
+            f"an allow-list); otherwise start the run again in a new --out")
 
 
 def has_training_state(directory: str | Path) -> bool:
@@ -99,6 +100,11 @@ def has_training_state(directory: str | Path) -> bool:
     return False
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor may point into a neighbour's storage as read; give it its own (torch.save refuses shared)."""
+    return torch.empty(t.shape, dtype=t.dtype) if t.numel() == 0 else t
+
+
 def load_training_state(directory: str | Path) -> dict[str, Any]:
     """The state saved by :func:`save_training_state` (safetensors and JSON only; nothing unpickled)."""
     from safetensors import safe_open
@@ -110,7 +116,7 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: _own_storage(f.get_tensor(name)) for name in f.keys()}
     except Exception as err:  # truncated / not a safetensors file
         raise ValueError(f"training checkpoint {str(path)!r} cannot be read as safetensors "
                          f"({type(err).__name__}: {err})") from None

@@ -143,6 +143,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
         resumed = self._resume() if cfg.resume else False
+        if not cfg.resume and self.ctx.is_main and (self.out / ckpt.CHECKPOINT_NAME).is_file():
+            warnings.warn(f"{str(self.out)!r} holds a training state that this run (without --resume) starts "
+                          f"over from step 0 and will replace; pass --resume to continue it", stacklevel=3)
         # each rank its own stream for dropout / router jitter, restored exactly on resume
         if not resumed:
             torch.manual_seed(cfg.seed * 1000 + self.ctx.rank)
