@@ -2,10 +2,10 @@
 
 Eight motion classes drawn differently: 16 frames at 64x64; other shapes (L-block, pie
 slice, trapezoid, arrowhead, hexagon with a notch: none is symmetric under rotation),
-sizes 0.09-0.2 of the side, random speeds (travel 25-55% of the side, rotation 6-18 degrees
-per frame, radius change 25-60%), a random background per clip (two-colour gradient,
-stripes or speckle), and a static distractor object of another colour somewhere in the
-frame. ``ROOT/{train,val}/<class>/*.mp4`` plus ``prompts.json`` and ``augment.json`` (the
+radius 0.11-0.26 of the side, random speeds (travel 35-60% of the side, rotation 8-20 degrees
+per frame, radius change 60-100% over the clip), a random background per clip (gradient,
+stripes or speckle in two nearby colours), and a static distractor object (disc or square,
+radius 0.05-0.1) of another colour somewhere in the frame. ``ROOT/{train,val}/<class>/*.mp4`` plus ``prompts.json`` and ``augment.json`` (the
 flip and reversal partners of these classes) in each split.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ AUGMENT = {"hflip": {"move_left": "move_right", "rotate_cw": "rotate_acw"},
                        "grow": "shrink"}}
 SHAPES = ("lblock", "pie", "trapezoid", "arrowhead", "notched_hexagon")
 FRAMES, SIZE, SUPER = 16, 64, 3
+VERSION = 2  # of the drawing parameters; data folders carry it so clips of two versions never mix
 _SPLITS = {"train": 10, "val": 11}
 
 
@@ -58,7 +59,8 @@ def _outline(shape: str) -> np.ndarray:
 def _background(rng: np.random.Generator) -> np.ndarray:
     """(SIZE*SUPER, SIZE*SUPER, 3) float background: gradient, stripes or speckle in two random colours."""
     n = SIZE * SUPER
-    a, b = rng.uniform(0, 160, 3), rng.uniform(60, 255, 3)
+    a = rng.uniform(30, 225, 3)
+    b = (a + rng.uniform(-70, 70, 3)).clip(0, 255)  # a soft second colour: texture, not clutter
     kind = int(rng.integers(3))
     yy, xx = np.mgrid[0:n, 0:n] / n
     if kind == 0:
@@ -93,22 +95,22 @@ def clip_frames(rng: np.random.Generator, action: str) -> np.ndarray:
     shape = _outline(SHAPES[int(rng.integers(len(SHAPES)))])
     colour = _colour(rng, bg.mean((0, 1)))
     t = np.arange(FRAMES) - (FRAMES - 1) / 2.0
-    r = np.full(FRAMES, rng.uniform(0.09, 0.2))
+    r = np.full(FRAMES, rng.uniform(0.18, 0.26))
     angle = np.full(FRAMES, rng.uniform(0, 2 * math.pi))
     cx, cy = np.full(FRAMES, rng.uniform(0.3, 0.7)), np.full(FRAMES, rng.uniform(0.3, 0.7))
     if action.startswith("move"):
-        travel = rng.uniform(0.25, 0.55)
-        r[:] = rng.uniform(0.08, 0.14)
+        travel = rng.uniform(0.35, 0.6)
+        r[:] = rng.uniform(0.11, 0.16)
         dx, dy = {"move_left": (-1, 0), "move_right": (1, 0), "move_up": (0, -1), "move_down": (0, 1)}[action]
         lo, hi = 0.12 + travel / 2, 0.88 - travel / 2
         cx = (rng.uniform(lo, hi) if dx else rng.uniform(0.2, 0.8)) + dx * travel * t / (FRAMES - 1)
         cy = (rng.uniform(lo, hi) if dy else rng.uniform(0.2, 0.8)) + dy * travel * t / (FRAMES - 1)
     elif action.startswith("rotate"):
-        omega = math.radians(rng.uniform(6, 18))
+        omega = math.radians(rng.uniform(8, 20))
         angle = angle + (1 if action == "rotate_cw" else -1) * omega * t  # image y points down: + is clockwise
     else:
-        change = rng.uniform(0.25, 0.6)  # of the mean radius over the clip
-        base = rng.uniform(0.13, 0.19)
+        change = rng.uniform(0.6, 1.0)  # of the mean radius over the clip
+        base = rng.uniform(0.14, 0.2)
         r = base * (1 + (1 if action == "grow" else -1) * change * t / (FRAMES - 1))
     # a static distractor: a disc or a square of another colour, away from the centre of the action
     d_colour = _colour(rng, np.asarray(colour, dtype=np.float64))

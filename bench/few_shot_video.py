@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _motion_clips import make_clips  # noqa: E402
+from _motion_clips import VERSION, make_clips  # noqa: E402
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
 
 NAME = "few_shot_video"
@@ -58,7 +58,7 @@ def run_row(clips: int, variant: str, seed: int, args) -> dict:
     from ernie_vl.train import TrainConfig
     from ernie_vl.train.trainer import Trainer
 
-    data = make_clips(Path(args.work) / f"data_{clips}", clips)
+    data = make_clips(Path(args.work) / f"data_{clips}_v{VERSION}", clips)
     overrides, extra = VARIANTS[variant]
     out = Path(args.work) / f"{clips}_{variant}_{seed}"
     kw = dict(out=str(out), model="tiny", model_overrides=overrides, videos=[str(data["train"])],
