@@ -20,6 +20,8 @@ SUBCOMMANDS: tuple[str, ...] = (
     "evaluate",
     "classify",
     "eval_video",
+    "eval_zeroshot",
+    "linear_probe",
     "index",
     "search",
     "eval_retrieval",
