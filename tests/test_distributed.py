@@ -38,7 +38,8 @@ def _spawn(cfg, world=2):
 def test_two_gloo_processes_match_one_process(data, tmp_path):
     # aux loss off: the MoE load-balancing loss is computed per rank on the local tokens, so with it
     # the two runs differ by design; everything else (gathered contrastive loss, mean CE) is global
-    common = dict(max_steps=STEPS, model_overrides={"loss": {"aux_weight": 0.0}})
+    # the few-shot recipe off: its drop-path and jitter draw per rank, which no 2-process run can match
+    common = dict(max_steps=STEPS, recipe="off", model_overrides={"loss": {"aux_weight": 0.0}})
     single = train(tiny_config(data, tmp_path / "one", **common))
     _spawn(tiny_config(data, tmp_path / "two", **common))
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
