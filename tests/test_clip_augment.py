@@ -10,7 +10,7 @@ from ernie_vl.data.clip_augment import ClipAugmentConfig, ClipAugmenter, declare
 from ernie_vl.data.mixing import MixedSource, StepMix
 from ernie_vl.data.sources import Normaliser
 from ernie_vl.losses import classification_loss
-from video.clip_mixing import mix_clips, one_hot, temporal_indices
+from video.clip_mixing import crop_resize, mix_clips, one_hot, random_crop_boxes, temporal_indices
 from video.label_maps import LabelMaps, apply_plan, load_label_maps, parse_map
 
 CLASSES = ["move_left", "move_right", "grow", "shrink", "rotate_cw", "rotate_acw", "fall", "wave"]
@@ -142,6 +142,23 @@ def test_temporal_indices_centres_jitter_and_speed():
     assert slow.min(1).values.unique().numel() > 3  # starting anywhere the span fits
     with pytest.raises(ValueError, match="speed"):
         temporal_indices(16, 8, 1, speed=(0.0, 1.0))
+
+
+def test_random_resized_crops_stay_inside_and_resample_exactly():
+    boxes = random_crop_boxes(500, 0.5, torch.Generator().manual_seed(0))
+    cx, cy, w, h = boxes.unbind(1)
+    area = w * h
+    assert (area >= 0.5 - 1e-9).all() and (area <= 1 + 1e-9).all()
+    assert ((cx - w >= -1 - 1e-9) & (cx + w <= 1 + 1e-9) & (cy - h >= -1 - 1e-9) & (cy + h <= 1 + 1e-9)).all()
+    ramp = torch.arange(16, dtype=torch.float64).expand(2, 3, 3, 16, 16).contiguous()  # value = column index
+    same = crop_resize(ramp, torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(same, ramp)
+    left = crop_resize(ramp, torch.tensor([[-0.5, 0.0, 0.5, 1.0]] * 2, dtype=torch.float64))
+    # output column j samples input column ((j + 0.5) / 16) * 8 - 0.5: the left half stretched
+    want = ((torch.arange(16, dtype=torch.float64) + 0.5) / 16 * 8 - 0.5).clamp(min=0)
+    torch.testing.assert_close(left[0, 0, 0], want.expand(16, 16))
+    with pytest.raises(ValueError, match="min_area"):
+        random_crop_boxes(2, 0.0)
 
 
 def test_mixup_blends_clips_and_targets_by_one_weight():

@@ -7,6 +7,8 @@ than the model takes) still gets a new temporal view every step:
   TSN-style (equal segments, a random offset in each: temporal jitter) over a random span of
   the clip (frame-rate jitter: a span fraction ``s`` in ``speed`` plays the action 1/s times
   slower, starting anywhere the span fits). Without jitter: segment centres of the whole clip.
+- :func:`random_crop_boxes` / :func:`crop_resize`: a random resized crop per clip (the same box in
+  every frame), batched with ``grid_sample``;
 - :func:`mix_clips`: mixup (whole clips blended) or cutmix (one box pasted into every
   frame of a partner clip), with soft targets mixed by the same weight.
 
@@ -82,3 +84,33 @@ def mix_clips(clips: torch.Tensor, targets: torch.Tensor, mixup_alpha: float = 0
     else:
         mixed = clips * lam + partner * (1.0 - lam)
     return mixed, targets * lam + targets.flip(0) * (1.0 - lam), lam
+
+
+def random_crop_boxes(batch: int, min_area: float, generator: torch.Generator | None = None,
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """(batch, 4) boxes (cx, cy, w, h) in [-1, 1] frame coordinates: area fraction in [min_area, 1], aspect in
+    ``ratio``, inside the frame."""
+    if not 0.0 < min_area <= 1.0:
+        raise ValueError(f"min_area must be in (0, 1], got {min_area!r}")
+    u = torch.rand(4, batch, generator=generator, dtype=torch.float64)
+    area = min_area + (1.0 - min_area) * u[0]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
+    w = torch.sqrt(area * aspect).clamp(max=1.0)
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (1.0 - w) * (2 * u[2] - 1)
+    cy = (1.0 - h) * (2 * u[3] - 1)
+    return torch.stack([cx, cy, w, h], 1)
+
+
+def crop_resize(clips: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each clip of float (B,T,C,H,W) cropped to its box (from :func:`random_crop_boxes`; the same box in every
+    frame) and resized back to H x W (bilinear)."""
+    b, t, c, h, w = clips.shape
+    theta = torch.zeros(b, 2, 3, dtype=clips.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = boxes[:, 2].to(clips.dtype), boxes[:, 3].to(clips.dtype)
+    theta[:, 0, 2], theta[:, 1, 2] = boxes[:, 0].to(clips.dtype), boxes[:, 1].to(clips.dtype)
+    grid = torch.nn.functional.affine_grid(theta, (b, c, h, w), align_corners=False)
+    flat = clips.reshape(b, t * c, h, w)
+    out = torch.nn.functional.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(b, t, c, h, w)

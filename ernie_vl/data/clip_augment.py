@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from video.clip_mixing import mix_clips, one_hot, temporal_indices
+from video.clip_mixing import crop_resize, mix_clips, one_hot, random_crop_boxes, temporal_indices
 from video.label_maps import LabelMaps, apply_plan, load_label_maps
 
 
@@ -25,7 +25,8 @@ class ClipAugmentConfig:
     ``maps``: declared flip / reversal maps (None: no flips or reversals); ``p_hflip`` /
     ``p_reverse``: their probabilities. ``temporal_jitter``: TSN random offsets over the
     cached frames; ``speed_min`` < 1: frame-rate jitter (a random span of ``speed_min``..1 of
-    the clip). ``mixup`` / ``cutmix``: Beta alphas (0 = off).
+    the clip). ``crop_min_area`` < 1: a random resized crop per clip covering at least that share
+    of the frame. ``mixup`` / ``cutmix``: Beta alphas (0 = off).
     """
 
     maps: Optional[LabelMaps] = None
@@ -33,6 +34,7 @@ class ClipAugmentConfig:
     p_reverse: float = 0.5
     temporal_jitter: bool = False
     speed_min: float = 1.0
+    crop_min_area: float = 1.0
     mixup: float = 0.0
     cutmix: float = 0.0
 
@@ -50,6 +52,7 @@ class AugmentDraw:
     reverse: torch.Tensor
     labels: torch.Tensor
     frames: Optional[torch.Tensor] = None
+    boxes: Optional[torch.Tensor] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,7 +79,10 @@ class ClipAugmenter:
         if available != self.num_frames or self.cfg.needs_extra_frames:
             frames = temporal_indices(available, self.num_frames, labels.shape[0], self.generator,
                                       jitter=self.cfg.temporal_jitter, speed=(self.cfg.speed_min, 1.0))
-        return AugmentDraw(flip, reverse, new, frames)
+        boxes = None
+        if self.cfg.crop_min_area < 1.0:
+            boxes = random_crop_boxes(labels.shape[0], self.cfg.crop_min_area, self.generator)
+        return AugmentDraw(flip, reverse, new, frames, boxes)
 
     def pixels(self, clips: torch.Tensor, draw: AugmentDraw, local: slice) -> torch.Tensor:
         """This rank's clips (B_local, T_stored, ...) with the draw's frames, flips and reversals applied."""
@@ -84,6 +90,12 @@ class ClipAugmenter:
             idx = draw.frames[local]
             clips = clips[torch.arange(clips.shape[0])[:, None], idx]
         return apply_plan(clips, draw.flip[local], draw.reverse[local])
+
+    def spatial(self, clips: torch.Tensor, draw: AugmentDraw, local: slice) -> torch.Tensor:
+        """This rank's float clips with the draw's random resized crops (unchanged without crops)."""
+        if draw.boxes is None:
+            return clips
+        return crop_resize(clips, draw.boxes[local])
 
     def mix(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Mixup / cutmix of a float batch -> (clips, soft targets (B,K), partner_dominant).
@@ -100,6 +112,7 @@ class ClipAugmenter:
         """What this augmentation does, for the run log."""
         cfg = self.cfg
         return {**self.maps.summary(), "temporal_jitter": cfg.temporal_jitter,
+                "crop_min_area": cfg.crop_min_area if cfg.crop_min_area < 1 else "off",
                 "speed_span": [cfg.speed_min, 1.0] if cfg.speed_min < 1 else "off",
                 "mixup": cfg.mixup or "off", "cutmix": cfg.cutmix or "off"}
 

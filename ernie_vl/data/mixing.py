@@ -86,11 +86,14 @@ class MixedSource:
             if self.augmenter is not None:  # choices for the global batch, pixels for this rank's slice
                 draw = self.augmenter.draw(labels, clips.shape[1])
                 labels, clips = draw.labels, self.augmenter.pixels(clips, draw, local)
+            floats = self.videos.norm.to_float(clips)
+            if self.augmenter is not None:
+                floats = self.augmenter.spatial(floats, draw, local)
             texts = None
             if self.video_text:
                 # prompts are drawn for the whole global batch so every rank's generator stays in step
                 texts = pick_prompts(self.videos.prompt_tokens, labels, self.prompt_generator)[local]
-            fields.update(augmented_video_fields(self.augmenter, self.videos.norm.to_float(clips), labels[local],
+            fields.update(augmented_video_fields(self.augmenter, floats, labels[local],
                                                  texts))
         return DrawnStep(ErnieVLBatch(**fields), pair_ids, video_ids)
 

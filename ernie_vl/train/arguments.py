@@ -14,7 +14,7 @@ _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos"
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
            "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps",
            "hard_negative_share", "hard_negative_group", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix",
-           "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init")
+           "crop_min_area", "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +61,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed-min", type=float, default=None,
                    help="frame-rate jitter: each clip plays a random span of SPEED_MIN..1 of its length (1 = off; "
                         "default: the recipe's choice)")
+    p.add_argument("--crop-min-area", type=float, default=None,
+                   help="random resized crops covering at least this share of the frame (1 = off; default: recipe)")
     p.add_argument("--recipe", choices=("auto", "off"), default="auto",
                    help="auto: pick augmentation, regularisation, EMA and length from the clips per class (the "
                         "choices go to OUT/setup.json and the first log record); off: plain defaults")

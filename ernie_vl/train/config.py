@@ -40,9 +40,10 @@ class TrainConfig:
     ``no_hflip`` / ``no_reverse`` here (a field given here replaces the file's entry; nothing declared:
     no flips), with probabilities ``p_hflip`` / ``p_reverse``; ``temporal_jitter`` (TSN offsets over
     clips cached with twice the frames), ``speed_min`` < 1 (frame-rate jitter: a random span of
-    ``speed_min``..1 of the clip), ``mixup`` / ``cutmix`` (Beta alphas; 0 = off).
+    ``speed_min``..1 of the clip), ``crop_min_area`` < 1 (random resized crops of the cached clips),
+    ``mixup`` / ``cutmix`` (Beta alphas; 0 = off).
     Few-shot recipe (``recipe.py``): ``recipe="auto"`` fills the fields left None here
-    (``temporal_jitter``, ``speed_min``, ``weight_decay``, ``label_smoothing``, ``drop_path`` of the
+    (``temporal_jitter``, ``speed_min``, ``crop_min_area``, ``weight_decay``, ``label_smoothing``, ``drop_path`` of the
     video encoder, ``ema`` decay (0 = off), ``epochs`` (a cap on passes over the clips), ``freeze``
     ("none" | "backbone": linear probe)) from the number of clips per class; ``"off"`` fills them with
     the plain defaults. ``video_init``: ``"auto"`` starts the video path from the image path
@@ -102,6 +103,7 @@ class TrainConfig:
     p_reverse: float = 0.5
     temporal_jitter: Optional[bool] = None
     speed_min: Optional[float] = None
+    crop_min_area: Optional[float] = None
     mixup: float = 0.0
     cutmix: float = 0.0
 
@@ -177,6 +179,8 @@ class TrainConfig:
         for name in ("p_hflip", "p_reverse"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.crop_min_area is not None and not 0.0 < self.crop_min_area <= 1.0:
+            raise ValueError(f"crop_min_area must be in (0, 1] (1 = no crops), got {self.crop_min_area}")
         if self.speed_min is not None and not 0.0 < self.speed_min <= 1.0:
             raise ValueError(f"speed_min must be in (0, 1] (1 = no frame-rate jitter), got {self.speed_min}")
         if self.recipe not in ("auto", "off"):

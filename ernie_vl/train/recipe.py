@@ -8,7 +8,8 @@ plain defaults (:data:`PLAIN`), which are the behaviour before the recipe existe
 The rules (n = median labelled clips per class):
 
 - clip augmentation: temporal jitter (TSN offsets) for n <= 1024; frame-rate jitter (a random
-  80-100% span of the clip) for n <= 256; flips and reversals only as the data declares them;
+  80-100% span of the clip) and random resized crops (at least 60% of the frame, the same box in
+  every frame) for n <= 256; flips and reversals only as the data declares them;
 - regularisation: label smoothing 0.2 and weight decay 0.1 for n <= 64 (0.1 / 0.05 above);
   drop-path 0.1 in the video encoder for n <= 128;
 - length: at most ``epochs`` passes over the clips (400 for n <= 64, 200 for n <= 256, no cap
@@ -25,7 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-PLAIN: dict[str, Any] = {"temporal_jitter": False, "speed_min": 1.0, "label_smoothing": None, "weight_decay": 0.05,
+PLAIN: dict[str, Any] = {"temporal_jitter": False, "speed_min": 1.0, "crop_min_area": 1.0, "label_smoothing": None, "weight_decay": 0.05,
                          "drop_path": 0.0, "ema": 0.0, "epochs": None, "freeze": "none"}
 RECIPES = ("auto", "off")
 
@@ -37,6 +38,7 @@ class Recipe:
     clips_per_class: float
     temporal_jitter: bool
     speed_min: float
+    crop_min_area: float
     label_smoothing: Optional[float]
     weight_decay: float
     drop_path: float
@@ -65,6 +67,8 @@ def choose_recipe(clips_per_class: float, pretrained: bool = False, expected_ste
     why["temporal_jitter"] = f"{n:g} clips/class {'<=' if jitter else '>'} 1024"
     speed = 0.8 if n <= 256 else 1.0
     why["speed_min"] = f"frame-rate jitter {'on' if speed < 1 else 'off'} ({n:g} clips/class vs 256)"
+    crop = 0.6 if n <= 256 else 1.0
+    why["crop_min_area"] = f"random resized crops {'on' if crop < 1 else 'off'} ({n:g} clips/class vs 256)"
     small = n <= 64
     smoothing, decay = (0.2, 0.1) if small else (0.1, 0.05)
     why["label_smoothing"] = why["weight_decay"] = f"{n:g} clips/class {'<=' if small else '>'} 64"
@@ -79,4 +83,4 @@ def choose_recipe(clips_per_class: float, pretrained: bool = False, expected_ste
     freeze = "backbone" if pretrained and n <= 8 else "none"
     why["freeze"] = ("linear probe: very few clips on trained features" if freeze != "none" else
                      "full fine-tuning")
-    return Recipe(n, jitter, speed, smoothing, decay, drop, ema, epochs, freeze, why)
+    return Recipe(n, jitter, speed, crop, smoothing, decay, drop, ema, epochs, freeze, why)

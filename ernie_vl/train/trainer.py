@@ -316,7 +316,8 @@ class Trainer:
         maps = declared_maps(cfg.videos, flags if declared else None)
         aug = ClipAugmentConfig(maps=maps, p_hflip=cfg.p_hflip, p_reverse=cfg.p_reverse,
                                 temporal_jitter=bool(self.settings["temporal_jitter"]),
-                                speed_min=float(self.settings["speed_min"]), mixup=cfg.mixup, cutmix=cfg.cutmix)
+                                speed_min=float(self.settings["speed_min"]),
+                                crop_min_area=float(self.settings["crop_min_area"]), mixup=cfg.mixup, cutmix=cfg.cutmix)
         return ClipAugmenter(aug, self.classes, self.num_frames, seed=cfg.seed)
 
     def setup_summary(self) -> dict[str, Any]:
