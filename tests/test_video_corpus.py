@@ -124,3 +124,42 @@ def test_header_that_promises_more_is_corrected(corpus):
     under = open_video(corpus["avi_mpeg4_header_under"])
     assert (over.info.reported_frames, len(over)) == (45, 40)
     assert (under.info.reported_frames, len(under)) == (35, 40)
+
+
+def test_mpeg4_frames_are_counted_from_the_bitstream(corpus):
+    """Coded VOPs = frames that decode: a lone N-VOP counts 0, packed P+B packets 2, their placeholders 0."""
+    from video.mpeg4 import coded_vops, time_increment_bits
+    from video_corpus import nvop_packet
+
+    assert coded_vops(nvop_packet(5), 5) == 0
+    for name in ("avi_mpeg4_nvop_tail", "Megamind.avi"):
+        if name not in corpus:
+            continue
+        reader = open_video(corpus[name])
+        assert reader.info.counted and reader._decoder is None  # counted at open without decoding
+        assert len(reader) == decoded_count(corpus[name])
+    if "Megamind.avi" in corpus:
+        import av
+
+        with av.open(str(corpus["Megamind.avi"])) as container:
+            stream = container.streams.video[0]
+            bits = time_increment_bits(bytes(stream.codec_context.extradata))
+            per_packet = [coded_vops(bytes(p), bits) for p in container.demux(stream) if p.size]
+        assert set(per_packet) == {0, 1, 2} and sum(per_packet) == 270  # packed B-frames and their N-VOPs
+
+
+def test_a_pass_that_ends_early_conceals_the_frames_past_its_end(corpus):
+    """Safety net: should the count promise more than a pass decodes, the missing end is concealed and reported."""
+    import dataclasses
+
+    from video.sequential import SequentialDecoder
+
+    if "avi_mpeg4" not in corpus:
+        pytest.skip("mpeg4 encoder missing")
+    info = open_video(corpus["avi_mpeg4"]).info
+    longer = dataclasses.replace(info, num_frames=41, frame_pts=info.frame_pts + (info.frame_pts[-1] + 1,),
+                                 _pts_index=None)
+    decoder = SequentialDecoder(info.path, longer)
+    frames = decoder.decode([0, 10, 20, 39, 40])
+    assert decoder.last_concealed == [40] and np.array_equal(frames[4], frames[3])
+    assert np.array_equal(frames[:4], reference_frames(info.path, [0, 10, 20, 39]))

@@ -341,16 +341,25 @@ class VideoReader:
         return decoder.info
 
     def _count(self, info: VideoInfo, deadline: float) -> VideoInfo:
-        """Sequential plan: one full pass counts the frames; its decoded frames serve the first requests."""
-        from video.sequential import SequentialDecoder
+        """Sequential plan: the frame count from the bitstream where it tells (MPEG-4 Part 2), else from one
+        full decoding pass, whose decoded frames then serve the first requests."""
+        from video.sequential import SequentialDecoder, count_from_packets
 
-        self.close()
+        scanned = self._decoder
+        source = scanned.packet_source() if scanned is not None and hasattr(scanned, "packet_source") else None
+        if source is not None:
+            counted = count_from_packets(info, source[0].extradata, source[1])
+            if counted is not None:  # the bitstream tells the count: no decoding at open
+                self.close()
+                return counted
         decoder = SequentialDecoder(self.path, info, max_concealed=self.max_concealed)
         try:
-            info = decoder.count(timeout_s=max(deadline - time.monotonic(), 0.001))
+            info = decoder.count(timeout_s=max(deadline - time.monotonic(), 0.001), source=source)
         except BaseException:
             decoder.release()
             raise
+        finally:
+            self.close()  # the scan's container and packets
         if info.unsafe_reason is None:
             self._decoder = decoder
         else:

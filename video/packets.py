@@ -113,6 +113,13 @@ class PacketDecoder:
         self._ctx.thread_count = choice.count
         self.thread_choice = choice
 
+    def packet_source(self) -> tuple | None:
+        """(codec context, packets in decode order) when every packet is in memory and nothing was decoded yet
+        (the sequential plan's counting pass decodes them without a second demux); else None."""
+        if self._demux is not None or self._next is not None or self._container is None:
+            return None
+        return self._ctx, self._packets
+
     # -- packets ------------------------------------------------------------
     def _packet(self, position: int):
         while self._demux is not None and len(self._packets) <= position:

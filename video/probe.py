@@ -222,7 +222,15 @@ def probe_video(path: str | os.PathLike, deadline: float | None = None) -> Video
 
     container = open_container(path)
     with container:
-        info = scan_packets(container, os.fspath(path), deadline=deadline)[0]
+        streams = container.streams.video
+        bitstream_count = bool(streams) and streams[0].codec_context.name == "mpeg4"
+        info, packets = scan_packets(container, os.fspath(path), keep_packets=bitstream_count, deadline=deadline)
+        if bitstream_count:
+            from video.sequential import count_from_packets
+
+            counted = count_from_packets(info, streams[0].codec_context.extradata, packets)
+            if counted is not None:
+                return counted
     return complete_probe(info, None if deadline is None else max(deadline - time.monotonic(), 0.001))
 
 

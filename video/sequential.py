@@ -2,8 +2,10 @@
 
 This is the reference itself (PyAV's sequential decode), so it is exact on every file PyAV can
 read: AVI with packed B-frames or N-VOP placeholders, msmpeg4, files without timestamps. The frame
-count is what a full pass produced (:func:`count_frames`, run once per file when it is probed), so
-``len(reader)`` never trusts a header that promises more. A request decodes forward from where the
+count is what a full pass produces: read from the bitstream where it tells (MPEG-4 Part 2: the
+coded VOPs, ``video.mpeg4``), else counted by one decoding pass when the file is probed
+(:func:`count_frames`), so ``len(reader)`` never trusts a header that promises more. Should a later
+pass end early all the same, the frames past its end are concealed by the last one (and reported). A request decodes forward from where the
 last one stopped (from the start again when it asks for an earlier frame), converts only the wanted
 frames, and stops after the last one. The frames of the counting pass are kept (as decoded YUV,
 within ``keep_bytes``) for the reader that ran it, so its first requests decode nothing again.
@@ -54,27 +56,32 @@ class SequentialDecoder:
         self.last_concealed: list[int] = []
 
     # -- the pass ---------------------------------------------------------
-    def _open(self) -> None:
+    def _open(self, source: tuple | None = None) -> None:
+        """Start a pass: from the file, or from ``source`` = (an unopened codec context, the packets in memory)."""
         self.close()
-        self._container = open_container(self.path)
-        stream = self._container.streams.video[0]
-        ctx = stream.codec_context
+        if source is None:
+            self._container = open_container(self.path)
+            stream = self._container.streams.video[0]
+            ctx, packets = stream.codec_context, self._container.demux(stream)
+        else:
+            ctx, kept = source
+            packets = iter([*kept, None])
         ctx.thread_type, ctx.thread_count = "NONE", 1  # packed MPEG-4 frames are not safe with frame threads
-        self._frames = self._generate(stream, ctx)
+        self._frames = self._generate(packets, ctx)
         self._position = 0
         self._last = None
         self.passes += 1
 
-    def _generate(self, stream, ctx):
+    def _generate(self, packets, ctx):
         import av
 
         try:
-            for packet in self._container.demux(stream):
-                if packet.size and packet.is_corrupt:
+            for packet in packets:
+                if packet is not None and packet.size and packet.is_corrupt:
                     self.bad_packets += 1
                     continue
                 try:
-                    frames = ctx.decode(packet if packet.size else None)
+                    frames = ctx.decode(packet if packet is not None and packet.size else None)
                 except av.FFmpegError:
                     self.bad_packets += 1  # damaged packet: the decoder goes on with the next one
                     continue
@@ -92,14 +99,16 @@ class SequentialDecoder:
         self._position += 1
         return self._last
 
-    def count(self, keep_bytes: int = KEEP_BYTES, timeout_s: float | None = None) -> VideoInfo:
+    def count(self, keep_bytes: int = KEEP_BYTES, timeout_s: float | None = None,
+              source: tuple | None = None) -> VideoInfo:
         """Decode the whole file once: ``info`` with the frame count (and times) this pass produced.
 
-        Keeps the decoded frames for this decoder when they fit in ``keep_bytes``.
+        Keeps the decoded frames for this decoder when they fit in ``keep_bytes``. ``source``: (a codec
+        context not opened yet, the probe's packets in decode order) saves a second demux.
         """
         deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
         with self._lock:
-            self._open()
+            self._open(source)
             keep = _frame_bytes(self.info) * max(self.info.num_frames, 1) <= keep_bytes
             rotation = 0
             while (item := self._next(deadline, timeout_s)) is not None:
@@ -180,6 +189,19 @@ def counted_info(info: VideoInfo, produced: int, rotation: int, bad_packets: int
     return dataclasses.replace(info, num_frames=produced, frame_pts=tuple(pts), keyframes=(0,), droppable=(),
                                decode_order=tuple(range(produced)), counted=True, complete=True, rotation=rotation,
                                decode_errors=bad_packets, _pts_index=None)
+
+
+def count_from_packets(info: VideoInfo, extradata: bytes | None, packets) -> VideoInfo | None:
+    """The sequential plan's frame count without decoding, where the bitstream tells it (MPEG-4 Part 2:
+    ``video.mpeg4``); None elsewhere (the caller decodes to count)."""
+    if info.codec != "mpeg4" or not packets:
+        return None
+    from video.mpeg4 import count_coded_vops
+
+    produced = count_coded_vops(extradata, packets)
+    if not produced:
+        return None
+    return counted_info(info, produced, rotation=0, bad_packets=0)
 
 
 def count_frames(info: VideoInfo, timeout_s: float | None = None) -> VideoInfo:
