@@ -6,13 +6,15 @@ Design (probe first; decode in this process where that is safe, else behind a pr
    any decoder sees it (a container that over-reports its frame count is the
    cause of decord's ``get_batch`` hang, issue 373);
 2. ``isolation="auto"`` (default): a file whose probe is clean (every packet
-   complete and timestamped, the container's frame count equal to the packets
-   found, see ``VideoInfo.unsafe_reason``) is decoded in this process from the
-   packets the probe read (``video.packets``: PyAV, deadline checked before every
-   packet, decoder kept open between requests). Other files, backend="decord"
+   complete and timestamped, the container's frame count equal to the frames
+   found, see ``VideoInfo.unsafe_reason``) is decoded in this process by its plan
+   (``video.plan``): from the packets the probe read with key-frame restarts
+   (``video.packets``) where the corpus test proves that exact, else by one
+   sequential pass (``video.sequential``); PyAV, deadline checked before every
+   packet, decoder kept open between requests. Other files, backend="decord"
    (the decoder known to hang) and ``isolation="process"`` go to the decode worker:
-3. the worker decodes with the cheaper backend for the request
-   (``video.backends.choose_backend``); the client waits on the worker's pipe with
+3. the worker decodes by the same plan, or with decord where the plan trusts it and it is
+   cheaper for the request (``video.backends.decode_frames``); the client waits on the worker's pipe with
    a deadline; past it, the worker is killed (a hang in C holds the GIL, so only a
    process boundary can stop it), the file is reported as a
    :class:`VideoDecodeError`, and the next request starts a fresh worker. The
