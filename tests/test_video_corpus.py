@@ -163,3 +163,14 @@ def test_a_pass_that_ends_early_conceals_the_frames_past_its_end(corpus):
     frames = decoder.decode([0, 10, 20, 39, 40])
     assert decoder.last_concealed == [40] and np.array_equal(frames[4], frames[3])
     assert np.array_equal(frames[:4], reference_frames(info.path, [0, 10, 20, 39]))
+
+
+def test_every_fast_path_is_in_the_corpus(corpus):
+    """A (container, codec) pair may take the packets plan only if corpus clips of it are checked above."""
+    covered = {(probe_video(path).container, probe_video(path).codec) for path in corpus.values()}
+    unproven = FAST_PATHS - covered
+    encoders = {"libdav1d": "libsvtav1", "hevc": "libx265", "h264": "libx264", "vp9": "libvpx-vp9", "vp8": "libvpx"}
+    from video_corpus import has_encoder
+
+    missing = {pair for pair in unproven if has_encoder(encoders.get(pair[1], pair[1]))}
+    assert not missing, f"fast paths without a corpus clip: {sorted(missing)}"

@@ -105,6 +105,10 @@ SPECS: dict[str, ClipSpec] = {
     "mp4_hevc_10bit_full_range": ClipSpec("libx265", ".mp4", pix_fmt="yuv420p10le",
                                           options=_x265("keyint=12:range=full")),
     "mp4_mjpeg": ClipSpec("mjpeg", ".mp4", pix_fmt="yuvj420p"),
+    "mp4_vp9": ClipSpec("libvpx-vp9", ".mp4", options={**VP, "g": "20", "auto-alt-ref": "1", "lag-in-frames": "8"}),
+    "mp4_av1": ClipSpec("libsvtav1", ".mp4", width=64, height=64, options={"preset": "12", "g": "16"}),
+    "mkv_hevc_bframes": ClipSpec("libx265", ".mkv", options=_x265("keyint=12:bframes=3")),
+    "mkv_mjpeg": ClipSpec("mjpeg", ".mkv", pix_fmt="yuvj420p"),
 }
 # clips derived from a generated one: name -> (source, function(src, dst))
 DERIVED: dict[str, tuple[str, Callable[[Path, Path], Path]]] = {}

@@ -24,15 +24,16 @@ from video.probe import VideoInfo
 # (container family, decoder) pairs whose packet decoding the corpus proves equal to the sequential decode
 MP4 = "mov,mp4,m4a,3gp,3g2,mj2"
 MATROSKA = "matroska,webm"
+# (AV1 decodes with libdav1d, the decoder FFmpeg picks when it has it)
 FAST_PATHS: frozenset[tuple[str, str]] = frozenset(
-    [(MP4, c) for c in ("h264", "hevc", "mjpeg", "vp9", "av1", "libdav1d")]
-    + [(MATROSKA, c) for c in ("h264", "hevc", "vp8", "vp9", "libvpx", "libvpx-vp9", "av1", "libdav1d", "mjpeg")]
+    [(MP4, c) for c in ("h264", "hevc", "mjpeg", "vp9", "libdav1d")]
+    + [(MATROSKA, c) for c in ("h264", "hevc", "vp8", "vp9", "libdav1d", "mjpeg")]
     + [("avi", "mjpeg")]  # intra-only: packet i is frame i
 )
 # decord: the same pairs, 8-bit 4:2:0 only (its 10-bit conversion differs), AV1 never (decord fails on it),
 # never on open GOPs, rotated or damaged files (see ``decord_refusal``)
 DECORD_PATHS: frozenset[tuple[str, str]] = frozenset(
-    (fmt, codec) for fmt, codec in FAST_PATHS if codec in ("h264", "hevc", "vp8", "vp9", "libvpx", "libvpx-vp9"))
+    (fmt, codec) for fmt, codec in FAST_PATHS if codec in ("h264", "hevc", "vp8", "vp9"))
 DECORD_PIXEL_FORMATS = ("yuv420p", "yuvj420p")
 
 
