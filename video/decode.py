@@ -347,13 +347,14 @@ class VideoReader:
         full decoding pass, whose decoded frames then serve the first requests."""
         from video.sequential import SequentialDecoder, count_from_packets
 
-        scanned = self._decoder
-        source = scanned.packet_source() if scanned is not None and hasattr(scanned, "packet_source") else None
-        if source is not None:
-            counted = count_from_packets(info, source[0].extradata, source[1])
-            if counted is not None:  # the bitstream tells the count: no decoding at open
-                self.close()
+        scanned = self._decoder if hasattr(self._decoder, "packet_source") else None
+        if scanned is not None and scanned.usable and scanned._demux is None:
+            counted = count_from_packets(info, scanned._ctx.extradata, scanned._packets)
+            if counted is not None:  # the bitstream tells the count: no decoding at open, the packets serve pass 1
+                self._decoder = SequentialDecoder(self.path, counted, max_concealed=self.max_concealed,
+                                                  preloaded=scanned)
                 return counted
+        source = scanned.packet_source() if scanned is not None else None
         decoder = SequentialDecoder(self.path, info, max_concealed=self.max_concealed)
         try:
             info = decoder.count(timeout_s=max(deadline - time.monotonic(), 0.001), source=source)

@@ -118,6 +118,7 @@ class PacketDecoder:
         (the sequential plan's counting pass decodes them without a second demux); else None."""
         if self._demux is not None or self._next is not None or self._container is None:
             return None
+        self._next = 0  # handed out once: the codec context is then in use
         return self._ctx, self._packets
 
     # -- packets ------------------------------------------------------------

@@ -38,8 +38,10 @@ class SequentialDecoder:
     """``decode(indices) -> uint8 (T,H,W,3)`` by one forward pass from the start; ``last_concealed`` lists
     the requested indices that were replaced by a neighbour (see the module docstring)."""
 
-    def __init__(self, path: str, info: VideoInfo, max_concealed: float = DEFAULT_MAX_CONCEALED) -> None:
+    def __init__(self, path: str, info: VideoInfo, max_concealed: float = DEFAULT_MAX_CONCEALED,
+                 preloaded=None) -> None:
         self.path = path
+        self._preloaded = preloaded  # a PacketDecoder whose packets (all in memory) serve the first pass
         self.info = info
         self.max_concealed = float(max_concealed)
         self.converter = FrameConverter()
@@ -59,7 +61,10 @@ class SequentialDecoder:
     def _open(self, source: tuple | None = None) -> None:
         """Start a pass: from the file, or from ``source`` = (an unopened codec context, the packets in memory)."""
         self.close()
+        if source is None and self._preloaded is not None:
+            source = self._preloaded.packet_source()  # None once it was used
         if source is None:
+            self._release_preloaded()
             self._container = open_container(self.path)
             stream = self._container.streams.video[0]
             ctx, packets = stream.codec_context, self._container.demux(stream)
@@ -168,9 +173,15 @@ class SequentialDecoder:
         if container is not None:
             container.close()
 
+    def _release_preloaded(self) -> None:
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is not None:
+            preloaded.close()
+
     def release(self) -> None:
-        """Drop the kept frames and the open file."""
+        """Drop the kept frames, the preloaded packets and the open file."""
         self._kept = {}
+        self._release_preloaded()
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
