@@ -96,6 +96,8 @@ def read_config(directory: str | os.PathLike) -> ErnieVLConfig:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a model config") from None
     return ErnieVLConfig.from_dict(data)
 
 

@@ -133,3 +133,11 @@ def test_every_preset_is_within_the_bounds():
     for name in list_models():
         limits.validate_config(load_config(name))
         assert limits.estimate_params(load_config(name)) < limits.DEFAULT_MAX_PARAMS
+
+
+def test_a_deeply_nested_config_json_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ckpt"
+    ernie_vl.create_model("test").save_pretrained(str(folder))
+    (folder / "config.json").write_text('{"name": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        ernie_vl.ErnieVL.from_pretrained(str(folder))

@@ -270,3 +270,13 @@ def test_a_fresh_run_over_a_saved_state_warns(data, tmp_path):
     train(tiny_config(data, run, max_steps=2))
     with pytest.warns(UserWarning, match="starts over from step 0 and will replace"):
         train(tiny_config(data, run, max_steps=2))
+
+
+def test_a_deeply_nested_state_header_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    metadata = {"ernie_vl_format": ckpt.STATE_FORMAT, "ernie_vl_version": ckpt.STATE_VERSION,
+                "state": '{"list": [' * 50_000 + "1" + "]}" * 50_000}
+    save_file({"t0": torch.zeros(1)}, str(tmp_path / ckpt.CHECKPOINT_NAME), metadata=metadata)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        ckpt.load_training_state(tmp_path)

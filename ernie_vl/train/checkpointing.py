@@ -128,9 +128,11 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
                          f"this code reads version {STATE_VERSION}")
     try:
         skeleton = json.loads(metadata["state"])
+        state = state_codec.unpack(skeleton, tensors, f"training checkpoint {str(path)!r}")
     except json.JSONDecodeError as err:
         raise ValueError(f"training checkpoint {str(path)!r} cannot be read: its state is not JSON ({err})") from None
-    state = state_codec.unpack(skeleton, tensors, f"training checkpoint {str(path)!r}")
+    except RecursionError:
+        raise ValueError(f"training checkpoint {str(path)!r} cannot be read: its state is nested too deeply") from None
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"training checkpoint {str(path)!r} cannot be read: no step recorded")
     return state
