@@ -69,17 +69,16 @@ def coded_vops(packet: bytes, bits: int) -> int | None:
     """Coded VOPs in one packet (0 for an N-VOP); None when a VOP header is cut short."""
     count, pos = 0, packet.find(VOP_START)
     while pos >= 0:
-        try:
-            b = _Bits(packet, pos + 4)
-            b.read(2)  # vop_coding_type
-            while b.read(1):  # modulo_time_base
-                pass
-            b.read(1)  # marker
-            b.read(bits)  # vop_time_increment
-            b.read(1)  # marker
-            count += b.read(1)  # vop_coded
-        except EOFError:
+        # the header fields up to vop_coded fit in 64 bits (2 + modulo ones + 1 + 1 + <= 16 + 1 + 1)
+        chunk = packet[pos + 4:pos + 12]
+        head, have = int.from_bytes(chunk, "big") << (64 - 8 * len(chunk)), 8 * len(chunk)
+        bit = 2  # vop_coding_type
+        while bit < have and (head >> (63 - bit)) & 1:  # modulo_time_base: ones, then a zero
+            bit += 1
+        bit += 1 + 1 + bits + 1  # the zero, marker, vop_time_increment, marker
+        if bit >= have:
             return None
+        count += (head >> (63 - bit)) & 1  # vop_coded
         pos = packet.find(VOP_START, pos + 4)
     return count
 
