@@ -123,8 +123,9 @@ def test_zero_shot_prompts_and_cosine_logits(tmp_path):
     clip = build_clip_transform(False, 16)(__import__("video").open_video(paths[0]).get_frames([0, 2, 4, 6]))
     v = torch.nn.functional.normalize(clip.mean(dim=(0, 2, 3)), dim=0)
     assert torch.allclose(zs.classify_video(clip[None])[0], math.exp(2.0) * v, atol=1e-5)
-    with pytest.raises(ValueError, match="{label}"):
-        ZeroShotClassifier(model, tokenizer, ["red"], templates=("a video of {}",))
+    with pytest.raises(ValueError, match="{label}"):  # a template must name the class somewhere
+        ZeroShotClassifier(model, tokenizer, ["red"], templates=("a video of something",))
+    ZeroShotClassifier(model, tokenizer, ["red"], templates=("a video of {}", "a clip of {c}"))  # open_clip / CLIP_benchmark styles
     with pytest.raises(TypeError, match="encode_video"):
         ZeroShotClassifier(BlueLevelClassifier([0.0]), tokenizer, ["red"])
 
