@@ -209,3 +209,21 @@ def test_index_keeps_a_latin1_file_name_and_updates_on_rerun(tmp_path, capsys):
     page = (tmp_path / "g.html").read_text(encoding="utf-8")
     assert OUTSIDE_NOTE not in page
     assert any(_near(c, (0, 255, 0)) for c in _thumb_colours(page))
+
+
+def test_load_refuses_an_ivfpq_index_with_broken_codebooks(tmp_path):
+    import faiss
+
+    from retrieval.backends import IndexParams
+
+    out = tmp_path / "idx"
+    Index.build(_unit(64, d=8), kind="ivfpq", params=IndexParams(ivf_nlist=2, pq_m=2, pq_nbits=4)).save(out)
+    assert len(Index.load(out)) == 64  # a clean one loads
+    stored = faiss.read_index(str(out / "index.faiss"))
+    pq = faiss.downcast_index(stored).pq
+    centroids = faiss.vector_to_array(pq.centroids)
+    centroids[5] = np.nan
+    faiss.copy_array_to_vector(centroids, pq.centroids)
+    faiss.write_index(stored, str(out / "index.faiss"))
+    with pytest.raises(IndexMismatchError, match="64 vectors hold NaN or inf"):
+        Index.load(out)
