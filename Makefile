@@ -27,7 +27,7 @@ test: $(STAMP) opencv-data
 
 opencv-data:
 	-@test -f $(OPENCV_DATA)/Megamind.avi || ( rm -rf $(OPENCV_DATA)/deb && mkdir -p $(OPENCV_DATA)/deb \
-	  && cd $(OPENCV_DATA)/deb && apt-get download opencv-doc >/dev/null 2>&1 \
+	  && cd $(OPENCV_DATA)/deb && ( apt-get download opencv-doc || ( apt-get update -qq && apt-get download opencv-doc ) ) >/dev/null 2>&1 \
 	  && dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x --strip-components=7 -C .. --wildcards \
 	     './usr/share/doc/opencv-doc/examples/data/*.avi' ); rm -rf $(OPENCV_DATA)/deb; \
 	  test -f $(OPENCV_DATA)/Megamind.avi || echo "opencv-doc sample videos not fetched (offline?): their tests skip"
