@@ -25,6 +25,7 @@ from video.conceal import DEFAULT_MAX_CONCEALED, assemble
 from video.convert import FrameConverter, quarter_turns
 from video.errors import VideoDecodeError
 from video.probe import VideoInfo, open_container
+from video.threads import ThreadChoice
 
 KEEP_BYTES = 256 << 20  # decoded frames kept from the counting pass, per reader
 
@@ -54,7 +55,8 @@ class SequentialDecoder:
         self.passes = 0  # forward passes started (tests and benchmarks)
         self._lock = threading.Lock()
         self.owner_pid = os.getpid()
-        self.thread_choice = None
+        self.thread_choice = ThreadChoice(1, "none", "sequential plan: one decoder thread (packed MPEG-4 frames "
+                                                     "are not safe with frame threads)")
         self.last_concealed: list[int] = []
 
     # -- the pass ---------------------------------------------------------
