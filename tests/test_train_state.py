@@ -218,7 +218,11 @@ def test_resume_without_state_warns_and_starts_at_step_0(data, tmp_path):
     assert result.steps == 2 and [r["step"] for r in read_log(tmp_path / "new")] == [1, 2]
 
 
-def test_resume_refuses_a_run_folder_without_state(data, tmp_path):
+def test_resume_refuses_a_run_folder_without_state(data, tmp_path, monkeypatch):
+    def no_build(self):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(Trainer, "_build_model", no_build)  # the refusal comes first
     run = tmp_path / "run"
     run.mkdir()
     log = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n'

@@ -124,6 +124,7 @@ class Trainer:
         self.out = cfg.out_dir
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self.resumable = self._check_resumable() if cfg.resume else False  # fail fast, before the data
         self.model = self._build_model()
         self.settings = self._choose_settings()  # the few-shot recipe, or the plain defaults
         self._build_data()
@@ -408,18 +409,25 @@ class Trainer:
         late = time.perf_counter() - self.last_checkpoint >= cfg.checkpoint_minutes * 60
         return bool(broadcast_object(late, self.ctx))
 
+    def _check_resumable(self) -> bool:
+        """Before anything is built: is there a state to resume? Warns when there is none and none was
+        expected; refuses a pickle-only folder and one that holds a run (a log or final/) but no state."""
+        if ckpt.has_training_state(self.out):  # a pickle-only folder raises LegacyStateError here
+            return True
+        steps = ckpt.logged_steps(self.out / ckpt.LOG_NAME)
+        if steps or (self.out / "final").exists():
+            raise ValueError(
+                f"--resume: {str(self.out)!r} holds a run ({steps} logged steps"
+                f"{', a final/ model' if (self.out / 'final').exists() else ''}) but no "
+                f"{ckpt.CHECKPOINT_NAME} to resume it from; refusing to start over from step 0 in it. "
+                f"Use a new --out, or drop --resume to overwrite the run")
+        warnings.warn(f"--resume: no {ckpt.CHECKPOINT_NAME} in {str(self.out)!r}; starting from step 0",
+                      stacklevel=4)
+        return False
+
     def _resume(self) -> bool:
-        """Load the run folder's state; False (with a warning) when there is none and none was expected."""
-        if not ckpt.has_training_state(self.out):  # a pickle-only folder raises LegacyStateError here
-            steps = ckpt.logged_steps(self.out / ckpt.LOG_NAME)
-            if steps or (self.out / "final").exists():
-                raise ValueError(
-                    f"--resume: {str(self.out)!r} holds a run ({steps} logged steps"
-                    f"{', a final/ model' if (self.out / 'final').exists() else ''}) but no "
-                    f"{ckpt.CHECKPOINT_NAME} to resume it from; refusing to start over from step 0 in it. "
-                    f"Use a new --out, or drop --resume to overwrite the run")
-            warnings.warn(f"--resume: no {ckpt.CHECKPOINT_NAME} in {str(self.out)!r}; starting from step 0",
-                          stacklevel=3)
+        """Load the run folder's state (checked by ``_check_resumable``); False when there is none."""
+        if not self.resumable:
             return False
         state = ckpt.load_training_state(self.out)
         unwrap(self.model).load_state_dict(state["model"])
