@@ -3,13 +3,16 @@
 Generates captioned shapes (held-out split = unseen colour-shape combinations) and
 motion-action clips, trains ``tiny`` (divided space-time video encoder) for
 ``--minutes`` of wall clock, then the same model with a ``space_only`` video encoder
-the same way, and reports: held-out Recall@1/5/10 both ways, motion top-1/top-5
+the same way, then ``ernie45-tiny`` (ERNIE 4.5 VL's layout: text / vision expert groups,
+shared expert, score-bias balancing, the variable-resolution resampler), and reports: held-out Recall@1/5/10 both ways, motion top-1/top-5
 supervised and zero-shot (class prompts), training throughput, and the routing
 statistics at the end (per-modality expert usage, overlap rate, activated-parameter
 ratio, active-head ratio) from one held-out forward. Goals (issue 5): text->image
 R@1 >= 0.8 on unseen combinations, motion top-1 >= 0.95 supervised, in 10 minutes.
 
-    .venv/bin/python bench/train_synthetic.py [--quick] [--minutes 10] [--max-steps N]
+    .venv/bin/python bench/train_synthetic.py [--quick] [--minutes 10] [--max-steps N] [--only NAME ...]
+
+``--minutes 0 --max-steps N`` is a fixed-step run (no wall-clock budget), for shared machines.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +37,9 @@ from ernie_vl.train.trainer import Trainer, routing_summary  # noqa: E402
 # ``space_only`` is the frame-wise encoder: no temporal attention *and* one-frame patches
 # (tubelet_size 1), so time enters nowhere before the pooling; with the preset's 4-frame
 # tubelets the patch embedding itself would already see motion.
-VARIANTS = {"divided": {}, "space_only": {"video_encoder": {"attention": "space_only", "tubelet_size": 1}}}
+VARIANTS = {"divided": ("tiny", {}),
+            "space_only": ("tiny", {"video_encoder": {"attention": "space_only", "tubelet_size": 1}}),
+            "ernie45": ("ernie45-tiny", {})}
 
 
 def make_data(root: Path, quick: bool, clips_per_class: int = 256) -> tuple[dict, float]:
@@ -68,10 +74,10 @@ def final_routing(trainer: Trainer) -> dict:
     return routing_summary(out.routing, out.active_head_ratio)
 
 
-def train_variant(name: str, data: dict, args, overrides: dict) -> dict:
-    cfg = TrainConfig(out=str(Path(args.work) / name), model="tiny", model_overrides=overrides,
+def train_variant(name: str, data: dict, args, overrides: dict, model: str = "tiny") -> dict:
+    cfg = TrainConfig(out=str(Path(args.work) / name), model=model, model_overrides=overrides,
                       pairs=[str(data["pairs"])], videos=[str(data["videos"])], val_pairs=str(data["heldout"]),
-                      val_videos=str(data["val_videos"]), minutes=args.minutes, max_steps=args.max_steps,
+                      val_videos=str(data["val_videos"]), minutes=args.minutes or None, max_steps=args.max_steps,
                       batch_pairs=args.batch_pairs, batch_videos=args.batch_videos, lr=args.lr,
                       warmup_steps=args.warmup, num_workers=1, progress=not args.no_progress, threads=args.threads,
                       seed=args.seed)
@@ -82,7 +88,7 @@ def train_variant(name: str, data: dict, args, overrides: dict) -> dict:
     train_wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     metrics = result.evaluation or trainer.run_evaluation()
-    return {"name": name, "steps": result.steps, "setup_s": setup, "train_wall_s": train_wall, "cpu_s": cpu,
+    return {"name": name, "model": model, "steps": result.steps, "setup_s": setup, "train_wall_s": train_wall, "cpu_s": cpu,
             "samples_per_s": result.samples_per_s, "threads": torch.get_num_threads(),
             "metrics": metrics, "routing": final_routing(trainer), "curve": trainer.evaluations}
 
@@ -96,7 +102,8 @@ def write_report(path: Path, runs: list[dict], data_s: float, args) -> str:
     keys = ["text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@5",
             "image_to_text_R@10", "video_top1", "video_top5", "video_zeroshot_top1", "video_zeroshot_top5"]
     lines = [
-        "# Training on synthetic data: does `tiny` learn?",
+        "# Training on synthetic data: does `tiny` learn?"
+        + ("" if args.minutes else f" (short fixed-step run: {args.max_steps} steps per variant)"),
         "",
         "```",
         "$ .venv/bin/python bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -106,11 +113,14 @@ def write_report(path: Path, runs: list[dict], data_s: float, args) -> str:
         "held-out = 200 images whose captions are unique and use colour-shape combinations never seen in training; "
         f"motion clips 8 frames 32 px, 8 classes, {args.clips_per_class} training and 16 held-out clips per class. "
         "Budget per variant: "
-        + (f"{args.minutes} min wall clock (model build, data caching and training)" if args.minutes else "")
+        + (f"{args.minutes} min wall clock (model build, data caching and training)" if args.minutes
+           else "no wall-clock budget")
         + (f", at most {args.max_steps} steps" if args.max_steps else "") + ".",
         "Variants: `divided` = the `tiny` preset (divided space-time attention, 4-frame x 8 px tubelets); "
         "`space_only` = the same model with a frame-wise video encoder (no temporal attention, 1-frame patches: "
-        "time enters nowhere before pooling).",
+        "time enters nowhere before pooling); `ernie45` = the `ernie45-tiny` preset (text and vision expert groups "
+        "with their own routers at ERNIE 4.5's 3:1 width ratio, a shared expert, score-bias balancing, the "
+        "variable-resolution resampler as aligner).",
         f"**Machine: 2 CPU cores, 1/5/15-minute load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end** "
         "(this run's own 2 threads make ~2; more means other jobs shared the cores and the step counts are "
         "pessimistic). CPU seconds are this process's own.",
@@ -150,7 +160,7 @@ def write_report(path: Path, runs: list[dict], data_s: float, args) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small data, 1 minute per variant")
-    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per variant (0: steps only)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-pairs", type=int, default=64)
     p.add_argument("--batch-videos", type=int, default=32)
@@ -159,8 +169,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="default: auto (1 on an oversubscribed machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips-per-class", type=int, default=512, help="training motion clips per class")
-    p.add_argument("--only", choices=("divided", "space_only"), default=None)
-    p.add_argument("--work", default="/tmp/ernie_train_synthetic")
+    p.add_argument("--only", choices=tuple(VARIANTS), nargs="+", default=None)
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ernie_train_synthetic"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_synthetic.md"))
     args = p.parse_args()
@@ -168,10 +178,10 @@ def main() -> None:
         args.minutes, args.clips_per_class = 1.0, 16
     data, data_s = make_data(Path(args.work) / "data", args.quick, args.clips_per_class)
     runs = []
-    for name, overrides in VARIANTS.items():
-        if args.only and name != args.only:
+    for name, (model, overrides) in VARIANTS.items():
+        if args.only and name not in args.only:
             continue
-        runs.append(train_variant(name, data, args, overrides))
+        runs.append(train_variant(name, data, args, overrides, model))
         print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("routing", "curve")}), flush=True)
     print(write_report(Path(args.out), runs, data_s, args))
 

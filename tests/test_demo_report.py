@@ -191,3 +191,24 @@ def test_summary_lists_stages_headline_and_failures():
     assert "ImportError: xxx" in text and "..." in text
     assert "| R@1    |   0.9 |" in text and "report.html" in text
     assert text.endswith("1 stage(s) failed; details in report.html / report.json.")
+
+
+def test_heatmap_shows_modality_groups_of_an_ernie45_model(tmp_path):
+    import torch
+
+    import ernie_vl
+    from ernie_vl.model import ErnieVLBatch
+
+    model = ernie_vl.create_model("ernie45-tiny", num_classes=2).eval()
+    batch = ErnieVLBatch(images=torch.randn(2, 3, 32, 32), texts=model.tokenizer(["a", "b"]),
+                         videos=torch.randn(2, 8, 3, 32, 32), video_labels=torch.tensor([0, 1]))
+    with torch.no_grad():
+        layers = merge_layer_stats([[s.to_dict() for s in model(batch).routing]])
+    assert layers[0]["expert_group"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    usage = plots.usage_matrix(layers)
+    assert usage[:, 0, 4:].sum() == 0 and usage[:, 1, :4].sum() == 0  # text only in group 0, images in group 1
+    out = plots.plot_expert_usage(usage, tmp_path / "groups.png", expert_groups=layers[0]["expert_group"],
+                                  group_names=("text", "vision"))
+    assert _png_size(out)[0] == "PNG"
+    with pytest.raises(ValueError, match=r"one group per expert \(8\), got shape \(4,\)"):
+        plots.plot_expert_usage(usage, tmp_path / "bad.png", expert_groups=[0, 0, 1, 1])

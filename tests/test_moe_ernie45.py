@@ -212,3 +212,14 @@ def test_score_bias_is_saved_with_the_layer_and_groups_round_trip():
     x, ids = torch.randn(12, 16), torch.tensor([TEXT, IMAGE, VIDEO] * 4)
     with torch.no_grad():
         torch.testing.assert_close(again(x, ids).output, layer(x, ids).output)
+
+
+def test_groups_layer_upcycles_from_a_dense_mlp_exactly():
+    from ernie_vl.moe import DenseSwiGLU
+
+    dense = DenseSwiGLU(16, 24)
+    layer = MoEFeedForward.upcycle(dense, num_experts=4, top_k=2, routing="groups", num_shared_experts=1,
+                                   score_bias=True)
+    x, ids = torch.randn(12, 16), torch.tensor([TEXT, IMAGE, VIDEO] * 4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, ids).output, dense(x), atol=1e-5, rtol=1e-5)

@@ -72,6 +72,11 @@ def fill_from_dense(layer: nn.Module, dense: Any, noise_std: float = 0.0) -> Non
     if noise_std < 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
     spec = read_dense_mlp(dense)
+    if getattr(layer, "groups", None) is not None:  # modality groups: every group starts from the dense MLP
+        for sub in layer.groups:
+            fill_from_dense(sub, spec, noise_std)
+        _zero_shared_output(layer)
+        return
     ex = layer.experts
     kind = "swiglu" if hasattr(ex, "w_gate_up") else "mlp"
     if spec["kind"] != kind:
@@ -94,6 +99,11 @@ def fill_from_dense(layer: nn.Module, dense: Any, noise_std: float = 0.0) -> Non
         if ex.b1 is not None:
             _fill(ex.b1, ex.b1.new_zeros(ex.hidden) if spec["fc_bias"] is None else spec["fc_bias"], 0.0)
             _fill(ex.b2, ex.b2.new_zeros(ex.d_model) if spec["proj_bias"] is None else spec["proj_bias"], 0.0)
+    _zero_shared_output(layer)
+
+
+def _zero_shared_output(layer: nn.Module) -> None:
+    """Shared experts output 0 at first, so an upcycled layer equals the dense MLP."""
     if layer.shared is not None:
         out = layer.shared.down if hasattr(layer.shared, "down") else layer.shared.proj
         out.weight.zero_()

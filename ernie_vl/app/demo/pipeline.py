@@ -108,8 +108,11 @@ def _expert_usage(ws: Workspace, ctx: StageContext) -> None:
     from ernie_vl.app.demo.routing import heldout_routing
 
     layers = heldout_routing(ws)
+    moe = ws.model().cfg.backbone.moe
+    names = moe.group_layout if moe is not None and moe.routing == "groups" else None
     plots.plot_expert_usage(plots.usage_matrix(layers), ws.figure("expert_usage.png"),
-                            title="Expert usage per modality and MoE layer (held-out data)")
+                            title="Expert usage per modality and MoE layer (held-out data)",
+                            expert_groups=layers[0].get("expert_group"), group_names=names)
 
 
 def _results_chart(ws: Workspace, ctx: StageContext) -> None:

@@ -220,13 +220,17 @@ def usage_matrix(layer_stats: Sequence[Mapping[str, Any]]) -> np.ndarray:
 
 
 def plot_expert_usage(usage: np.ndarray, path: PathLike, modality_names: Sequence[str] = MODALITY_NAMES,
-                      title: str = "Expert usage per modality and layer") -> Path:
+                      title: str = "Expert usage per modality and layer", expert_groups: Sequence[int] | None = None,
+                      group_names: Sequence[str] | None = None) -> Path:
     """Heatmaps (one per modality present): rows are MoE layers, columns experts, cells the share of tokens.
 
     ``usage`` is (layers, modalities, experts) with each present row summing to ~1 (the
     fraction of that modality's routed tokens per expert, as ``RoutingStats.usage_by_modality``).
     Modalities whose rows are all zero (absent) are left out. The colour scale is centred on
     the uniform share 1/E so that over- and under-used experts stand out.
+    ``expert_groups`` (E,) (``RoutingStats.expert_group``, modality groups): columns are labelled
+    ``<group initial><index>`` and the groups separated by lines; each modality's colour scale is
+    centred on 1/(size of the group its tokens went to).
     """
     usage = np.asarray(usage, dtype=np.float64)
     if usage.ndim != 3:
@@ -235,31 +239,52 @@ def plot_expert_usage(usage: np.ndarray, path: PathLike, modality_names: Sequenc
     present = [m for m in range(num_mod) if np.any(usage[:, m] > 0)]
     if not present:
         raise ValueError("expert usage is zero for every modality: nothing was routed")
+    groups = None if expert_groups is None else np.asarray(expert_groups, dtype=np.int64)
+    if groups is not None and groups.shape != (num_experts,):
+        raise ValueError(f"expert_groups must give one group per expert ({num_experts}), got shape {groups.shape}")
     uniform = 1.0 / num_experts
-    vmax = max(2 * uniform, float(usage.max()))
+    if groups is not None:  # the smallest group decides the shared colour range
+        uniform = 1.0 / np.bincount(groups).max()
+    vmax = max(2.0 / (num_experts if groups is None else np.bincount(groups).min()), float(usage.max()))
     fig, axes = plt.subplots(1, len(present), figsize=(1.2 + 0.55 * num_experts * len(present) + 1.0,
                                                        1.6 + 0.45 * num_layers), squeeze=False,
                              layout="constrained")
     image = None
     for ax, m in zip(axes[0], present):
         data = usage[:, m]
-        image = ax.imshow(data, cmap="RdBu_r", aspect="auto",
-                          norm=matplotlib.colors.TwoSlopeNorm(vcenter=uniform, vmin=0.0, vmax=vmax))
+        centre, shown, cmap = uniform, data, matplotlib.colormaps["RdBu_r"]
+        if groups is not None:  # 1 / size of the group this modality's tokens use; other groups greyed out
+            own = groups == groups[int(data.sum(0).argmax())]
+            centre = 1.0 / int(own.sum())
+            shown = np.ma.masked_where(np.broadcast_to(~own, data.shape), data)
+            cmap = cmap.with_extremes(bad="#dddddd")
+        image = ax.imshow(shown, cmap=cmap, aspect="auto",
+                          norm=matplotlib.colors.TwoSlopeNorm(vcenter=min(centre, 0.999 * vmax), vmin=0.0, vmax=vmax))
         name = modality_names[m] if m < len(modality_names) else f"modality {m}"
         ax.set_title(name)
         ax.set_xlabel("expert")
         ax.set_xticks(range(num_experts))
+        if groups is not None:
+            names = list(group_names or [f"group {g}" for g in range(int(groups.max()) + 1)])
+            within = [int((groups[:e] == groups[e]).sum()) for e in range(num_experts)]
+            ax.set_xticklabels([f"{names[g][0].upper()}{i}" for g, i in zip(groups, within)], fontsize=7)
+            for edge in np.flatnonzero(np.diff(groups)) + 0.5:
+                ax.axvline(edge, color="black", linewidth=1.5)
+            ax.set_xlabel("expert (" + " | ".join(f"{n}: {n[0].upper()}*" for n in names) + ")")
         ax.set_yticks(range(num_layers))
         ax.set_yticklabels([f"MoE {i}" for i in range(num_layers)])
         if num_experts * num_layers <= 160:
             for li in range(num_layers):
                 for e in range(num_experts):
                     v = data[li, e]
+                    if np.ma.is_masked(shown[li, e]):
+                        continue
                     r, g, b, _ = image.cmap(image.norm(v))
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
                     ax.text(e, li, f"{v:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if dark else "black")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label=f"share of tokens (uniform = {uniform:.3g})")
+    label = f"share of tokens (uniform = {uniform:.3g})" if groups is None else "share of tokens (centre: uniform in group)"
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label=label)
     fig.suptitle(title)
     return _save(fig, path)
 

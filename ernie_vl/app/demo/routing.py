@@ -27,6 +27,8 @@ def merge_layer_stats(calls: Sequence[Sequence[dict]]) -> list[dict]:
         counts = present.sum(0)                                                                         # (M,)
         usage = (rows * present[..., None]).sum(0) / np.maximum(counts, 1)[:, None]
         merged.append({"usage_by_modality": usage.tolist()})
+        if calls[0][layer].get("expert_group") is not None:  # modality groups: which group each expert is in
+            merged[-1]["expert_group"] = list(calls[0][layer]["expert_group"])
     return merged
 
 
