@@ -13,7 +13,7 @@ Same process, interleaved rounds in rotated order, medians; 2 threads; d_model 5
 
 Writes bench/results/moe.md and moe.json (bench/_report.py).
 
-    .venv/bin/python bench/moe.py            # ~3 min on a quiet 2-core machine
+    .venv/bin/python bench/moe.py            # ~3 min on a quiet 2-core machine (run it quiet: 2 cores)
     .venv/bin/python bench/moe.py --quick    # 1024 tokens, 5 rounds
 """
 from __future__ import annotations
@@ -201,15 +201,16 @@ def main() -> None:
     r_fwd, r_train = paired(fwd, "ours", "dense"), paired(train, "ours", "dense")
     mx_fwd, mx_train = 1.0 / paired(fwd, "ours_swiglu", "mixtral"), 1.0 / paired(train, "ours_swiglu", "mixtral")
     dense_blas = "numpy's OpenBLAS" if auto == "openblas" else f"torch's {runtime.torch_blas() or 'BLAS'}"
+    load = f" (load {min(load_before[0], load_after[0]):.1f}-{max(load_before[0], load_fwd, load_train, load_after[0]):.1f})"
     verdicts = [
         Verdict(f"MoE forward / dense MLP, same active parameters, same BLAS ({dense_blas})", f"<= {FWD_GOAL}x",
-                f"{r_fwd:.2f}x", r_fwd <= FWD_GOAL, "18.4"),
+                f"{r_fwd:.2f}x" + load, r_fwd <= FWD_GOAL, "18.4"),
         Verdict(f"MoE fwd+bwd / dense MLP, same active parameters, same BLAS ({dense_blas})",
-                f"<= {TRAIN_GOAL}x", f"{r_train:.2f}x", r_train <= TRAIN_GOAL, "18.4"),
+                f"<= {TRAIN_GOAL}x", f"{r_train:.2f}x" + load, r_train <= TRAIN_GOAL, "18.4"),
         Verdict("MoE forward speed-up over transformers' MixtralSparseMoeBlock", f">= {MIXTRAL_GOAL}x",
-                f"{mx_fwd:.2f}x", mx_fwd >= MIXTRAL_GOAL, "18.4"),
+                f"{mx_fwd:.2f}x" + load, mx_fwd >= MIXTRAL_GOAL, "18.4"),
         Verdict("MoE fwd+bwd speed-up over transformers' MixtralSparseMoeBlock", f">= {MIXTRAL_GOAL}x",
-                f"{mx_train:.2f}x", mx_train >= MIXTRAL_GOAL, "18.4"),
+                f"{mx_train:.2f}x" + load, mx_train >= MIXTRAL_GOAL, "18.4"),
     ]
     lib = numpy_openblas()
     probe = probe_openblas_speedup() if lib is not None else 0.0
