@@ -169,8 +169,8 @@ class CachedPairs:
     """Image-text pairs decoded once: ``images`` uint8 (N,3,S,S) (RAM or a memory-mapped cache file),
     ``tokens`` (N,L), ``captions``, ``paths``; ``failures`` lists unreadable images and empty captions.
 
-    ``csv_paths`` are ``filepath,caption`` CSVs (see ``ernie_vl.data.pairs.PairList``) or one
-    ``PairList`` already read. See ``ernie_vl.data.image_cache`` for the cache and its key.
+    ``csv_paths`` are ``filepath,caption`` CSVs (see ``ernie_vl.data.pairs.PairList``), one
+    ``PairList`` already read, or WebDataset shard specs (``ernie_vl.data.shards``; decoded into RAM). See ``ernie_vl.data.image_cache`` for the cache and its key.
     """
 
     def __init__(self, csv_paths: Sequence[str | Path] | Any, preprocess: Callable, tokenizer: Callable,
@@ -178,9 +178,20 @@ class CachedPairs:
                  progress: bool = True, cache_dir: Optional[str | Path] = None) -> None:
         from ernie_vl.data.image_cache import decode_images
         from ernie_vl.data.pairs import PairList
+        from ernie_vl.data.shards import is_shard_spec
 
-        listed = csv_paths if isinstance(csv_paths, PairList) else PairList.from_csvs(csv_paths, image_col, caption_col)
         self.norm = Normaliser(tuple(preprocess.mean), tuple(preprocess.std))
+        if not isinstance(csv_paths, PairList) and csv_paths and all(is_shard_spec(str(p)) for p in csv_paths):
+            from ernie_vl.data.shard_stream import decode_shards
+
+            self._pixels, self.captions, self.paths, skipped = decode_shards(list(map(str, csv_paths)), preprocess,
+                                                                             num_workers, progress)
+            self._rows = torch.arange(len(self.captions))
+            self.cache_file = None
+            self.failures = Failures(len(skipped), list(skipped))
+            self.tokens = tokenize(tokenizer, self.captions)
+            return
+        listed = csv_paths if isinstance(csv_paths, PairList) else PairList.from_csvs(csv_paths, image_col, caption_col)
         decoded = decode_images(listed.paths, preprocess, cache_dir, [listed.digest], num_workers, progress)
         if not len(decoded.rows):
             raise ValueError(f"no readable images in {listed.sources}")

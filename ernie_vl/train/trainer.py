@@ -270,14 +270,29 @@ class Trainer:
             vkw_train = dict(vkw, num_frames=2 * self.num_frames)  # room for temporal / frame-rate jitter
         else:
             vkw_train = vkw
+        from ernie_vl.data.shards import is_shard_spec
+
+        shards = [is_shard_spec(p) for p in cfg.pairs]
+        if any(shards) and not all(shards):
+            raise ValueError(f"--pairs takes CSVs or WebDataset shards, not both: {cfg.pairs}")
         listed = None
-        if cfg.pairs:
+        if cfg.pairs and not any(shards):
             from ernie_vl.data.pairs import PairList
 
             listed = PairList.from_csvs(cfg.pairs, cfg.image_col, cfg.caption_col)
-        self.streaming = self._cache_mb(video_size, len(listed) if listed else 0) > cfg.cache_max_mb
+        self.streaming = any(shards) or self._cache_mb(video_size, len(listed) if listed else 0) > cfg.cache_max_mb
         self.pairs = self.videos = None
-        if self.streaming:
+        if any(shards):
+            from ernie_vl.data.shard_stream import ShardSource
+
+            clips = None
+            if cfg.videos:
+                self.videos = CachedVideos(cfg.videos, **vkw_train)
+                clips = MixedSource(StepMix(0, self.mix.videos, self.mix.world_size), self.ctx.rank, None,
+                                    self.videos, None, PrioritySampler(len(self.videos), seed=cfg.seed + 2, **video_kw),
+                                    video_text=cfg.video_text, seed=cfg.seed, augmenter=self.augmenter)
+            self.source = ShardSource(self.mix, self.ctx.rank, cfg.pairs, model, workers, cfg.seed, videos=clips)
+        elif self.streaming:
             from ernie_vl.data.streaming import StreamingSource
 
             self.source = StreamingSource(

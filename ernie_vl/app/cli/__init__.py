@@ -22,6 +22,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "eval_video",
     "eval_zeroshot",
     "linear_probe",
+    "shard",
     "index",
     "search",
     "eval_retrieval",
