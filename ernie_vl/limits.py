@@ -30,7 +30,7 @@ FIELD_BOUNDS: dict[str, tuple[float, float]] = {
     "head_topk": (1, 1024), "gate_threshold": (0, 2), "context_length": (1, 8192), "vocab_size": (3, 1_000_000),
     "num_queries": (1, 4096), "num_classes": (1, 1_000_000), "norm_eps": (1e-12, 1), "ln_eps": (1e-12, 1),
     "ls_init": (0, 1e3), "label_smoothing": (0, 1), "init_logit_scale": (1e-6, 1e4),
-    "max_logit_scale": (1e-6, 1e4), "init_logit_bias": (-1e4, 1e4), "gate_init": (0, 1e3),
+    "max_logit_scale": (1e-6, 1e4), "init_logit_bias": (-1e4, 1e4), "gate_init": (-1e3, 1e3),
     "image_mean": (-1e3, 1e3), "image_std": (1e-6, 1e3),
 }
 MAX_PATCHES = 65536  # patches per image (per frame): 4096 px at patch 16, 1792 px at patch 7
