@@ -119,6 +119,7 @@ def test_header_that_promises_more_is_corrected(corpus):
         reader = open_video(corpus["avi_mpeg4_nvop_tail"], isolation=isolation)
         assert reader.info.reported_frames == 41 and len(reader) == 40
         assert reader.plan.kind == "sequential"
+        assert reader.isolation_used == ("process" if isolation == "process" else "inline")  # counted: no wait
         with pytest.raises(ValueError, match=r"valid indices are 0\.\.39 \(40 decodable frames, the container claims 41\)"):
             reader.get_frames([40])
     over = open_video(corpus["avi_mpeg4_header_over"])

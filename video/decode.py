@@ -309,9 +309,9 @@ class VideoReader:
         else:
             from video.packets import PacketDecoder
 
-            info = self._open_decoder(PacketDecoder, None, deadline)
-            if info.unsafe_reason is None and not info.counted and choose_plan(info).kind == "sequential":
-                info = self._count(info, deadline)
+            info = self._open_decoder(PacketDecoder, None, deadline, allow_unsafe=True)
+            if info.damage_reason is None and not info.counted and choose_plan(info).kind == "sequential":
+                info = self._count(info, deadline)  # the header's count and missing timestamps do not matter here
         if cache is not None and cached is None and (info.counted or info.unsafe_reason is None):
             cache.put(info)
         self.info = info
@@ -335,9 +335,9 @@ class VideoReader:
         self.info: VideoInfo = self.service.probe(self.path, timeout_s=self.timeout_s)
         self.isolation_used = "process"
 
-    def _open_decoder(self, factory, info: VideoInfo | None, deadline: float) -> VideoInfo:
+    def _open_decoder(self, factory, info: VideoInfo | None, deadline: float, allow_unsafe: bool = False) -> VideoInfo:
         decoder = factory(self.path, threads=self.threads, deadline=deadline, info=info,
-                          max_concealed=self.max_concealed)
+                          max_concealed=self.max_concealed, allow_unsafe=allow_unsafe)
         if decoder.usable:
             self._decoder = decoder
         return decoder.info

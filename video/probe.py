@@ -89,17 +89,28 @@ class VideoInfo:
     def unsafe_reason(self) -> str | None:
         """Why this file is decoded only behind the process watchdog, or None when in-process decoding is safe.
 
-        Safe: every packet is complete and timestamped, and the container's frame count
+        Safe: every packet is complete, and either the frames were counted by decoding (or from the
+        bitstream: the sequential plan) or every packet is timestamped and the container's frame count
         (when it has one) equals the packets found, i.e. nothing a decoder could wait for is missing.
         """
+        damage = self.damage_reason
+        if damage is not None:
+            return damage
+        if self.counted:
+            return None  # frames counted by decoding (or from the bitstream): no decoder waits for a promised one
         if self.sequential:
             return "packet timestamps are missing or repeated"
-        if self.corrupt_packets:
-            return f"{self.corrupt_packets} corrupt or cut packet(s)"
         if self.reported_frames not in (0, self.num_frames):
             return f"the container claims {self.reported_frames} frames, {self.num_frames} exist"
         if len(self.decode_order) != self.num_frames:
             return "no packet order recorded"
+        return None
+
+    @property
+    def damage_reason(self) -> str | None:
+        """Why the data itself is damaged (cut or corrupt packets, packets that failed to decode), or None."""
+        if self.corrupt_packets:
+            return f"{self.corrupt_packets} corrupt or cut packet(s)"
         if self.decode_errors:
             return f"{self.decode_errors} packet(s) failed to decode"
         return None
