@@ -187,6 +187,7 @@ def test_malformed_json_gets_4xx_and_the_connection_survives(server):
 def test_bodies_over_the_limit_are_refused_while_streaming(server):
     url, app = server
     assert declared_too_large(url, "/search", 300 * MB).status == 413
+    assert declared_too_large(url, "/no/such/route", 2 * MB).status == 413   # every route, before routing
     assert declared_too_large(url, "/embed/image", 400 * MB, "multipart/form-data; boundary=x").status == 413
     json_stream = streamed_upload(url, "/search", total=64 * MB, chunk=64 * 1024)
     assert json_stream.status == 413 and json_stream.bytes_sent < 32 * MB, json_stream
@@ -194,7 +195,7 @@ def test_bodies_over_the_limit_are_refused_while_streaming(server):
                                   content_type="multipart/form-data")
     assert form_stream.status == 413 and form_stream.bytes_sent < 32 * MB, form_stream
     refused = app.state.service.body_stats
-    assert refused.too_large == 4
+    assert refused.too_large == 5
     assert health_ok(url)
 
 
