@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from encoders import ImageEncoder, VideoEncoder, VideoEncoderConfig  # noqa: E402
+from encoders import ImageEncoder  # noqa: E402
 from encoders.convert import image_encoder_from_open_clip, video_encoder_from_image_encoder  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "encoders.md"

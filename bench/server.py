@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ernie_vl.app.hub import load_model  # noqa: E402
-from ernie_vl.app.serve.runner import free_port  # noqa: E402
+from ernie_vl.train.distributed import free_port  # noqa: E402
 from ernie_vl.app.serve.text_trim import pad_id_of, trim_padding, trimming_is_exact  # noqa: E402
 from retrieval.embed import encode_text_batch  # noqa: E402
 from retrieval.index import Index  # noqa: E402

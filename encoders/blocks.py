@@ -4,37 +4,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .activations import ActLike, create_act
 from .attention import MultiHeadAttention
 from .gating import HeadGate, HeadGateOutput
 from .windows import window_attention
-
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
-
-
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), the activation of OpenAI CLIP."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-def make_activation(name: str) -> nn.Module:
-    if name == "gelu":
-        return nn.GELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "quick_gelu":
-        return QuickGELU()
-    raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
 class Mlp(nn.Module):
     """fc1 -> activation -> fc2 on (..., C)."""
 
-    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
+    def __init__(self, dim: int, hidden: int, act: ActLike = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = make_activation(act)
+        self.act = create_act(act)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

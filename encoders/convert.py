@@ -14,6 +14,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from .activations import act_name, canonical_act
 from .video_vit import VideoEncoder, VideoEncoderConfig
 from .vit import ImageEncoder, ImageEncoderConfig
 
@@ -33,24 +34,26 @@ def rename_keys(state: dict[str, torch.Tensor], rules: Rules) -> dict[str, torch
     return out
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], assign: bool = False) -> None:
-    """``load_state_dict`` that names every missing, unexpected or mis-shaped key.
-
-    ``assign=True`` adopts the given tensors (for modules built on the meta device).
-    """
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Raise ``ValueError`` naming every missing, unexpected and mis-shaped key of ``state`` for ``module``."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if own[k].shape != state[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"state dict does not match {type(module).__name__}: missing keys {missing}, "
-            f"unexpected keys {unexpected}, shape mismatches {shapes}"
-        )
+    shapes = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
+              for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]
+    problems = [f"{what} ({len(keys)}) {keys}" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    if problems:
+        raise ValueError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], assign: bool = False,
+                source: str = "state dict") -> None:
+    """``load_state_dict`` after :func:`check_state_dict`, so every bad key is named at once.
+
+    ``assign=True`` adopts the given tensors (for modules built on the meta device).
+    """
+    check_state_dict(module, state, source)
     module.load_state_dict(state, strict=True, assign=assign)
 
 
@@ -66,12 +69,10 @@ def _build_empty(cls, cfg):
 
 
 def _activation_name(act: nn.Module, where: str) -> str:
-    name = type(act).__name__
-    if name == "GELU":
-        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
-    if name == "QuickGELU":
-        return "quick_gelu"
-    raise ValueError(f"unsupported activation {name} in {where}; supported: GELU, GELU(tanh), QuickGELU")
+    try:
+        return act_name(act)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _layer_scale_init(ls: nn.Module) -> float | None:
@@ -230,7 +231,6 @@ def image_encoder_from_timm(timm_vit: nn.Module, attn_impl: str = "fused") -> Im
 # ----------------------------------------------------------------------------- HF TimeSformer
 
 HF_ATTENTION = {"divided_space_time": "divided", "joint_space_time": "joint", "space_only": "space_only"}
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 
 HF_TIMESFORMER_RULES: Rules = [
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed."),
@@ -262,8 +262,10 @@ def hf_timesformer_config(config, attn_impl: str = "fused") -> VideoEncoderConfi
     if config.attention_type not in HF_ATTENTION:
         raise ValueError(f"unknown TimeSformer attention_type {config.attention_type!r}; valid: {', '.join(HF_ATTENTION)}")
     act = config.hidden_act
-    if not isinstance(act, str) or act not in HF_ACTIVATIONS:
-        raise ValueError(f"unsupported TimeSformer hidden_act {act!r}; supported: {', '.join(HF_ACTIVATIONS)}")
+    try:
+        act = canonical_act(act)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"unsupported TimeSformer hidden_act: {err}") from None
     attention = HF_ATTENTION[config.attention_type]
     return VideoEncoderConfig(
         image_size=config.image_size,
@@ -278,7 +280,7 @@ def hf_timesformer_config(config, attn_impl: str = "fused") -> VideoEncoderConfi
         patch_bias=True,
         pre_norm=False,
         norm_eps=config.layer_norm_eps,
-        act=HF_ACTIVATIONS[act],
+        act=act,
         pool="cls",
         embed_dim=None,
         attn_impl=attn_impl,

@@ -79,26 +79,41 @@ def class_prompt_lists(class_names: Sequence[str], templates: Sequence[str] = ()
 
 
 @torch.no_grad()
+def ensemble_token_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor],
+                              tokens_per_class: Sequence[torch.Tensor], batch_size: int = 256,
+                              device: Optional[torch.device] = None) -> torch.Tensor:
+    """(C, D) float32 from prompts already tokenised, one (P_c, L) tensor per class: per class the
+    normalised mean of its prompts' normalised text embeddings."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not len(tokens_per_class):
+        raise ValueError("no classes: at least one class with one prompt is needed")
+    counts = torch.tensor([int(t.shape[0]) for t in tokens_per_class])
+    if (counts == 0).any():
+        raise ValueError(f"every class needs at least one prompt; prompts per class: {counts.tolist()}")
+    flat = torch.cat([torch.as_tensor(t) for t in tokens_per_class])
+    chunks = []
+    for start in range(0, flat.shape[0], batch_size):
+        tokens = flat[start:start + batch_size]
+        chunks.append(F.normalize(encode_text(tokens if device is None else tokens.to(device)).float(), dim=-1))
+    per_prompt = torch.cat(chunks)  # (P, D)
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts).to(per_prompt.device)
+    sums = per_prompt.new_zeros(len(counts), per_prompt.shape[1]).index_add_(0, owner, per_prompt)
+    return F.normalize(sums / counts.to(sums)[:, None], dim=-1)
+
+
 def ensemble_text_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable,
                              prompts_per_class: Sequence[Sequence[str]], batch_size: int = 256,
                              device: Optional[torch.device] = None) -> torch.Tensor:
     """(C, D) float32: per class the normalised mean of its prompts' normalised text embeddings."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = [p for group in prompts_per_class for p in group]
-    counts = torch.tensor([len(g) for g in prompts_per_class])
-    if (counts == 0).any():
+    groups = [tuple(g) for g in prompts_per_class]
+    if any(not g for g in groups):
         raise ValueError("every class needs at least one prompt")
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = torch.as_tensor(tokenizer(prompts[start:start + batch_size]))
-        if device is not None:
-            tokens = tokens.to(device)
-        chunks.append(F.normalize(encode_text(tokens).float(), dim=-1))
-    per_prompt = torch.cat(chunks)  # (P, D)
-    owner = torch.repeat_interleave(torch.arange(len(counts)), counts).to(per_prompt.device)
-    sums = per_prompt.new_zeros(len(counts), per_prompt.shape[1]).index_add_(0, owner, per_prompt)
-    return F.normalize(sums / counts.to(sums)[:, None], dim=-1)
+    prompts = [p for group in groups for p in group]
+    tokens = torch.cat([torch.as_tensor(tokenizer(prompts[s:s + batch_size])) for s in range(0, len(prompts), batch_size)])
+    return ensemble_token_embeddings(encode_text, list(tokens.split([len(g) for g in groups])), batch_size, device)
 
 
 def zero_shot_weights(model, tokenizer: Callable, class_names: Sequence[str], templates: Sequence[str] = (),

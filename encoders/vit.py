@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .attention import check_attn_impl
-from .blocks import ACTIVATIONS, Block
+from .activations import ACTIVATIONS
+from .blocks import Block
 from .outputs import EncoderOutput
 from .pos_embed import INTERP_MODES, POS_INITS, resample_pos_embed_2d, sincos_pos_embed_2d
 

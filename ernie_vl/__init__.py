@@ -5,8 +5,7 @@ cheap and the CLI starts fast.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from encoders.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -25,17 +24,4 @@ _EXPORTS: dict[str, str] = {
     "SharedBackbone": "ernie_vl.backbone",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ernie_vl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, extra=("__version__",))

@@ -13,7 +13,7 @@ from torch import nn
 
 from encoders.attention import MultiHeadAttention
 
-from .modality import NUM_MODALITIES, is_visual
+from .modality import NUM_MODALITIES
 from .moe import DenseMLP, MoEConfig, MoEFeedForward, MoEOutput
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from encoders.convert import load_strict
 from ernie_vl.config import ErnieVLConfig
 
 if TYPE_CHECKING:
@@ -144,27 +145,6 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def check_keys(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Raise ``ValueError`` naming every missing, unexpected and mis-shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mis_shaped = sorted(
-        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(tensors)
-        if tuple(tensors[k].shape) != tuple(expected[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    if mis_shaped:
-        problems.append(f"shape mismatches ({len(mis_shaped)}): {mis_shaped}")
-    if problems:
-        raise ValueError(f"{source} does not match the model built from its config: " + "; ".join(problems))
-
-
 def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_location: str | torch.device = "cpu",
                     max_params: int | None = None) -> "ErnieVL":
     """Build ``cls(config)`` and load the weights strictly; quantized checkpoints come back quantized.
@@ -182,8 +162,7 @@ def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_loca
         from ernie_vl.quantize import prepare_quantized
 
         model = prepare_quantized(model, metadata["quantization"])
-    check_keys(model, tensors, str(path))
-    model.load_state_dict(tensors, strict=True)
+    load_strict(model, tensors, source=str(path))
     model.model_id = weights_model_id(cfg.name, metadata["sha256"])
     if cfg.model_id and cfg.model_id != model.model_id:
         warnings.warn(f"{directory}: config.json says model_id {cfg.model_id!r} but the weights give "

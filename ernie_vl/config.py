@@ -20,17 +20,13 @@ from encoders.video_vit import VideoEncoderConfig
 from encoders.vit import ImageEncoderConfig
 from ernie_vl.backbone import BackboneConfig
 from ernie_vl.limits import check_field_bounds, check_field_type, validate_config
+from ernie_vl.checks import check_choice
 
 PROJECTOR_KINDS = ("linear", "mlp", "resampler", "resampler_ernie45")
 PROJECTOR_TOKENS = ("all", "prefix")
 VISUAL_POOLS = ("cls", "mean")
 CONTRASTIVE_KINDS = ("clip", "siglip")
 OPEN_CLIP_VOCAB_SIZE = 49408
-
-
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 def _check_positive(owner: object, *names: str) -> None:
@@ -89,8 +85,8 @@ class ProjectorConfig:
     depth: int = 1
 
     def __post_init__(self) -> None:
-        _check_choice("projector kind", self.kind, PROJECTOR_KINDS)
-        _check_choice("projector tokens", self.tokens, PROJECTOR_TOKENS)
+        check_choice("projector kind", self.kind, PROJECTOR_KINDS)
+        check_choice("projector tokens", self.tokens, PROJECTOR_TOKENS)
         _check_positive(self, "mlp_ratio", "num_queries", "num_heads", "depth")
 
 
@@ -113,7 +109,7 @@ class HeadConfig:
     visual_norm: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("visual_pool", self.visual_pool, VISUAL_POOLS)
+        check_choice("visual_pool", self.visual_pool, VISUAL_POOLS)
         _check_positive(self, "embed_dim")
 
 
@@ -140,7 +136,7 @@ class LossConfig:
     label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_choice("contrastive loss", self.contrastive, CONTRASTIVE_KINDS)
+        check_choice("contrastive loss", self.contrastive, CONTRASTIVE_KINDS)
         _check_positive(self, "init_logit_scale", "max_logit_scale")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.blocks import Mlp, QuickGELU
+from encoders.activations import act_fn as activation_fn, act_name
+from encoders.blocks import Mlp
 from ernie_vl.moe import MoEFeedForward, MoEOutput
-from ernie_vl.moe.activation import activation_fn
 from ernie_vl.moe.stats import compute_routing_stats
 
 #: checkpoint schemes this version reads; v2 (the default) also quantizes the patch convolutions
@@ -143,7 +143,7 @@ def int8_linear(x: torch.Tensor, packed, kernel: str, activation: str | None = N
 
     Activations are quantized per call, per tensor, to 7 bits (u8 0..127, as fbgemm's
     ``reduce_range``: without VNNI the u8 x s8 pair sums of the AVX2 kernels saturate 16 bits
-    at full range). ``activation``: None, or a name of ``ernie_vl.moe.activation.activation_fn``;
+    at full range). ``activation``: None, or a name of ``encoders.activations``;
     oneDNN fuses those in ``ONEDNN_POST_OPS`` into the GEMM.
     """
     lead = x.shape[:-1]
@@ -228,14 +228,11 @@ class Int8Linear(_Packed):
 
 
 def activation_name(act: nn.Module) -> str | None:
-    """The ``activation_fn`` name of an activation module of ``encoders.blocks`` (None: unknown)."""
-    if isinstance(act, nn.GELU):
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    if isinstance(act, QuickGELU):
-        return "quick_gelu"
-    if isinstance(act, nn.SiLU):
-        return "silu"
-    return None
+    """The ``encoders.activations`` name of an activation module (None: not in the registry)."""
+    try:
+        return act_name(act)
+    except ValueError:
+        return None
 
 
 class Int8Mlp(nn.Module):

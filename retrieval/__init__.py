@@ -4,8 +4,7 @@ Public names are resolved lazily so ``import retrieval`` does not load FAISS.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from encoders.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "load_image": "retrieval.images",
@@ -25,17 +24,4 @@ _EXPORTS: dict[str, str] = {
     "write_gallery": "retrieval.gallery",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

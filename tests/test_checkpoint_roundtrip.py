@@ -76,7 +76,7 @@ def test_missing_and_unexpected_keys_are_all_named(saved, tmp_path) -> None:
     with pytest.raises(ValueError) as err:
         ernie_vl.ErnieVL.from_pretrained(str(bad))
     msg = str(err.value)
-    for name in ("classifier.bias", "logits.log_scale", "extra.weight", "text_head.proj.weight: checkpoint (3, 3)"):
+    for name in ("classifier.bias", "logits.log_scale", "extra.weight", "text_head.proj.weight: expected (32, 32), got (3, 3)"):
         assert name in msg
 
 

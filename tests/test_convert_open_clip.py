@@ -53,7 +53,7 @@ def test_strict_loading_names_bad_keys():
     state["head.weight"] = state.pop("proj").t()
     state["extra.weight"] = torch.zeros(1)
     del state["norm.bias"]
-    with pytest.raises(ValueError, match=r"missing keys \['norm.bias'\].*unexpected keys \['extra.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\) \['norm.bias'\].*unexpected keys \(1\) \['extra.weight'\]"):
         load_strict(enc, state)
 
 

@@ -55,8 +55,8 @@ def test_space_only_maps_to_per_frame_rows():
 def test_rejects_unsupported_activation_and_model():
     from encoders.convert import hf_timesformer_config
 
-    cfg = transformers.TimesformerConfig(hidden_act="relu")
-    with pytest.raises(ValueError, match="relu"):
+    cfg = transformers.TimesformerConfig(hidden_act="mish")
+    with pytest.raises(ValueError, match="mish"):
         hf_timesformer_config(cfg)
     with pytest.raises(TypeError, match="Linear"):
         video_encoder_from_hf_timesformer(torch.nn.Linear(2, 2))

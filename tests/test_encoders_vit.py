@@ -66,7 +66,7 @@ def test_bad_input_names_the_value(x, err, match):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (dict(act="relu"), "relu"),
+        (dict(act="mish"), "mish"),
         (dict(attn_impl="flash"), "flash"),
         (dict(pool="max"), "max"),
         (dict(width=30), "30"),

@@ -5,8 +5,7 @@ decode worker process (``python -m video.worker``) starts without importing torc
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from encoders.lazy import lazy_exports
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -46,17 +45,4 @@ _EXPORTS: dict[str, str] = {
     "save_confusion_matrix": "video.plots",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'video' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -3,7 +3,7 @@
 An item is ``(clip (T,3,H,W) float32, label int)``, or ``None`` when the file
 cannot be decoded; the failure is counted and listed in ``dataset.failures``,
 also when it happened inside a DataLoader worker process (the log is a small
-append-only file shared by the workers). Batch with :func:`collate_skip_none`.
+append-only file shared by the workers). Batch with :func:`collate_skip_none` (``retrieval.datasets``).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
+from retrieval.datasets import collate_skip_none  # noqa: F401  (re-exported: video.collate_skip_none)
 from video.decode import open_video
 from video.errors import VideoDecodeError
 from video.sampling import SampledClip, build_sampler
@@ -105,14 +106,6 @@ class ConcealLog(FailureLog):
 
     def entries(self) -> list[ConcealedClip]:  # type: ignore[override]
         return [ConcealedClip(**entry) for entry in self._lines()]
-
-
-def collate_skip_none(batch: Sequence):
-    """``default_collate`` of the items that are not None; None when every item failed."""
-    kept = [item for item in batch if item is not None]
-    if not kept:
-        return None
-    return default_collate(kept)
 
 
 class VideoClipDataset(Dataset):

@@ -1,17 +1,18 @@
 """The experts' activations by name: differentiable functions, and in-place forms for the kernels.
 
-Names: ``gelu`` (exact erf), ``gelu_tanh``, ``quick_gelu`` (CLIP's ``x * sigmoid(1.702 x)``), ``silu``.
-Imports only torch (the fast kernels and the int8 path use it too).
+Names: ``gelu`` (exact erf), ``gelu_tanh``, ``quick_gelu`` (CLIP's ``x * sigmoid(1.702 x)``), ``silu``: the
+subset of the registry ``encoders.activations`` that the fused expert kernels run. Imports only torch and
+that registry (the fast kernels use it too).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from encoders.activations import QUICK_GELU_ALPHA, act_fn
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "silu")
-QUICK_GELU_ALPHA = 1.702
 
 
 def _check(name: str) -> None:
@@ -22,13 +23,7 @@ def _check(name: str) -> None:
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The differentiable activation ``name`` as a function of one tensor."""
     _check(name)
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda h: F.gelu(h, approximate="tanh")
-    if name == "silu":
-        return F.silu
-    return lambda h: h * torch.sigmoid(QUICK_GELU_ALPHA * h)
+    return act_fn(name)
 
 
 def activation_into(h: torch.Tensor, name: str, out: torch.Tensor) -> torch.Tensor:

@@ -4,17 +4,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..checks import check_choice
 from .activation import ACTIVATIONS
 
 EXPERT_TYPES = ("mlp", "swiglu")
 DISPATCH_MODES = ("dropless", "capacity")
 ROUTING_MODES = ("shared", "isolated", "groups")
 GROUP_FAMILIES = {"text": (0,), "vision": (1, 2), "image": (1,), "video": (2,)}  # name -> modality ids
-
-
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 @dataclass
@@ -78,12 +74,12 @@ class MoEConfig:
     orthogonal_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
+        check_choice("expert_type", self.expert_type, EXPERT_TYPES)
         if self.activation is None:
             self.activation = "silu" if self.expert_type == "swiglu" else "gelu"
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("dispatch", self.dispatch, DISPATCH_MODES)
-        _check_choice("routing", self.routing, ROUTING_MODES)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("dispatch", self.dispatch, DISPATCH_MODES)
+        check_choice("routing", self.routing, ROUTING_MODES)
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
         if self.num_experts < 1:
@@ -119,7 +115,7 @@ class MoEConfig:
             raise ValueError("group_layout is empty; give at least one of " + ", ".join(GROUP_FAMILIES))
         seen: dict[int, str] = {}
         for name in self.group_layout:
-            _check_choice("group family", name, tuple(GROUP_FAMILIES))
+            check_choice("group family", name, tuple(GROUP_FAMILIES))
             for m in GROUP_FAMILIES[name]:
                 if m in seen:
                     raise ValueError(f"group_layout {list(self.group_layout)}: modality {m} is in both "

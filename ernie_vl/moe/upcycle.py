@@ -6,22 +6,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from encoders.activations import act_name, canonical_act
+
 from .experts import DenseMLP, DenseSwiGLU
-
-_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                   "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
-
 
 def activation_name(module: nn.Module) -> str:
     """Our activation name for an activation module (nn.GELU, nn.SiLU, open_clip QuickGELU)."""
-    if isinstance(module, nn.GELU):
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    if isinstance(module, nn.SiLU):
-        return "silu"
-    if type(module).__name__ == "QuickGELU":
-        return "quick_gelu"
-    raise TypeError(f"unsupported activation module {type(module).__name__}; "
-                    "valid: nn.GELU, nn.SiLU, QuickGELU")
+    try:
+        return act_name(module)
+    except ValueError as err:
+        raise TypeError(str(err)) from None
 
 
 def read_dense_mlp(dense: Any) -> dict[str, Any]:
@@ -136,9 +130,10 @@ def upcycle_layer(cls: type, dense: Any, num_experts: int, top_k: int, noise_std
 def _mixtral_activation(block: nn.Module) -> str:
     config = getattr(block.experts, "config", None)
     name = getattr(config, "hidden_act", "silu")
-    if name not in _HF_ACTIVATIONS:
-        raise ValueError(f"unsupported Mixtral hidden_act {name!r}; valid: {sorted(_HF_ACTIVATIONS)}")
-    return _HF_ACTIVATIONS[name]
+    try:
+        return canonical_act(name)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"unsupported Mixtral hidden_act: {err}") from None
 
 
 def stacked_swiglu_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

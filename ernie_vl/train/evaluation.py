@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
+
+from encoders.prompts import ensemble_token_embeddings
 
 
 def _chunks(n: int, size: int):
@@ -52,13 +53,6 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 
 
 @torch.no_grad()
-def class_text_embeddings(model: Any, prompt_tokens: list[torch.Tensor]) -> torch.Tensor:
-    """(C, D): per class, the normalised mean of its normalised prompt embeddings (CLIP prompt ensembling)."""
-    rows = [F.normalize(model.encode_text(tokens).float().mean(0), dim=-1) for tokens in prompt_tokens]
-    return torch.stack(rows)
-
-
-@torch.no_grad()
 def evaluate_videos(model: Any, videos: Any, batch_size: int = 32) -> dict[str, float]:
     """Supervised (``classify_video``) and zero-shot (class prompts) top-1/top-5 over a cached video source."""
     logits, video_emb = [], []
@@ -68,7 +62,7 @@ def evaluate_videos(model: Any, videos: Any, batch_size: int = 32) -> dict[str, 
         video_emb.append(model.encode_video(clips).float())
     labels = videos.labels
     supervised = topk_accuracy(torch.cat(logits), labels)
-    text = class_text_embeddings(model, videos.prompt_tokens)
+    text = ensemble_token_embeddings(model.encode_text, videos.prompt_tokens)  # (C, D), prompt ensembling
     zero_shot = topk_accuracy(torch.cat(video_emb) @ text.t(), labels)
     return {"video_top1": supervised[1], "video_top5": supervised[5],
             "video_zeroshot_top1": zero_shot[1], "video_zeroshot_top5": zero_shot[5]}

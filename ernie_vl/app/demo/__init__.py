@@ -4,8 +4,7 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from encoders.lazy import lazy_exports
 
 _EXPORTS = {
     "DemoConfig": "ernie_vl.app.demo.config",
@@ -18,13 +17,4 @@ _EXPORTS = {
     "format_summary": "ernie_vl.app.demo.summary",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ernie_vl.app.demo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 
 from ernie_vl.app.demo.runner import StageContext
 from ernie_vl.app.demo.workspace import Workspace, read_captions
@@ -66,24 +64,6 @@ def class_prompts(ws: Workspace, classes: list[str]) -> dict[str, list[str]]:
     return {c: prompts.get(c) or [f"a video of {c.replace('_', ' ')}"] for c in classes}
 
 
-class PromptEnsembleClassifier(torch.nn.Module):
-    """Zero-shot ``classify_video``: cosine between the video embedding and, per class, the normalised
-    mean of its prompts' text embeddings (each class has its own prompt list, not shared templates)."""
-
-    def __init__(self, model: Any, prompts: dict[str, list[str]]) -> None:
-        super().__init__()
-        self.model = model
-        self.class_names = list(prompts)
-        with torch.inference_mode():
-            rows = [F.normalize(model.encode_text(model.tokenizer(list(p))).float(), dim=-1).mean(0)
-                    for p in prompts.values()]
-        self.register_buffer("text_embeddings", F.normalize(torch.stack(rows), dim=-1), persistent=False)
-
-    def classify_video(self, clips: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) -> (B, C) cosine similarities x 100."""
-        return 100.0 * F.normalize(self.model.encode_video(clips).float(), dim=-1) @ self.text_embeddings.t()
-
-
 def _eval_dict(result: Any) -> dict:
     """The plain figures of a ``video.EvalResult``."""
     return {"top1": float(result.top1), "top5": float(result.top5), "num_videos": int(result.num_videos),
@@ -125,7 +105,8 @@ def evaluate_actions(ws: Workspace, ctx: StageContext) -> dict:
     bar.update(1)
     bar.set_postfix_str("zero-shot")
     prompts = class_prompts(ws, classes)
-    zero_shot = video.evaluate(PromptEnsembleClassifier(model, prompts), dataset, num_workers=0,
+    zero_shot_model = video.ZeroShotClassifier(model, model.tokenizer, classes, class_prompts=prompts, logit_scale=100.0)
+    zero_shot = video.evaluate(zero_shot_model, dataset, num_workers=0,
                                out_dir=ws.actions_dir / "zero_shot", progress=False)
     bar.update(1)
     video.save_confusion_matrix(supervised.confusion, classes, ws.figure("confusion_matrix.png"),

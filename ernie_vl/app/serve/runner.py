@@ -7,7 +7,6 @@ size cap, connection cap) with uvicorn's keep-alive timeout, backlog and optiona
 from __future__ import annotations
 
 import importlib.util
-import socket
 import threading
 import time
 from typing import Optional
@@ -16,13 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from ernie_vl.app.serve.connections import ConnectionLimits, ConnectionRegistry, guarded_protocol, raise_open_file_limit
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from ernie_vl.train.distributed import free_port
 
 
 def fast_io() -> tuple[str, str]:
