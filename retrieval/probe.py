@@ -101,8 +101,9 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: Sequ
                      weight_decays: Sequence[float] = WEIGHT_DECAYS, val_fraction: float = 0.2, max_iter: int = 500,
                      seed: int = 0, model_id: Optional[str] = None) -> LinearProbe:
     """Fit a probe on ``features`` (N,D) with ``labels`` (N,) in ``range(len(classes))``; see the module docstring."""
-    x = torch.as_tensor(features).double()
-    y = torch.as_tensor(labels).long()
+    # copies made here, outside any inference mode, so that features from one are fine for autograd
+    x = torch.as_tensor(features).to(torch.float64, copy=True)
+    y = torch.as_tensor(labels).to(torch.int64, copy=True)
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"need features (N,D) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
     if len(y) < 2 or not len(weight_decays):
