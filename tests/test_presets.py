@@ -24,11 +24,21 @@ def test_unknown_preset_lists_the_valid_ones() -> None:
         ernie_vl.create_model("huge")
 
 
-def test_every_preset_round_trips_through_a_dict() -> None:
-    for name in ernie_vl.list_models():
-        cfg = ernie_vl.load_config(name)
-        assert ErnieVLConfig.from_dict(cfg.to_dict()) == cfg
-        assert cfg.name == name
+@pytest.mark.parametrize("name", ernie_vl.list_models())
+def test_preset_round_trips_through_a_dict(name: str) -> None:
+    cfg = ernie_vl.load_config(name)
+    assert ErnieVLConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.name == name
+
+
+@pytest.mark.parametrize("name", ernie_vl.list_models())
+def test_preset_builds_with_its_own_id_context_and_classes(name: str) -> None:
+    count, model = _count(name)  # on the meta device: shapes only
+    cfg = ernie_vl.load_config(name)
+    assert count > 0 and model.model_id == f"ernie-vl:{name}"
+    assert model.text_embedding.positional_embedding.shape[0] == cfg.text.context_length
+    assert model.classifier.out_features == cfg.num_classes
+    assert model.tokenizer(["a photo of a dog"]).shape == (1, cfg.text.context_length)
 
 
 def test_unknown_keys_fail_and_name_the_valid_ones() -> None:

@@ -59,10 +59,6 @@ class VideoInfo:
     _pts_index: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
-    def start_pts(self) -> int:
-        return self.frame_pts[0]
-
-    @property
     def duration(self) -> float:
         """Seconds from the first frame to the end of the last (one mean frame period added)."""
         if self.num_frames < 2:

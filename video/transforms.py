@@ -51,11 +51,6 @@ def crop(clip: torch.Tensor, top: int, left: int, height: int, width: int) -> to
     return clip[..., top:top + height, left:left + width]
 
 
-def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre ``size`` x ``size`` square of (T,3,H,W) (H, W >= size)."""
-    return spatial_crop(clip, size, 1, 3)
-
-
 def spatial_crop(clip: torch.Tensor, size: int, index: int, num_crops: int) -> torch.Tensor:
     """Crop ``index`` of ``num_crops`` squares spread along the long side (1 = centre, 3 = start/centre/end)."""
     h, w = clip.shape[-2:]

@@ -52,14 +52,6 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    if total_steps <= 0 or warmup_steps < 0:
-        raise ValueError(f"need total_steps > 0 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, warmup_steps, total_steps, min_ratio))
-
-
 class RefittableCosine:
     """Warm-up then cosine whose length can be re-fitted mid-run without a jump in the LR.
 
