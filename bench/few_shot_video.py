@@ -106,7 +106,8 @@ def markdown(rows: list[dict], command: str, facts) -> str:
         lines.append(f"| {r['clips']} | {r['variant']} | {r['seed']} | {r['steps']} | {r['train_s']} | "
                      f"{b['minutes']} / {b['steps']} | {r['load'][0]} / {r['load'][1]} | {r['top1']:.3f} | "
                      f"{r['zeroshot_top1']:.3f} |")
-    lines += ["", "Held-out: 32 clips per class (8 classes, chance 0.125). `full`: the defaults of "
+    lines += ["", f"Clips: `bench/_motion_clips.py` drawing version {VERSION}. "
+              "Held-out: 32 clips per class (8 classes, chance 0.125). `full`: the defaults of "
               "`ernie-vl train --videos` (recipe + the data's augment.json); `noaug`: no clip augmentation; "
               "`space_only`: frame-wise encoder. The machine is shared: wall-clock budgets are not comparable "
               "between rows with different loads; step budgets are.", ""]
@@ -131,12 +132,15 @@ def main() -> None:
     rows = json.loads(ROWS_FILE.read_text()) if ROWS_FILE.is_file() else []
     for clips, variant, seed in todo:
         row = run_row(clips, variant, seed, args)
+        row["generator"] = VERSION
         print(json.dumps({k: v for k, v in row.items() if k != "setup"}), flush=True)
         rows = [r for r in rows if (r["clips"], r["variant"], r["seed"]) != (clips, variant, seed)] + [row]
         ROWS_FILE.parent.mkdir(parents=True, exist_ok=True)
         ROWS_FILE.write_text(json.dumps(rows, indent=1) + "\n")  # each finished row is kept at once
     facts = machine(load0)
     command = command_line("few_shot_video.py")
+    if args.work != p.get_default("work"):  # the scratch folder is this machine's business, not the result's
+        command = command.replace(args.work, "WORK")
     vs = verdicts(rows)
     for v in vs:
         print(f"{v.what}: {v.measured} -> goal {v.goal}: {'met' if v.met else 'not met'}")
