@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from _video_fixtures import write_clip, write_solid_clip
+from _video_fixtures import with_garbage_packets, write_clip, write_mjpeg_clip, write_solid_clip
 from _video_models import BlueLevelClassifier, ColourEmbedder, ColourTokenizer
 from ernie_vl.app.cli import main
 
@@ -101,6 +101,32 @@ def test_eval_video_writes_metrics_and_confusion(fake_hub, videos, tmp_path, cap
     counts = json.loads((out_dir / "confusion.json").read_text())["counts"]
     assert counts == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
     assert (out_dir / "confusion.png").stat().st_size > 1000
+
+
+def test_damaged_and_unreadable_files_are_counted_in_the_summaries(fake_hub, videos, tmp_path, capsys):
+    """A folder of good, damaged (one frame concealed), badly damaged and unreadable files: both commands finish."""
+    root = tmp_path / "mixed"
+    for name in ("low", "high"):
+        (root / name).mkdir(parents=True)
+    clean = write_mjpeg_clip(tmp_path / "clean.mp4", num_frames=16)
+    write_clip(root / "low" / "good.mp4", num_frames=16, blue=0)
+    with_garbage_packets(clean, root / "high" / "one_bad.mp4", [6])  # TSN, 4 of 16 frames: 2, 6, 10, 14 (1 of 4)
+    with_garbage_packets(clean, root / "high" / "two_bad.mp4", [2, 10])  # 2 of 4 sampled frames: fails
+    (root / "high" / "unreadable.mp4").write_text("nope")
+    out_dir = tmp_path / "eval"
+    code = main(["eval-video", "supervised", str(root), "--out", str(out_dir), "--frames", "4", "--workers", "0",
+                 "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "videos 2/4" in printed
+    assert "failed 2  concealed 1 clip(s) (1 frame(s)" in printed
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert (metrics["num_failed"], metrics["num_concealed_clips"], metrics["num_concealed_frames"]) == (2, 1, 1)
+    assert metrics["concealed"][0]["path"].endswith("one_bad.mp4") and metrics["concealed"][0]["frames"] == [6]
+    code = main(["classify", "supervised", str(root / "high" / "one_bad.mp4"), str(root / "high" / "unreadable.mp4"),
+                 "--frames", "4", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and "concealed frames [6]" in captured.out and "error:" in captured.out
+    assert "1 of 2 videos had frames concealed" in captured.err and "1 of 2 videos could not be decoded" in captured.err
 
 
 def test_cli_errors(fake_hub, videos, capsys):

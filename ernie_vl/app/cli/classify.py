@@ -65,8 +65,14 @@ def run(args: argparse.Namespace) -> int:
             print(r.path)
             if r.error:
                 print(f"  error: {r.error}")
+            if r.concealed:
+                print(f"  concealed frames {r.concealed[:8]}: they did not decode, their nearest decodable frame "
+                      "stands in")
             for label, score in zip(r.labels, r.scores):
                 print(f"  {score:7.4f}  {label}")
+    concealed = [r for r in results if r.concealed]
+    if concealed:
+        print(f"{len(concealed)} of {len(results)} videos had frames concealed", file=sys.stderr)
     if failed:
         print(f"{len(failed)} of {len(results)} videos could not be decoded", file=sys.stderr)
     return 1 if failed else 0
