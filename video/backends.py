@@ -1,14 +1,14 @@
-"""The two decoders, in-process: a planned PyAV decoder and decord, both returning numpy uint8 (T,H,W,3).
+"""decord and the backend choice; PyAV requests go to the file's plan (``video.plan``).
 
 These run inside the decode worker process (``video.worker``) and import no torch.
-Both take a :class:`~video.probe.VideoInfo`, so indices are already checked
-against the frames that exist.
+They take a :class:`~video.probe.VideoInfo`, so indices are already checked
+against the frames that exist. :func:`decode_frames` serves the worker and
+in-process requests that are not served by a reader's own decoder: PyAV by the
+plan (packets or sequential), decord only where ``video.plan.decord_refusal`` lets it.
 
-The PyAV decoder plans its work from the key-frame layout: it decodes forward
-while the next wanted frame is close, and seeks to the key frame before it when
-that saves more than ``seek_cost_frames`` decodes. On a long-GOP file that is
-one forward pass that stops at the last wanted frame; on a short-GOP file it is
-one seek per wanted frame, like decord, without decord's per-frame overhead.
+:func:`decode_pyav` is the older seek-based PyAV decoder (container seeks to key frames,
+frames placed by timestamp). It is exact only where the packets plan is (the tests use it as
+a second, independent reading of such files); no request path uses it any more.
 """
 from __future__ import annotations
 
