@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # before bench/ (the script's folder), whose encoders.py would shadow the package
+if str(ROOT / "bench") not in sys.path:
+    sys.path.append(str(ROOT / "bench"))
 
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
 from train_synthetic import make_data, train_variant  # noqa: E402

@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 @pytest.fixture()
 def mb():
-    sys.path.insert(0, str(BENCH))
+    sys.path.append(str(BENCH))  # after the packages: bench/encoders.py must not shadow ``encoders``
     try:
         spec = importlib.util.spec_from_file_location("moe_balance", BENCH / "moe_balance.py")
         module = importlib.util.module_from_spec(spec)
