@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .upcycle import _HF_ACTIVATIONS, stacked_swiglu_weights
+from encoders.activations import act_name, canonical_act
+
+from .upcycle import stacked_swiglu_weights
 
 _ACTIVATION_TYPES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu",
                      "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
@@ -27,14 +29,14 @@ def _activation(block: nn.Module, experts: nn.Module) -> str:
     shared = getattr(block, "shared_experts", None)
     config = getattr(shared, "config", None)
     if config is not None and getattr(config, "hidden_act", None) is not None:
-        name = config.hidden_act
-        if name not in _HF_ACTIVATIONS:
-            raise ValueError(f"unsupported ERNIE 4.5 hidden_act {name!r}; valid: {sorted(_HF_ACTIVATIONS)}")
-        return _HF_ACTIVATIONS[name]
+        try:
+            return canonical_act(config.hidden_act)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"unsupported ERNIE 4.5 hidden_act: {err}") from None
     act = getattr(experts, "act_fn", None)
     kind = type(act).__name__
-    if isinstance(act, nn.GELU):
-        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if isinstance(act, nn.Module) and kind not in _ACTIVATION_TYPES:
+        return act_name(act)  # torch's own modules; ValueError naming the supported ones otherwise
     if kind not in _ACTIVATION_TYPES:
         raise ValueError(f"unsupported ERNIE 4.5 expert activation {kind}; valid: {sorted(_ACTIVATION_TYPES)}")
     return _ACTIVATION_TYPES[kind]
