@@ -181,3 +181,27 @@ def test_every_fast_path_is_in_the_corpus(corpus):
 
     missing = {pair for pair in unproven if has_encoder(encoders.get(pair[1], pair[1]))}
     assert not missing, f"fast paths without a corpus clip: {sorted(missing)}"
+
+
+def test_packed_bframes_decode_to_the_unpacked_frames_and_only_in_order(corpus):
+    """The packed copy decodes to the very frames of its source; placing frames by timestamp (the packets
+    plan, decord) would swap neighbours, which is why MPEG-4 in AVI takes the sequential plan."""
+    from video.backends import decode_pyav
+    from video.packets import PacketDecoder, PlanMismatch
+
+    if "avi_mpeg4_packed_bframes" not in corpus:
+        pytest.skip("mpeg4 encoder missing")
+    packed, source = corpus["avi_mpeg4_packed_bframes"], corpus["avi_mpeg4_bframes"]
+    every = list(range(40))
+    truth = reference_frames(source, every)
+    assert np.array_equal(reference_frames(packed, every), truth)
+    reader = open_video(packed)
+    assert reader.plan.kind == "sequential" and len(reader) == 40
+    assert np.array_equal(reader.get_frames_numpy(every), truth)
+    try:  # the seek/timestamp decoder (exact where the packets plan is): wrong frames, or frames it cannot place
+        wrong = not np.array_equal(decode_pyav(probe_video(packed), every), truth)
+    except VideoDecodeError:
+        wrong = True
+    assert wrong
+    with pytest.raises(PlanMismatch):  # the packets plan's safety net sees the shuffled timestamps
+        PacketDecoder(str(packed)).decode(every)

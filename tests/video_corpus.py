@@ -195,7 +195,45 @@ def with_trailing_nvop(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _vop_type(data: bytes) -> str:
+    pos = data.find(b"\x00\x00\x01\xb6")
+    return "IPBS"[data[pos + 4] >> 6] if pos >= 0 else "?"
+
+
+def with_packed_bframes(src: Path, dst: Path) -> Path:
+    """``src`` (mpeg4 with B-frames in AVI) rewritten the way DivX 5 / Xvid "packed bitstream" stores it:
+    each reference VOP shares its packet with the first B-VOP after it, later B-VOPs keep theirs, and an
+    N-VOP placeholder keeps one packet per frame; a "DivX503b1393p" user data tells the decoder. Decodes
+    to the same frames as ``src``, but the decoded frames' timestamps come out shuffled (Megamind.avi)."""
+    from video.mpeg4 import time_increment_bits
+
+    with av.open(str(src)) as inp:
+        stream_in = inp.streams.video[0]
+        packets = [bytes(p) for p in inp.demux(stream_in) if p.size]
+        bits = time_increment_bits(bytes(stream_in.codec_context.extradata or b"")) or time_increment_bits(packets[0])
+        packed: list[bytes] = []
+        i = 0
+        while i < len(packets):
+            j = i + 1
+            while j < len(packets) and _vop_type(packets[j]) == "B":
+                j += 1
+            bs = packets[i + 1:j]
+            packed += [packets[i] + bs[0], *bs[1:], nvop_packet(bits)] if bs else [packets[i]]
+            i = j
+        vop = packed[0].find(b"\x00\x00\x01\xb6")
+        packed[0] = packed[0][:vop] + b"\x00\x00\x01\xb2DivX503b1393p" + packed[0][vop:]
+        with av.open(str(dst), "w", format="avi") as out:
+            stream_out = out.add_stream_from_template(stream_in)
+            for k, data in enumerate(packed):
+                packet = av.Packet(data)
+                packet.stream, packet.pts, packet.dts, packet.time_base = stream_out, k, k, stream_in.time_base
+                packet.is_keyframe = _vop_type(data) == "I"
+                out.mux(packet)
+    return dst
+
+
 DERIVED.update({
+    "avi_mpeg4_packed_bframes": ("avi_mpeg4_bframes", with_packed_bframes),
     "avi_mpeg4_header_over": ("avi_mpeg4", lambda s, d: with_avi_frame_count(s, d, 5)),
     "avi_mpeg4_header_under": ("avi_mpeg4", lambda s, d: with_avi_frame_count(s, d, -5)),
     "avi_mpeg4_nvop_tail": ("avi_mpeg4_bframes", with_trailing_nvop),
