@@ -237,6 +237,7 @@ DERIVED.update({
     "avi_mpeg4_header_over": ("avi_mpeg4", lambda s, d: with_avi_frame_count(s, d, 5)),
     "avi_mpeg4_header_under": ("avi_mpeg4", lambda s, d: with_avi_frame_count(s, d, -5)),
     "avi_mpeg4_nvop_tail": ("avi_mpeg4_bframes", with_trailing_nvop),
+    "avi_mpeg4_packed_nvop_tail": ("avi_mpeg4_packed_bframes", with_trailing_nvop),  # HMDB51's Xvid clips
     "mp4_h264_cut": ("mp4_h264_long_gop_bframes", lambda s, d: truncated_copy(s, d, 0.7)),
 })
 
