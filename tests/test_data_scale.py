@@ -125,3 +125,24 @@ def test_a_csv_that_is_not_utf8_names_the_file_and_the_line(tmp_path):
     csv.write_bytes("filepath,caption\na.png,a cat\nb.png,caf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.csv.*line 3"):
         PairList.from_csvs([csv])
+
+
+def _decode_in_process(args):
+    csv, cache = args
+    import ernie_vl
+    from ernie_vl.data.image_cache import decode_images
+    from ernie_vl.data.pairs import PairList
+
+    listed = PairList.from_csvs([csv])
+    got = decode_images(listed.paths, ernie_vl.create_model("test").preprocess, cache, [listed.digest], 0, False)
+    return got.pixels.numpy().copy(), str(got.cache_file)
+
+
+def test_two_processes_decoding_one_cache_entry_share_one_file(tmp_path):
+    import multiprocessing
+
+    csv = write_pairs(tmp_path / "data", 300)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        (a, file_a), (b, file_b) = pool.map(_decode_in_process, [(str(csv), str(tmp_path / "cache"))] * 2)
+    assert file_a == file_b and np.array_equal(a, b)
+    assert [p.suffix for p in (tmp_path / "cache").glob("*.u8*")] == [".u8"]

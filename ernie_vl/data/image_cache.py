@@ -9,7 +9,8 @@ whatever the size of the set (one shared tensor per image, kept alive, exhausted
 With a cache folder the array is a numpy memmap on disk,
 ``<cache>/<key>.u8`` + ``<key>.json`` (shape, failed rows). The key hashes the CSVs'
 content, the transform and every image file's size and mtime, so a rerun on the same data
-maps the file instead of decoding, and an edited file makes a new entry. Decoding writes
+maps the file instead of decoding, and an edited file makes a new entry. One process decodes an
+entry at a time (a lock file; other ranks wait and then map it). Decoding writes
 ``<key>.u8.partial`` and records its progress every few thousand images: an interrupted
 decode resumes where it stopped; the finished file is renamed into place. Without a cache
 folder the array lives in RAM.
@@ -128,9 +129,19 @@ def decode_images(paths: Sequence[str], preprocess: Callable, cache_dir: Optiona
 
 def _decode_cached(paths: Sequence[str], preprocess: Callable, folder: Path, key_parts: Sequence[Any],
                    shape: tuple[int, ...], num_workers: int, progress: bool) -> DecodedImages:
-    n = shape[0]
+    import fcntl
+
     folder.mkdir(parents=True, exist_ok=True)
     key = cache_key("images-v2", repr(preprocess), list(key_parts), file_stamps(paths))
+    # one decoder per entry: other processes (ranks, a second run) wait, then map the finished file
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _decode_locked(paths, preprocess, folder, key, shape, num_workers, progress)
+
+
+def _decode_locked(paths: Sequence[str], preprocess: Callable, folder: Path, key: str, shape: tuple[int, ...],
+                   num_workers: int, progress: bool) -> DecodedImages:
+    n = shape[0]
     data, meta = folder / f"{key}.u8", folder / f"{key}.json"
     expected = int(np.prod(shape))
     if meta.is_file() and data.is_file() and data.stat().st_size == expected:
