@@ -223,3 +223,13 @@ def test_groups_layer_upcycles_from_a_dense_mlp_exactly():
     x, ids = torch.randn(12, 16), torch.tensor([TEXT, IMAGE, VIDEO] * 4)
     with torch.no_grad():
         torch.testing.assert_close(layer(x, ids).output, dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_router_stays_float32_under_bf16_autocast():
+    router = Router(32, 6, score_bias=True)
+    x = torch.randn(10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router.logits(x)
+        decision = router.route_fused(logits, 2)
+    assert logits.dtype == torch.float32 and decision.weights.dtype == torch.float32
+    torch.testing.assert_close(logits, x @ router.weight.t().detach(), atol=1e-6, rtol=1e-6)

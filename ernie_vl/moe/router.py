@@ -146,11 +146,12 @@ class Router(nn.Module):
             self.register_buffer("expert_group", group, persistent=False)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, E) float32 logits; jitter noise on the input in training."""
+        """(N, D) -> (N, E) float32 logits (autocast off); jitter noise on the input in training."""
         x = x.float()
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        return _RouterLinear.apply(x, self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # float32 under bf16 autocast too (as ERNIE 4.5)
+            return _RouterLinear.apply(x, self.weight.float())
 
     def allowed(self, modality_ids: torch.Tensor) -> torch.Tensor | None:
         """(N,) modality ids -> (N, E) bool, True where the token may go; None if unrestricted."""
