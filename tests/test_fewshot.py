@@ -189,9 +189,9 @@ def test_freeze_backbone_trains_only_a_prompt_initialised_head(tiny_data, tmp_pa
     trainer = Trainer(tiny_config(tiny_data, tmp_path / "probe", max_steps=3, freeze="backbone", pairs=[]))
     model = trainer.model
     assert trainer.trainable == model.classifier.weight.numel() + model.classifier.bias.numel()
-    from ernie_vl.train.evaluation import class_text_embeddings
+    from encoders.prompts import ensemble_token_embeddings
 
-    text = class_text_embeddings(model, trainer.videos.prompt_tokens)
+    text = ensemble_token_embeddings(model.encode_text, trainer.videos.prompt_tokens)
     cos = torch.nn.functional.cosine_similarity(model.classifier.weight.detach(), text, dim=-1)
     torch.testing.assert_close(cos, torch.ones(4))  # the head starts as the zero-shot classifier
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -57,11 +57,11 @@ def add_drop_path(encoder: nn.Module, rate: float) -> list:
 @torch.no_grad()
 def init_head_from_prompts(model: Any, prompt_tokens: Sequence[torch.Tensor], clips: torch.Tensor) -> None:
     """Classifier rows := normalised class text embeddings x (logit scale / mean clip embedding norm)."""
-    from ernie_vl.train.evaluation import class_text_embeddings
+    from encoders.prompts import ensemble_token_embeddings
 
     was = model.training
     model.eval()
-    text = class_text_embeddings(model, prompt_tokens)  # (C, E), unit rows
+    text = ensemble_token_embeddings(model.encode_text, prompt_tokens)  # (C, E), unit rows (prompt ensembling)
     norm = model.video_features(clips, routing=False).embeds.float().norm(dim=-1).mean().clamp_min(1e-6)
     model.train(was)
     model.classifier.weight.copy_(text * (model.logits.scale().float() / norm))
