@@ -17,7 +17,7 @@ _EXPORTS: dict[str, str] = {
     "list_models": "ernie_vl.presets",
     "create_model": "ernie_vl.presets",
     "load_config": "ernie_vl.presets",
-    "get_tokenizer": "encoders.text",
+    "get_tokenizer": "ernie_vl.tokenizer",
     "from_open_clip": "ernie_vl.from_open_clip",
     "quantize_int8": "ernie_vl.quantize",
     "MoEFeedForward": "ernie_vl.moe",

@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = "1"
+#: header entries that save_pretrained writes itself
+RESERVED_METADATA = ("format", "ernie_vl_format", "sha256", "quantization")
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -59,13 +62,48 @@ def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: "ErnieVL", directory: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What ``save_pretrained`` wrote: the folder, the model id a load of it gets, the weights' digest and the
+    header metadata (``quantization`` names the int8 scheme of a quantized model)."""
+
+    directory: Path
+    model_id: str
+    sha256: str
+    metadata: dict[str, str]
+
+
+def check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    """Extra header entries, checked: string keys and values, none of ``RESERVED_METADATA``."""
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"checkpoint metadata must map str to str, got {key!r}: {value!r}")
+    taken = sorted(set(metadata) & set(RESERVED_METADATA))
+    if taken:
+        raise ValueError(f"checkpoint metadata keys {taken} are written by save_pretrained itself; "
+                         f"reserved: {', '.join(RESERVED_METADATA)}")
+    return metadata
+
+
+def save_pretrained(model: "ErnieVL", directory: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> SavedCheckpoint:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+
+    ``metadata``: extra header entries (provenance such as ``trained_on``). The model is not changed: the id
+    that ``from_pretrained`` will give it comes back in the result. A quantized model's scheme is read from its
+    structure (``ernie_vl.quantize.quantization_scheme``) and recorded.
+    """
+    from ernie_vl.quantize import quantization_scheme
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = _plain_state_dict(model)
-    metadata = {"format": "pt", "ernie_vl_format": FORMAT_VERSION, "sha256": tensors_digest(tensors)}
-    metadata.update(extra_metadata or {})
+    extra = check_metadata(metadata)
+    metadata = {"format": "pt", "ernie_vl_format": FORMAT_VERSION, "sha256": tensors_digest(tensors), **extra}
+    scheme = quantization_scheme(model)
+    if scheme is not None:
+        metadata["quantization"] = scheme
     config_text = json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n"
     tmp_weights = directory / f".{WEIGHTS_NAME}.tmp"
     tmp_config = directory / f".{CONFIG_NAME}.tmp"
@@ -73,8 +111,8 @@ def save_pretrained(model: "ErnieVL", directory: str | os.PathLike, extra_metada
     tmp_config.write_text(config_text)
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
     os.replace(tmp_config, directory / CONFIG_NAME)
-    model.model_id = weights_model_id(model.cfg.name, metadata["sha256"])
-    return directory
+    return SavedCheckpoint(directory, weights_model_id(model.cfg.name, metadata["sha256"]), metadata["sha256"],
+                           metadata)
 
 
 def weights_model_id(name: str, sha256: str) -> str:
@@ -155,15 +193,20 @@ def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_loca
     warning names both and the computed one is used.
     """
     cfg = read_config(directory)
-    model = cls(cfg, max_params=max_params)  # validates the config and checks the budget before building
     path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    header = read_header(path).get("__metadata__") or {}
+    model_id = weights_model_id(cfg.name, str(header.get("sha256", "")))  # verified by load_tensors below
+    extra = {k: str(v) for k, v in header.items() if k not in RESERVED_METADATA}
+    # validates the config and checks the budget before anything is built
+    model = cls(cfg, max_params=max_params, model_id=model_id, checkpoint_metadata=extra)
     tensors, metadata = load_tensors(path)
     if metadata.get("quantization"):
         from ernie_vl.quantize import prepare_quantized
 
         model = prepare_quantized(model, metadata["quantization"])
     load_strict(model, tensors, source=str(path))
-    model.model_id = weights_model_id(cfg.name, metadata["sha256"])
     if cfg.model_id and cfg.model_id != model.model_id:
         warnings.warn(f"{directory}: config.json says model_id {cfg.model_id!r} but the weights give "
                       f"{model.model_id!r}; using the one computed from the weights", stacklevel=3)

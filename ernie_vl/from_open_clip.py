@@ -113,8 +113,9 @@ def from_open_clip(clip_model: nn.Module, num_experts: int = 8, top_k: int = 2, 
         encoder.head, encoder.cfg = None, enc_cfg  # CLIP's projection moves into the projectors
     # The other parts are built on the meta device (no costly random init of weights that CLIP
     # overwrites), materialised, and written tensor by tensor; _check_all_written finds any gap.
+    # saved checkpoints say where the weights came from (``ernie-vl train`` keeps the inflated video path)
     with torch.device("meta"):
-        model = ErnieVL(cfg)
+        model = ErnieVL(cfg, checkpoint_metadata={"trained_on": "open_clip"})
     model.image_encoder, model.video_encoder = image_encoder, video_encoder
     for child_name, child in model.named_children():
         if child_name not in ("image_encoder", "video_encoder"):
@@ -167,8 +168,6 @@ def from_open_clip(clip_model: nn.Module, num_experts: int = 8, top_k: int = 2, 
         })
         written.update(f"{p}.mlp.{k}" for k, _ in block.mlp.named_parameters() if not k.startswith("router."))
     _check_all_written(tensors, written)
-    # saved checkpoints say where the weights came from (``ernie-vl train`` keeps the inflated video path)
-    model._checkpoint_metadata = {"trained_on": "open_clip"}
     return model.float().eval()
 
 

@@ -151,10 +151,14 @@ class ErnieVL(nn.Module):
     ``preprocess``, ``class_names`` and ``model_id``. See the module docstring.
     """
 
-    def __init__(self, cfg: ErnieVLConfig, max_params: int | None = None) -> None:
+    def __init__(self, cfg: ErnieVLConfig, max_params: int | None = None, model_id: str | None = None,
+                 checkpoint_metadata: dict[str, str] | None = None) -> None:
         """Build from ``cfg``; refuses (``ModelTooLargeError``, with the count) a config over ``max_params``
         parameters (default: ``$ERNIE_VL_MAX_PARAMS`` or ``ernie_vl.limits.DEFAULT_MAX_PARAMS``) before
-        allocating anything."""
+        allocating anything. ``model_id`` (default ``cfg.resolved_model_id``): what indexes record;
+        ``from_pretrained`` passes the id computed from the weights. ``checkpoint_metadata``: provenance
+        entries (e.g. ``trained_on``) that ``save_pretrained`` writes into the weights' header;
+        ``from_pretrained`` passes the file's."""
         super().__init__()
         if not isinstance(cfg, ErnieVLConfig):
             raise TypeError(f"ErnieVL needs an ErnieVLConfig, got {type(cfg).__name__}")
@@ -182,13 +186,20 @@ class ErnieVL(nn.Module):
         self.preprocess = ImageTransform(cfg.image_encoder.image_size[0], cfg.image_mean, cfg.image_std)
         self.tokenizer = make_tokenizer(cfg.text.vocab_size, cfg.text.context_length)
         self.class_names: list[str] | None = list(cfg.class_names) if cfg.class_names else None
-        self.model_id: str = cfg.resolved_model_id
+        self.model_id: str = model_id or cfg.resolved_model_id
+        self.checkpoint_metadata: dict[str, str] = checkpoint.check_metadata(checkpoint_metadata)
+
+    def get_tokenizer(self) -> Any:
+        """The tokenizer at this model's context length and vocabulary (``tok(["a dog"]) -> (1, L)`` int64)."""
+        return make_tokenizer(self.cfg.text.vocab_size, self.cfg.text.context_length)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (see ``ernie_vl.checkpoint``)."""
-        checkpoint.save_pretrained(self, directory, getattr(self, "_checkpoint_metadata", None))
+    def save_pretrained(self, directory: str, metadata: dict[str, str] | None = None) -> "checkpoint.SavedCheckpoint":
+        """Write ``config.json`` + ``model.safetensors`` (see ``ernie_vl.checkpoint``) with the header entries
+        ``checkpoint_metadata`` updated by ``metadata``. The model is unchanged; the result carries the
+        ``model_id`` that ``from_pretrained`` of the folder will give."""
+        return checkpoint.save_pretrained(self, directory, {**self.checkpoint_metadata, **(metadata or {})})
 
     @classmethod
     def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu",
@@ -212,10 +223,16 @@ class ErnieVL(nn.Module):
             raise TypeError(f"{what} must hold integer token ids, got dtype {tokens.dtype}")
         context = self.cfg.text.context_length
         if tokens.shape[1] > context:
-            raise ValueError(
-                f"{what} has {tokens.shape[1]} tokens, more than this model's context_length {context}; "
-                "tokenize with model.tokenizer, which truncates"
-            )
+            # longer input is fine while everything past the context is padding (id 0): CLIP's 77-token
+            # tokenizer on a 16-token model, a 3-word caption
+            beyond = tokens[:, context:]
+            if bool(beyond.any()):
+                used = int((tokens != 0).long().cumsum(1).argmax(1).max()) + 1
+                raise ValueError(
+                    f"{what} holds {used} tokens (padding trimmed), more than this model's context_length "
+                    f"{context}; tokenize with model.get_tokenizer() / ernie_vl.get_tokenizer(model), which truncates"
+                )
+            tokens = tokens[:, :context]
         return tokens.long()
 
     def text_features(self, tokens: torch.Tensor) -> _Features:

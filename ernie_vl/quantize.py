@@ -471,8 +471,20 @@ def quantize_int8(model: nn.Module, inplace: bool = False, scheme: str = SCHEME)
     if modality_embed is not None:
         target.backbone.modality_embed = modality_embed  # tiny float table, keep exact
     target.requires_grad_(False)
-    target._checkpoint_metadata = {"quantization": scheme}
     return target
+
+
+def quantization_scheme(model: nn.Module) -> str | None:
+    """The scheme of ``SCHEMES`` that ``model``'s structure has, read from its modules (None: no int8 module).
+
+    What ``save_pretrained`` records, so that ``from_pretrained`` rebuilds the same structure: a model whose
+    patch convolutions are int8 is v2, one with int8 layers but float patch convolutions v1 (also a v2
+    quantization whose patch convolutions could not be quantized: it loads back the same)."""
+    modules = list(model.modules())
+    if not any(isinstance(m, (Int8Linear, Int8Embedding, Int8Mlp, Int8MoEFeedForward, Int8PatchEmbed))
+               for m in modules):
+        return None
+    return SCHEMES[1] if any(isinstance(m, Int8PatchEmbed) for m in modules) else SCHEMES[0]
 
 
 def prepare_quantized(model: nn.Module, scheme: str) -> nn.Module:

@@ -14,16 +14,18 @@ from tests._model_helpers import make_batch
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> tuple[ernie_vl.ErnieVL, Path]:
+def saved(tmp_path_factory) -> tuple[ernie_vl.ErnieVL, Path, "ernie_vl.checkpoint.SavedCheckpoint"]:
     torch.manual_seed(0)
     model = ernie_vl.create_model("test", class_names=["a", "b", "c"]).eval()
     folder = tmp_path_factory.mktemp("ckpt") / "model"
-    model.save_pretrained(str(folder))
-    return model, folder
+    result = model.save_pretrained(str(folder))
+    assert model.model_id == "ernie-vl:test"  # saving changes nothing on the model
+    assert result.directory == folder and result.model_id.startswith("ernie-vl:test:sha256-")
+    return model, folder, result
 
 
 def test_round_trip_is_bit_identical(saved) -> None:
-    model, folder = saved
+    model, folder, result = saved
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     loaded = ernie_vl.ErnieVL.from_pretrained(str(folder))
     batch = make_batch(model, pairs=2, videos=1)
@@ -33,23 +35,22 @@ def test_round_trip_is_bit_identical(saved) -> None:
             assert torch.equal(getattr(model, fn)(x), getattr(loaded, fn)(x)), fn
     assert loaded.class_names == ["a", "b", "c"]
     assert loaded.cfg == model.cfg
-    # the id follows the weights, not the folder: the saved model, its reload and a moved copy agree
-    assert loaded.model_id == model.model_id
-    assert loaded.model_id.startswith("ernie-vl:test:sha256-")
+    # the id follows the weights, not the folder: what the save returned, the reload and a moved copy agree
+    assert loaded.model_id == result.model_id
+    assert loaded.model_id == f"ernie-vl:test:sha256-{result.sha256[:16]}"
 
 
 def test_model_id_survives_a_move_and_changes_with_the_weights(saved, tmp_path) -> None:
-    model, folder = saved
+    model, folder, result = saved
     moved = tmp_path / "moved"
     moved.mkdir()
     for f in folder.iterdir():
         (moved / f.name).write_bytes(f.read_bytes())
-    assert ernie_vl.ErnieVL.from_pretrained(str(moved)).model_id == model.model_id
+    assert ernie_vl.ErnieVL.from_pretrained(str(moved)).model_id == result.model_id
     other = ernie_vl.create_model("test", class_names=["a", "b", "c"])
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
-    other.save_pretrained(str(tmp_path / "other"))
-    assert other.model_id != model.model_id
+    assert other.save_pretrained(str(tmp_path / "other")).model_id != result.model_id
 
 
 def _rewrite(folder: Path, dst: Path, edit) -> Path:
@@ -62,7 +63,7 @@ def _rewrite(folder: Path, dst: Path, edit) -> Path:
 
 
 def test_missing_and_unexpected_keys_are_all_named(saved, tmp_path) -> None:
-    _, folder = saved
+    _, folder, _ = saved
 
     def edit(t):
         t = dict(t)
@@ -81,7 +82,7 @@ def test_missing_and_unexpected_keys_are_all_named(saved, tmp_path) -> None:
 
 
 def test_truncated_file_gives_a_clear_error(saved, tmp_path) -> None:
-    _, folder = saved
+    _, folder, _ = saved
     dst = tmp_path / "trunc"
     dst.mkdir()
     (dst / "config.json").write_text((folder / "config.json").read_text())
@@ -93,7 +94,7 @@ def test_truncated_file_gives_a_clear_error(saved, tmp_path) -> None:
 
 
 def test_tampered_tensor_bytes_are_detected(saved, tmp_path) -> None:
-    _, folder = saved
+    _, folder, _ = saved
     dst = tmp_path / "tamper"
     dst.mkdir()
     (dst / "config.json").write_text((folder / "config.json").read_text())
@@ -105,7 +106,7 @@ def test_tampered_tensor_bytes_are_detected(saved, tmp_path) -> None:
 
 
 def test_config_errors_name_the_problem(saved, tmp_path) -> None:
-    _, folder = saved
+    _, folder, _ = saved
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ernie_vl.ErnieVL.from_pretrained(str(tmp_path / "nowhere"))
     dst = tmp_path / "cfg"
@@ -119,3 +120,27 @@ def test_config_errors_name_the_problem(saved, tmp_path) -> None:
     (dst / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ernie_vl.ErnieVL.from_pretrained(str(dst))
+
+
+def test_metadata_is_an_explicit_argument_and_comes_back_on_load(tmp_path) -> None:
+    model = ernie_vl.ErnieVL(ernie_vl.load_config("test"), checkpoint_metadata={"trained_on": "pairs"})
+    model.save_pretrained(str(tmp_path / "a"), metadata={"note": "first run"})
+    assert model.checkpoint_metadata == {"trained_on": "pairs"}  # the argument did not stick to the model
+    loaded = ernie_vl.ErnieVL.from_pretrained(str(tmp_path / "a"))
+    assert loaded.checkpoint_metadata == {"trained_on": "pairs", "note": "first run"}
+    loaded.save_pretrained(str(tmp_path / "b"))  # a load-save cycle keeps the provenance
+    assert ernie_vl.ErnieVL.from_pretrained(str(tmp_path / "b")).checkpoint_metadata == loaded.checkpoint_metadata
+    with pytest.raises(ValueError, match=r"keys \['sha256'\] are written by save_pretrained itself"):
+        model.save_pretrained(str(tmp_path / "c"), metadata={"sha256": "forged"})
+    with pytest.raises(TypeError, match="str to str"):
+        model.save_pretrained(str(tmp_path / "c"), metadata={"steps": 3})
+
+
+def test_quantization_scheme_is_read_from_the_structure() -> None:
+    from ernie_vl.quantize import SCHEMES, quantization_scheme, quantize_int8
+
+    model = ernie_vl.create_model("test")
+    assert quantization_scheme(model) is None
+    v1 = quantize_int8(model, scheme=SCHEMES[0])
+    assert quantization_scheme(v1) == SCHEMES[0] and not hasattr(v1, "_checkpoint_metadata")
+    assert quantization_scheme(quantize_int8(model)) in SCHEMES

@@ -11,9 +11,9 @@ import ernie_vl
 def test_model_id_is_computed_from_the_weights_and_a_stored_one_only_compared(tmp_path):
     folder = tmp_path / "ckpt"
     model = ernie_vl.create_model("test")
-    model.save_pretrained(str(folder))
+    saved = model.save_pretrained(str(folder))
     genuine = ernie_vl.ErnieVL.from_pretrained(str(folder)).model_id
-    assert genuine == model.model_id and genuine.startswith("ernie-vl:test:sha256-")
+    assert genuine == saved.model_id and genuine.startswith("ernie-vl:test:sha256-")
     # a random model whose config.json claims another model's id does not get that id
     other = tmp_path / "forged"
     ernie_vl.create_model("test").save_pretrained(str(other))

@@ -555,9 +555,8 @@ class Trainer:
         model = unwrap(self.model)
         kinds = set(self.trained_on) | {k for k, given in (("pairs", self.cfg.pairs), ("videos", self.cfg.videos))
                                          if given}
-        model._checkpoint_metadata = {"trained_on": ",".join(sorted(kinds))}
         with self.ema.swapped(model) if self.ema is not None else nullcontext():
-            model.save_pretrained(final_dir)
+            model.save_pretrained(final_dir, metadata={"trained_on": ",".join(sorted(kinds))})
 
     def run(self, stop_after: Optional[int] = None) -> TrainResult:
         """Train until the schedule ends, the time budget is spent, or ``stop_after`` more steps."""
