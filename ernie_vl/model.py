@@ -45,6 +45,7 @@ from ernie_vl.losses import classification_loss, clip_loss, siglip_loss
 from ernie_vl.modality import IMAGE, NAMES, TEXT, VIDEO
 from ernie_vl.modality import NUM_MODALITIES
 from ernie_vl.moe import RoutingStats
+from ernie_vl.moe.groups import group_loss_parts
 from ernie_vl.moe.stats import overlap_rate
 from ernie_vl.preprocess import ImageTransform, make_tokenizer
 
@@ -77,7 +78,8 @@ class ErnieVLOutput:
     loss: () weighted total. losses: name -> () unweighted part: ``image_text``,
         ``video_text``, ``video_cls`` (those present), ``aux`` (the MoE auxiliary losses,
         already weighted inside each MoE layer, averaged over backbone passes),
-        ``load_balance`` / ``z_loss`` / ``orthogonal`` (unweighted, for logging).
+        ``load_balance`` / ``z_loss`` / ``orthogonal`` (unweighted, for logging); with modality groups
+        also ``load_balance/<family>`` and ``z_loss/<family>`` per group.
     per_sample_loss: ``pairs`` (Bi,) and / or ``videos`` (Bv,), detached (loss-priority sampling).
     image_embeds / text_embeds / video_embeds / video_text_embeds: L2-normalised (B, E) or None.
     video_logits: (Bv, num_classes) or None. logit_scale: () the contrastive temperature.
@@ -380,6 +382,9 @@ class ErnieVL(nn.Module):
         losses["load_balance"] = (sum(p.load_balance_loss for _, p in passes) / n).detach()
         losses["z_loss"] = (sum(p.z_loss for _, p in passes) / n).detach()
         losses["orthogonal"] = (sum(p.orthogonal_loss for _, p in passes) / n).detach()
+        moe_cfg = self.backbone.moe_config
+        if moe_cfg is not None and moe_cfg.routing == "groups":  # each pass is one modality: one group's losses
+            losses.update(group_loss_parts(moe_cfg, passes))
         out.loss = total + w.aux_weight * losses["aux"]
         out.routing = merge_routing_stats([(m, p.layer_stats) for m, p in passes])
         out.active_head_ratio = head_ratio

@@ -57,3 +57,16 @@ def test_ernie45_tiny_quantizes_group_by_group():
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(model.encode_video(clips), int8.encode_video(clips))
     assert float(cos.min()) > 0.99
+
+
+def test_ernie45_tiny_reports_aux_losses_per_group():
+    torch.manual_seed(0)
+    model = ernie_vl.create_model("ernie45-tiny", num_classes=3)
+    batch = ErnieVLBatch(images=torch.randn(2, 3, 32, 32), texts=model.tokenizer(["a", "b"]))
+    out = model(batch)
+    assert {"load_balance/text", "load_balance/vision", "z_loss/text", "z_loss/vision"} <= set(out.losses)
+    # two passes (image, text), one per group: their mean is the overall figure
+    overall = (out.losses["load_balance/text"] + out.losses["load_balance/vision"]) / 2
+    torch.testing.assert_close(out.losses["load_balance"], overall)
+    assert "load_balance/text" not in ernie_vl.create_model("test")(ErnieVLBatch(
+        images=torch.randn(2, 3, 32, 32), texts=torch.randint(0, 999, (2, 16)))).losses

@@ -168,3 +168,17 @@ def combine_group_stats(layer: "MoEFeedForward", parts: list[tuple[int, torch.Te
         num_tokens=torch.tensor(n_real, dtype=torch.long),
         expert_group=expert_group_ids(cfg),
     )
+
+
+def group_loss_parts(cfg: MoEConfig, passes: list[tuple[int, object]]) -> dict[str, torch.Tensor]:
+    """Per-group unweighted losses for logging, from single-modality backbone passes ``(modality, out)``
+    (``out`` with ``load_balance_loss`` / ``z_loss``): ``"load_balance/<family>"`` and ``"z_loss/<family>"``,
+    each the mean over the passes whose modality that group takes (detached)."""
+    table = modality_group(cfg).tolist()
+    parts: dict[str, torch.Tensor] = {}
+    for g, name in enumerate(cfg.group_layout):
+        mine = [out for m, out in passes if table[m] == g]
+        if mine:
+            parts[f"load_balance/{name}"] = (sum(o.load_balance_loss for o in mine) / len(mine)).detach()
+            parts[f"z_loss/{name}"] = (sum(o.z_loss for o in mine) / len(mine)).detach()
+    return parts
