@@ -1,4 +1,5 @@
-"""Lazy public names for a package's ``__init__`` (PEP 562), so importing the package stays cheap.
+"""Lazy public names for a package's ``__init__`` (PEP 562), so importing the package stays cheap; and
+:func:`require`, the import of an optional dependency that names the extra to install when it is missing.
 
 Standard library only: ``retrieval``, ``video`` (whose decode worker starts without torch) and ``ernie_vl`` use it.
 
@@ -8,7 +9,27 @@ from __future__ import annotations
 
 import importlib
 import sys
+from types import ModuleType
 from typing import Any, Callable, Mapping
+
+PACKAGE = "ernie-vl"
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message is one line with the ``pip install`` to run."""
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """``import module``, or :class:`MissingExtraError` saying ``pip install 'ernie-vl[extra]'``.
+
+    ``purpose`` names what needs it (``"ernie-vl serve"``). Extras: ``serve`` (fastapi, uvicorn,
+    python-multipart), ``plots`` (matplotlib), ``all`` (both)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        top = module.split(".")[0]
+        raise MissingExtraError(f"{purpose} needs {top}, which is not installed: "
+                                f"pip install '{PACKAGE}[{extra}]'") from err
 
 
 def lazy_exports(package: str, exports: Mapping[str, str],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -26,8 +27,13 @@ def save_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
                                    encoding="utf-8")
     if png_path is None:
         return
-    import matplotlib
+    from encoders.lazy import MissingExtraError, require
 
+    try:
+        matplotlib = require("matplotlib", "plots", "the confusion matrix figure")
+    except MissingExtraError as err:  # the figures are optional: the JSON above is written
+        warnings.warn(f"{err}; {png_path} not written", stacklevel=2)
+        return
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

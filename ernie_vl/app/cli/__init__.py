@@ -13,6 +13,8 @@ import importlib.util
 import sys
 from typing import Sequence
 
+from encoders.lazy import MissingExtraError
+
 SUBCOMMANDS: tuple[str, ...] = (
     "list_models",
     "demo",
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as err:
         print(f"ernie-vl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,11 +11,13 @@ import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
+from encoders.lazy import require
+
+matplotlib = require("matplotlib", "plots", "the demo's figures (ernie-vl demo)")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 PathLike = str | Path
 
