@@ -15,7 +15,7 @@ Each method runs in its own subprocess (so its peak RSS, and its workers', are i
 rounds alternate who goes first. Peak RSS is compared with the training memory budget
 (``TrainConfig.cache_max_mb``) at the largest size.
 
-    flock /work/heavy.lock .venv/bin/python bench/data.py            # 20k and 200k
+    .venv/bin/python bench/data.py            # 20k and 200k
     .venv/bin/python bench/data.py --counts 20000 --rounds 3         # smaller
 """
 from __future__ import annotations

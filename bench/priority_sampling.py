@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def main() -> None:
     p.add_argument("--pairs-only", action="store_true")
     p.add_argument("--target", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--work", default="/tmp/ernie_priority_bench")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "ernie_priority_bench"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "priority_sampling.md"))
     args = p.parse_args()
     if args.quick:

@@ -10,7 +10,7 @@ decay chosen on a validation split of the training images) on the frozen image e
 anchor is ``sklearn.linear_model.LogisticRegression`` (lbfgs, default C, max_iter 5000) on the 64
 raw pixel values of the same splits.
 
-    flock /work/heavy.lock .venv/bin/python bench/train_digits.py            # 2000 steps, about 10 min
+    .venv/bin/python bench/train_digits.py            # 2000 steps, about 10 min
     .venv/bin/python bench/train_digits.py --steps 100 --no-write            # a smoke run
 """
 from __future__ import annotations

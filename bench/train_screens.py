@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, choices=sorted(VARIANTS), metavar="NAME",
                    help="variants to run (default: all); names as in VARIANTS")
     p.add_argument("--quick", action="store_true", help="small data, 20 steps, two variants (a smoke run)")
-    p.add_argument("--work", default="/tmp/ernie_train_synthetic")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "ernie_train_synthetic"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_screens.md"))
     args = p.parse_args()
     names = args.only or list(VARIANTS)
