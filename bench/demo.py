@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))  # the packages before bench/ (bench/encoders.py would shadow them)
 
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
 
