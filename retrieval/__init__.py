@@ -18,6 +18,8 @@ _EXPORTS: dict[str, str] = {
     "EmbedResult": "retrieval.embed",
     "Index": "retrieval.index",
     "IndexMismatchError": "retrieval.index",
+    "embed_to_parts": "retrieval.embed_parts",
+    "PartsError": "retrieval.parts",
     "search_text": "retrieval.search",
     "search_image": "retrieval.search",
     "SearchHit": "retrieval.search",

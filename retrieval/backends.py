@@ -280,6 +280,12 @@ class IVFPQStore:
         faiss.extract_index_ivf(index).nprobe = self.params.ivf_nprobe
         self.index = index
 
+    def train(self, sample: np.ndarray) -> None:
+        """Train the coarse quantizer and PQ codebooks on (n, D) float32 before any add."""
+        if self.index is not None:
+            raise ValueError("this ivfpq store is already trained")
+        self._train(sample)
+
     def add(self, x: np.ndarray) -> None:
         if self.index is None:
             self._train(x)

@@ -60,16 +60,16 @@ def model_device(model: Any) -> torch.device:
 class _PathsWithReasons(Dataset):
     """Item ``(tensor | None, position, reason | None)`` so failures survive DataLoader workers."""
 
-    def __init__(self, paths: Sequence[PathLike], transform: Callable) -> None:
+    def __init__(self, paths: Sequence[PathLike], transform: Callable, opener: Callable = load_image) -> None:
         self.paths = [str(p) for p in paths]
-        self.transform = transform
+        self.transform, self.opener = transform, opener
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Optional[torch.Tensor], int, Optional[str]]:
         try:
-            return self.transform(load_image(self.paths[i])), i, None
+            return self.transform(self.opener(self.paths[i])), i, None
         except ImageLoadError as err:
             return None, i, err.reason
         except Exception as err:  # a transform failing on one odd file must not stop the job
@@ -105,17 +105,20 @@ def embed_images(
     preprocess: Optional[Callable] = None,
     normalize: bool = True,
     progress: bool = True,
+    opener: Callable[[str], Any] = load_image,
 ) -> EmbedResult:
     """Embed image files in batches (DataLoader with ``num_workers``); unreadable files are skipped.
 
-    Returns an :class:`EmbedResult` whose ``embeddings`` are (N_ok, D) float32 in input order.
+    ``opener(name) -> PIL.Image`` reads one item (default :func:`load_image`; a picklable callable
+    for other stores, e.g. tar shards). Returns an :class:`EmbedResult` whose ``embeddings`` are
+    (N_ok, D) float32 in input order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     transform = resolve_preprocess(model, preprocess)
-    dataset = _PathsWithReasons(paths, transform)
+    dataset = _PathsWithReasons(paths, transform, opener)
     if hasattr(model, "eval"):
         model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -105,6 +105,15 @@ class Index:
         index.add(x, metadata=metadata, ids=ids)
         return index
 
+    @classmethod
+    def build_from_parts(cls, folder: Union[str, os.PathLike], kind: str = "ivfpq",
+                         memory_budget: Union[str, int] = "4G", **kwargs: Any) -> "Index":
+        """An index over an ``EMB/`` parts folder (``ernie-vl embed``), read part by part; see
+        :func:`retrieval.index_parts.build_from_parts`."""
+        from retrieval.index_parts import build_from_parts
+
+        return build_from_parts(folder, kind=kind, memory_budget=memory_budget, **kwargs)
+
     def add(self, embeddings: ArrayLike, metadata: Optional[Sequence[Optional[dict]]] = None,
             ids: Optional[Sequence[int]] = None) -> np.ndarray:
         """Append (N, D) vectors; returns their ids (given ``ids`` or the next free ones)."""

@@ -114,7 +114,7 @@ def iter_shard(shard: str) -> Iterator[RawSample]:
                 if not member.isfile():
                     continue
                 key, ext = _split_name(member.name)
-                if key.startswith("__") or key.split("/")[-1].startswith("."):
+                if _skip_key(key):
                     continue  # webdataset metadata and hidden files
                 data = tar.extractfile(member).read()
                 last = member.name
@@ -211,3 +211,73 @@ def write_shards(csv_path: str | Path, out_dir: str | Path, per_shard: int = 100
     last = len(shards) - 1
     pattern = str(out / (f"{{00000..{last:05d}}}.tar" if last else "00000.tar"))
     return {"shards": shards, "samples": written, "skipped": skipped, "pattern": pattern}
+
+
+SAMPLE_SEP = "#"  # a sample's name: "<shard>#<key>", as RawSample.name writes it
+
+
+def _skip_key(key: str) -> bool:
+    return key.startswith("__") or key.split("/")[-1].startswith(".")
+
+
+def shard_sample_names(shard: str) -> list[str]:
+    """``<shard>#<key>`` of every sample in member order, reading the tar headers only (seeking past data)."""
+    keys: dict[str, None] = {}
+    last: Optional[str] = None
+    try:
+        with tarfile.open(shard, mode="r:*") as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _ = _split_name(member.name)
+                    last = member.name
+                    if not _skip_key(key):
+                        keys.setdefault(key, None)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise ShardError(shard, last, f"{type(err).__name__}: {err}") from err
+    return [f"{shard}{SAMPLE_SEP}{key}" for key in keys]
+
+
+class ShardImageOpener:
+    """``opener("<shard>#<key>") -> PIL.Image``: random access into tar shards (one open shard cached).
+
+    Picklable (DataLoader workers each open their own). Raises ``ImageLoadError`` naming the sample.
+    """
+
+    def __init__(self) -> None:
+        self._shard: Optional[str] = None
+        self._tar: Optional[tarfile.TarFile] = None
+        self._members: dict[str, dict[str, tarfile.TarInfo]] = {}
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def _open(self, shard: str) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._tar, self._shard, self._members = tarfile.open(shard, mode="r:*"), shard, {}
+        for member in self._tar.getmembers():
+            if member.isfile():
+                key, ext = _split_name(member.name)
+                self._members.setdefault(key, {})[ext] = member
+
+    def __call__(self, name: str):
+        from retrieval.images import ImageLoadError, load_image_bytes
+
+        shard, sep, key = str(name).rpartition(SAMPLE_SEP)
+        if not sep:
+            raise ImageLoadError(name, f"not a '<shard>{SAMPLE_SEP}<key>' sample name")
+        try:
+            if shard != self._shard:
+                self._open(shard)
+            files = self._members.get(key, {})
+            member = next((files[e] for e in IMAGE_EXTS if e in files), None)
+            if member is None:
+                raise ImageLoadError(name, f"no image member ({'/'.join(IMAGE_EXTS)}) for key {key!r}")
+            data = self._tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            self._shard = None
+            raise ImageLoadError(name, f"unreadable shard: {type(err).__name__}: {err}") from err
+        return load_image_bytes(data, name=name)

@@ -206,9 +206,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun_command(nproc: int, args: list[str], port: Optional[int] = None) -> list[str]:
-    """``python -m torch.distributed.run --nproc_per_node N ... -m ernie_vl.train ARGS`` on one machine."""
+def torchrun_command(nproc: int, args: list[str], port: Optional[int] = None,
+                     module: str = "ernie_vl.train") -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N ... -m MODULE ARGS`` on one machine."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), "-m", "ernie_vl.train", *args]
+            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), "-m", module, *args]

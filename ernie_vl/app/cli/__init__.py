@@ -25,6 +25,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "eval_zeroshot",
     "linear_probe",
     "shard",
+    "embed",
     "index",
     "search",
     "eval_retrieval",

@@ -1,6 +1,8 @@
 """``ernie-vl index MODEL IMAGES_DIR --out INDEX``: embed a folder of images into a search index.
 
 Re-running on the same ``--out`` embeds only new or changed files and drops deleted ones.
+``ernie-vl index EMB/ --out INDEX`` builds the index from the parts ``ernie-vl embed`` wrote, without
+re-embedding (IVF-PQ sized to ``--memory-budget``, read part by part).
 """
 from __future__ import annotations
 
@@ -17,11 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "checkpoint folder or open_clip:ARCH[:PRETRAINED_OR_PATH]. Unreadable files are "
                     "skipped and listed. With an existing --out only new or changed files are embedded.",
     )
-    p.add_argument("model", help="checkpoint folder or open_clip:ARCH[:PRETRAINED_OR_PATH]")
-    p.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
+    p.add_argument("model", help="checkpoint folder or open_clip:ARCH[:PRETRAINED_OR_PATH], or an EMB/ folder "
+                                 "written by `ernie-vl embed`")
+    p.add_argument("images_dir", type=Path, nargs="?", default=None,
+                   help="folder of images (searched recursively), or an EMB/ folder of parts")
     p.add_argument("--out", type=Path, required=True, help="index folder to write (or update)")
     p.add_argument("--kind", default="auto", choices=("auto", "flat", "hnsw", "ivfpq"),
                    help="flat = exact; hnsw / ivfpq = approximate; auto = flat below 200k items (default)")
+    p.add_argument("--memory-budget", default="4G",
+                   help="building from EMB/: memory the index may take (default 4G; sizes IVF-PQ)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (default 2)")
     p.add_argument("--keep-missing", action="store_true", help="keep items whose files were deleted")
@@ -37,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from retrieval.index import MANIFEST, Index
     from retrieval.names import json_text, printable
 
+    from retrieval.parts import is_parts_folder
+
+    if args.images_dir is None or is_parts_folder(args.images_dir):
+        return _from_parts(args)
     if not args.images_dir.is_dir():
         raise ValueError(f"IMAGES_DIR {str(args.images_dir)!r} is not a folder")
     loaded = load_model(args.model, device=optional_device(args.device))
@@ -62,4 +72,27 @@ def run(args: argparse.Namespace) -> int:
         print(printable(f"index {args.out}: {len(index)} images ({index.kind}); {report.summary()}"))
         for path, reason in report.failures:
             print(printable(f"  skipped {path}: {reason}"), file=sys.stderr)
+    return 0
+
+
+def _from_parts(args: argparse.Namespace) -> int:
+    """Build from ``ernie-vl embed``'s parts: ``index EMB/`` or ``index MODEL EMB/`` (the model id is then checked)."""
+    from retrieval.index import Index
+    from retrieval.names import json_text
+    from retrieval.parts import is_parts_folder
+
+    folder = Path(args.images_dir if args.images_dir is not None else args.model)
+    if not is_parts_folder(folder):
+        raise ValueError(f"{str(folder)!r} is not an embeddings folder (no manifest.json or parts); give "
+                         f"MODEL IMAGES_DIR, or run `ernie-vl embed` first")
+    model_id = None
+    if args.images_dir is not None:
+        from ernie_vl.app.hub import load_model
+
+        model_id = load_model(args.model).model_id
+    index = Index.build_from_parts(folder, kind=args.kind, memory_budget=args.memory_budget, model_id=model_id)
+    index.save(args.out)
+    summary = {"index": str(args.out), "kind": index.kind, "count": len(index), "from": str(folder),
+               "plan": index.info.get("ivfpq_plan")}
+    print(json_text(summary, indent=2) if args.json else f"index {args.out}: {len(index)} items ({index.kind}) from {folder}")
     return 0
