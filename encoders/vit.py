@@ -265,3 +265,11 @@ class ImageEncoder(VisionTransformerBase):
             num_frames=1,
             num_prefix_tokens=1,
         )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> pooled (B, E), not normalised: open_clip's ``encode_image`` equivalent.
+
+        Computes only what the pooled vector needs: with ``pool="cls"`` the last block runs its
+        output projection and MLP for the class token alone (``prefix_only``).
+        """
+        return self(images, prefix_only=self.cfg.pool == "cls").pooled

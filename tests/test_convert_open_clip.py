@@ -20,6 +20,9 @@ def test_pooled_equals_encode_image(name, batch):
     assert out.pooled.shape == expected.shape == (batch, 512)
     torch.testing.assert_close(out.pooled, expected, atol=1e-5, rtol=0)
     assert out.active_head_ratio is None
+    with torch.no_grad():
+        pooled_only = enc.encode(x)  # the class-token-only last block
+    torch.testing.assert_close(pooled_only, expected, atol=1e-5, rtol=0)
     # the encoder owns copies: changing the source leaves it alone
     with torch.no_grad():
         clip.visual.proj.zero_()

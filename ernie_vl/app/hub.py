@@ -66,8 +66,19 @@ def _load_open_clip(rest: str, device: str) -> LoadedModel:
     return LoadedModel(model.eval(), preprocess, tokenizer, model_id)
 
 
-def load_model(spec: str, device: str = "cpu") -> LoadedModel:
-    """Resolve ``spec`` (checkpoint folder or ``open_clip:ARCH[:PRETRAINED_OR_PATH]``) to a LoadedModel."""
+def load_model(spec: str, device: str = "cpu", precision: str = "fp32") -> LoadedModel:
+    """Resolve ``spec`` (checkpoint folder or ``open_clip:ARCH[:PRETRAINED_OR_PATH]``) to a LoadedModel
+    prepared at ``precision`` ("fp32", "bf16" or "int8"; ``ernie_vl.precision.at_precision``)."""
+    from ernie_vl.precision import at_precision, check_precision
+
+    check_precision(precision)
+    loaded = _load(spec, device)
+    if precision != "fp32":
+        loaded.model = at_precision(loaded.model, precision)
+    return loaded
+
+
+def _load(spec: str, device: str) -> LoadedModel:
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"model spec must be a non-empty string, got {spec!r}")
     if spec.startswith(OPEN_CLIP_PREFIX):

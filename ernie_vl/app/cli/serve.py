@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ernie_vl.precision import PRECISIONS
+
 MB = 1024 * 1024
 
 
@@ -22,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=32, help="1 turns dynamic batching off (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch (default 5)")
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (default), bf16 (autocast; fast on CPUs with AVX512-BF16 / AMX) or int8")
     p.add_argument("--log-level", default="info")
     lim = p.add_argument_group("limits (what one client can make the server hold)")
     lim.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image file (default 10)")
@@ -72,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
     from retrieval.index import Index
 
     config, limits = configs_from_args(args)
-    loaded = load_model(args.model, device=optional_device(args.device))
+    loaded = load_model(args.model, device=optional_device(args.device), precision=args.precision)
     index = Index.load(args.index, model_id=loaded.model_id) if args.index is not None else None
     app = create_app(loaded.model, loaded.preprocess, loaded.tokenizer, loaded.model_id, index, config)
     decoder = app.state.service.decoder
-    print(f"serving {loaded.model_id} on http://{args.host}:{args.port} "
+    print(f"serving {loaded.model_id} ({args.precision}) on http://{args.host}:{args.port} "
           f"(index: {len(index) if index is not None else 'none'}, batching: max {args.max_batch_size} "
           f"items / {args.max_wait_ms} ms; images up to {decoder.max_pixels} pixels, {decoder.workers} at once)")
     run_server(app, host=args.host, port=args.port, log_level=args.log_level, limits=limits)
