@@ -78,8 +78,11 @@ class AutocastModel:
 
 
 def is_quantized(model: Any) -> bool:
-    """True for a model ``quantize_int8`` (or a checkpoint saved from one) produced."""
-    return bool(getattr(model, "_checkpoint_metadata", {}).get("quantization"))
+    """True for a model with int8 layers (``quantize_int8``, or torch's dynamic quantization)."""
+    from ernie_vl.quantize import quantization_scheme
+
+    return quantization_scheme(model) is not None or any(
+        type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
 
 
 def at_precision(model: Any, precision: str) -> Any:

@@ -143,4 +143,6 @@ def test_index_and_serve_take_precision(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(serve, "run_server", lambda app, **kw: seen.setdefault("model", app.state.service.model))
     assert main(["serve", str(ckpt), "--precision", "int8", "--port", "8123"]) == 0
     assert seen["precision"] == "int8"
-    assert seen["model"]._checkpoint_metadata["quantization"]
+    from ernie_vl.quantize import quantization_scheme
+
+    assert quantization_scheme(seen["model"]) is not None
