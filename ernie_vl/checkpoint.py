@@ -193,20 +193,17 @@ def from_pretrained(cls: type["ErnieVL"], directory: str | os.PathLike, map_loca
     warning names both and the computed one is used.
     """
     cfg = read_config(directory)
+    model = cls(cfg, max_params=max_params)  # validates the config and checks the budget before reading weights
     path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    header = read_header(path).get("__metadata__") or {}
-    model_id = weights_model_id(cfg.name, str(header.get("sha256", "")))  # verified by load_tensors below
-    extra = {k: str(v) for k, v in header.items() if k not in RESERVED_METADATA}
-    # validates the config and checks the budget before anything is built
-    model = cls(cfg, max_params=max_params, model_id=model_id, checkpoint_metadata=extra)
     tensors, metadata = load_tensors(path)
     if metadata.get("quantization"):
         from ernie_vl.quantize import prepare_quantized
 
         model = prepare_quantized(model, metadata["quantization"])
     load_strict(model, tensors, source=str(path))
+    # the loader finishes the model it built: its id from the verified weights, its provenance from the header
+    model.model_id = weights_model_id(cfg.name, metadata["sha256"])
+    model.checkpoint_metadata = {k: str(v) for k, v in metadata.items() if k not in RESERVED_METADATA}
     if cfg.model_id and cfg.model_id != model.model_id:
         warnings.warn(f"{directory}: config.json says model_id {cfg.model_id!r} but the weights give "
                       f"{model.model_id!r}; using the one computed from the weights", stacklevel=3)

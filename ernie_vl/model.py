@@ -158,9 +158,9 @@ class ErnieVL(nn.Module):
         """Build from ``cfg``; refuses (``ModelTooLargeError``, with the count) a config over ``max_params``
         parameters (default: ``$ERNIE_VL_MAX_PARAMS`` or ``ernie_vl.limits.DEFAULT_MAX_PARAMS``) before
         allocating anything. ``model_id`` (default ``cfg.resolved_model_id``): what indexes record;
-        ``from_pretrained`` passes the id computed from the weights. ``checkpoint_metadata``: provenance
+        ``from_pretrained`` sets the id computed from the weights. ``checkpoint_metadata``: provenance
         entries (e.g. ``trained_on``) that ``save_pretrained`` writes into the weights' header;
-        ``from_pretrained`` passes the file's."""
+        ``from_pretrained`` sets the file's."""
         super().__init__()
         if not isinstance(cfg, ErnieVLConfig):
             raise TypeError(f"ErnieVL needs an ErnieVLConfig, got {type(cfg).__name__}")
