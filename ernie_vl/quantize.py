@@ -12,10 +12,11 @@
 Weights are int8 with one float32 scale per output channel (symmetric). Activations are
 quantized per call, per tensor, to 7 bits (``quantize_activation``). Two GEMM kernels
 (``INT8_KERNELS``), chosen per call by ``int8_kernel``: oneDNN's ``qlinear_pointwise`` (bias and
-activation fused; about 15% faster than fbgemm on the trunk's shapes single-threaded on this
-AVX2 CPU, but slower at 2 threads, and it builds a primitive per new row count, costly for the
-MoE experts' varying counts) for single-threaded calls of at least ``ONEDNN_MIN_ROWS`` rows,
-fbgemm's ``quantized::linear_dynamic`` otherwise; ``set_int8_kernel`` forces one. ``torch._int_mm`` was ~100x slower on this CPU and torchao is
+activation fused) or fbgemm's ``quantized::linear_dynamic``. ``auto`` (the default) times both once
+per GEMM shape and thread count on the running CPU (``probe_int8_kernels``: which one wins depends
+on the CPU's ISA, VNNI / AMX or not, and on the shape) and keeps the faster; calls of varying row
+counts (the MoE experts) use fbgemm, since oneDNN builds a primitive per new row count.
+``set_int8_kernel`` forces one. ``torch._int_mm`` was ~100x slower on an AVX2 CPU and torchao is
 not installed. Attention softmax / SDPA, LayerNorms and residual adds stay float32.
 
 The int8 weights and scales are plain buffers, so ``save_pretrained`` writes them to
@@ -26,7 +27,9 @@ reports routing statistics but zero auxiliary losses, and nothing has gradients.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +54,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 #: int8 GEMM kernels: oneDNN's ``qlinear_pointwise`` (fuses the bias and the activation into the
-#: GEMM; fastest single-threaded on large fixed shapes, but it builds a primitive per new input
-#: shape and scaled worse than fbgemm to 2 threads here) and fbgemm's ``quantized::linear_dynamic``.
+#: GEMM; builds a primitive per new input shape) and fbgemm's ``quantized::linear_dynamic``.
 INT8_KERNELS = ("onednn", "fbgemm")
-#: ``auto``: oneDNN for single-threaded calls of at least ``ONEDNN_MIN_ROWS`` rows, fbgemm for the
-#: others and the experts (varying row counts)
+#: ``auto``: per GEMM shape (rows, in, out, threads) the kernel a one-time probe measured faster
+#: (``probe_int8_kernels``, cached per process); fbgemm for varying row counts (the MoE experts)
 KERNEL_CHOICES = ("auto",) + INT8_KERNELS
-ONEDNN_MIN_ROWS = 256
 
 #: activations oneDNN applies inside the GEMM: name -> (post op, algorithm)
 ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "silu": ("swish", ""),
@@ -92,8 +93,53 @@ def set_int8_kernel(name: str) -> str:
     return previous
 
 
-def int8_kernel(rows: int | None = None) -> str:
-    """The kernel for a call with ``rows`` rows (None: a varying count, as the MoE experts')."""
+#: (kernel, rows, in_features, out_features) -> seconds of one call; replaceable for tests
+ProbeFn = Callable[[str, int, int, int], float]
+_probe: list[ProbeFn | None] = [None]
+_probed: dict[tuple[int, int, int, int], str] = {}
+
+
+def set_int8_probe(fn: ProbeFn | None) -> ProbeFn | None:
+    """Replace the timing probe of ``auto`` (None: the real one) and clear its cache; returns the previous."""
+    previous, _probe[0] = _probe[0], fn
+    _probed.clear()
+    return previous
+
+
+def probed_int8_kernels() -> dict[tuple[int, int, int, int], str]:
+    """The cached ``auto`` choices: (rows, in_features, out_features, threads) -> kernel."""
+    return dict(_probed)
+
+
+def time_int8_kernel(kernel: str, rows: int, in_features: int, out_features: int, reps: int = 3) -> float:
+    """Best-of-``reps`` seconds of one int8 GEMM of this shape with ``kernel`` (after one warm-up call)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
+    packed = prepack(weight, torch.full((out_features,), 1e-3), torch.zeros(out_features), kernel)
+    x = torch.randn(rows, in_features, generator=g)
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            start = time.perf_counter()
+            int8_linear(x, packed, kernel)
+            if i:
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+def probe_int8_kernels(rows: int, in_features: int, out_features: int) -> str:
+    """The faster kernel for this GEMM shape at the current thread count, measured once and cached."""
+    key = (rows, in_features, out_features, torch.get_num_threads())
+    if key not in _probed:
+        probe = _probe[0] or time_int8_kernel
+        seconds = {k: probe(k, rows, in_features, out_features) for k in available_int8_kernels()}
+        _probed[key] = min(seconds, key=seconds.get)
+    return _probed[key]
+
+
+def int8_kernel(rows: int | None = None, in_features: int | None = None, out_features: int | None = None) -> str:
+    """The kernel for a call of ``rows`` x ``in_features`` -> ``out_features`` (rows None: a varying count,
+    as the MoE experts'; then fbgemm, since oneDNN builds a primitive per new row count)."""
     available = available_int8_kernels()
     if not available:
         raise RuntimeError(f"int8 needs the onednn or fbgemm quantized engine; this build has "
@@ -101,10 +147,11 @@ def int8_kernel(rows: int | None = None) -> str:
     choice = _choice[0]
     if choice != "auto":
         return choice
-    large = rows is not None and rows >= ONEDNN_MIN_ROWS and torch.get_num_threads() == 1
-    if "onednn" in available and (len(available) == 1 or large):
-        return "onednn"
-    return available[-1]
+    if len(available) == 1:
+        return available[0]
+    if rows is None or in_features is None or out_features is None:
+        return "fbgemm"
+    return probe_int8_kernels(rows, in_features, out_features)
 
 
 def prepack(weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str):
@@ -178,9 +225,10 @@ class _Packed(nn.Module):
         self._packed = {}
         return super()._apply(fn, recurse)
 
-    def packed(self, rows: int | None = None) -> tuple[object, str]:
-        """(packed weights, kernel) for a call of ``rows`` rows (None: varying, see ``int8_kernel``)."""
-        kernel = int8_kernel(rows)
+    def packed(self, rows: int | None = None, shape: tuple[int, int] | None = None) -> tuple[object, str]:
+        """(packed weights, kernel) for a call of ``rows`` rows (None: varying) through a GEMM of
+        ``shape`` (in, out); see ``int8_kernel``."""
+        kernel = int8_kernel(rows, *(shape or (None, None)))
         if kernel not in self._packed:
             self._packed[kernel] = self._pack(kernel)
         return self._packed[kernel], kernel
@@ -220,7 +268,7 @@ class Int8Linear(_Packed):
         return prepack(self.weight_int8, self.weight_scale, self.bias, kernel)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        packed, kernel = self.packed(x.numel() // max(x.shape[-1], 1))
+        packed, kernel = self.packed(x.numel() // max(x.shape[-1], 1), (self.in_features, self.out_features))
         return int8_linear(x, packed, kernel, activation)
 
     def extra_repr(self) -> str:
@@ -295,7 +343,7 @@ class Int8PatchEmbed(_Packed):
                              f"got {tuple(x.shape)}")
         gh, gw = h // ph, w // pw
         patches = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * ph * pw)
-        packed, kernel = self.packed(patches.shape[0])
+        packed, kernel = self.packed(patches.shape[0], (patches.shape[1], self.out_chans))
         return int8_linear(patches, packed, kernel).view(b, gh, gw, self.out_chans).permute(0, 3, 1, 2)
 
 

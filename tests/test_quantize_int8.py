@@ -10,7 +10,8 @@ import ernie_vl
 from ernie_vl.modality import IMAGE
 from ernie_vl.quantize import (SCHEMES, Int8Linear, Int8Mlp, Int8MoEFeedForward, Int8PatchEmbed, available_int8_kernels,
                                int8_kernel, int8_kernel_choice, quantize_activation, quantize_weight,
-                               set_int8_kernel, state_dict_bytes)
+                               probe_int8_kernels, probed_int8_kernels, set_int8_kernel, set_int8_probe,
+                               state_dict_bytes, time_int8_kernel)
 from encoders.blocks import Mlp
 from tests._model_helpers import make_batch
 from tests._quantize_helpers import CallCounter, assert_same_backbone_output
@@ -118,7 +119,7 @@ def test_each_kernel_matches_float_with_its_activation(kernel, activation) -> No
     assert F.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.999
 
 
-def test_kernels_agree_and_the_policy_picks_by_rows() -> None:
+def test_kernels_agree_and_a_forced_kernel_is_used() -> None:
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(nn.Linear(64, 48))
     x = torch.randn(300, 64)
@@ -131,17 +132,56 @@ def test_kernels_agree_and_the_policy_picks_by_rows() -> None:
     for y in outs.values():
         torch.testing.assert_close(y, outs[KERNELS[-1]], atol=1e-4, rtol=1e-4)
     assert int8_kernel_choice() == "auto"
-    if len(KERNELS) == 2:
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            assert int8_kernel(300) == "onednn" and int8_kernel(10) == "fbgemm" and int8_kernel(None) == "fbgemm"
-            torch.set_num_threads(2)
-            assert int8_kernel(300) == "fbgemm"
-        finally:
-            torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="unknown or unavailable int8 kernel 'avx'"):
         set_int8_kernel("avx")
+
+
+@pytest.mark.skipif(len(KERNELS) < 2, reason="needs both int8 kernels")
+def test_auto_probes_each_shape_once_and_keeps_the_faster() -> None:
+    calls = []
+
+    def fake_probe(kernel, rows, k, n):  # oneDNN faster for wide outputs, fbgemm for the others
+        calls.append((kernel, rows, k, n))
+        return (1.0 if kernel == "onednn" else 2.0) if n >= 96 else (3.0 if kernel == "onednn" else 2.0)
+
+    previous = set_int8_probe(fake_probe)
+    try:
+        assert int8_kernel(400, 64, 128) == "onednn" and int8_kernel(400, 64, 48) == "fbgemm"
+        assert len(calls) == 4
+        assert int8_kernel(400, 64, 128) == "onednn" and len(calls) == 4  # cached
+        assert int8_kernel(None) == "fbgemm" and len(calls) == 4  # varying rows: no probe
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
+        try:
+            int8_kernel(400, 64, 128)
+            assert len(calls) == 6  # another thread count is another shape
+        finally:
+            torch.set_num_threads(threads)
+        assert probed_int8_kernels()[(400, 64, 128, threads)] == "onednn"
+        # a layer asks with its own shape
+        torch.manual_seed(0)
+        wide, narrow = Int8Linear.from_linear(nn.Linear(64, 128)), Int8Linear.from_linear(nn.Linear(64, 48))
+        assert wide.packed(400, (64, 128))[1] == "onednn" and narrow.packed(400, (64, 48))[1] == "fbgemm"
+        x = torch.randn(400, 64)
+        wide(x), narrow(x)
+        assert set(wide._packed) == {"onednn"} and set(narrow._packed) == {"fbgemm"}
+        forced = set_int8_kernel("fbgemm")
+        assert int8_kernel(400, 64, 128) == "fbgemm"
+        set_int8_kernel(forced)
+    finally:
+        set_int8_probe(previous)
+    assert probed_int8_kernels() == {}
+
+
+@pytest.mark.skipif(len(KERNELS) < 2, reason="needs both int8 kernels")
+def test_the_real_probe_times_both_kernels() -> None:
+    previous = set_int8_probe(None)
+    try:
+        seconds = {k: time_int8_kernel(k, 64, 32, 48, reps=1) for k in KERNELS}
+        assert all(0 < s < 10 for s in seconds.values())
+        assert probe_int8_kernels(64, 32, 48) in KERNELS
+    finally:
+        set_int8_probe(previous)
 
 
 @pytest.mark.parametrize("kernel", KERNELS, indirect=True)

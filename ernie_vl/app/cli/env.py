@@ -43,7 +43,8 @@ def moe_choices() -> dict[str, Any]:
 
 
 def int8_choices() -> dict[str, Any]:
-    """The int8 GEMM engine :mod:`ernie_vl.quantize` picks for a few row counts, at this thread count and at one."""
+    """The int8 GEMM engine :mod:`ernie_vl.quantize` picks (its one-time probe per shape) for a ViT-B
+    MLP GEMM (768 -> 3072) at a few row counts, at this thread count and at one."""
     from ernie_vl import quantize
 
     try:
@@ -53,7 +54,8 @@ def int8_choices() -> dict[str, Any]:
         for n in sorted({threads, 1}, reverse=True):
             torch.set_num_threads(n)
             try:
-                out[f"{n}_threads"] = {str(rows): quantize.int8_kernel(rows) for rows in (8, 512, None)}
+                out[f"{n}_threads"] = {str(rows): quantize.int8_kernel(rows, 768, 3072) for rows in (8, 512)}
+                out[f"{n}_threads"]["None"] = quantize.int8_kernel(None)
             finally:
                 torch.set_num_threads(threads)
         return out
