@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "EmbedResult": "retrieval.embed",
     "Index": "retrieval.index",
     "IndexMismatchError": "retrieval.index",
+    "ShardedIndex": "retrieval.sharded",
     "embed_to_parts": "retrieval.embed_parts",
     "PartsError": "retrieval.parts",
     "search_text": "retrieval.search",

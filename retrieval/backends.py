@@ -158,12 +158,19 @@ class FlatStore:
         """Slots whose stored vector holds NaN or inf (checked after loading)."""
         return _nonfinite_rows(lambda start, n: self.columns[:, start:start + n].T, self.ntotal)
 
-    def load(self, folder: Path) -> None:
-        vectors = np.load(folder / "vectors.npy", allow_pickle=False)
+    def load(self, folder: Path, mmap: bool = False) -> None:
+        # mmap: copy-on-write pages of the file; the Fortran-order (N, D) file is the (D, N) C-order matrix
+        vectors = np.load(folder / "vectors.npy", allow_pickle=False, mmap_mode="c" if mmap else None)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or vectors.dtype != np.float32:
             raise ValueError(f"{folder / 'vectors.npy'} holds {vectors.dtype} {vectors.shape}, "
                              f"expected float32 (N, {self.dim})")
         self.columns = np.ascontiguousarray(vectors.T)  # free for the Fortran-order files we write
+
+
+def read_faiss(path: Path, mmap: bool = False) -> faiss.Index:
+    """``faiss.read_index``; with ``mmap`` the file is mapped read-only (``IO_FLAG_MMAP``), not read."""
+    flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+    return faiss.read_index(str(path), flags)
 
 
 def _alive_selector(alive: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
@@ -223,8 +230,8 @@ class HNSWStore:
         """Slots whose stored vector holds NaN or inf (checked after loading)."""
         return _nonfinite_rows(lambda start, n: self.index.reconstruct_n(start, n), self.ntotal)
 
-    def load(self, folder: Path) -> None:
-        index = faiss.read_index(str(folder / "index.faiss"))
+    def load(self, folder: Path, mmap: bool = False) -> None:
+        index = read_faiss(folder / "index.faiss", mmap)
         if not isinstance(index, faiss.IndexHNSWFlat) or index.d != self.dim:
             raise ValueError(f"{folder / 'index.faiss'} is not an HNSW index of dimension {self.dim}")
         index.hnsw.efSearch = self.params.hnsw_ef_search
@@ -330,13 +337,13 @@ class IVFPQStore:
         faiss.write_index(self.index, str(folder / "index.faiss"))
         return ["index.faiss"]
 
-    def load(self, folder: Path, slots: int = 0) -> None:
+    def load(self, folder: Path, slots: int = 0, mmap: bool = False) -> None:
         path = folder / "index.faiss"
         self._next_slot = slots
         if not path.exists():
             self.index = None
             return
-        index = faiss.read_index(str(path))
+        index = read_faiss(path, mmap)
         if index.d != self.dim:
             raise ValueError(f"{path} has dimension {index.d}, expected {self.dim}")
         faiss.extract_index_ivf(index).nprobe = self.params.ivf_nprobe

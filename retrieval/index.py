@@ -93,6 +93,7 @@ class Index:
         self._slot_meta: list[Optional[dict]] = []
         self._id_to_slot: dict[int, int] = {}
         self._next_id = 0
+        self.read_only = False                          # True when loaded with mmap=True
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -117,6 +118,7 @@ class Index:
     def add(self, embeddings: ArrayLike, metadata: Optional[Sequence[Optional[dict]]] = None,
             ids: Optional[Sequence[int]] = None) -> np.ndarray:
         """Append (N, D) vectors; returns their ids (given ``ids`` or the next free ones)."""
+        self._check_writable("add to")
         x = _as_matrix(embeddings, self.dim)
         n = len(x)
         if metadata is not None and len(metadata) != n:
@@ -147,6 +149,7 @@ class Index:
 
     def remove(self, ids: Iterable[int], missing_ok: bool = False) -> int:
         """Remove items by id; returns how many were removed. Unknown ids raise unless ``missing_ok``."""
+        self._check_writable("remove from")
         ids = [int(i) for i in np.asarray(list(ids), dtype=np.int64).reshape(-1)]
         unknown = [i for i in ids if i not in self._id_to_slot]
         if unknown and not missing_ok:
@@ -163,6 +166,10 @@ class Index:
         if self.kind == "flat" or (self.kind == "hnsw" and dead.mean() >= self.params.compact_dead_fraction):
             self._compact(~dead)
         return len(slots)
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise ValueError(f"cannot {what} an index opened with mmap=True (read-only); load it with mmap=False")
 
     def _compact(self, keep: np.ndarray) -> None:
         if self.kind != "flat":
@@ -289,8 +296,12 @@ class Index:
 
     @classmethod
     def load(cls, folder: Union[str, os.PathLike], model_id: Optional[str] = None,
-             embedding_dim: Optional[int] = None) -> "Index":
-        """Load a saved index, checking format version, model id and embedding size when given, and the count."""
+             embedding_dim: Optional[int] = None, mmap: bool = False) -> "Index":
+        """Load a saved index, checking format version, model id and embedding size when given, and the count.
+
+        ``mmap=True`` maps the vector file instead of reading it (FAISS ``IO_FLAG_MMAP``; flat: a
+        copy-on-write ``np.memmap``): the OS pages it in as searches touch it. Such an index is read-only.
+        """
         folder = Path(folder)
         m = cls.read_manifest(folder)
         if model_id is not None and m.get("model_id") != model_id:
@@ -310,9 +321,10 @@ class Index:
         with open(folder / METADATA_FILE, encoding="utf-8") as f:
             metas = [json.loads(line) for line in f if line.strip()]
         if index.kind == "ivfpq":
-            index._store.load(folder, slots=len(slot_ids))
+            index._store.load(folder, slots=len(slot_ids), mmap=mmap)
         else:
-            index._store.load(folder)
+            index._store.load(folder, mmap=mmap)
+        index.read_only = bool(mmap)
         alive = int((slot_ids >= 0).sum())
         if not (len(slot_ids) == len(metas) == m["slots"]) or alive != m["count"]:
             raise IndexMismatchError(f"index {folder} is inconsistent: manifest says {m['count']} items in "

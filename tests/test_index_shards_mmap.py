@@ -1,0 +1,97 @@
+"""`Index.load(mmap=True)` and `ShardedIndex`: the same results as the in-memory / single index."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.index import Index, IndexMismatchError
+from retrieval.search import hits_from_arrays
+from retrieval.sharded import ShardedIndex, merge_topk
+
+
+def _unit(n, dim, seed):
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_mmap_load_searches_like_a_full_load(tmp_path, kind):
+    x = _unit(3000, 32, 0)
+    index = Index.build(x, metadata=[{"n": i} for i in range(len(x))], kind=kind)
+    index.remove([5, 6])
+    index.save(tmp_path / "idx")
+    full, mapped = Index.load(tmp_path / "idx"), Index.load(tmp_path / "idx", mmap=True)
+    q = _unit(50, 32, 1)
+    ids_a, sc_a = full.search(q, 10)
+    ids_b, sc_b = mapped.search(q, 10)
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_array_equal(sc_a, sc_b)
+    assert mapped.read_only and len(mapped) == 2998 and mapped.metadata(7) == {"n": 7}
+    if kind == "flat":
+        assert isinstance(mapped._store.columns.base, np.memmap) or isinstance(mapped._store.columns, np.memmap)
+    with pytest.raises(ValueError, match="mmap=True"):
+        mapped.add(x[:1])
+    with pytest.raises(ValueError, match="mmap=True"):
+        mapped.remove([1])
+
+
+def test_mmap_load_keeps_the_integrity_checks(tmp_path):
+    x = _unit(100, 8, 0)
+    Index.build(x, kind="flat").save(tmp_path / "idx")
+    vecs = np.load(tmp_path / "idx" / "vectors.npy")
+    vecs[3, 2] = np.nan
+    np.save(tmp_path / "idx" / "vectors.npy", vecs)
+    with pytest.raises(IndexMismatchError, match="NaN or inf"):
+        Index.load(tmp_path / "idx", mmap=True)
+
+
+def _split(x, shards, kind="flat"):
+    ids = np.random.default_rng(3).permutation(len(x)) * 3 + 7     # sparse, shuffled ids
+    pieces = np.array_split(np.arange(len(x)), shards)
+    return ids, [Index.build(x[p], ids=ids[p], metadata=[{"row": int(r)} for r in p], kind=kind, model_id="m")
+                 for p in pieces]
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_sharded_flat_equals_one_flat_index_over_the_union(tmp_path, mmap):
+    x = _unit(2500, 24, 0)
+    ids, shards = _split(x, 3)
+    folders = []
+    for i, shard in enumerate(shards):
+        folders.append(shard.save(tmp_path / f"shard{i}"))
+    union = Index.build(x, ids=ids, metadata=[{"row": r} for r in range(len(x))], kind="flat", model_id="m")
+    sharded = ShardedIndex.load(folders, model_id="m", mmap=mmap)
+    assert len(sharded) == len(union) == 2500
+    q = _unit(64, 24, 5)
+    for k in (1, 10, 100):
+        got_ids, got_scores = sharded.search(q, k)
+        want_ids, want_scores = union.search(q, k)
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
+    hits = hits_from_arrays(sharded, *sharded.search(q[:1], 3))
+    assert hits[0][0].metadata == union.metadata(hits[0][0].id)
+    sharded.close()
+
+
+def test_merge_pads_when_k_exceeds_the_union():
+    small = [Index.build(_unit(3, 8, s), ids=[10 * s + i for i in range(3)], kind="flat") for s in range(2)]
+    ids, scores = ShardedIndex(small).search(_unit(2, 8, 9), 10)
+    assert (ids[:, :6] >= 0).all() and (ids[:, 6:] == -1).all() and np.isinf(scores[:, 6:]).all()
+    assert (np.diff(scores[:, :6], axis=1) <= 0).all()
+    ids, _ = merge_topk([np.array([[1, -1]]), np.array([[2, 3]])], [np.array([[0.5, 9.0]]), np.array([[0.7, 0.1]])], 3)
+    assert ids.tolist() == [[2, 1, 3]]   # a missing result (-1) never wins, whatever its score
+
+
+def test_sharded_refuses_overlapping_ids_and_mixed_shards():
+    a = Index.build(_unit(5, 8, 0), ids=range(5), kind="flat", model_id="m")
+    b = Index.build(_unit(5, 8, 1), ids=range(4, 9), kind="flat", model_id="m")
+    with pytest.raises(IndexMismatchError, match="id 4 is in shard 0 and shard 1"):
+        ShardedIndex([a, b])
+    c = Index.build(_unit(5, 16, 1), ids=range(10, 15), kind="flat", model_id="m")
+    with pytest.raises(IndexMismatchError, match="disagree in dim"):
+        ShardedIndex([a, c])
+    d = Index.build(_unit(5, 8, 1), ids=range(10, 15), kind="flat", model_id="other")
+    with pytest.raises(IndexMismatchError, match="disagree in model_id"):
+        ShardedIndex([a, d])
+    with pytest.raises(ValueError, match="at least one shard"):
+        ShardedIndex([])
