@@ -15,8 +15,13 @@ Cases (probes from ``ernie_vl.app.serve.probes``):
     text, and the next request on the same connection works;
  5. what held before: 64 keep-alive clients for 20 s, 0 errors.
 
+``--anchor REV`` also runs the probes, at smaller counts and without verdicts, against the server of
+git revision REV (the code before this hardening), to show that each probe catches what the issue
+reported.
+
     .venv/bin/python bench/server_abuse.py            # ~5 minutes
     .venv/bin/python bench/server_abuse.py --quick    # smaller counts, ~1 minute
+    .venv/bin/python bench/server_abuse.py --anchor 25998a7   # and the server before the hardening
 """
 from __future__ import annotations
 
@@ -67,17 +72,19 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-def start_server(ckpt: Path, index: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, index: Path, tmp: Path, code: Path = ROOT,
+                 extra: tuple = ("--max-image-pixels", str(CAP_PIXELS))) -> tuple[subprocess.Popen, str]:
+    """``ernie-vl serve`` of the code in ``code`` on a free loopback port, temporary files in ``tmp``."""
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmp), PYTHONPATH=str(code))
     cmd = [sys.executable, "-m", "ernie_vl", "serve", str(ckpt), "--index", str(index), "--port", str(port),
-           "--max-image-pixels", str(CAP_PIXELS), "--log-level", "error"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           *extra, "--log-level", "error"]
+    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"the server of {code} exited with {proc.returncode}")
         if health_ok(url, timeout_s=5):
             return proc, url
         time.sleep(0.3)
@@ -169,21 +176,106 @@ def steady_clients(url: str, clients: int, seconds: float) -> dict:
     return {"clients": clients, "seconds": seconds, **counts}
 
 
-def build_model(tmp: Path) -> tuple[Path, Path]:
-    import numpy as np
+BUILD = """
+import sys
+import numpy as np
+import ernie_vl
+from retrieval.index import Index
+out = sys.argv[1]
+ernie_vl.create_model("tiny").save_pretrained(out + "/ckpt")
+model = ernie_vl.ErnieVL.from_pretrained(out + "/ckpt").eval()
+dim = int(model.encode_text(model.tokenizer(["a"])).shape[-1])
+x = np.random.default_rng(0).standard_normal((1000, dim)).astype(np.float32)
+x /= np.linalg.norm(x, axis=1, keepdims=True)
+Index.build(x, kind="flat", metadata=[{"path": f"{i}.jpg"} for i in range(len(x))],
+            model_id=model.model_id).save(out + "/index")
+"""
 
-    import ernie_vl
-    from retrieval.index import Index
 
-    ckpt = tmp / "ckpt"
-    ernie_vl.create_model("tiny").save_pretrained(str(ckpt))
-    model = ernie_vl.ErnieVL.from_pretrained(str(ckpt)).eval()
-    dim = int(model.encode_text(model.tokenizer(["a"])).shape[-1])
-    x = np.random.default_rng(0).standard_normal((1000, dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    Index.build(x, kind="flat", metadata=[{"path": f"{i}.jpg"} for i in range(len(x))],
-                model_id=model.model_id).save(str(tmp / "index"))
-    return ckpt, tmp / "index"
+def build_model(tmp: Path, code: Path = ROOT) -> tuple[Path, Path]:
+    """A random-init ``tiny`` checkpoint and a 1000-item flat index, written by the code in ``code``."""
+    env = dict(os.environ, PYTHONPATH=str(code))
+    tmp.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", BUILD, str(tmp)], cwd=code, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return tmp / "ckpt", tmp / "index"
+
+
+def export_revision(rev: str, dest: Path) -> Path:
+    """The project's files at git revision ``rev``, unpacked into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def _guarded(fn, *args, **kwargs) -> dict:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # the anchor may fail a probe outright: record it, go on
+        return {"failed": f"{type(err).__name__}: {err}"[:200]}
+
+
+def anchor_cases(rev: str, tmp: Path) -> dict:
+    """The same probes, at smaller counts, against the server of revision ``rev`` (no verdicts)."""
+    code = export_revision(rev, tmp / "anchor-code")
+    ckpt, index = build_model(tmp / "anchor-model", code)
+    proc, url = start_server(ckpt, index, tmp / "spool", code=code, extra=[])
+    try:
+        res = {"rev": rev, "bombs": _guarded(bombs, url, proc.pid, 6000, 8)}
+        print("anchor bombs:", res["bombs"], flush=True)
+        res["bodies"] = [_guarded(body_case, url, proc.pid, "64 MB JSON, content-length", path="/search",
+                                  total=64 * MB, chunked=False),
+                         _guarded(body_case, url, proc.pid, "64 MB multipart, chunked", path="/embed/image",
+                                  total=64 * MB, content_type="multipart/form-data")]
+        print("anchor bodies:", res["bodies"], flush=True)
+        res["half_open"] = _guarded(lambda: asdict(half_open_flood(url, 1000, wait_s=20)))
+        print("anchor half-open:", res["half_open"], flush=True)
+        res["malformed"] = _guarded(check_malformed_json, url)
+        res["alive"] = proc.poll() is None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return res
+
+
+def anchor_report(a: dict) -> list[str]:
+    lines = ["", f"## The same probes against the server before this work (revision `{a['rev']}`)", "",
+             "Smaller counts, so that the old server's memory stays within the shared machine; no verdicts, "
+             "these rows show that each probe catches the behaviour the issue reported.", ""]
+    b = a["bombs"]
+    if "failed" in b:
+        lines.append(f"- 8 parallel 6000² PNG bombs: probe failed ({b['failed']})")
+    else:
+        lines.append(f"- 8 parallel 6000² PNG bombs: answers {b['statuses']} ({b['errors']} connection errors), "
+                     f"peak RSS delta {b['peak_delta_mb']:.0f} MB, {b['held_after_mb']:.0f} MB held 3 s after")
+    for c in a["bodies"]:
+        if "failed" in c:
+            lines.append(f"- body probe failed ({c['failed']})")
+        else:
+            lines.append(f"- {c['case']}: status {c['status']}, server read {c['server_read_mb']:.1f} MB, "
+                         f"wrote {c['server_wrote_mb']:.1f} MB")
+    h = a["half_open"]
+    if "failed" in h:
+        lines.append(f"- 1000 half-open connections: probe failed ({h['failed']})")
+    else:
+        lines.append(f"- 1000 half-open connections: {h['closed_by_server']} of {h['opened']} closed by the server "
+                     f"within 20 s; /health during: {'up' if h['health_during'] else 'DOWN'}")
+    m = a["malformed"]
+    if isinstance(m, dict):
+        lines.append(f"- malformed JSON: probe failed ({m['failed']})")
+    else:
+        bad = [r for r in m if not (r["status"] and 400 <= r["status"] < 500 and r["next_ok"] and not r["leaks"])]
+        lines.append(f"- malformed JSON: {len(m) - len(bad)} of {len(m)} cases answered 4xx on a connection that "
+                     f"stayed usable; the others: " + "; ".join(
+                         f"{r['case']} -> {r['status'] or 'no answer, ' + r['error']}"
+                         f"{' (exception text shown)' if r['leaks'] else ''}"
+                         f"{'' if r['next_ok'] else ', next request failed'}" for r in bad))
+    lines.append(f"- server process alive at the end: {a['alive']}")
+    return lines
 
 
 def report(res: dict, verdicts: list[Verdict], mach, cmd: str) -> str:
@@ -240,6 +332,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller counts (2,000 half-open connections, 5 s steady load)")
     ap.add_argument("--half-open", type=int, default=None, help="half-open connections (default 21000, quick 2000)")
+    ap.add_argument("--anchor", default=None, metavar="REV",
+                    help="also run the probes (smaller counts) against the server of git revision REV")
     ap.add_argument("--no-write", action="store_true", help="print, do not write bench/results")
     args = ap.parse_args()
     half_open = args.half_open or (2000 if args.quick else 21000)
@@ -248,7 +342,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "spool").mkdir()
-        ckpt, index = build_model(tmp)
+        ckpt, index = build_model(tmp / "model")
         proc, url = start_server(ckpt, index, tmp / "spool")
         try:
             res = {"bombs_refused": bombs(url, proc.pid, 6000, 40)}
@@ -279,11 +373,14 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        anchor = anchor_cases(args.anchor, tmp) if args.anchor else None
     res["seconds"] = time.monotonic() - start
     verdicts = make_verdicts(res)
     mach = machine(load_before=mach_before)
     cmd = command_line("server_abuse.py")
     text = report(res, verdicts, mach, cmd)
+    if anchor is not None:
+        text += "\n" + "\n".join(anchor_report(anchor)) + "\n"
     print(text)
     if not args.no_write:
         print("wrote", write_results("server_abuse", text, verdicts, mach, cmd))
