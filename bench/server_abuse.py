@@ -92,6 +92,14 @@ def start_server(ckpt: Path, index: Path, tmp: Path, code: Path = ROOT,
     raise RuntimeError("the server did not start in 300 s")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def bombs(url: str, pid: int, side: int, n: int) -> dict:
     png = bomb_png(side, side)
     reset_peak_rss(pid)
@@ -234,11 +242,7 @@ def anchor_cases(rev: str, tmp: Path) -> dict:
         res["malformed"] = _guarded(check_malformed_json, url)
         res["alive"] = proc.poll() is None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return res
 
 
@@ -368,11 +372,7 @@ def main() -> int:
             res.update(connections=health["connections"], refused=health["refused"], decode=health["decode"],
                        alive=proc.poll() is None)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
         anchor = anchor_cases(args.anchor, tmp) if args.anchor else None
     res["seconds"] = time.monotonic() - start
     verdicts = make_verdicts(res)
