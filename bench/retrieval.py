@@ -8,6 +8,7 @@ normalised 512-d vectors, random and low-rank (like real embeddings). Interleave
     .venv/bin/python bench/retrieval.py --quick    # 20k vectors
     .venv/bin/python bench/retrieval.py --full     # 1M exact + hnsw at 100k / 200k (~15 min, < 5 GB)
     .venv/bin/python bench/retrieval.py --approx-n 200000   # hnsw / ivfpq at 200k (slow builds on 2 cores)
+    .venv/bin/python bench/retrieval.py --scale    # 1M vectors: IVF-PQ from parts under 1 GB (bench/retrieval_scale.py)
 
 ``--full``: exact search over 1M random and 1M low-rank vectors (ours, FAISS IndexFlatIP, torch),
 then the approximate kinds on low-rank data at 100k and 200k. An HNSW graph over 1M vectors costs
@@ -237,7 +238,16 @@ def main() -> None:
                     help="vectors for the hnsw / ivfpq builds (default 50k, 20k with --quick; 200k matches the issue)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 5 for a verdict)")
+    ap.add_argument("--scale", action="store_true",
+                    help="IVF-PQ built from float16 parts under --budget: peak RSS, recall@10, mmap load")
+    ap.add_argument("--scale-n", type=int, default=1_000_000, help="vectors for --scale (default 1M)")
+    ap.add_argument("--budget", default="1G", help="memory budget for --scale (default 1G)")
     args = ap.parse_args()
+    if args.scale:
+        from retrieval_scale import run_scale
+
+        run_scale(args.scale_n, args.budget, num_queries=200 if args.quick else 500, threads=args.threads)
+        return
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
