@@ -5,8 +5,9 @@ Each ``bench/<name>.py`` writes ``bench/results/<name>.md`` (its tables) and, th
 This script writes:
 
 - BENCHMARKS.md: a summary table built from the JSON verdicts, then every section;
-- the README's block between ``<!-- bench-summary:begin -->`` and ``<!-- bench-summary:end -->``:
-  the same summary table.
+- the README's marked blocks: ``<!-- bench:summary:begin -->`` ... ``<!-- bench:summary:end -->``
+  gets the same summary table, ``<!-- bench:NAME:begin -->`` ... ``<!-- bench:NAME:end -->`` the
+  body of ``bench/results/NAME.md`` (its title line dropped).
 
 Nothing in either is typed by hand; a section without a JSON file is listed as having no
 script-written verdict.
@@ -16,6 +17,7 @@ script-written verdict.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +25,7 @@ RESULTS = ROOT / "bench" / "results"
 ORDER = ("encoders", "moe", "quantize", "video", "retrieval", "hnsw_at_scale", "server", "server_abuse",
          "data", "train_synthetic", "train_digits", "few_shot_video", "moe_balance", "priority_sampling",
          "train_screens")
-BEGIN, END = "<!-- bench-summary:begin -->", "<!-- bench-summary:end -->"
+BLOCK = re.compile(r"<!-- bench:(\w+):begin -->\n.*?<!-- bench:\1:end -->", re.S)
 
 HEADER = """# Benchmarks
 
@@ -68,15 +70,32 @@ def load_records() -> tuple[list[dict], list[str], list[str]]:
     return records, missing, names
 
 
-def update_readme(table: str, readme: Path = ROOT / "README.md") -> bool:
-    """Replace the README's marked block with ``table``; False when the markers are absent."""
+def section_body(name: str) -> str:
+    """``bench/results/NAME.md`` without its title line."""
+    lines = (RESULTS / f"{name}.md").read_text().strip().splitlines()
+    return "\n".join(lines[1:] if lines and lines[0].startswith("#") else lines).strip() + "\n"
+
+
+def update_readme(table: str, readme: Path = ROOT / "README.md") -> list[str]:
+    """Fill the README's marked blocks (see the module docstring); returns the names filled."""
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
-    return True
+    filled: list[str] = []
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        if name == "summary":
+            body = table
+        elif (RESULTS / f"{name}.md").exists():
+            body = section_body(name)
+        else:
+            return match.group(0)  # no results yet: leave the block as it is
+        filled.append(name)
+        return f"<!-- bench:{name}:begin -->\n{body}<!-- bench:{name}:end -->"
+
+    new = BLOCK.sub(fill, text)
+    if new != text:
+        readme.write_text(new)
+    return filled
 
 
 def main() -> None:
@@ -86,9 +105,9 @@ def main() -> None:
     for name in names:
         parts.append((RESULTS / f"{name}.md").read_text().strip() + "\n")
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
-    in_readme = update_readme(table)
+    filled = update_readme(table)
     print(f"BENCHMARKS.md: {len(names)} sections, {sum(len(r['verdicts']) for r in records)} verdicts"
-          f"{'; README block updated' if in_readme else ''}")
+          f"{'; README blocks filled: ' + ', '.join(filled) if filled else ''}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def _load(name: str):
-    sys.path.insert(0, str(BENCH))
+    sys.path.append(str(BENCH))  # after the packages: bench/encoders.py must not shadow `encoders`
     try:
         spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
@@ -43,7 +43,7 @@ def test_machine_names_the_cpu_and_isa(report):
     assert facts.cpu in line and "load average 0.5 before" in line
 
 
-def test_write_results_then_summary_and_readme_block(tmp_path, report, collect):
+def test_write_results_then_summary_and_readme_block(tmp_path, monkeypatch, report, collect):
     facts = report.Machine(cpu="Test CPU 9000", vendor="TestVendor", isa=["avx2"], cores=2, torch="x", blas="y")
     verdicts = [report.Verdict("ours / anchor", ">= 1.0", "1.23x", True, claim="7"),
                 report.Verdict("ours / other", ">= 2.5", "2.10x", False),
@@ -62,12 +62,17 @@ def test_write_results_then_summary_and_readme_block(tmp_path, report, collect):
     assert "Test CPU 9000" in table and "`old`" in table
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{collect.BEGIN}\nhand-typed 9.9x\n{collect.END}\noutro\n")
-    assert collect.update_readme(table, readme)
+    readme.write_text("intro\n<!-- bench:summary:begin -->\nhand-typed 9.9x\n<!-- bench:summary:end -->\n"
+                      "middle\n<!-- bench:fake:begin -->\nold figures\n<!-- bench:fake:end -->\n"
+                      "<!-- bench:absent:begin -->\nkept\n<!-- bench:absent:end -->\noutro\n")
+    monkeypatch.setattr(collect, "RESULTS", tmp_path)
+    assert collect.update_readme(table, readme) == ["summary", "fake"]
     text = readme.read_text()
     assert "hand-typed" not in text and "1.23x" in text
-    assert text.startswith("intro\n") and text.endswith("outro\n")
+    assert "old figures" not in text and "table" in text and "# Fake" not in text
+    assert "kept" in text  # a block whose results file does not exist is left alone
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("outro\n")
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
-    assert not collect.update_readme(table, plain)
+    assert collect.update_readme(table, plain) == []
     assert plain.read_text() == "no markers\n"
