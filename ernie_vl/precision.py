@@ -1,8 +1,9 @@
 """Prepare a model for inference at a precision: ``fp32``, ``bf16`` (autocast) or ``int8``.
 
-``at_precision(model, "bf16")`` wraps any model with ``encode_image`` / ``encode_text`` /
-``encode_video`` (an ``ErnieVL`` or an open_clip model) so that those calls run under
-``torch.autocast(dtype=torch.bfloat16)`` on the model's device and return float32; on a CPU
+``at_precision(model, "bf16")`` wraps a bfloat16 copy of any model with ``encode_image`` /
+``encode_text`` / ``encode_video`` (an ``ErnieVL`` or an open_clip model) so that those calls run
+under ``torch.autocast(dtype=torch.bfloat16)`` on the model's device and return float32 (weights
+cast once, not per call; autocast keeps norms, softmax and reductions in float32); on a CPU
 this uses AVX512-BF16 / AMX where the CPU has them (``bf16_native()``) and is slower than fp32
 where it has not. ``"int8"`` returns ``ernie_vl.quantize_int8(model)`` for an ``ErnieVL`` (or a
 model already quantized) and torch's dynamic int8 quantization of the ``nn.Linear`` layers for
@@ -105,7 +106,9 @@ def at_precision(model: Any, precision: str) -> Any:
     if precision == "fp32":
         return model
     if precision == "bf16":
-        return AutocastModel(model, torch.bfloat16)
+        import copy
+
+        return AutocastModel(copy.deepcopy(model).to(torch.bfloat16).eval(), torch.bfloat16)
     from ernie_vl.model import ErnieVL
     from ernie_vl.quantize import quantize_int8
 

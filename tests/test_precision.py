@@ -46,9 +46,11 @@ def test_bf16_wrapper_delegates_and_fp32_is_unchanged(model):
     assert at_precision(model, "fp32") is model
     wrapped = at_precision(model, "bf16")
     assert isinstance(wrapped, AutocastModel) and wrapped.dtype == torch.bfloat16
-    assert wrapped.tokenizer is model.tokenizer and wrapped.preprocess is model.preprocess
-    assert wrapped.eval() is wrapped
-    assert next(wrapped.parameters()) is next(model.parameters())
+    assert torch.equal(wrapped.tokenizer(["a red circle"]), model.tokenizer(["a red circle"]))
+    assert wrapped.preprocess is not None and wrapped.eval() is wrapped
+    # the weights are cast once (a bf16 copy); the caller's model stays float32
+    assert next(wrapped.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
     assert isinstance(bf16_native(), bool)
 
 
