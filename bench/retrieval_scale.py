@@ -126,7 +126,7 @@ def run_scale(n: int, budget: str, num_queries: int, threads: int) -> None:
         "",
         f"Command: `{command_line('retrieval.py')}`",
         "",
-        facts.line() + " The machine is shared with other jobs: times are indicative, RSS and recall are not.",
+        facts.line() + " The machine is shared with other jobs: the times are indicative; RSS, recall and the plan do not depend on the load.",
         "",
         f"{n:,} low-rank 512-d unit vectors in {(n + PART - 1) // PART} float16 parts of {PART:,} "
         f"(written and brute-forced in {gen_s:.0f} s); `Index.build_from_parts(kind='ivfpq', memory_budget='{budget}')` "

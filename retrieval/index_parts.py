@@ -23,7 +23,7 @@ from retrieval.parts import PartsError, check_parts, finished_parts, iter_part_c
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 PQ_M_CHOICES = (64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 6, 4, 3, 2, 1)
 ID_BYTES = 8              # FAISS stores an int64 id beside each code in the inverted lists
-ITEM_OVERHEAD = 160       # our per-item bookkeeping (slot id, id -> slot map entry), metadata rows aside
+ITEM_OVERHEAD = 160       # our per-item bookkeeping (slot id, id -> slot map entry; measured), metadata aside
 CHUNK_ROWS = 16384        # rows read from the parts at once
 
 
@@ -55,7 +55,7 @@ class IVFPQPlan:
                 "estimated_bytes": self.estimated_bytes}
 
 
-def plan_ivfpq(n: int, dim: int, budget: int, meta_bytes_per_item: int = 64) -> IVFPQPlan:
+def plan_ivfpq(n: int, dim: int, budget: int, meta_bytes_per_item: int = 250) -> IVFPQPlan:
     """nlist ~ 4 sqrt(N) (a power of two, >= 39 training points per list), the largest PQ m (<= 64, dividing
     ``dim``, sub-vectors of >= 4 dims) whose codes, ids and bookkeeping fit ``budget`` beside the training
     sample and centroids."""
@@ -70,15 +70,18 @@ def plan_ivfpq(n: int, dim: int, budget: int, meta_bytes_per_item: int = 64) -> 
         nlist //= 2
     nlist = int(min(nlist, 65536))
     train_size = int(min(n, max(256, 39 * nlist, min(64 * nlist, train_budget // row))))
-    fixed = train_size * dim * 4 + nlist * dim * 4 + CHUNK_ROWS * dim * 4 * 2
-    per_item = ID_BYTES + ITEM_OVERHEAD + meta_bytes_per_item
+    # peak = the larger of the training phase (the sample and FAISS's working copies of it) and the adding
+    # phase (a chunk as float32 with FAISS's residuals, the codes and ids in growing lists, our bookkeeping)
+    train_phase = int(2.5 * train_size * row) + nlist * row
+    chunk_bytes = 4 * CHUNK_ROWS * row
+    per_item = ITEM_OVERHEAD + meta_bytes_per_item
     for m in PQ_M_CHOICES:
         if dim % m or m > max(1, dim // 4):       # sub-vectors of >= 4 dimensions
             continue
-        need = fixed + n * (m + per_item) + 256 * dim * 4
+        need = max(train_phase, nlist * row + chunk_bytes + n * (2 * (m + ID_BYTES) + per_item))
         if need <= budget:
             return IVFPQPlan(nlist, m, train_size, need)
-    smallest = fixed + n * (1 + per_item)
+    smallest = max(train_phase, nlist * row + chunk_bytes + n * (2 * (1 + ID_BYTES) + per_item))
     raise ValueError(f"{n} vectors of size {dim} do not fit a memory budget of {budget / 2**20:.0f} MiB even with "
                      f"1-byte PQ codes (about {smallest / 2**20:.0f} MiB needed); raise memory_budget")
 
@@ -123,14 +126,15 @@ def build_from_parts(folder: Union[str, Path], kind: str = "ivfpq", memory_budge
     index_info = {**((manifest or {}).get("info") or {}), **(info or {}), "built_from": str(folder.resolve())}
     if kind == "ivfpq":
         first = next(p for _, p in sorted(parts.items()) if p.count)
-        meta_bytes = int(first.metadata_path.stat().st_size / max(first.count, 1)) * 2
+        meta_bytes = 200 + 3 * int(first.metadata_path.stat().st_size / max(first.count, 1))  # a dict per row
         plan = plan_ivfpq(n, dim, budget, meta_bytes)
         params = replace(params, ivf_nlist=params.ivf_nlist or plan.nlist, pq_m=params.pq_m or plan.pq_m)
         index = Index(dim, "ivfpq", model_id=parts_model, params=params,
                       info={**index_info, "ivfpq_plan": plan.to_dict(), "memory_budget": budget})
         index._store.train(_sample_rows(parts, plan.train_size))
         for x, rows in iter_part_chunks(parts, CHUNK_ROWS):
-            index.add(x, metadata=[_strip_id(r) for r in rows], ids=[r["id"] for r in rows])
+            ids, metas = _split_rows(rows)
+            index.add(x, metadata=metas, ids=ids)
         return index
     need = n * dim * 4 * 2
     if need > budget:
@@ -139,18 +143,21 @@ def build_from_parts(folder: Union[str, Path], kind: str = "ivfpq", memory_budge
     index = Index(dim, kind, model_id=parts_model, params=params, info=index_info)
     if kind == "hnsw":
         for x, rows in iter_part_chunks(parts, CHUNK_ROWS):
-            index.add(x, metadata=[_strip_id(r) for r in rows], ids=[r["id"] for r in rows])
+            ids, metas = _split_rows(rows)
+            index.add(x, metadata=metas, ids=ids)
         return index
     vectors = np.empty((n, dim), np.float32)  # one allocation, filled part by part (no repeated concatenation)
     metas, ids, at = [], [], 0
     for x, rows in iter_part_chunks(parts, CHUNK_ROWS):
         vectors[at:at + len(x)] = x
         at += len(x)
-        metas.extend(_strip_id(r) for r in rows)
-        ids.extend(r["id"] for r in rows)
+        chunk_ids, chunk_metas = _split_rows(rows)
+        metas.extend(chunk_metas)
+        ids.extend(chunk_ids)
     index.add(vectors, metadata=metas, ids=ids)
     return index
 
 
-def _strip_id(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != "id"}
+def _split_rows(rows: list[dict]) -> tuple[list[int], list[dict]]:
+    """(ids, metadata without ``id``); the rows are changed in place (a copy per item would double them)."""
+    return [row.pop("id") for row in rows], rows
