@@ -168,6 +168,12 @@ def test_index_cli_builds_from_parts(one_proc, tmp_path, capsys):
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     assert index.metadata(int(ids[0])) == {k: v for k, v in rows[0].items() if k != "id"}
     assert index.info["root"] == read_manifest(one_proc[0])["info"]["root"]
+    # the index records the model and the photo folder: `ernie-vl search` finds a photo by itself
+    capsys.readouterr()
+    photo = Path(index.info["root"]) / rows[4]["path"]
+    assert main(["search", str(out), "--image", str(photo), "-k", "1", "--json", "--mmap"]) == 0
+    hit = json.loads(capsys.readouterr().out)["hits"][0]
+    assert hit["id"] == int(ids[4]) and hit["metadata"]["path"] == rows[4]["path"]
 
 
 # ---------------------------------------------------------------- build_from_parts on synthetic parts

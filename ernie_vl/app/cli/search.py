@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="let the gallery read files outside the indexed folder (absolute or '..' paths in the "
                         "index's metadata; off by default: an index from elsewhere could name any file)")
     p.add_argument("--device", default=None)
+    p.add_argument("--mmap", action="store_true",
+                   help="map the index file instead of reading it (large indexes; FAISS IO_FLAG_MMAP)")
     p.set_defaults(func=run)
 
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"index {str(args.index)!r} was built with the model {spec!r}, but {reason}; an "
                              f"index never starts a download. If you trust it, pass it yourself: --model {spec}")
     loaded = load_model(spec, device=optional_device(args.device))
-    index = Index.load(args.index, model_id=loaded.model_id)
+    index = Index.load(args.index, model_id=loaded.model_id, mmap=args.mmap)
     if args.image is not None:
         hits = search_image(loaded.model, index, args.image, k=args.k, preprocess=loaded.preprocess,
                             model_id=loaded.model_id)
