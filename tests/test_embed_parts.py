@@ -149,6 +149,11 @@ def test_csv_and_shards_embed_the_same_pairs(checkpoint, photos, tmp_path):
     shards = write_shards(csv, tmp_path / "shards", per_shard=4, progress=False)
     by_shards = _embed(checkpoint, shards["pattern"], tmp_path / "emb_shards")
     assert by_shards["embedded"] == len(files) and by_shards["skipped"] == []
+    broken = tmp_path / "shards" / "00009.tar"
+    broken.write_bytes(b"\x00garbage that is not a tar file" * 40)
+    with_bad = _embed(checkpoint, f"{tmp_path / 'shards'}/{{00000,00001,00002,00009}}.tar", tmp_path / "emb_bad")
+    assert with_bad["embedded"] == len(files) and [s["shard"] for s in with_bad["unreadable_shards"]] == [str(broken)]
+    assert read_manifest(tmp_path / "emb_bad")["info"]["unreadable_shards"][0][0] == str(broken)
     _, v_csv, r_csv = _collect(tmp_path / "emb_csv")
     _, v_sh, r_sh = _collect(tmp_path / "emb_shards")
     assert [r["caption"] for r in r_csv] == [f"photo {i}" for i in range(len(files))]

@@ -20,13 +20,16 @@ def list_items(data: str, image_col: str = "filepath", caption_col: str = "capti
 
     if is_shard_spec(data):
         items: list[str] = []
+        bad: list[list[str]] = []
         for shard in shard_list(data):
             try:
                 items.extend(shard_sample_names(shard))
-            except ShardError as err:
-                print(f"skipped shard {shard}: {err.reason}", file=sys.stderr)
+            except ShardError as err:   # one unreadable shard never stops the job: listed in the manifest
+                bad.append([shard, err.reason])
+        if not items:
+            raise ValueError(f"no readable samples in the shards {data!r}; e.g. {bad[:3]}")
         metas = [dict(zip(("shard", "key"), name.rsplit("#", 1))) for name in items]
-        return items, metas, {"source": data}
+        return items, metas, {"source": data, "unreadable_shards": bad}
     path = Path(data)
     if path.is_dir():
         root = path.resolve()
@@ -99,9 +102,10 @@ def run(args: argparse.Namespace) -> int:
                "finished": report.manifest is not None, "embedded_now": report.embedded,
                "parts_embedded_by_rank0": report.parts_done, "parts_reused_by_rank0": report.parts_reused,
                "embedded": (report.manifest or {}).get("embedded"),
-               "skipped": [{"item": i, "reason": r} for i, r in skipped]}
+               "skipped": [{"item": i, "reason": r} for i, r in skipped],
+               "unreadable_shards": [{"shard": x, "reason": r} for x, r in info.get("unreadable_shards", [])]}
     print(json_text(summary, indent=1))
-    for item, reason in skipped:
+    for item, reason in skipped + [tuple(x) for x in info.get("unreadable_shards", [])]:
         print(printable(f"  skipped {item}: {reason}"), file=sys.stderr)
     return 0 if report.manifest is not None else 1
 
