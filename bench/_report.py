@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# the packages first: a script's own folder (bench/) comes first on sys.path, and bench/encoders.py
+# would otherwise stand in for the `encoders` package
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]
 
 from ernie_vl import runtime  # noqa: E402
 

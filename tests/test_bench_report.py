@@ -76,3 +76,23 @@ def test_write_results_then_summary_and_readme_block(tmp_path, monkeypatch, repo
     plain.write_text("no markers\n")
     assert collect.update_readme(table, plain) == []
     assert plain.read_text() == "no markers\n"
+
+
+def test_every_benchmark_script_starts():
+    """Each bench/*.py imports and parses its arguments (``--help``) from a plain interpreter: catches a
+    benchmark broken by a move elsewhere (e.g. bench/encoders.py standing in for the `encoders` package)."""
+    import os
+    import subprocess
+
+    scripts = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_") and p.name != "collect.py")
+    assert len(scripts) >= 10
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    procs = {p.name: subprocess.Popen([sys.executable, str(p), "--help"], cwd=BENCH.parent, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for p in scripts}
+    failed = {}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=240)
+        if proc.returncode != 0:
+            failed[name] = err.strip().splitlines()[-1:] if err.strip() else proc.returncode
+    assert not failed, failed
