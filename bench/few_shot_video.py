@@ -4,8 +4,8 @@ speeds and backgrounds, a static distractor object).
 
 Rows (``--rows``, each ``CLIPS:VARIANT:SEED``):
 
-- ``full``: the training defaults for video-only data (``ernie-vl train --videos``): the few-shot
-  recipe and the label maps of the data's ``augment.json`` (flip and reversal partners);
+- ``full``: ``ernie-vl train --videos --recipe auto``: the few-shot recipe and the label maps of
+  the data's ``augment.json`` (flip and reversal partners);
 - ``noaug``: the same without any clip augmentation (no flips, reversals, temporal or frame-rate
   jitter, mixing): what label-aware augmentation buys;
 - ``space_only``: ``full`` with a frame-wise video encoder (no temporal attention, 1-frame patches):
@@ -37,8 +37,9 @@ from _report import Verdict, command_line, machine, write_results  # noqa: E402
 NAME = "few_shot_video"
 ROWS_FILE = Path(__file__).resolve().parent / "results" / f"{NAME}_rows.json"
 VARIANTS = {
-    "full": ({}, {}),
-    "noaug": ({}, dict(p_hflip=0.0, p_reverse=0.0, temporal_jitter=False, speed_min=1.0, mixup=0.0, cutmix=0.0)),
+    "full": ({}, dict(recipe="auto")),
+    "noaug": ({}, dict(recipe="auto", p_hflip=0.0, p_reverse=0.0, temporal_jitter=False, speed_min=1.0, mixup=0.0,
+                       cutmix=0.0)),
     "space_only": ({"video_encoder": {"attention": "space_only", "tubelet_size": 1}}, {}),
 }
 GOALS = {40: 0.90, 512: 0.97}
@@ -107,8 +108,8 @@ def markdown(rows: list[dict], command: str, facts) -> str:
                      f"{b['minutes']} / {b['steps']} | {r['load'][0]} / {r['load'][1]} | {r['top1']:.3f} | "
                      f"{r['zeroshot_top1']:.3f} |")
     lines += ["", f"Clips: `bench/_motion_clips.py` drawing version {VERSION}. "
-              "Held-out: 32 clips per class (8 classes, chance 0.125). `full`: the defaults of "
-              "`ernie-vl train --videos` (recipe + the data's augment.json); `noaug`: no clip augmentation; "
+              "Held-out: 32 clips per class (8 classes, chance 0.125). `full`: "
+              "`ernie-vl train --videos --recipe auto` (recipe + the data's augment.json); `noaug`: no clip augmentation; "
               "`space_only`: frame-wise encoder. The machine is shared: wall-clock budgets are not comparable "
               "between rows with different loads; step budgets are.", ""]
     setups = {f"{r['clips']}:{r['variant']}": r["setup"] for r in rows}

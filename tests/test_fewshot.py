@@ -88,7 +88,7 @@ def test_trainer_logs_the_recipe_and_user_values_win(tiny_data, tmp_path):
 
     from ernie_vl.train import train
 
-    train(tiny_config(tiny_data, tmp_path / "r", max_steps=2, weight_decay=0.01, epochs=2.0, pairs=[]))
+    train(tiny_config(tiny_data, tmp_path / "r", max_steps=2, weight_decay=0.01, epochs=2.0, pairs=[], recipe="auto"))
     setup = json.loads((tmp_path / "r" / "setup.json").read_text())
     recipe = setup["recipe"]
     assert setup["videos"] == {"clips_per_class": 3.0, "clips": 12, "classes": 4}

@@ -63,9 +63,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the recipe's choice)")
     p.add_argument("--crop-min-area", type=float, default=None,
                    help="random resized crops covering at least this share of the frame (1 = off; default: recipe)")
-    p.add_argument("--recipe", choices=("auto", "off"), default="auto",
+    p.add_argument("--recipe", choices=("auto", "off"), default="off",
                    help="auto: pick augmentation, regularisation, EMA and length from the clips per class (the "
-                        "choices go to OUT/setup.json and the first log record); off: plain defaults")
+                        "choices go to OUT/setup.json and the first log record); off (default, until a "
+                        "benchmark shows the recipe helps): plain defaults")
     p.add_argument("--label-smoothing", type=float, default=None, help="video classification label smoothing")
     p.add_argument("--drop-path", type=float, default=None, help="stochastic depth of the video encoder")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="EMA of the weights (0 = off)")
