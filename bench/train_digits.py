@@ -88,7 +88,7 @@ def main() -> None:
     text = ("# Real data: handwritten digits (scikit-learn)\n\n"
             f"Command: `{command_line('train_digits.py')}`\n\n{facts.line()}\n\n"
             f"{args.steps} steps of {args.batch} pairs (lr {args.lr:g}, seed {args.seed}) in {train_s:.0f} s "
-            f"(a fixed step budget: the machine was shared with other jobs while this ran, see the load); "
+            f"(a fixed step budget, so the figures do not depend on the load recorded above); "
             f"zero-shot top-5 {zero_shot['top5']:.3f}, mean per-class recall "
             f"{zero_shot['mean_per_class_recall']:.3f}; last training loss {result.last_losses.get('loss', float('nan')):.3f}. "
             f"Total {time.time() - start:.0f} s.\n\n" + "\n".join(rows) + "\n")
