@@ -195,12 +195,13 @@ def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool
     print(f"[{n:,} {data_kind}] building ivfpq", flush=True)
     with Timer() as build_v:
         v = Index.build(x, kind="ivfpq")
-    for nprobe in (16, 32):
+    default_nprobe = v._store.nprobe()
+    for nprobe in sorted({16, 32, default_nprobe}):
         v.params.ivf_nprobe = nprobe
         v.search(q[:QUERY_BATCH], K)
         vals = [time_qps(lambda b: v.search(b, K), q) for _ in range(rounds)]
         lines.append(f"| ivfpq (nlist={faiss.extract_index_ivf(v._store.index).nlist}, PQ{DIM // 8}x8) | "
-                     f"nprobe={nprobe}{' (default)' if nprobe == IndexParams().ivf_nprobe else ''} | {np.median(vals):.0f} | "
+                     f"nprobe={nprobe}{' (default)' if nprobe == default_nprobe else ''} | {np.median(vals):.0f} | "
                      f"{recall(v.search(q, K)[0], truth):.3f} | {build_v.wall:.1f} ({build_v.cpu:.0f}) | {index_bytes(v) / 2**20:.0f} |")
         print(lines[-1], flush=True)
 

@@ -18,6 +18,9 @@ import torch
 QUERY_CHUNK = 1024      # queries scored at once by the exact store
 ROW_CHUNK = 32768       # at least this many stored vectors are scored at once
 SCORE_BUDGET = 1 << 25  # floats in the (queries, rows) score buffer (128 MB)
+NPROBE_FRACTION = 16    # default nprobe = nlist / NPROBE_FRACTION (at least NPROBE_MIN, at most nlist)
+NPROBE_MIN = 16
+RERANK_FACTOR = 10      # default shortlist of a re-ranked ivfpq search: RERANK_FACTOR * k
 
 
 @dataclass
@@ -29,15 +32,19 @@ class IndexParams:
     hnsw_ef_search: int = 256  # recall@10 0.990 at 200k low-rank 512-d (128 gave 0.962; ~0.91 extrapolated
     #                            to 1M), see bench/results/retrieval.md
     ivf_nlist: Optional[int] = None
-    ivf_nprobe: int = 32
+    ivf_nprobe: Optional[int] = None  # None: default_nprobe(nlist)
     pq_m: Optional[int] = None
     pq_nbits: int = 8
+    rerank_factor: int = RERANK_FACTOR  # ivfpq with its vectors on disk: re-rank the PQ top (factor * k); 0 = off
     compact_dead_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe", "pq_nbits"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"IndexParams.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"IndexParams.{name} must be >= 1, got {value}")
+        if int(self.rerank_factor) < 0:
+            raise ValueError(f"IndexParams.rerank_factor must be >= 0 (0 = no re-ranking), got {self.rerank_factor}")
         if not 0.0 < self.compact_dead_fraction <= 1.0:
             raise ValueError(f"compact_dead_fraction must be in (0, 1], got {self.compact_dead_fraction}")
 
@@ -246,6 +253,12 @@ def default_pq_m(dim: int, target: int = 64) -> int:
     return 1
 
 
+def default_nprobe(nlist: int) -> int:
+    """Inverted lists visited per query when ``IndexParams.ivf_nprobe`` is None: nlist / NPROBE_FRACTION,
+    at least NPROBE_MIN (bench/retrieval.py --scale sweeps it: see bench/results/retrieval_scale*.md)."""
+    return int(min(nlist, max(NPROBE_MIN, nlist // NPROBE_FRACTION)))
+
+
 def default_nlist(n: int) -> int:
     """About 2 sqrt(N) inverted lists (quick to train on few cores), with >= 39 training points per list."""
     return int(max(1, min(2 * math.sqrt(max(n, 1)), n // 39, 65536)))
@@ -284,7 +297,6 @@ class IVFPQStore:
         rng = np.random.default_rng(0)
         sample = x if len(x) <= 256 * nlist else x[rng.choice(len(x), 256 * nlist, replace=False)]
         index.train(np.ascontiguousarray(sample))
-        faiss.extract_index_ivf(index).nprobe = self.params.ivf_nprobe
         self.index = index
 
     def train(self, sample: np.ndarray) -> None:
@@ -322,11 +334,21 @@ class IVFPQStore:
     def compact(self, keep: np.ndarray) -> None:
         pass  # ids stay sparse; removed codes are already gone
 
-    def search(self, queries: np.ndarray, k: int, alive: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def nlist(self) -> int:
+        return int(faiss.extract_index_ivf(self.index).nlist) if self.index is not None else 0
+
+    def nprobe(self, override: Optional[int] = None) -> int:
+        """The nprobe a search uses: ``override``, else ``params.ivf_nprobe``, else default_nprobe(nlist)."""
+        value = override if override is not None else self.params.ivf_nprobe
+        return int(value) if value is not None else default_nprobe(self.nlist)
+
+    def search(self, queries: np.ndarray, k: int, alive: Optional[np.ndarray] = None,
+               nprobe: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         if self.index is None or self.index.ntotal == 0:
             return _pad(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
         params = faiss.SearchParametersIVF()
-        params.nprobe = self.params.ivf_nprobe
+        params.nprobe = self.nprobe(nprobe)
         scores, slots = self.index.search(queries, k, params=params)
         scores = np.where(slots < 0, -np.inf, scores).astype(np.float32)
         return slots.astype(np.int64), scores
@@ -346,7 +368,6 @@ class IVFPQStore:
         index = read_faiss(path, mmap)
         if index.d != self.dim:
             raise ValueError(f"{path} has dimension {index.d}, expected {self.dim}")
-        faiss.extract_index_ivf(index).nprobe = self.params.ivf_nprobe
         self.index = index
 
 

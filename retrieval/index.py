@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -20,6 +21,8 @@ import torch
 
 from retrieval.backends import STORES, IndexParams
 from retrieval.names import json_text
+from retrieval.rerank import PartsVectors, VectorSourceError
+from retrieval.rerank import rerank as _rerank
 
 FORMAT_NAME = "ernie-vl-index"
 FORMAT_VERSION = 1
@@ -94,6 +97,7 @@ class Index:
         self._id_to_slot: dict[int, int] = {}
         self._next_id = 0
         self.read_only = False                          # True when loaded with mmap=True
+        self.vector_source: Optional[PartsVectors] = None  # ivfpq built from parts: the float vectors on disk
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -140,6 +144,10 @@ class Index:
         if n == 0:
             return new_ids
         first = self._store.ntotal
+        if self.vector_source is not None:
+            warnings.warn("items added outside build_from_parts have no float vectors on disk: this index no longer "
+                          "re-ranks its searches (rebuild it from the parts to re-rank again)", stacklevel=2)
+            self.vector_source = None
         self._store.add(x)
         self._slot_ids = np.concatenate([self._slot_ids, new_ids])
         self._slot_meta.extend(metas)
@@ -220,17 +228,73 @@ class Index:
             raise ValueError(f"ids not in the index: {[int(i) for i, s in zip(ids, slots) if s < 0][:10]}")
         return self._store.reconstruct(slots)
 
-    def search(self, queries: ArrayLike, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: (Q, D) -> ids (Q, k) int64, scores (Q, k) float32."""
+    def attach_vectors(self, folder: Union[str, os.PathLike, None]) -> None:
+        """Point an ivfpq index built from parts at its ``EMB/`` folder (after moving it), or detach with None.
+
+        The parts' names and row counts must be the ones the index was built from (VectorSourceError)."""
+        if folder is None:
+            self.vector_source = None
+            return
+        if self.kind != "ivfpq":
+            raise ValueError(f"only ivfpq indexes re-rank from vectors on disk; this index is {self.kind!r}")
+        if self.vector_source is None:
+            raise ValueError("this index was not built from parts (Index.build_from_parts): no part list to attach")
+        source = PartsVectors(folder, self.vector_source.parts)
+        if source.count != len(self._slot_ids):
+            raise VectorSourceError(f"the parts hold {source.count} rows, the index has {len(self._slot_ids)} slots")
+        source.open(self.dim)
+        self.vector_source = source
+
+    def search(self, queries: ArrayLike, k: int = 10, rerank: Optional[int] = None,
+               nprobe: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: (Q, D) -> ids (Q, k) int64, scores (Q, k) float32.
+
+        ivfpq only: ``nprobe`` inverted lists are visited (default ``params.ivf_nprobe``, else
+        nlist/16); ``rerank=k'`` re-scores the PQ top-``k'`` exactly against the float vectors on
+        disk (an index built from parts keeps them), ``0`` returns PQ scores. The default re-ranks
+        ``params.rerank_factor * k`` when the vectors are there.
+        """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         q = _as_matrix(queries, self.dim, name="queries")
+        short = self._shortlist(int(k), rerank, nprobe)
         dead = self._slot_ids < 0
         alive = ~dead if (self._store.masks_removed and dead.any()) else None
-        slots, scores = self._store.search(q, int(k), alive=alive)
+        extra = {"nprobe": nprobe} if self.kind == "ivfpq" else {}
+        slots, scores = self._store.search(q, max(int(k), short), alive=alive, **extra)
+        if short:
+            try:
+                self.vector_source.open(self.dim)
+            except VectorSourceError as err:
+                if rerank is not None:
+                    raise
+                warnings.warn(f"{err}; searching with PQ scores only", stacklevel=2)
+                slots, scores, short = slots[:, :k], scores[:, :k], 0
+        if short:
+            slots, scores = _rerank(q, slots, self.vector_source, int(k))
         ids = np.where(slots >= 0, self._slot_ids[np.clip(slots, 0, None)] if len(self._slot_ids) else -1, -1)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return ids.astype(np.int64), scores
+
+    def _shortlist(self, k: int, rerank: Optional[int], nprobe: Optional[int]) -> int:
+        """The PQ shortlist to re-rank (0: none), checking ``rerank`` and ``nprobe``."""
+        if nprobe is not None and (self.kind != "ivfpq" or not isinstance(nprobe, (int, np.integer)) or nprobe < 1):
+            raise ValueError(f"nprobe must be a positive int and applies to ivfpq indexes only "
+                             f"(got {nprobe!r} for a {self.kind!r} index)")
+        if rerank is None:
+            return self.params.rerank_factor * k if self.kind == "ivfpq" and self.vector_source is not None else 0
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
+            raise ValueError(f"rerank must be an int >= k (the shortlist size) or 0 for none, got {rerank!r}")
+        if rerank == 0:
+            return 0
+        if rerank < k:
+            raise ValueError(f"rerank={rerank} is the shortlist to re-score and must be >= k={k} (or 0 for none)")
+        if self.kind != "ivfpq":
+            return 0  # flat and hnsw already score with the full vectors
+        if self.vector_source is None:
+            raise ValueError("rerank needs the float vectors: build the index with Index.build_from_parts (its EMB/ "
+                             "folder is kept) or attach_vectors(EMB/) after moving it")
+        return int(rerank)
 
     # ------------------------------------------------------------------ persistence
     def manifest(self) -> dict:
@@ -239,6 +303,7 @@ class Index:
             "embedding_dim": self.dim, "count": len(self), "slots": int(len(self._slot_ids)),
             "next_id": self._next_id, "model_id": self.model_id, "params": self.params.to_dict(),
             "info": self.info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "vector_source": self.vector_source.to_dict() if self.vector_source is not None else None,
         }
 
     def save(self, folder: Union[str, os.PathLike]) -> Path:
@@ -337,6 +402,12 @@ class Index:
         index._slot_ids, index._slot_meta = slot_ids, metas
         index._id_to_slot = {int(i): s for s, i in enumerate(slot_ids) if i >= 0}
         index._next_id = int(m["next_id"])
+        if m.get("vector_source"):
+            source = PartsVectors.from_dict(m["vector_source"])
+            if index.kind != "ivfpq" or source.count != len(slot_ids):
+                raise IndexMismatchError(f"index {folder}: its vector source covers {source.count} rows, the "
+                                         f"{index.kind} index has {len(slot_ids)} slots")
+            index.vector_source = source                  # the parts are opened at the first re-ranked search
         return index
 
     def __repr__(self) -> str:

@@ -19,9 +19,10 @@ import numpy as np
 from retrieval.backends import IndexParams
 from retrieval.index import AUTO_APPROX_THRESHOLD, Index, resolve_kind
 from retrieval.parts import PartsError, check_parts, finished_parts, iter_part_chunks, read_manifest
+from retrieval.rerank import PartsVectors
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-PQ_M_CHOICES = (64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 6, 4, 3, 2, 1)
+PQ_M_CHOICES = (128, 96, 64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 6, 4, 3, 2, 1)
 ID_BYTES = 8              # FAISS stores an int64 id beside each code in the inverted lists
 ITEM_OVERHEAD = 160       # our per-item bookkeeping (slot id, id -> slot map entry; measured), metadata aside
 CHUNK_ROWS = 16384        # rows read from the parts at once
@@ -56,7 +57,7 @@ class IVFPQPlan:
 
 
 def plan_ivfpq(n: int, dim: int, budget: int, meta_bytes_per_item: int = 250) -> IVFPQPlan:
-    """nlist ~ 4 sqrt(N) (a power of two, >= 39 training points per list), the largest PQ m (<= 64, dividing
+    """nlist ~ 4 sqrt(N) (a power of two, >= 39 training points per list), the largest PQ m (<= 128, dividing
     ``dim``, sub-vectors of >= 4 dims) whose codes, ids and bookkeeping fit ``budget`` beside the training
     sample and centroids."""
     if n < 1:
@@ -135,6 +136,8 @@ def build_from_parts(folder: Union[str, Path], kind: str = "ivfpq", memory_budge
         for x, rows in iter_part_chunks(parts, CHUNK_ROWS):
             ids, metas = _split_rows(rows)
             index.add(x, metadata=metas, ids=ids)
+        # the parts stay on disk: searches re-rank the PQ shortlist with their float rows (slot order = part order)
+        index.vector_source = PartsVectors(folder.resolve(), [(parts[k].name, parts[k].count) for k in sorted(parts)])
         return index
     need = n * dim * 4 * 2
     if need > budget:
