@@ -5,12 +5,13 @@ the same model and a 10k-item flat index; a load generator (raw asyncio HTTP/1.1
 connections on uvloop, in this process) keeps C requests in flight for a fixed time per round,
 alternating the servers each round. Requests: ``POST /search`` with a short text (tokenise, text
 forward, top-10 search). Default model: the ErnieVL ``base`` preset (random init), where the model
-forward dominates; ``--model preset:tiny`` measures the HTTP path instead. Each model's figures go to
-their own section of bench/results/server.md (other sections and the notes around them are kept).
+forward dominates, and ``preset:tiny``, where the HTTP path weighs as much. Writes
+bench/results/server.md and server.json (``bench/_report.py``) with the verdict per model: at 32
+clients, >= 3x the throughput with batching on.
 
-    .venv/bin/python bench/server.py                       # preset:base, ~5 minutes
-    .venv/bin/python bench/server.py --model preset:tiny   # ~4 minutes
-    .venv/bin/python bench/server.py --quick               # shorter rounds
+    .venv/bin/python bench/server.py                          # preset:base, then preset:tiny, ~9 minutes
+    .venv/bin/python bench/server.py --models preset:tiny     # one model, ~4 minutes
+    .venv/bin/python bench/server.py --quick                  # shorter rounds
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._report import Verdict, command_line, machine, write_results  # noqa: E402
 from ernie_vl.app.hub import load_model  # noqa: E402
 from ernie_vl.train.distributed import free_port  # noqa: E402
 from ernie_vl.app.serve.text_trim import pad_id_of, trim_padding, trimming_is_exact  # noqa: E402
@@ -39,7 +40,6 @@ from retrieval.embed import encode_text_batch  # noqa: E402
 from retrieval.index import Index  # noqa: E402
 
 WORDS = "dog cat beach city night snow red blue car tree river person bike food mountain".split()
-RESULTS = ROOT / "bench" / "results" / "server.md"
 
 
 class KeepAliveClient:
@@ -197,51 +197,32 @@ def model_headroom(loaded, rounds: int = 3) -> dict[int, float]:
     return out
 
 
-def write_section(model: str, text: str) -> None:
-    """Replace (or append) this model's section of server.md, keeping everything else."""
-    begin, end = f"<!-- BEGIN {model} -->", f"<!-- END {model} -->"
-    block = f"{begin}\n{text}\n{end}"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Server: dynamic batching on vs off\n"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(new)
+GOAL_CLIENTS, GOAL_RATIO = 32, 3.0  # BRIEF.md #12 (max_batch_size 32): >= 3x the throughput at 32 clients
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="preset:base",
-                    help="preset:NAME (an ErnieVL preset, random init, saved to a temporary checkpoint) or a "
-                         "model spec such as open_clip:ViT-B-32 (default preset:base)")
-    ap.add_argument("--quick", action="store_true", help="6 s rounds, 1 round per setting")
-    ap.add_argument("--seconds", type=float, default=15.0, help="length of one round")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--clients", default="1,8,32")
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
-    args = ap.parse_args()
-    if args.quick:
-        args.seconds, args.rounds = 6.0, 1
-    torch.set_num_threads(args.threads)
-    clients = [int(c) for c in args.clients.split(",")]
-    load_before = os.getloadavg()[0]
+def prepare_checkpoint(spec: str, tmp: Path) -> str:
+    """A ``preset:NAME`` spec becomes a random-init checkpoint under ``tmp`` (seed 0); others pass through."""
+    if not spec.startswith("preset:"):
+        return spec
+    import ernie_vl
+
+    torch.manual_seed(0)
+    path = tmp / spec[len("preset:"):] / "ckpt"
+    ernie_vl.create_model(spec[len("preset:"):]).save_pretrained(str(path))
+    return str(path)
+
+
+def measure(model: str, args: argparse.Namespace, clients: list[int]) -> dict:
+    """Both servers of one model, loaded in alternating rounds; returns the raw rounds and the head-room."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        spec = args.model
-        if spec.startswith("preset:"):
-            import ernie_vl
-
-            torch.manual_seed(0)
-            ernie_vl.create_model(spec[len("preset:"):]).save_pretrained(str(Path(tmp) / "ckpt"))
-            spec = str(Path(tmp) / "ckpt")
+        spec = prepare_checkpoint(model, Path(tmp))
         loaded = load_model(spec)
         headroom = model_headroom(loaded)
-        print(f"model alone: {headroom[1]:.1f} ms/query at batch 1, {headroom[32]:.1f} at batch 32", flush=True)
-        dim = loaded.embedding_dim
+        print(f"{model}: model alone {headroom[1]:.1f} ms/query at batch 1, {headroom[32]:.1f} at batch 32",
+              flush=True)
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((10_000, dim)).astype(np.float32)
+        x = rng.standard_normal((10_000, loaded.embedding_dim)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         index_dir = Index.build(x, kind="flat", model_id=loaded.model_id,
                                 metadata=[{"path": f"img{i}.jpg"} for i in range(len(x))]).save(Path(tmp) / "idx")
@@ -256,11 +237,10 @@ def main() -> None:
             results = {(c, m): [] for c in clients for m in servers}
             for c in clients:
                 for r in range(args.rounds):
-                    order = ["on", "off"] if r % 2 == 0 else ["off", "on"]
-                    for mode in order:
+                    for mode in (["on", "off"] if r % 2 == 0 else ["off", "on"]):
                         res = run_async(load(servers[mode][1], c, args.seconds, seed=r))
                         results[(c, mode)].append(res)
-                        print(f"clients={c:2d} batching={mode:3s} round {r}: {res['rate']:.1f} req/s, "
+                        print(f"{model} clients={c:2d} batching={mode:3s} round {r}: {res['rate']:.1f} req/s, "
                               f"mean batch {res['mean_batch']:.1f} ({res['batch_ms']:.0f} ms each, worker busy "
                               f"{100 * res['busy']:.0f}%), errors {res['errors']}", flush=True)
         finally:
@@ -271,49 +251,109 @@ def main() -> None:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    rows, summary = [], []
+    return {"results": results, "headroom": headroom, "seconds": time.perf_counter() - t0}
+
+
+def model_section(model: str, run: dict, clients: list[int]) -> tuple[str, dict[int, float]]:
+    """Markdown section of one model and its on/off throughput ratio per client count."""
+    results, headroom = run["results"], run["headroom"]
+    rows, summary, ratios = [], [], {}
     for c in clients:
         stats = {}
         for mode in ("on", "off"):
             runs = results[(c, mode)]
             lat = np.concatenate([np.array(r["latencies"]) for r in runs]) * 1000
             rps = float(np.median([r["rate"] for r in runs]))
-            stats[mode] = (rps, lat.mean(), np.percentile(lat, 50), np.percentile(lat, 99))
+            stats[mode] = (rps, lat.mean(), np.percentile(lat, 99))
             rows.append(f"| {c} | {mode} | {rps:.1f} | {lat.mean():.0f} | {np.percentile(lat, 50):.0f} | "
                         f"{np.percentile(lat, 99):.0f} | {np.mean([r['mean_batch'] for r in runs]):.1f} | "
                         f"{np.mean([r['batch_ms'] for r in runs]):.0f} | {100 * np.mean([r['busy'] for r in runs]):.0f}% | "
                         f"{sum(r['requests'] for r in runs)} | {sum(r['errors'] for r in runs)} |")
         on, off = stats["on"], stats["off"]
-        summary.append(f"| {c} | **{on[0] / off[0]:.2f}x** | {100 * (1 - on[1] / off[1]):+.0f}% | "
-                       f"{100 * (1 - on[3] / off[3]):+.0f}% |")
-    cmd = " ".join([".venv/bin/python", "bench/server.py"] + sys.argv[1:])
+        ratios[c] = on[0] / off[0] if off[0] > 0 else float("nan")
+        summary.append(f"| {c} | **{ratios[c]:.2f}x** | {100 * (1 - on[1] / off[1]):+.0f}% | "
+                       f"{100 * (1 - on[2] / off[2]):+.0f}% |")
     text = "\n".join([
-        f"## `{args.model}`",
-        "",
-        f"Command: `{cmd}`",
-        "",
-        f"`ernie-vl serve` of `{args.model}` (random init) with a 10k-item flat index, `POST /search` with a short "
-        f"text (text embedding + top-10 search). Batching on: max_batch_size 32, max_wait_ms {args.max_wait_ms:g}; "
-        f"off: max_batch_size 1 (one forward per request, in arrival order). Both servers run at once on loopback "
-        f"(uvloop + httptools), {args.threads} torch threads each, and are loaded in alternating rounds of "
-        f"{args.seconds:g} s ({args.rounds} per setting; throughput counts the requests completed within a round's "
-        f"window, median round; latencies pool all rounds, including requests that finish after the window). "
-        f"The load generator (raw asyncio HTTP/1.1 keep-alive connections) shares the machine's {os.cpu_count()} "
-        f"CPUs. Model alone (tokenise + trimmed text forward, measured before the servers start): "
-        f"{headroom[1]:.1f} ms/query at batch 1, {headroom[32]:.1f} ms/query at batch 32 "
-        f"({headroom[1] / headroom[32]:.1f}x). {platform.machine()}, torch {torch.__version__}. "
-        f"**The machine was shared with other jobs while this ran** (1-min load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after). Total {time.perf_counter() - t0:.0f} s.",
-        "",
+        f"## `{model}`", "",
+        f"Model alone (tokenise + trimmed text forward, measured before the servers start): {headroom[1]:.1f} "
+        f"ms/query at batch 1, {headroom[32]:.1f} ms/query at batch 32 ({headroom[1] / headroom[32]:.1f}x). "
+        f"This model's part of the run took {run['seconds']:.0f} s.", "",
         "| clients | batching | req/s | mean ms | p50 ms | p99 ms | mean batch | ms per batch | worker busy | requests | errors |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
+        *rows, "",
         "| clients | throughput on/off | mean latency saved | p99 latency saved |",
         "|---:|---:|---:|---:|",
         *summary,
     ])
-    write_section(args.model, text)
+    return text, ratios
+
+
+def verdict_of(model: str, ratios: dict[int, float]) -> Verdict:
+    """The goal row of one model: throughput on/off at GOAL_CLIENTS clients."""
+    what = f"Server `{model}`: throughput with dynamic batching on / off, {GOAL_CLIENTS} clients"
+    ratio = ratios.get(GOAL_CLIENTS)
+    if ratio is None or ratio != ratio:
+        return Verdict(what, f">= {GOAL_RATIO:g}x", "not measured", None, claim="12")
+    return Verdict(what, f">= {GOAL_RATIO:g}x", f"{ratio:.2f}x", ratio >= GOAL_RATIO, claim="12")
+
+
+def report(models: list[str], sections: list[str], verdicts: list[Verdict], args: argparse.Namespace,
+           facts, total_s: float) -> str:
+    """The whole results file: method, machine, one section per model, the computed verdicts."""
+    lines = [
+        "# Server: dynamic batching on vs off", "",
+        f"Command: `{command_line('server.py')}`", "",
+        f"`ernie-vl serve` of each model (random init, seed 0) with a 10k-item flat index, `POST /search` with a "
+        f"short text (tokenise, text forward, top-10 search). Batching on: max_batch_size 32, max_wait_ms "
+        f"{args.max_wait_ms:g}; off: max_batch_size 1 (one forward per request, in arrival order, same code "
+        f"otherwise). Both servers run at once on loopback (uvloop + httptools when installed), {args.threads} "
+        f"torch threads each, and are loaded in alternating rounds of {args.seconds:g} s ({args.rounds} per "
+        f"setting); throughput counts the requests completed within a round's window (median round); latencies "
+        f"pool all rounds, including requests that finish after the window. The load generator (raw asyncio "
+        f"HTTP/1.1 keep-alive connections) shares the machine's {facts.cores} CPUs with both servers. `worker "
+        f"busy` is the share of the wall time the server's model worker computed; `preset:base` is model-bound, "
+        f"`preset:tiny` weighs the HTTP path and the load generator as much as the model.", "",
+        facts.line() + f" Total {total_s:.0f} s.", "",
+        f"Goal (BRIEF.md #12, max_batch_size 32): at {GOAL_CLIENTS} clients, >= {GOAL_RATIO:g}x the throughput "
+        f"with batching on than off, for every model measured.", "",
+    ]
+    for section in sections:
+        lines += [section, ""]
+    lines += ["Verdicts (computed by the script):", ""]
+    lines += [f"- {v.what}: goal {v.goal}, measured {v.measured}: "
+              f"**{'met' if v.met else 'not met' if v.met is False else 'not measured'}**" for v in verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["preset:base", "preset:tiny"],
+                    help="preset:NAME (an ErnieVL preset, random init, saved to a temporary checkpoint) or a "
+                         "model spec such as open_clip:ViT-B-32 (default: preset:base preset:tiny)")
+    ap.add_argument("--quick", action="store_true", help="6 s rounds, 1 round per setting")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of one round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
+    ap.add_argument("--results", default=None, help="results folder (default bench/results)")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = 6.0, 1
+    torch.set_num_threads(args.threads)
+    clients = [int(c) for c in args.clients.split(",")]
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    sections, verdicts = [], []
+    for model in args.models:
+        text, ratios = model_section(model, measure(model, args, clients), clients)
+        sections.append(text)
+        verdicts.append(verdict_of(model, ratios))
+        print(text, flush=True)
+    facts = machine(load_before)
+    text = report(args.models, sections, verdicts, args, facts, time.perf_counter() - t0)
+    write_results("server", text, verdicts, facts, command_line("server.py"),
+                  Path(args.results) if args.results else None)
     print(text)
 
 

@@ -6,9 +6,14 @@ clips alone (reports supervised and zero-shot top-1), for ``--steps`` optimiser 
 ``--threads`` threads, from the same seed. A fixed step count makes the figures independent
 of the machine's load (only the seconds change), so screens can run beside other jobs. They
 pick the defaults of ``TrainConfig`` and of bench/train_synthetic.py; the 10-minute joint run
-there is what the issue's goals are measured on.
+there is what the goals are measured on. The screens have no goal: their rows are reported.
 
-    .venv/bin/python bench/train_screens.py [--steps 300] [--only NAME ...] [--seeds 0 1]
+Rows accumulate: each run adds its rows to bench/results/train_screens_rows.json (a rerun of the
+same variant, seed and step count replaces the old row; every row keeps its own date, CPU, load and
+command), so the full set can be run in parts with ``--only``; ``--fresh`` starts a new set. The
+results file (train_screens.md and .json, ``bench/_report.py``) is written from all rows.
+
+    .venv/bin/python bench/train_screens.py [--steps 300] [--only NAME ...] [--seeds 0 1] [--fresh]
 """
 from __future__ import annotations
 
@@ -23,10 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._report import RESULTS, Verdict, command_line, machine, write_results  # noqa: E402
 from bench.train_synthetic import make_data  # noqa: E402
 from ernie_vl.train import TrainConfig  # noqa: E402
 from ernie_vl.train.trainer import Trainer  # noqa: E402
 
+ROWS = RESULTS / "train_screens_rows.json"
+METRICS = ("text_to_image_R@1", "image_to_text_R@1", "text_to_image_R@5", "video_top1", "video_zeroshot_top1",
+           "video_top5")
 SINCOS = {"image_encoder": {"pos_init": "sincos"}}
 # name -> (task, model overrides, TrainConfig fields)
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
@@ -77,26 +86,51 @@ def run_variant(name: str, seed: int, data: dict, args) -> dict:
             **{k: metrics[k] for k in keys}}
 
 
-def write_report(path: Path, rows: list[dict], args) -> str:
-    load = os.getloadavg()
-    lines = ["# Training screens (fixed steps, one task at a time)", "", "```",
-             "$ .venv/bin/python bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "```", "",
-             f"`tiny`, {args.steps} optimiser steps, {args.threads} thread(s), warm-up 20, cosine to the end; "
-             "image-text: 64 pairs per step, held-out = 200 unseen colour-shape combinations; motion: 32 clips per "
-             "step, 128 held-out clips. Step counts are fixed, so the metrics do not depend on the machine's load "
-             f"(1-minute load average {load[0]:.1f} at the end; seconds do). Held-out sizes make one figure's "
-             "noise about +-0.035 (R@1) and +-0.04 (top-1).", "",
-             "| variant | seed | t2i R@1 | i2t R@1 | t2i R@5 | video top-1 | zero-shot top-1 | video top-5 | s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each row of ``new`` replacing the row of the same variant, seed and step count, in
+    VARIANTS order (then seed, then steps)."""
+    key = lambda r: (r["name"], r["seed"], r["steps"])  # noqa: E731
+    merged = {key(r): r for r in old}
+    merged.update({key(r): r for r in new})
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    return sorted(merged.values(), key=lambda r: (order.get(r["name"], len(order)), r["name"], r["seed"], r["steps"]))
+
+
+def best_rows(rows: list[dict]) -> list[Verdict]:
+    """Reported rows (no goal): the best variant of each task at each step count."""
+    out = []
+    for task, metric, label in (("pairs", "text_to_image_R@1", "held-out text->image R@1"),
+                                ("videos", "video_top1", "held-out motion top-1")):
+        for steps in sorted({r["steps"] for r in rows if r["task"] == task}):
+            mine = [r for r in rows if r["task"] == task and r["steps"] == steps]
+            best = max(mine, key=lambda r: r[metric])
+            out.append(Verdict(f"Training screens, {task} ({steps} steps): best of {len(mine)} run{'s' * (len(mine) > 1)} by {label}",
+                               "- (reported)", f"{best[metric]:.3f} (`{best['name']}`, seed {best['seed']})", None))
+    return out
+
+
+def report(rows: list[dict], facts) -> str:
+    """The results file: method, one table of every row (each with its own date and load)."""
+    cpus = sorted({r["cpu"] for r in rows})
+    lines = ["# Training screens (fixed steps, one task at a time)", "",
+             "Command: `.venv/bin/python bench/train_screens.py` (every variant, seed 0, 300 steps, 1 thread), run "
+             "in parts with `--only`; each row's own command is in `bench/results/train_screens_rows.json`.", "",
+             "`tiny`, warm-up 20, cosine to the end; image-text: 64 pairs per step, held-out = 200 unseen colour-shape "
+             "combinations; motion: 32 clips per step, 128 held-out clips. Step counts are fixed, so the metrics do "
+             "not depend on the machine's load (the seconds do: each row lists the 1-minute load average before and "
+             "after it). Held-out sizes make one figure's noise about +-0.035 (R@1) and +-0.04 (top-1).", "",
+             f"CPU of the rows: {'; '.join(cpus)}. Last part: " + facts.line(), "",
+             "| variant | seed | steps | threads | t2i R@1 | i2t R@1 | t2i R@5 | video top-1 | zero-shot top-1 | "
+             "video top-5 | s | load before / after | written |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        cells = [r.get(k) for k in ("text_to_image_R@1", "image_to_text_R@1", "text_to_image_R@5", "video_top1",
-                                     "video_zeroshot_top1", "video_top5")]
-        lines.append(f"| {r['name']} | {r['seed']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells)
-                     + f" | {r['seconds']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return text
+        cells = ["" if r.get(k) is None else f"{r[k]:.3f}" for k in METRICS]
+        lines.append(f"| {r['name']} | {r['seed']} | {r['steps']} | {r['threads']} | " + " | ".join(cells)
+                     + f" | {r['seconds']:.0f} | {r['load_before']:.1f} / {r['load_after']:.1f} | {r['written']} |")
+    verdicts = best_rows(rows)
+    lines += ["", "Best per task (reported, no goal):", ""]
+    lines += [f"- {v.what}: {v.measured}" for v in verdicts]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -106,21 +140,40 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--only", nargs="+", default=None, choices=sorted(VARIANTS), metavar="NAME",
                    help="variants to run (default: all); names as in VARIANTS")
-    p.add_argument("--quick", action="store_true", help="small data, 20 steps, two variants (a smoke run)")
+    p.add_argument("--fresh", action="store_true", help="drop the rows of earlier runs")
+    p.add_argument("--quick", action="store_true", help="small data, 20 steps, two variants (a smoke run; its "
+                   "results go under --work unless --results is given)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "ernie_train_synthetic"))
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_screens.md"))
+    p.add_argument("--results", default=None, help="results folder (default bench/results)")
     args = p.parse_args()
     names = args.only or list(VARIANTS)
     if args.quick:
         args.steps, names = 20, args.only or ["pairs uniform lr 5e-4", "videos priority lr 5e-4"]
         args.work = str(Path(args.work) / "quick")
+    # a smoke run's rows (other data) never join the real ones
+    results = Path(args.results) if args.results else (Path(args.work) / "results" if args.quick else RESULTS)
+    rows_file = results / ROWS.name
+    old = [] if args.fresh or not rows_file.is_file() else json.loads(rows_file.read_text())
     data, _ = make_data(Path(args.work) / "data", args.quick, clips_per_class=64)  # the 512 clips the screens used
+    load_first = os.getloadavg()[0]
     rows = []
     for seed in args.seeds:
         for name in names:
-            rows.append(run_variant(name, seed, data, args))
-            print(json.dumps(rows[-1]), flush=True)
-    print(write_report(Path(args.out), rows, args))
+            load_before = os.getloadavg()[0]
+            row = run_variant(name, seed, data, args)
+            facts = machine(load_before)
+            row.update(steps=args.steps, threads=args.threads, cpu=facts.cpu, load_before=facts.load_before,
+                       load_after=facts.load_after, written=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       command=command_line("train_screens.py"))
+            rows.append(row)
+            all_rows = merge_rows(old, rows)  # written after every variant: an interrupted run keeps its rows
+            results.mkdir(parents=True, exist_ok=True)
+            rows_file.write_text(json.dumps(all_rows, indent=1) + "\n")
+            print(json.dumps(row), flush=True)
+    facts = machine(load_first)
+    text = report(all_rows, facts)
+    write_results("train_screens", text, best_rows(all_rows), facts, command_line("train_screens.py"), results)
+    print(text)
 
 
 if __name__ == "__main__":

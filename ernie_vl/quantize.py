@@ -447,6 +447,9 @@ class Int8Experts(_Packed):
         return out
 
 
+INT8_BACKEND = "int8"
+
+
 class Int8MoEFeedForward(MoEFeedForward):
     """An MoE layer with a float32 router and int8 experts (inference only).
 
@@ -462,6 +465,23 @@ class Int8MoEFeedForward(MoEFeedForward):
         self.router = copy.deepcopy(layer.router)
         self.experts = Int8Experts.from_experts(layer.experts)
         self.shared = None if layer.shared is None else quantize_modules(copy.deepcopy(layer.shared))
+
+    # ``MoEFeedForward.backend`` picks among the float expert kernels; int8 experts always run on the int8
+    # engine, so an int8 layer reports "int8" (code that asks a model which MoE kernel it runs works on int8
+    # models too) and refuses a float kernel instead of ignoring it
+    @property
+    def backend(self) -> str:
+        return INT8_BACKEND
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in ("auto", INT8_BACKEND):
+            raise ValueError(f"an int8 MoE layer runs its experts on the int8 engine; backend {name!r} is a float "
+                             f"kernel; valid here: 'auto', {INT8_BACKEND!r}")
+
+    def expert_backend(self, tokens: torch.Tensor, counts: list[int]) -> str:
+        """``"int8:<engine>"``: the int8 GEMM engine this layer's experts run on (the one ``forward`` uses)."""
+        return f"{INT8_BACKEND}:{self.experts.packed()[1]}"
 
     def shared_params(self) -> int:
         return 0 if self.shared is None else sum(b.numel() for n, b in self.shared.named_buffers() if "scale" not in n)

@@ -36,3 +36,31 @@ def test_env_text_is_readable(capsys):
     assert text.startswith("cpu:") and runtime.cpu_info().model in text
     assert "MoE experts, 1 thread:" in text and "int8 engine" in text and "video decode threads" in text
     assert "search index kind auto: flat below" in text
+
+
+def test_env_names_the_moe_kernel_of_each_layer_of_float_and_int8_checkpoints(capsys, tmp_path):
+    import ernie_vl
+    from ernie_vl.moe.layer import MoEFeedForward
+    from ernie_vl.quantize import Int8MoEFeedForward, int8_kernel
+
+    torch.manual_seed(0)
+    model = ernie_vl.create_model("test").eval()
+    model.save_pretrained(str(tmp_path / "fp32"))
+    ernie_vl.quantize_int8(model).save_pretrained(str(tmp_path / "int8"))
+    names = [n for n, m in model.named_modules() if isinstance(m, MoEFeedForward)]
+    assert names
+    assert main(["env", "--json", "--model", str(tmp_path / "fp32")]) == 0
+    fp32 = json.loads(capsys.readouterr().out)["model"]["moe_layers"]
+    assert sorted(fp32) == sorted(names)
+    for v in fp32.values():
+        assert v["type"] == "MoEFeedForward" and v["backend"] == "auto"
+        assert v["runs"] in ("reference", "loop", "threads", "openblas")
+    assert main(["env", "--json", "--model", str(tmp_path / "int8")]) == 0
+    int8 = json.loads(capsys.readouterr().out)["model"]["moe_layers"]
+    assert sorted(int8) == sorted(names)
+    for v in int8.values():
+        assert v["type"] == Int8MoEFeedForward.__name__ and v["backend"] == "int8"
+        assert v["runs"] == f"int8:{int8_kernel(None)}"
+    assert main(["env", "--model", str(tmp_path / "int8")]) == 0
+    text = capsys.readouterr().out
+    assert f"{names[0]}: Int8MoEFeedForward, int8 -> int8:" in text

@@ -13,6 +13,7 @@ from ernie_vl.quantize import (SCHEMES, Int8Linear, Int8Mlp, Int8MoEFeedForward,
                                probe_int8_kernels, probed_int8_kernels, set_int8_kernel, set_int8_probe,
                                state_dict_bytes, time_int8_kernel)
 from encoders.blocks import Mlp
+from ernie_vl.moe.layer import MoEFeedForward
 from tests._model_helpers import make_batch
 from tests._quantize_helpers import CallCounter, assert_same_backbone_output
 
@@ -256,3 +257,20 @@ def test_checkpoints_of_the_first_scheme_still_load(models, tmp_path) -> None:
         assert torch.equal(old.encode_image(images), loaded.encode_image(images))
     with pytest.raises(ValueError, match="unknown quantization scheme 'int8-v0'"):
         ernie_vl.quantize_int8(model, scheme="int8-v0")
+
+
+def test_int8_moe_layers_report_their_backend_like_float_ones(models) -> None:
+    """Code that asks (or sets) a model's MoE kernel works on int8 models: ``.backend`` is "int8"."""
+    model, q = models
+    float_layers = [m for m in model.modules() if isinstance(m, MoEFeedForward) and not isinstance(m, Int8MoEFeedForward)]
+    int8_layers = [m for m in q.modules() if isinstance(m, Int8MoEFeedForward)]
+    assert float_layers and len(int8_layers) == len(float_layers)
+    for layer in int8_layers:
+        assert layer.backend == "int8"
+        counts = [4] * layer.config.num_experts
+        assert layer.expert_backend(torch.empty(16, layer.d_model), counts) == f"int8:{layer.experts.packed()[1]}"
+        layer.backend = "auto"  # accepted: nothing to choose
+        layer.backend = "int8"
+        with pytest.raises(ValueError, match="'loop'.*valid here"):
+            layer.backend = "loop"
+        assert layer.backend == "int8"

@@ -80,3 +80,27 @@ def test_state_dict_resumes_exactly():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         PrioritySampler(**kwargs)
+
+
+def test_relative_losses_rank_by_hardness_within_the_step_not_by_age():
+    """An early batch (every loss high) must not outrank a later sample that is hard for the model now."""
+    absolute = PrioritySampler(4, alpha=1.0, eps=1e-9, uniform_mix=0.0)
+    relative = PrioritySampler(4, alpha=1.0, eps=1e-9, uniform_mix=0.0, relative=True)
+    for s in (absolute, relative):
+        s.update(torch.tensor([0, 1]), torch.tensor([4.0, 4.0]))  # step 1: loss level 4, both average
+        s.update(torch.tensor([2, 3]), torch.tensor([1.0, 3.0]))  # step 90: level 2, sample 3 hard now
+    torch.testing.assert_close(relative.losses, torch.tensor([1.0, 1.0, 0.5, 1.5], dtype=torch.float64))
+    p_abs, p_rel = absolute.probabilities(), relative.probabilities()
+    assert int(p_abs.argmax()) in (0, 1)  # absolute losses favour the stale early samples
+    assert int(p_rel.argmax()) == 3
+    torch.testing.assert_close(p_rel, torch.tensor([1.0, 1.0, 0.5, 1.5], dtype=torch.float64) / 4.0)
+
+
+def test_relative_state_must_match_on_resume():
+    s = PrioritySampler(3, relative=True)
+    s.update(torch.tensor([0, 1]), torch.tensor([1.0, 3.0]))
+    again = PrioritySampler(3, relative=True)
+    again.load_state_dict(s.state_dict())
+    assert torch.equal(again.losses.nan_to_num(-1), s.losses.nan_to_num(-1))
+    with pytest.raises(ValueError, match="relative"):
+        PrioritySampler(3).load_state_dict(s.state_dict())

@@ -11,6 +11,7 @@ from ernie_vl.train.config import TrainConfig
 # CLI flag -> TrainConfig field, for the flags that map one to one
 _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos", "grad_accum", "lr", "weight_decay",
            "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "video_sampler", "priority_alpha", "priority_uniform_mix",
+           "priority_relative",
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
            "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps",
            "hard_negative_share", "hard_negative_group", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix",
@@ -45,6 +46,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="clip sampling")
     p.add_argument("--priority-alpha", type=float, default=d["priority_alpha"].default)
     p.add_argument("--priority-uniform-mix", type=float, default=d["priority_uniform_mix"].default)
+    p.add_argument("--priority-relative", action=argparse.BooleanOptionalAction,
+                   default=d["priority_relative"].default,
+                   help="record each loss as a ratio to its batch's mean (loss-priority sampling that compares "
+                        "samples against the model of their own step, not how long ago they were seen)")
     p.add_argument("--hard-negative-share", type=float, default=d["hard_negative_share"].default,
                    help="fraction of each image-text batch in groups of caption neighbours (in-batch hard negatives)")
     p.add_argument("--hard-negative-group", type=int, default=d["hard_negative_group"].default)

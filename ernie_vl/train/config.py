@@ -92,6 +92,7 @@ class TrainConfig:
     priority_eps: float = 0.05
     priority_uniform_mix: float = 0.3
     priority_ema: float = 0.0
+    priority_relative: bool = False
     hard_negative_share: float = 0.0
     hard_negative_group: int = 4
     hard_negative_pool: int = 2048

@@ -9,6 +9,13 @@ average of them, ``ema``), and ``u`` is the uniform share that keeps every
 sample reachable. Samples never seen yet count as the current maximum loss, so
 they come first. ``kind="uniform"`` is the baseline: shuffled epochs.
 
+``relative=True`` records each loss divided by the mean loss of the batch it was
+measured in. A recorded loss is a snapshot of the model at that step, and the
+training loss falls fast early on: absolute losses rank a sample seen at step 5
+(when every loss was high) above one seen at step 95 that is hard *now*, so the
+draws follow how long ago a sample was seen rather than how hard it is. The
+ratio to its batch's mean compares samples against the model of their own step.
+
 Sharding across ranks: every rank holds the same sampler state (same seed, and
 the trainer feeds every rank the per-sample losses of the *global* batch), draws
 the same global batch, and keeps its contiguous slice ``[rank*b:(rank+1)*b]``,
@@ -32,7 +39,7 @@ class PrioritySampler:
 
     def __init__(self, num_samples: int, kind: str = "priority", alpha: float = 1.0, eps: float = 0.01,
                  uniform_mix: float = 0.2, ema: float = 0.0, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, relative: bool = False) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if kind not in SAMPLER_KINDS:
@@ -47,6 +54,7 @@ class PrioritySampler:
             raise ValueError(f"bad rank/world_size {rank}/{world_size}")
         self.num_samples, self.kind = num_samples, kind
         self.alpha, self.eps, self.uniform_mix, self.ema = alpha, eps, uniform_mix, ema
+        self.relative = relative
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.losses = torch.full((num_samples,), float("nan"), dtype=torch.float64)
@@ -95,13 +103,16 @@ class PrioritySampler:
         return self.sample_global(global_batch)[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     def update(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        """Record per-sample losses (global batch) for the next draws."""
+        """Record per-sample losses (global batch) for the next draws (``relative``: as ratios to the
+        batch's mean finite loss)."""
         indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         losses = torch.as_tensor(losses).detach().to(torch.float64).reshape(-1)
         if indices.shape != losses.shape:
             raise ValueError(f"indices {tuple(indices.shape)} and losses {tuple(losses.shape)} differ in size")
         finite = torch.isfinite(losses)
         indices, losses = indices[finite], losses[finite]
+        if self.relative and losses.numel():
+            losses = losses / losses.clamp_min(0.0).mean().clamp_min(1e-12)
         if self.ema > 0:
             old = self.losses[indices]
             losses = torch.where(torch.isnan(old), losses, self.ema * old + (1 - self.ema) * losses)
@@ -111,12 +122,16 @@ class PrioritySampler:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_samples": self.num_samples, "generator": self.generator.get_state(),
                 "losses": self.losses.clone(), "draws": self.draws.clone(), "perm": self._perm.clone(),
-                "pos": self._pos}
+                "pos": self._pos, "relative": self.relative}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["kind"] != self.kind or state["num_samples"] != self.num_samples:
             raise ValueError(f"sampler state is for kind={state['kind']!r} over {state['num_samples']} samples; "
                              f"this sampler is kind={self.kind!r} over {self.num_samples}")
+        if bool(state.get("relative", False)) != self.relative:
+            raise ValueError(f"sampler state recorded {'relative' if state.get('relative') else 'absolute'} losses; "
+                             f"this sampler records {'relative' if self.relative else 'absolute'} ones "
+                             "(priority_relative must match the run being resumed)")
         self.generator.set_state(state["generator"])
         self.losses.copy_(state["losses"])
         self.draws.copy_(state["draws"])

@@ -263,7 +263,7 @@ class Trainer:
         self.mix = StepMix.from_global(cfg.batch_pairs if cfg.pairs else 0, cfg.batch_videos if cfg.videos else 0,
                                        cfg.grad_accum, self.ctx.world_size)
         kw = dict(alpha=cfg.priority_alpha, eps=cfg.priority_eps, uniform_mix=cfg.priority_uniform_mix,
-                  ema=cfg.priority_ema)
+                  ema=cfg.priority_ema, relative=cfg.priority_relative)
         pair_kw, video_kw = dict(kw, kind=cfg.sampler), dict(kw, kind=cfg.video_sampler or cfg.sampler)
         self.augmenter = self._build_augmenter() if cfg.videos else None  # bad label maps fail before decoding
         if self.augmenter is not None and self.augmenter.cfg.needs_extra_frames:

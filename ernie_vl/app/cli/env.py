@@ -94,11 +94,35 @@ def search_choices() -> dict[str, Any]:
             "flat_layout": "(D, N) columns: scores = queries @ columns (MKL's fast layout for few queries)"}
 
 
-def environment() -> dict[str, Any]:
-    """Machine facts and kernel choices, as plain JSON-ready values."""
-    return {"machine": runtime.machine_facts(),
-            "choices": {"moe": moe_choices(), "int8": int8_choices(), "video_decode": video_choices(),
-                        "search": search_choices()}}
+MODEL_TOKENS = 512  # the even MoE call each layer of ``--model`` is asked about
+
+
+def model_choices(spec: str) -> dict[str, Any]:
+    """Each MoE layer of the model at ``spec`` (a checkpoint folder, int8 ones included): its ``backend``
+    setting and the expert kernel a call of MODEL_TOKENS evenly routed tokens runs on here."""
+    from ernie_vl.app.hub import load_model
+    from ernie_vl.moe.layer import MoEFeedForward
+
+    loaded = load_model(spec)
+    layers: dict[str, Any] = {}
+    for name, module in loaded.model.named_modules():
+        if not isinstance(module, MoEFeedForward):
+            continue
+        experts, k = module.config.num_experts, module.top_k
+        counts = [MODEL_TOKENS * k // experts] * experts
+        layers[name] = {"type": type(module).__name__, "backend": module.backend,
+                        "runs": module.expert_backend(torch.empty(MODEL_TOKENS, module.d_model), counts)}
+    return {"model": loaded.model_id, "moe_layers": layers}
+
+
+def environment(model: str | None = None) -> dict[str, Any]:
+    """Machine facts and kernel choices (and, given a model spec, its MoE layers'), as plain JSON-ready values."""
+    env = {"machine": runtime.machine_facts(),
+           "choices": {"moe": moe_choices(), "int8": int8_choices(), "video_decode": video_choices(),
+                       "search": search_choices()}}
+    if model is not None:
+        env["model"] = model_choices(model)
+    return env
 
 
 def _threads(key: str) -> str:
@@ -147,11 +171,16 @@ def format_text(env: dict[str, Any]) -> str:
     s = c["search"]
     lines.append(f"  search index kind auto: {s['auto_kind_below_threshold']} below {s['threshold_items']:,} items, "
                  f"{s['auto_kind_from_threshold']} from there; flat layout {s['flat_layout']}")
+    if "model" in env:
+        lines += ["", f"model {env['model']['model']}: MoE layers (backend setting -> kernel of an even "
+                      f"{MODEL_TOKENS}-token call)"]
+        lines += [f"  {name}: {v['type']}, {v['backend']} -> {v['runs']}"
+                  for name, v in env["model"]["moe_layers"].items()] or ["  (none)"]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    env = environment()
+    env = environment(args.model)
     print(json.dumps(env, indent=2) if args.json else format_text(env))
     return 0
 
@@ -160,4 +189,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("env", help="print the CPU, ISA flags, BLAS, threads and the kernel choices made here",
                               description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="also list this checkpoint's MoE layers (int8 ones too) and the kernel each runs on")
     p.set_defaults(func=run)
