@@ -95,21 +95,26 @@ def grouped_forward(layer: "MoEFeedForward", x: torch.Tensor, modality_ids: torc
         logits[index, : sub.num_experts] = res.router_logits
         if out is not None:
             out = out.index_copy(0, index, res.output)
-        parts.append((g, ids[index] if sub_mask is None else ids[index][sub_mask], res))
-    if out is None:
-        y = x.new_zeros(()).expand(x.shape)
-    else:
-        if layer.shared is not None:
-            shared = layer.shared(flat)
-            out = out + (shared if mask_flat is None else shared * mask_flat[:, None].to(shared.dtype))
-        y = out.view(x.shape)
+        real_g = ids[index] if sub_mask is None else ids[index][sub_mask]
+        parts.append((g, torch.bincount(real_g, minlength=NUM_MODALITIES)[:NUM_MODALITIES].float(), res))
+    y = x.new_zeros(()).expand(x.shape) if out is None else add_shared(layer, out, flat, mask_flat).view(x.shape)
     return _combine(layer, y, logits, parts, n_real)
+
+
+def add_shared(layer: "MoEFeedForward", out: torch.Tensor, flat: torch.Tensor,
+               mask_flat: torch.Tensor | None) -> torch.Tensor:
+    """(N, D) routed outputs plus the layer's shared experts on the real tokens of ``flat`` (N, D)."""
+    if layer.shared is None:
+        return out
+    shared = layer.shared(flat)
+    return out + (shared if mask_flat is None else shared * mask_flat[:, None].to(shared.dtype))
 
 
 def _combine(layer: "MoEFeedForward", y: torch.Tensor, logits: torch.Tensor,
              parts: list[tuple[int, torch.Tensor, "MoEOutput"]], n_real: int) -> "MoEOutput":
-    """The layer's MoEOutput from its groups': losses weighted by each group's share of real tokens
-    (the orthogonal loss averaged over every group's router), statistics over global expert ids."""
+    """The layer's MoEOutput from its groups' ``(group, tokens per modality (NUM_MODALITIES,), output)``:
+    losses weighted by each group's share of real tokens (the orthogonal loss averaged over every
+    group's router), statistics over global expert ids."""
     from .layer import MoEOutput
 
     cfg = layer.config
@@ -134,7 +139,8 @@ def _orthogonal(sub: "MoEFeedForward") -> torch.Tensor:
 @torch.no_grad()
 def combine_group_stats(layer: "MoEFeedForward", parts: list[tuple[int, torch.Tensor, "MoEOutput"]],
                         n_real: int) -> RoutingStats:
-    """One RoutingStats over all groups' experts (global ids: the groups side by side)."""
+    """One RoutingStats over all groups' experts (global ids: the groups side by side); ``parts`` as in
+    :func:`_combine`."""
     cfg = layer.config
     sizes = list(cfg.group_experts or ())
     offsets = [sum(sizes[:g]) for g in range(len(sizes))]
@@ -145,11 +151,11 @@ def combine_group_stats(layer: "MoEFeedForward", parts: list[tuple[int, torch.Te
     dropped = torch.zeros((), dtype=torch.long)
     entropy = torch.zeros(())
     active = 0.0
-    for g, real_ids, res in parts:
+    for g, modality_counts, res in parts:
         s, lo, hi = res.stats, offsets[g], offsets[g] + sizes[g]
         n = float(s.num_tokens)
         tokens_per_expert[lo:hi] = s.tokens_per_expert.cpu()
-        counts = torch.bincount(real_ids.cpu(), minlength=NUM_MODALITIES)[:NUM_MODALITIES].float()
+        counts = modality_counts.cpu().float()
         usage[:, lo:hi] = s.usage_by_modality.cpu().float() * (counts[:, None] > 0)
         per_modality += counts
         dropped += s.dropped_tokens.cpu()

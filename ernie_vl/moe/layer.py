@@ -115,6 +115,7 @@ class MoEFeedForward(nn.Module):
                  backend: str = "auto", **options: Any) -> None:
         super().__init__()
         self.groups: nn.ModuleList | None = None
+        self.expert_shard: Any = None  # set by expert_parallel.shard_experts_: experts spread over ranks
         self.backend = backend
         try:
             cfg = MoEConfig(hidden=hidden, num_experts=num_experts, top_k=top_k, **options)
@@ -241,6 +242,10 @@ class MoEFeedForward(nn.Module):
                 mask: torch.Tensor | None = None) -> MoEOutput:
         cfg = self.config
         cfg.check_top_k(self.top_k)
+        if self.expert_shard is not None:
+            from .expert_parallel import ep_forward
+
+            return ep_forward(self, x, modality_ids, mask)
         if self.groups is not None:
             from .groups import grouped_forward
 
@@ -286,6 +291,10 @@ class MoEFeedForward(nn.Module):
         and routing statistics of the full call, with ``output`` a zero (expanded) view of x's shape,
         for a caller that multiplies it by a closed (zero) gate."""
         self.config.check_top_k(self.top_k)
+        if self.expert_shard is not None:  # every rank of the group must take part in the exchange
+            from .expert_parallel import ep_forward
+
+            return ep_forward(self, x, modality_ids, mask, routing_only=True)
         if self.groups is not None:
             from .groups import grouped_forward
 
