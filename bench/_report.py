@@ -95,6 +95,12 @@ def write_results(name: str, markdown: str, verdicts: list[Verdict], machine_fac
     return md
 
 
+def verdict_lines(verdicts: list[Verdict]) -> list[str]:
+    """One Markdown bullet per verdict: ``- what: goal G, measured M: **met | not met | not measured**``."""
+    return [f"- {v.what}: goal {v.goal}, measured {v.measured}: "
+            f"**{'met' if v.met else 'not met' if v.met is False else 'not measured'}**" for v in verdicts]
+
+
 def command_line(script: str) -> str:
     """The command as a user would type it from the repository root."""
     return " ".join([".venv/bin/python", f"bench/{script}"] + sys.argv[1:])

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # before bench/ (the script's folder), whose enco
 if str(ROOT / "bench") not in sys.path:
     sys.path.append(str(ROOT / "bench"))
 
-from _report import Verdict, command_line, machine, write_results  # noqa: E402
+from _report import Verdict, command_line, machine, verdict_lines, write_results  # noqa: E402
 from train_synthetic import make_data, train_variant  # noqa: E402
 
 from ernie_vl.train import TrainConfig  # noqa: E402
@@ -150,8 +150,7 @@ def report(runs: list[dict], args, facts, data_s: float) -> tuple[str, list[Verd
         verdicts.append(Verdict(f"MoE balance ({r['name']}): text-vision expert overlap at the end", f"<= {OVERLAP_CLAIM}",
                                 fmt(ov), None if ov is None else ov <= OVERLAP_CLAIM, claim="4"))
     lines += ["", "Verdicts (computed by the script):", ""]
-    lines += [f"- {v.what}: goal {v.goal}, measured {v.measured}: "
-              f"**{'met' if v.met else 'not met' if v.met is False else 'not measured'}**" for v in verdicts]
+    lines += verdict_lines(verdicts)
     return "\n".join(lines) + "\n", verdicts
 
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._report import Verdict, command_line, machine, write_results  # noqa: E402
+from bench._report import Verdict, command_line, machine, verdict_lines, write_results  # noqa: E402
 from ernie_vl.data.synthetic import make_motion, make_shapes  # noqa: E402
 from ernie_vl.train import TrainConfig  # noqa: E402
 from ernie_vl.train.trainer import Trainer  # noqa: E402
@@ -135,7 +135,7 @@ def report(curves: dict, seconds: dict, target: float, args, facts, verdicts: li
         *rows,
         f"| mean | {' | ' * (len(samplers) - 1)} | {mean_final} | {' | ' * (len(samplers) - 1)} |", "",
         "Verdicts (computed by the script; a ratio < 1 means priority sampling reached the target in fewer steps):", "",
-        *[f"- {v.what}: goal {v.goal}, measured {v.measured}: **{'met' if v.met else 'not met'}**" for v in verdicts],
+        *verdict_lines(verdicts),
         "", "Curves (step: held-out loss):", "", "```",
         json.dumps({k: {s: [(st, round(l, 4)) for st, l in c] for s, c in v.items()} for k, v in curves.items()}),
         "```",

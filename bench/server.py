@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._report import Verdict, command_line, machine, write_results  # noqa: E402
+from bench._report import Verdict, command_line, machine, verdict_lines, write_results  # noqa: E402
 from ernie_vl.app.hub import load_model  # noqa: E402
 from ernie_vl.train.distributed import free_port  # noqa: E402
 from ernie_vl.app.serve.text_trim import pad_id_of, trim_padding, trimming_is_exact  # noqa: E402
@@ -320,8 +320,7 @@ def report(models: list[str], sections: list[str], verdicts: list[Verdict], args
     for section in sections:
         lines += [section, ""]
     lines += ["Verdicts (computed by the script):", ""]
-    lines += [f"- {v.what}: goal {v.goal}, measured {v.measured}: "
-              f"**{'met' if v.met else 'not met' if v.met is False else 'not measured'}**" for v in verdicts]
+    lines += verdict_lines(verdicts)
     return "\n".join(lines) + "\n"
 
 

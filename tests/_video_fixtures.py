@@ -69,6 +69,16 @@ def faststart_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+def mux_frames(container, stream, frames) -> None:
+    """Encode each of ``frames`` (PyAV video or audio frames, any iterable) on ``stream``, mux the packets
+    into ``container``, then flush the encoder."""
+    for frame in frames:
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def write_clip(path: str | os.PathLike, num_frames: int = 40, width: int = 64, height: int = 48, fps: int = 25,
                gop: int = 12, bframes: int = 0, pts: list[int] | None = None, time_base: Fraction | None = None,
                faststart: bool = True, blue: int = 64, slices: int = 0) -> Path:
@@ -86,15 +96,15 @@ def write_clip(path: str | os.PathLike, num_frames: int = 40, width: int = 64, h
         if time_base is not None:
             stream.codec_context.time_base = time_base
             stream.time_base = time_base
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(frame_pattern(i, height, width, blue), format="rgb24")
-            if pts is not None:
-                frame.pts = pts[i]
-                frame.time_base = time_base
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        def frames():
+            for i in range(num_frames):
+                frame = av.VideoFrame.from_ndarray(frame_pattern(i, height, width, blue), format="rgb24")
+                if pts is not None:
+                    frame.pts = pts[i]
+                    frame.time_base = time_base
+                yield frame
+
+        mux_frames(container, stream, frames())
     return path
 
 
@@ -108,11 +118,7 @@ def write_solid_clip(path: str | os.PathLike, rgb: tuple[int, int, int], num_fra
         stream.options = {"preset": "ultrafast", "crf": "10"}
         img = np.zeros((height, width, 3), np.uint8)
         img[...] = rgb
-        for _ in range(num_frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream, (av.VideoFrame.from_ndarray(img, format="rgb24") for _ in range(num_frames)))
     return path
 
 
@@ -124,12 +130,12 @@ def zero_pts_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         src_ctx = inp.streams.video[0].codec_context
         stream.width, stream.height, stream.pix_fmt = src_ctx.width, src_ctx.height, "yuv420p"
         stream.options = {"preset": "ultrafast", "g": "12", "crf": "12"}
-        for frame in inp.decode(video=0):
-            frame.pts = None
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        def frames():
+            for frame in inp.decode(video=0):
+                frame.pts = None
+                yield frame
+
+        mux_frames(out, stream, frames())
     return dst
 
 
@@ -153,13 +159,13 @@ def write_audio_only(path: str | os.PathLike, seconds: float = 0.5) -> Path:
         samples = int(rate * seconds)
         t = np.arange(samples) / rate
         tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None, :]
-        for start in range(0, samples, 1024):
-            frame = av.AudioFrame.from_ndarray(tone[:, start:start + 1024], format="fltp", layout="mono")
-            frame.sample_rate = rate
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        def frames():
+            for start in range(0, samples, 1024):
+                frame = av.AudioFrame.from_ndarray(tone[:, start:start + 1024], format="fltp", layout="mono")
+                frame.sample_rate = rate
+                yield frame
+
+        mux_frames(container, stream, frames())
     return path
 
 
@@ -213,9 +219,6 @@ def write_mjpeg_clip(path: str | os.PathLike, num_frames: int = 40, width: int =
     with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
         stream = container.add_stream("mjpeg", rate=25)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
-        for i in range(num_frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame_pattern(i, height, width), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream, (av.VideoFrame.from_ndarray(frame_pattern(i, height, width), format="rgb24")
+                                       for i in range(num_frames)))
     return path

@@ -96,3 +96,58 @@ def test_every_benchmark_script_starts():
         if proc.returncode != 0:
             failed[name] = err.strip().splitlines()[-1:] if err.strip() else proc.returncode
     assert not failed, failed
+
+
+def test_verdict_lines_say_met_not_met_or_not_measured(report):
+    lines = report.verdict_lines([report.Verdict("a", ">= 3x", "3.20x", True), report.Verdict("b", ">= 3x", "1.10x", False),
+                                  report.Verdict("c", "-", "0.5", None)])
+    assert lines == ["- a: goal >= 3x, measured 3.20x: **met**", "- b: goal >= 3x, measured 1.10x: **not met**",
+                     "- c: goal -, measured 0.5: **not measured**"]
+
+
+def _server_rounds(rate_on: float, rate_off: float) -> dict:
+    one = lambda rate: {"rate": rate, "latencies": [0.1, 0.2], "mean_batch": 1.0, "batch_ms": 5.0,  # noqa: E731
+                        "busy": 0.9, "requests": 10, "errors": 0}
+    return {(c, m): [one(rate_on if m == "on" else rate_off)] * 2 for c in (1, 32) for m in ("on", "off")}
+
+
+def test_server_verdict_is_the_on_off_ratio_at_32_clients():
+    server = _load("server")
+    text, ratios = server.model_section("preset:tiny", {"results": _server_rounds(90.0, 30.0),
+                                                        "headroom": {1: 10.0, 32: 2.0}, "seconds": 1.0}, [1, 32])
+    assert ratios == {1: 3.0, 32: 3.0} and "| 32 | **3.00x** |" in text
+    v = server.verdict_of("preset:tiny", ratios)
+    assert (v.met, v.measured, v.claim) == (True, "3.00x", "12")
+    _, low = server.model_section("preset:base", {"results": _server_rounds(50.0, 20.0),
+                                                  "headroom": {1: 10.0, 32: 2.0}, "seconds": 1.0}, [1, 32])
+    assert server.verdict_of("preset:base", low).met is False  # 2.5x
+    assert server.verdict_of("preset:base", {1: 1.0}).met is None  # 32 clients not run: not measured
+
+
+def test_priority_verdict_from_steps_to_the_uniform_target():
+    ps = _load("priority_sampling")
+    curve = lambda *losses: [(10 * i, loss) for i, loss in enumerate(losses)]  # noqa: E731
+    curves = {"priority": {0: curve(3, 1.5, 1.0, 0.9), 1: curve(3, 2, 1.2, 1.0)},
+              "uniform": {0: curve(3, 2, 1.5, 1.0), 1: curve(3, 2.5, 2, 1.0)}}
+    assert ps.steps_to(curves["priority"][0], 1.0) == 20 and ps.steps_to(curves["uniform"][1], 0.5) is None
+    pairs, ratios = ps.ratio_of(curves, "priority", 1.0, 2)
+    assert pairs == [(20, 30), (30, 30)] and ratios == pytest.approx([2 / 3, 1.0])
+    v = ps.verdict_of("priority", pairs, ratios)
+    assert v.met is False and v.measured.startswith("0.83 (median of 2 seeds")  # 25% faster needs <= 0.75
+    never = ps.verdict_of("priority", [(None, 30), (None, None)], [])
+    assert never.met is False and "reached the target in 0 of 2 seeds, uniform in 1" in never.measured
+    fast = ps.verdict_of("priority", [(20, 30)], [2 / 3])
+    assert fast.met is True and fast.claim == "6"
+
+
+def test_train_screens_rows_accumulate_and_a_rerun_replaces_its_row():
+    ts = _load("train_screens")
+    row = lambda name, seed, value, steps=300: {"name": name, "task": "pairs", "seed": seed, "steps": steps,  # noqa: E731
+                                                "text_to_image_R@1": value}
+    old = [row("pairs uniform lr 1e-3", 0, 0.5), row("pairs priority lr 2e-3", 0, 0.4)]
+    merged = ts.merge_rows(old, [row("pairs uniform lr 1e-3", 0, 0.6), row("pairs uniform lr 1e-3", 1, 0.55)])
+    assert [(r["name"], r["seed"], r["text_to_image_R@1"]) for r in merged] == [
+        ("pairs priority lr 2e-3", 0, 0.4), ("pairs uniform lr 1e-3", 0, 0.6), ("pairs uniform lr 1e-3", 1, 0.55)]
+    best = ts.best_rows(merged + [row("pairs uniform lr 5e-4", 0, 0.9, steps=20)])
+    assert [(v.met, v.measured) for v in best] == [(None, "0.900 (`pairs uniform lr 5e-4`, seed 0)"),
+                                                  (None, "0.600 (`pairs uniform lr 1e-3`, seed 0)")]

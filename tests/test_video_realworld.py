@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _video_fixtures import coded_index, with_garbage_packets, write_clip, write_mjpeg_clip
+from _video_fixtures import coded_index, mux_frames, with_garbage_packets, write_clip, write_mjpeg_clip
 from _video_models import BlueLevelClassifier
 from video import VideoDecodeError, VideoFolder, evaluate, open_video
 from video.transforms import build_clip_transform
@@ -90,11 +90,7 @@ def _solid(path, codec, pix_fmt, rgb, options=None, full_range=False):
         if full_range:
             frame = frame.reformat(format=pix_fmt, dst_color_range=2)
             frame.color_range = 2
-        for _ in range(4):
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream, [frame] * 4)
     return path
 
 
@@ -133,11 +129,8 @@ def test_portrait_phone_clip_comes_out_upright(tmp_path):
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.options = {"crf": "4"}
         stream.set_display_rotation(90)  # the display matrix: turn 90 degrees counter-clockwise to show it
-        for _ in range(3):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(stored), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream,
+                   (av.VideoFrame.from_ndarray(np.ascontiguousarray(stored), format="rgb24") for _ in range(3)))
     for isolation in ("auto", "process"):
         reader = open_video(path, isolation=isolation)
         frame = reader.get_frames_numpy([1])[0]

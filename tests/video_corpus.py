@@ -22,7 +22,7 @@ from typing import Callable
 import av
 import numpy as np
 
-from _video_fixtures import frame_pattern, truncated_copy
+from _video_fixtures import frame_pattern, mux_frames, truncated_copy
 
 REPO = Path(__file__).resolve().parent.parent
 OPENCV_DOC_DIRS = (REPO / ".cache" / "opencv-doc", Path("/usr/share/doc/opencv-doc/examples/data"))
@@ -129,14 +129,14 @@ def write_spec(spec: ClipSpec, path: Path) -> Path:
             stream.time_base = spec.time_base
         if spec.rotation is not None:
             stream.set_display_rotation(spec.rotation)
-        for i in range(spec.frames):
-            frame = av.VideoFrame.from_ndarray(frame_pattern(i, spec.height, spec.width), format="rgb24")
-            if spec.pts is not None:
-                frame.pts, frame.time_base = spec.pts[i], spec.time_base
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        def frames():
+            for i in range(spec.frames):
+                frame = av.VideoFrame.from_ndarray(frame_pattern(i, spec.height, spec.width), format="rgb24")
+                if spec.pts is not None:
+                    frame.pts, frame.time_base = spec.pts[i], spec.time_base
+                yield frame
+
+        mux_frames(container, stream, frames())
     return path
 
 

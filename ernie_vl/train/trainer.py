@@ -41,9 +41,8 @@ from ernie_vl.train.sampler import PrioritySampler
 
 def resolve_threads(requested: Optional[int]) -> int:
     """Threads for this process: ``requested``, or (None) all CPUs of this process unless the
-    machine is oversubscribed (1-minute load >= 1.5 x CPUs), where one thread is much faster:
-    measured here on 2 shared cores, a tiny-preset step took 2.5 s with 1 thread and 15-30 s
-    with 2 (OpenMP threads spin-waiting for a descheduled partner)."""
+    machine is oversubscribed (1-minute load >= 1.5 x CPUs), where one thread is much faster: with
+    several, OpenMP threads spin-wait for a descheduled partner at every parallel region."""
     if requested:
         return int(requested)
     from ernie_vl.data.sources import cpu_workers
