@@ -103,7 +103,7 @@ def verdict_of(sampler: str, pairs: list, ratios: list) -> Verdict:
         return Verdict(what, goal, f"not computable: {sampler} reached the target in {reached} of {len(pairs)} "
                        f"seeds, uniform in {uniform_reached}", False, claim="6")
     median = statistics.median(ratios)
-    return Verdict(what, goal, f"{median:.2f} (median of {len(ratios)} seeds; {sampler} reached the target in "
+    return Verdict(what, goal, f"{median:.2f} (median of {len(ratios)} seed{'s' * (len(ratios) > 1)}; {sampler} reached the target in "
                    f"{reached} of {len(pairs)}, uniform in {uniform_reached})", median <= GOAL, claim="6")
 
 
