@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,17 @@ def verdict_lines(verdicts: list[Verdict]) -> list[str]:
             f"**{'met' if v.met else 'not met' if v.met is False else 'not measured'}**" for v in verdicts]
 
 
-def command_line(script: str) -> str:
-    """The command as a user would type it from the repository root."""
-    return " ".join([".venv/bin/python", f"bench/{script}"] + sys.argv[1:])
+LOCATION_OPTIONS = ("--work", "--results")  # where files go, not what is measured: never in a results file
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command as a user would type it from the repository root, without the options that only name
+    folders (LOCATION_OPTIONS: a machine's paths do not belong in a results file)."""
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    while args:
+        arg = args.pop(0)
+        if arg in LOCATION_OPTIONS:
+            args[:1] = []  # its value
+        elif not arg.startswith(tuple(f"{o}=" for o in LOCATION_OPTIONS)):
+            kept.append(arg)
+    return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(a) for a in kept])

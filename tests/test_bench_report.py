@@ -151,3 +151,8 @@ def test_train_screens_rows_accumulate_and_a_rerun_replaces_its_row():
     best = ts.best_rows(merged + [row("pairs uniform lr 5e-4", 0, 0.9, steps=20)])
     assert [(v.met, v.measured) for v in best] == [(None, "0.900 (`pairs uniform lr 5e-4`, seed 0)"),
                                                   (None, "0.600 (`pairs uniform lr 1e-3`, seed 0)")]
+
+
+def test_command_line_leaves_out_folder_options(report):
+    argv = ["--steps", "300", "--work", "/somewhere/w", "--only", "a b", "--results=/elsewhere", "--seeds", "0"]
+    assert report.command_line("x.py", argv) == ".venv/bin/python bench/x.py --steps 300 --only 'a b' --seeds 0"
