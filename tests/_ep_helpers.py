@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ernie_vl.moe import MoEFeedForward
 from ernie_vl.moe.expert_parallel import (consolidated_state_dict, expert_parallel_groups, expert_parameters,
@@ -131,23 +130,52 @@ def worker(rank: int, world: int, store: str, case: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, case: str, tmp: Path, timeout: float = 120.0) -> list[dict[str, dict]]:
-    """Spawn ``world`` gloo ranks of ``case``; their :func:`check_rank` results in rank order."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["_ep_helpers"])
+def _spawn(target, world: int, tmp: Path, args: tuple, timeout: float) -> None:
+    from _train_helpers import start_and_join
+
     store = str(tmp / "store")
     if os.path.exists(store):
         os.remove(store)
-    procs = [ctx.Process(target=worker, args=(r, world, store, case, str(tmp))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=timeout)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            raise TimeoutError(f"an expert-parallel rank of {case!r} did not finish within {timeout} s")
-    codes = [p.exitcode for p in procs]
-    if codes != [0] * world:
-        raise RuntimeError(f"expert-parallel ranks of {case!r} exited with {codes}")
+    start_and_join(target, [(r, world, store, *args) for r in range(world)], ["_ep_helpers"], timeout)
+
+
+def run_ranks(world: int, case: str, tmp: Path, timeout: float = 120.0) -> list[dict[str, dict]]:
+    """Spawn ``world`` gloo ranks of ``case``; their :func:`check_rank` results in rank order."""
+    _spawn(worker, world, tmp, (case, str(tmp)), timeout)
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def reshard_worker(rank: int, world: int, store: str, saved: str, out_dir: str) -> None:
+    """Load a saved model, shard it at EP 4 and at EP 2 (2 replicas), gather it back and compare with the
+    file; rank 0 also saves the EP-4 model's gathered copy to OUT/saved_at_4."""
+    from safetensors.torch import load_file
+
+    from ernie_vl import ErnieVL
+    from ernie_vl.moe.expert_parallel import gathered_copy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        original = load_file(str(Path(saved) / "model.safetensors"))
+        errs = {}
+        for size in (4, 2):
+            model = ErnieVL.from_pretrained(saved)
+            groups = expert_parallel_groups(size)
+            shard_experts_(model, groups)
+            plain = ErnieVL.from_pretrained(saved)
+            load_consolidated_(model, plain.state_dict())
+            full = consolidated_state_dict(model)
+            errs[str(size)] = max(_err(full[k], original[k]) for k in original) + float(set(full) != set(original))
+            if size == 4:
+                copy_ = gathered_copy(model)
+                if rank == 0:
+                    copy_.save_pretrained(str(Path(out_dir) / "saved_at_4"))
+        dist.barrier()
+        Path(out_dir, f"reshard{rank}.json").write_text(json.dumps(errs))
+    finally:
+        dist.destroy_process_group()
+
+
+def reshard_ranks(world: int, saved: Path, tmp: Path, timeout: float = 120.0) -> list[dict[str, float]]:
+    _spawn(reshard_worker, world, tmp, (str(saved), str(tmp)), timeout)
+    return [json.loads((tmp / f"reshard{r}.json").read_text()) for r in range(world)]

@@ -45,3 +45,35 @@ def dist_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
         train(TrainConfig.from_dict(cfg_dict))
     finally:
         shutdown_distributed()
+
+
+def spawn_ranks(cfg: TrainConfig, world: int = 2, timeout: float = 240.0) -> None:
+    """Train ``cfg`` on ``world`` gloo ranks; fails on a rank's error or timeout."""
+    from ernie_vl.train.distributed import free_port
+
+    port = free_port()
+    start_and_join(dist_worker, [(r, world, port, cfg.to_dict()) for r in range(world)],
+                   ["_train_helpers", "ernie_vl.train.trainer", "encoders.text"], timeout)
+
+
+def start_and_join(target, arg_lists: list[tuple], preload: list[str], timeout: float) -> None:
+    """One process per argument tuple (forkserver with ``preload`` imported once: each rank then starts in
+    a fraction of a second; a plain fork could inherit OpenMP state); all joined; raises when one fails
+    or outlives ``timeout``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    procs = [ctx.Process(target=target, args=args) for args in arg_lists]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    if alive:
+        raise TimeoutError(f"{len(alive)} of {len(procs)} workers ({target.__name__}) did not finish within {timeout:.0f} s")
+    codes = [p.exitcode for p in procs]
+    if codes != [0] * len(procs):
+        raise RuntimeError(f"workers ({target.__name__}) exited with {codes}")

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from _train_helpers import dist_worker, make_tiny_data, read_log, tiny_config
+from _train_helpers import make_tiny_data, read_log, spawn_ranks, tiny_config
 from ernie_vl.train import train
-from ernie_vl.train.distributed import PowerSGDMeter, free_port, torchrun_command, wrap_model, DistContext
+from ernie_vl.train.distributed import PowerSGDMeter, torchrun_command, wrap_model, DistContext
 
 STEPS = 4
 
@@ -18,21 +17,7 @@ def data(tmp_path_factory):
 
 
 def _spawn(cfg, world=2):
-    # forkserver with the heavy imports preloaded once: each rank then starts in a fraction of a
-    # second instead of re-importing torch (a plain fork could inherit OpenMP state)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["_train_helpers", "ernie_vl.train.trainer", "encoders.text"])
-    port = free_port()
-    procs = [ctx.Process(target=dist_worker, args=(r, world, port, cfg.to_dict())) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a distributed worker did not finish within 240 s")
-    assert [p.exitcode for p in procs] == [0] * world
+    spawn_ranks(cfg, world, timeout=240)
 
 
 def test_two_gloo_processes_match_one_process(data, tmp_path):

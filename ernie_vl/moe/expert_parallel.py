@@ -30,6 +30,7 @@ checkpoint saved at one EP size loads at any other.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -210,6 +211,29 @@ def load_consolidated_(model: nn.Module, state: dict[str, torch.Tensor], strict:
                              f"{p.shape[0] * shard.size} experts of shape {tuple(p.shape[1:])}")
         state[name] = full[shard.rank * p.shape[0]:(shard.rank + 1) * p.shape[0]]
     return model.load_state_dict(state, strict=strict)
+
+
+def gathered_copy(model: nn.Module) -> nn.Module:
+    """An unsharded copy of an EP-sharded ``model``: every expert gathered, a plain single-process model
+    (to save, evaluate or export). Collective: every rank of every EP group calls it."""
+    full = consolidated_state_dict(model)
+    plain = copy.deepcopy(model)
+    for _, layer in moe_layers(plain):
+        for sub in _expert_sets(layer):
+            experts = sub.experts
+            for pname in EXPERT_PARAMS:
+                p = getattr(experts, pname, None)
+                if isinstance(p, nn.Parameter):
+                    shape = (sub.config.num_experts,) + tuple(p.shape[1:])
+                    setattr(experts, pname, nn.Parameter(p.new_empty(shape), p.requires_grad))
+            experts.num_experts = sub.config.num_experts
+            sub.expert_shard = None
+        layer.expert_shard = None
+    for module in plain.modules():
+        if hasattr(module, "skip_closed"):
+            module.skip_closed = True
+    plain.load_state_dict(full)
+    return plain
 
 
 def _shard_of(model: nn.Module, param_name: str) -> ExpertShard:

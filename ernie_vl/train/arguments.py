@@ -13,7 +13,7 @@ _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos"
            "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "video_sampler", "priority_alpha", "priority_uniform_mix",
            "priority_relative",
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
-           "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "threads", "curriculum_steps",
+           "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "expert_parallel", "threads", "curriculum_steps",
            "hard_negative_share", "hard_negative_group", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix",
            "crop_min_area", "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init")
 
@@ -101,7 +101,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-col", default="caption")
     p.add_argument("--powersgd-rank", type=int, default=0, help="PowerSGD gradient compression rank (DDP)")
     p.add_argument("--powersgd-warmup", type=int, default=d["powersgd_warmup"].default)
-    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="ddp: replicate the model; fsdp: shard parameters, gradients and optimiser state (FSDP2)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
+                   help="spread each MoE layer's experts over groups of E ranks (tokens travel by all-to-all); "
+                        "E must divide the number of processes and every layer's (every group's) expert count")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: auto)")
     p.add_argument("--model-overrides", default=None, metavar="JSON", help='e.g. \'{"video_encoder": {"attention": "space_only"}}\'')
     p.add_argument("--no-progress", action="store_true")

@@ -51,7 +51,8 @@ class TrainConfig:
     (``ernie_vl.inflate``) when the checkpoint given as ``model`` was trained on pairs but never on
     videos; ``"image"`` always does; ``"keep"`` never does.
     Distributed: ``parallel`` ``ddp`` (default) or ``fsdp``; ``powersgd_rank`` > 0 registers
-    PowerSGD (DDP only) after ``powersgd_warmup`` uncompressed steps.
+    PowerSGD (DDP only) after ``powersgd_warmup`` uncompressed steps; ``expert_parallel`` E > 1
+    spreads every MoE layer's experts over groups of E ranks (:mod:`ernie_vl.moe.expert_parallel`).
     ``threads``: torch threads per process; None picks all CPUs, or 1 on an oversubscribed machine.
     Checkpoints (``OUT/train_state.safetensors``, exact resume): every ``checkpoint_minutes``
     of training (default 5; 0 or None: off) and/or every ``checkpoint_every`` steps (0: off),
@@ -134,6 +135,7 @@ class TrainConfig:
     parallel: str = "ddp"
     powersgd_rank: int = 0
     powersgd_warmup: int = 10
+    expert_parallel: int = 1
     threads: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -164,6 +166,11 @@ class TrainConfig:
             raise ValueError(f"unknown autocast {self.autocast!r}; valid: {list(AUTOCAST_MODES)}")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"unknown parallel mode {self.parallel!r}; valid: {list(PARALLEL_MODES)}")
+        if not isinstance(self.expert_parallel, int) or self.expert_parallel < 1:
+            raise ValueError(f"expert_parallel must be an integer >= 1 (ranks per expert group), got {self.expert_parallel!r}")
+        if self.expert_parallel > 1 and self.parallel == "fsdp":
+            raise ValueError("expert_parallel > 1 runs with parallel='ddp' (the experts are already spread over "
+                             "ranks; FSDP would shard them a second time); use --parallel ddp")
         if self.powersgd_rank < 0:
             raise ValueError(f"powersgd_rank must be >= 0, got {self.powersgd_rank}")
         if self.powersgd_rank and self.parallel == "fsdp":

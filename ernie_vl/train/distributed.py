@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -172,8 +172,11 @@ class PowerSGDMeter:
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, parallel: str = "ddp", powersgd_rank: int = 0,
-               powersgd_warmup: int = 10) -> tuple[nn.Module, Optional[PowerSGDMeter]]:
-    """DDP (or FSDP) around ``model`` when distributed; PowerSGD hook when asked (DDP only)."""
+               powersgd_warmup: int = 10, ignore: Sequence[str] = ()) -> tuple[nn.Module, Optional[PowerSGDMeter]]:
+    """DDP (or FSDP) around ``model`` when distributed; PowerSGD hook when asked (DDP only).
+
+    ``ignore``: parameter names DDP neither broadcasts nor averages (expert-parallel experts, which
+    differ per rank and are reduced by :func:`ernie_vl.moe.expert_parallel.sync_expert_grads`)."""
     if powersgd_rank and parallel == "fsdp":
         raise ValueError("PowerSGD is a DDP communication hook and cannot be used with FSDP "
                          "(FSDP reduce-scatters sharded gradients); use parallel='ddp' or powersgd_rank=0")
@@ -185,6 +188,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, parallel: str = "ddp", powers
         return FullyShardedDataParallel(model, device_id=ctx.device if ctx.device.type == "cuda" else None,
                                         use_orig_params=True), None
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    if ignore:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     # find_unused_parameters: an expert that receives no token, or a modality absent from a
     # step, leaves parameters without gradient
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)

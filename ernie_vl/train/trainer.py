@@ -18,9 +18,9 @@ import os
 import random
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -28,11 +28,15 @@ from torch import nn
 
 from ernie_vl.data.mixing import MixedSource, StepMix
 from ernie_vl.moe.balance import update_score_biases
+from ernie_vl.moe.expert_parallel import sync_expert_grads
 from ernie_vl.train import checkpointing as ckpt
 from ernie_vl.train.config import TrainConfig, TrainResult
 from ernie_vl.train.distributed import (DistContext, all_gather_cat, barrier, broadcast_object, gather_objects,
                                         init_distributed, unwrap, wrap_model)
 from ernie_vl.train.evaluation import evaluate
+from ernie_vl.train.expert_sharding import (clip_grad_norm, expert_parameter_names, load_model_state,
+                                            load_optimizer_state, model_state, optimizer_state, plain_model,
+                                            setup_expert_parallel)
 from ernie_vl.train.ema import ModelEMA
 from ernie_vl.train.finetune import add_drop_path, freeze, init_head_from_prompts, replace_head
 from ernie_vl.train.optim import RefittableCosine, build_optimizer
@@ -125,6 +129,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.resumable = self._check_resumable() if cfg.resume else False  # fail fast, before the data
         self.model = self._build_model()
+        self.ep = setup_expert_parallel(self.model, cfg.expert_parallel, self.ctx.world_size)
         self.settings = self._choose_settings()  # the few-shot recipe, or the plain defaults
         self._build_data()
         self._apply_settings()
@@ -136,7 +141,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.curriculum = self._build_curriculum()
         self.ddp_model, self.meter = wrap_model(self.model, self.ctx, cfg.parallel, cfg.powersgd_rank,
-                                                cfg.powersgd_warmup)
+                                                cfg.powersgd_warmup, ignore=expert_parameter_names(self.model))
         self.step = 0
         self.skipped_total = 0
         self.steps_fitted = cfg.minutes is None
@@ -399,7 +404,8 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "schedule": self.schedule.state_dict(), "steps_fitted": self.steps_fitted,
-                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": model_state(unwrap(self.model), self.ep),
+                "optimizer": optimizer_state(self.optimizer, unwrap(self.model), self.ep),
                 "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                 "rng": gather_objects(ckpt.rng_state(), self.ctx), "world_size": self.ctx.world_size,
                 "meter": None if self.meter is None else self.meter.state.__getstate__(),
@@ -444,8 +450,8 @@ class Trainer:
         if not self.resumable:
             return False
         state = ckpt.load_training_state(self.out)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_model_state(unwrap(self.model), state["model"], self.ep)
+        load_optimizer_state(self.optimizer, unwrap(self.model), state["optimizer"], self.ep)
         self.scheduler.load_state_dict(state["scheduler"])
         self.source.load_state_dict(state["source"])
         self.step, self.steps_fitted = state["step"], state["steps_fitted"]
@@ -493,7 +499,9 @@ class Trainer:
             values = torch.tensor(list(totals.values()), dtype=torch.float64)
             torch.distributed.all_reduce(values)
             totals = dict(zip(totals, (values / self.ctx.world_size).tolist()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        if self.ep is not None:
+            sync_expert_grads(self.model, self.ep)
+        grad_norm = clip_grad_norm(self.model, cfg.grad_clip, self.ep) if cfg.grad_clip else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         update_score_biases(self.model)  # aux-loss-free balancing: routers with a score bias
@@ -545,17 +553,24 @@ class Trainer:
         """Held-out metrics (of the EMA weights when there is an EMA)."""
         if self.val_pairs is None and self.val_videos is None:
             return {}
+        with self._weights_in_use() as model:
+            return evaluate(model, self.val_pairs, self.val_videos, max_pairs=self.cfg.eval_max_pairs)
+
+    @contextmanager
+    def _weights_in_use(self) -> Iterator[nn.Module]:
+        """The model to save or evaluate: its EMA weights when there is an EMA; under expert parallelism
+        an unsharded copy (collective: every rank enters)."""
         model = unwrap(self.model)
         with self.ema.swapped(model) if self.ema is not None else nullcontext():
-            return evaluate(model, self.val_pairs, self.val_videos, max_pairs=self.cfg.eval_max_pairs)
+            yield plain_model(model, self.ep)
 
     def save_final(self, final_dir: Path) -> None:
         """``final_dir``: the model (its EMA weights when there is an EMA), marked with what it was trained on."""
-        model = unwrap(self.model)
         kinds = set(self.trained_on) | {k for k, given in (("pairs", self.cfg.pairs), ("videos", self.cfg.videos))
                                          if given}
-        with self.ema.swapped(model) if self.ema is not None else nullcontext():
-            model.save_pretrained(final_dir, metadata={"trained_on": ",".join(sorted(kinds))})
+        with self._weights_in_use() as model:
+            if self.ctx.is_main:
+                model.save_pretrained(final_dir, metadata={"trained_on": ",".join(sorted(kinds))})
 
     def run(self, stop_after: Optional[int] = None) -> TrainResult:
         """Train until the schedule ends, the time budget is spent, or ``stop_after`` more steps."""
@@ -601,10 +616,10 @@ class Trainer:
         final_dir = self.out / "final"
         evaluation: dict[str, float] = {}
         if finished:
-            if self.ctx.is_main:
+            if self.ctx.is_main or self.ep is not None:  # under EP every rank gathers the experts
                 self.save_final(final_dir)
                 evaluation = self.run_evaluation()
-                if evaluation:
+                if evaluation and self.ctx.is_main:
                     (self.out / "eval.json").write_text(json.dumps(evaluation, indent=1))
             barrier(self.ctx)
         if self.log_file is not None:

@@ -10,6 +10,12 @@ from ernie_vl.train.arguments import add_train_arguments, config_from_args
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # validate here, before starting any worker
+    if cfg.expert_parallel > 1:  # the world size must split into expert groups (the experts: at start)
+        import os
+
+        from ernie_vl.moe.expert_parallel import check_expert_parallel
+
+        check_expert_parallel(cfg.expert_parallel, args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
     if args.nproc > 1:
         from ernie_vl.train.distributed import torchrun_command
 
