@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("encoders", "moe", "quantize", "video", "retrieval", "hnsw_at_scale", "server", "server_abuse",
+ORDER = ("encoders", "moe", "quantize", "int8_accuracy", "video", "retrieval", "hnsw_at_scale", "server",
+         "server_abuse",
          "data", "train_synthetic", "train_digits", "few_shot_video", "moe_balance", "priority_sampling",
          "train_screens")
 BLOCK = re.compile(r"<!-- bench:(\w+):begin -->\n.*?<!-- bench:\1:end -->", re.S)

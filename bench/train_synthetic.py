@@ -11,14 +11,19 @@ ratio, active-head ratio) from one held-out forward. Goals (issue 5): text->imag
 R@1 >= 0.8 on unseen combinations, motion top-1 >= 0.95 supervised, in 10 minutes.
 
     .venv/bin/python bench/train_synthetic.py [--quick] [--minutes 10] [--max-steps N] [--only NAME ...]
+        [--save-dir DIR]
 
 ``--minutes 0 --max-steps N`` is a fixed-step run (no wall-clock budget), for shared machines.
+Each variant's run is kept as one row of ``bench/results/<out>_rows.json`` (a rerun replaces it); the
+Markdown and the verdicts (``_report.write_results``; goals on ``divided``) come from all rows.
+``--save-dir DIR`` copies each trained checkpoint to ``DIR/<variant>`` (``bench/int8_accuracy.py`` reads it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import Verdict, command_line, machine, write_results  # noqa: E402
 from ernie_vl.data.synthetic import make_motion, make_shapes  # noqa: E402
 from ernie_vl.train import TrainConfig  # noqa: E402
 from ernie_vl.train.trainer import Trainer, routing_summary  # noqa: E402
@@ -97,13 +103,61 @@ def fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-def write_report(path: Path, runs: list[dict], data_s: float, args) -> str:
-    load = os.getloadavg()
-    keys = ["text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@5",
-            "image_to_text_R@10", "video_top1", "video_top5", "video_zeroshot_top1", "video_zeroshot_top5"]
+#: the goals of issue 5, checked on the ``divided`` variant (the `tiny` preset as shipped)
+GOALS = {"text_to_image_R@1": 0.8, "video_top1": 0.95}
+GOAL_VARIANT = "divided"
+METRIC_KEYS = ["text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1",
+               "image_to_text_R@5", "image_to_text_R@10", "video_top1", "video_top5", "video_zeroshot_top1",
+               "video_zeroshot_top5"]
+
+
+def budget_text(minutes: float | None, max_steps: int | None) -> str:
+    """'10 min' / '100 steps' / '10 min, <= 2000 steps': the budget of one variant's run."""
+    parts = ([f"{minutes:g} min"] if minutes else []) + ([f"<= {max_steps} steps" if minutes else f"{max_steps} steps"]
+                                                         if max_steps else [])
+    return ", ".join(parts) or "no budget"
+
+
+def row_record(run: dict, args, load_before: float, command: str) -> dict:
+    """What the rows file keeps of one variant's run: its figures, budget, load and command."""
+    return {**run, "budget": budget_text(args.minutes, args.max_steps), "clips_per_class": args.clips_per_class,
+            "load_before": load_before, "load_after": os.getloadavg()[0], "command": command,
+            "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    """variant name -> its latest row (a rerun of a variant replaces its row)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def verdicts(rows: dict[str, dict]) -> list:
+    """Goal rows for the ``divided`` variant (when it was run), the other variants' headline figures reported."""
+    out = []
+    for name in VARIANTS:
+        r = rows.get(name)
+        if r is None:
+            continue
+        m, where = r["metrics"], f"`{name}`, {r['budget']}, load {r['load_before']:.1f}-{r['load_after']:.1f}"
+        for key, label in (("text_to_image_R@1", "held-out text->image R@1 (unseen colour-shape combinations)"),
+                           ("video_top1", "motion top-1, supervised")):
+            goal = GOALS[key] if name == GOAL_VARIANT else None
+            value = m.get(key)
+            out.append(Verdict(f"train_synthetic {label}, {where}", f">= {goal}" if goal is not None else "report",
+                               fmt(value), None if goal is None or value is None else bool(value >= goal)))
+        out.append(Verdict(f"train_synthetic motion top-1, zero-shot (class prompts), {where}", "report",
+                           fmt(m.get("video_zeroshot_top1")), None))
+    return out
+
+
+def write_report(path: Path, rows: dict[str, dict], data_s: float, args) -> str:
+    """The Markdown of every stored variant row (this run's and earlier ones'), written to ``path``."""
+    runs = [rows[n] for n in VARIANTS if n in rows]
     lines = [
         "# Training on synthetic data: does `tiny` learn?"
         + ("" if args.minutes else f" (short fixed-step run: {args.max_steps} steps per variant)"),
+        "",
+        "Each variant's row comes from the latest run of that variant (a rerun replaces its row); the command, "
+        "budget and load of each are in the table. The latest invocation:",
         "",
         "```",
         "$ .venv/bin/python bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -111,31 +165,33 @@ def write_report(path: Path, runs: list[dict], data_s: float, args) -> str:
         "",
         f"Data (generated in {data_s:.1f} s, outside the budget): captioned shapes 32 px, 5000 for training, "
         "held-out = 200 images whose captions are unique and use colour-shape combinations never seen in training; "
-        f"motion clips 8 frames 32 px, 8 classes, {args.clips_per_class} training and 16 held-out clips per class. "
-        "Budget per variant: "
-        + (f"{args.minutes} min wall clock (model build, data caching and training)" if args.minutes
-           else "no wall-clock budget")
-        + (f", at most {args.max_steps} steps" if args.max_steps else "") + ".",
+        "motion clips 8 frames 32 px, 8 classes, the row's training clips per class and 16 held-out clips per class. "
+        "A wall-clock budget counts model build, data caching and training.",
         "Variants: `divided` = the `tiny` preset (divided space-time attention, 4-frame x 8 px tubelets); "
         "`space_only` = the same model with a frame-wise video encoder (no temporal attention, 1-frame patches: "
         "time enters nowhere before pooling); `ernie45` = the `ernie45-tiny` preset (text and vision expert groups "
         "with their own routers at ERNIE 4.5's 3:1 width ratio, a shared expert, score-bias balancing, the "
         "variable-resolution resampler as aligner).",
-        f"**Machine: 2 CPU cores, 1/5/15-minute load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end** "
-        "(this run's own 2 threads make ~2; more means other jobs shared the cores and the step counts are "
-        "pessimistic). CPU seconds are this process's own.",
+        "Machine: 2 CPU cores; the 1-minute load average before and after each run is in its column (this run's own "
+        "2 threads make ~2; more means other jobs shared the cores and a wall-clock budget got fewer steps). "
+        "CPU seconds are the process's own. Goals (`divided` only): " + ", ".join(f"{k} >= {v}" for k, v in GOALS.items())
+        + ".",
         "",
         "| metric | goal | " + " | ".join(r["name"] for r in runs) + " |",
         "|---|---|" + "---|" * len(runs),
     ]
-    goals = {"text_to_image_R@1": ">= 0.8", "video_top1": ">= 0.95"}
-    for k in keys:
-        lines.append(f"| {k} | {goals.get(k, '')} | " + " | ".join(fmt(r["metrics"].get(k)) for r in runs) + " |")
-    for k, label in (("steps", "optimiser steps"), ("samples_per_s", "training samples/s"), ("threads", "torch threads"),
+    for k in METRIC_KEYS:
+        goal = f">= {GOALS[k]}" if k in GOALS else ""
+        lines.append(f"| {k} | {goal} | " + " | ".join(fmt(r["metrics"].get(k)) for r in runs) + " |")
+    for k, label in (("budget", "budget"), ("clips_per_class", "training clips per class"),
+                     ("steps", "optimiser steps"), ("samples_per_s", "training samples/s"), ("threads", "torch threads"),
                      ("setup_s", "setup s (model, data decoding/cache)"),
-                     ("train_wall_s", "wall s (setup + training + final save/eval)"), ("cpu_s", "CPU s of this process")):
-        lines.append(f"| {label} | | " + " | ".join(fmt(r[k]) for r in runs) + " |")
-    lines += ["", "Routing at the end (one eval forward on held-out images + captions + clips; mean over MoE layers):", ""]
+                     ("train_wall_s", "wall s (setup + training + final save/eval)"), ("cpu_s", "CPU s of this process"),
+                     ("load", "1-min load before / after"), ("written", "measured")):
+        values = [f"{r['load_before']:.1f} / {r['load_after']:.1f}" if k == "load" else fmt(r.get(k)) for r in runs]
+        lines.append(f"| {label} | | " + " | ".join(values) + " |")
+    lines += ["", "Commands: " + "; ".join(f"`{r['name']}`: `{r['command']}`" for r in runs), ""]
+    lines += ["Routing at the end (one eval forward on held-out images + captions + clips; mean over MoE layers):", ""]
     for r in runs:
         ro = r["routing"]
         usage = ro.get("usage_by_modality")
@@ -151,10 +207,20 @@ def write_report(path: Path, runs: list[dict], data_s: float, args) -> str:
                 lines.append(f"{r['name']} step {e['step']}: t2i R@1 {e.get('text_to_image_R@1', 0):.3f}, "
                              f"video top-1 {e.get('video_top1', 0):.3f}, zero-shot {e.get('video_zeroshot_top1', 0):.3f}")
         lines += ["```"]
-    text = "\n".join(lines) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return text
+    return "\n".join(lines) + "\n"
+
+
+def save_checkpoint(run_dir: Path, save_dir: Path, name: str) -> Path:
+    """Copy the trained model of ``run_dir`` (its ``final/`` folder) to ``save_dir/name`` (replaced whole)."""
+    src, dst = run_dir / "final", save_dir / name
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"no trained model in {str(src)!r} to save")
+    tmp = save_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
 
 
 def main() -> None:
@@ -171,19 +237,37 @@ def main() -> None:
     p.add_argument("--clips-per-class", type=int, default=512, help="training motion clips per class")
     p.add_argument("--only", choices=tuple(VARIANTS), nargs="+", default=None)
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ernie_train_synthetic"))
+    p.add_argument("--save-dir", default=None,
+                   help="copy each variant's trained checkpoint to SAVE_DIR/<variant> (e.g. for bench/int8_accuracy.py)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_synthetic.md"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_synthetic.md"),
+                   help="results Markdown; its .json (verdicts) and _rows.json (one row per variant) go beside it")
     args = p.parse_args()
     if args.quick:
         args.minutes, args.clips_per_class = 1.0, 16
+    if not args.minutes and not args.max_steps:
+        p.error("--minutes 0 needs --max-steps N (a run needs a budget)")
+    load_before = os.getloadavg()[0]
+    command = command_line("train_synthetic.py")
+    out = Path(args.out)
+    rows_path = out.with_name(f"{out.stem}_rows.json")
     data, data_s = make_data(Path(args.work) / "data", args.quick, args.clips_per_class)
-    runs = []
     for name, (model, overrides) in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        runs.append(train_variant(name, data, args, overrides, model))
-        print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("routing", "curve")}), flush=True)
-    print(write_report(Path(args.out), runs, data_s, args))
+        run_load = os.getloadavg()[0]
+        run = train_variant(name, data, args, overrides, model)
+        print(json.dumps({k: v for k, v in run.items() if k not in ("routing", "curve")}), flush=True)
+        if args.save_dir:
+            print(f"saved {name}: {save_checkpoint(Path(args.work) / name, Path(args.save_dir), name)}", flush=True)
+        rows = load_rows(rows_path)  # read again: another variant's run may have written since
+        rows[name] = row_record(run, args, run_load, command)
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        rows_path.write_text(json.dumps(rows, indent=1) + "\n")  # each finished variant is kept at once
+    rows = load_rows(rows_path)
+    text = write_report(out, rows, data_s, args)
+    write_results(out.stem, text, verdicts(rows), machine(load_before), command, results_dir=out.parent)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -15,3 +15,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel(request):
+    """Run the test body with the int8 GEMM kernel ``request.param`` selected (parametrize with
+    ``indirect=True``), then restore the kernel policy."""
+    from ernie_vl.quantize import set_int8_kernel
+
+    previous = set_int8_kernel(request.param)
+    yield request.param
+    set_int8_kernel(previous)

@@ -1,26 +1,12 @@
 """bench/_report.py and bench/collect.py: verdicts come from results files, never from hand-typed text."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    sys.path.append(str(BENCH))  # after the packages: bench/encoders.py must not shadow `encoders`
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+from tests._bench_helpers import BENCH, load_bench as _load
 
 
 @pytest.fixture()

@@ -20,14 +20,6 @@ from tests._quantize_helpers import CallCounter, assert_same_backbone_output
 KERNELS = available_int8_kernels()
 
 
-@pytest.fixture
-def kernel(request):
-    """Run the test body with one int8 kernel selected, then restore the policy."""
-    previous = set_int8_kernel(request.param)
-    yield request.param
-    set_int8_kernel(previous)
-
-
 @pytest.fixture(scope="module")
 def models() -> tuple[ernie_vl.ErnieVL, ernie_vl.ErnieVL]:
     torch.manual_seed(0)

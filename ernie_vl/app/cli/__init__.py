@@ -30,6 +30,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "search",
     "eval_retrieval",
     "serve",
+    "quantize",
     "env",
 )
 
