@@ -205,3 +205,19 @@ def test_auto_on_cuda_runs_the_reference_and_every_kernel_agrees():
         torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_combine_sums_each_tokens_rows_in_slot_order(top_k, weighted):
+    """combine == the (N, k, D) gather and weighted sum, dropped assignments (the zero row) included."""
+    gen = torch.Generator().manual_seed(top_k)
+    n, d, m = 7, 5, 7 * top_k - 3  # 3 assignments dropped: they point at the zero row M
+    rows = torch.cat([torch.randn(m, d, generator=gen), torch.zeros(1, d)])
+    inverse = torch.cat([torch.randperm(m, generator=gen), torch.full((3,), m)])[torch.randperm(n * top_k, generator=gen)]
+    weights = torch.rand(n, top_k, generator=gen, dtype=torch.float64)
+    per_token = rows[inverse].view(n, top_k, d)
+    expected = (per_token * weights.float().unsqueeze(-1)).sum(1) if weighted else per_token.sum(1)
+    got = fused.combine(rows, inverse, weights if weighted else None, top_k)
+    assert got.dtype == rows.dtype and got.shape == (n, d)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
