@@ -4,7 +4,7 @@ These work on clips already in memory, so a training set decoded once (with more
 than the model takes) still gets a new temporal view every step:
 
 - :func:`temporal_indices`: for each clip pick ``num_frames`` of the ``available`` frames
-  TSN-style (equal segments, a random offset in each: temporal jitter) over a random span of
+  TSN-style (equal segments, a random frame of each: temporal jitter, strictly forward in time) over a random span of
   the clip (frame-rate jitter: a span fraction ``s`` in ``speed`` plays the action 1/s times
   slower, starting anywhere the span fits). Without jitter: segment centres of the whole clip.
 - :func:`random_crop_boxes` / :func:`crop_resize`: a random resized crop per clip (the same box in
@@ -33,10 +33,18 @@ def temporal_indices(available: int, num_frames: int, batch: int, generator: tor
     span = (lo + (hi - lo) * u[0]) * available  # (B,1) frames covered
     start = (available - span) * u[1]
     seg = span / num_frames
-    offset = torch.rand(batch, num_frames, generator=generator, dtype=torch.float64) if jitter else \
-        torch.full((batch, num_frames), 0.5, dtype=torch.float64)
-    pos = start + (torch.arange(num_frames, dtype=torch.float64) + offset) * seg
-    return pos.floor().long().clamp_(0, available - 1)
+    if not jitter:
+        pos = start + (torch.arange(num_frames, dtype=torch.float64) + 0.5) * seg
+        return pos.floor().long().clamp_(0, available - 1)
+    # one whole frame from each segment's own frames [ceil(b_k), ceil(b_k+1)): the segments share no
+    # frame, so a jittered clip runs strictly forward (never a repeated frame) whenever a segment spans
+    # at least one frame; shorter segments fall back to the frame under a random point of the segment
+    bounds = torch.ceil(start + torch.arange(num_frames + 1, dtype=torch.float64) * seg - 1e-9)
+    lo, width = bounds[:, :-1], bounds[:, 1:] - bounds[:, :-1]
+    u = torch.rand(batch, num_frames, generator=generator, dtype=torch.float64)
+    whole = lo + (u * width).floor()
+    point = (start + (torch.arange(num_frames, dtype=torch.float64) + u) * seg).floor()
+    return torch.where(width >= 1, whole, point).long().clamp_(0, available - 1)
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
