@@ -17,7 +17,10 @@ Patch embedding: ``tubelet_size`` 1 embeds each frame with the 2D patch convolut
 (TimeSformer; exact for HF conversion and image->video inflation); ``tubelet_size`` k > 1
 embeds k consecutive frames x patch x patch with one 3D convolution (ViViT / VideoMAE
 tubelets), so the very first layer sees local motion and the clip has T/k time steps
-(T must be divisible by k). Models built from scratch start with a random (trunc-normal
+(T must be divisible by k). ``conv_stem`` S > 0 puts one 3x3x3 convolution with S channels and a
+GELU before the patch embedding (early convolutions: the patches then embed local motion features
+rather than raw pixels, which a transformer trained on a few hundred clips does not learn to do;
+inflation and conversion build encoders without it). Models built from scratch start with a random (trunc-normal
 0.02) time embedding so temporal attention can tell the frames apart from step 0;
 inflation and conversion overwrite it (zero, or the checkpoint's).
 
@@ -52,9 +55,12 @@ class VideoEncoderConfig(ImageEncoderConfig):
     cls_mode: str = "shared"
     temporal_interp: str = "linear"
     tubelet_size: int = 1
+    conv_stem: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.conv_stem, int) or self.conv_stem < 0:
+            raise ValueError(f"conv_stem must be an int >= 0 (channels; 0 = none), got {self.conv_stem!r}")
         if not isinstance(self.num_frames, int) or self.num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {self.num_frames!r}")
         if not isinstance(self.tubelet_size, int) or self.tubelet_size <= 0:
@@ -164,9 +170,12 @@ class VideoEncoder(VisionTransformerBase):
         if not isinstance(cfg, VideoEncoderConfig):
             raise TypeError(f"VideoEncoder needs a VideoEncoderConfig, got {type(cfg).__name__}")
         super().__init__(cfg)
-        if cfg.tubelet_size > 1:
+        if cfg.conv_stem:
+            self.stem = nn.Sequential(nn.Conv3d(cfg.in_chans, cfg.conv_stem, 3, padding=1), nn.GELU())
+        if cfg.tubelet_size > 1 or cfg.conv_stem:
             k, (ph, pw) = cfg.tubelet_size, cfg.patch_size
-            self.patch_embed = nn.Conv3d(cfg.in_chans, cfg.width, (k, ph, pw), (k, ph, pw), bias=cfg.patch_bias)
+            channels = cfg.conv_stem or cfg.in_chans
+            self.patch_embed = nn.Conv3d(channels, cfg.width, (k, ph, pw), (k, ph, pw), bias=cfg.patch_bias)
         if cfg.attention != "space_only":
             self.time_embed = nn.Parameter(torch.zeros(cfg.num_frames // cfg.tubelet_size, cfg.width))
         else:
@@ -190,11 +199,14 @@ class VideoEncoder(VisionTransformerBase):
         """(B, T, 3, H, W) -> patch tokens with spatial positions (B, T', gh*gw, C), T' = T / tubelet_size."""
         b, t = x.shape[:2]
         k = self.cfg.tubelet_size
-        if k == 1:
+        if k == 1 and not self.cfg.conv_stem:
             patches, grid = self.embed_patches(x.flatten(0, 1))
             return patches.reshape(b, t, *patches.shape[1:]), grid
         check_tubelet(t, k)
-        y = self.patch_embed(x.transpose(1, 2))  # (B, C, T', gh, gw)
+        x = x.transpose(1, 2)  # (B, 3, T, H, W)
+        if self.cfg.conv_stem:
+            x = self.stem(x)  # (B, S, T, H, W): local space-time features, same size
+        y = self.patch_embed(x)  # (B, C, T', gh, gw)
         grid = (y.shape[-2], y.shape[-1])
         y = y.permute(0, 2, 3, 4, 1).flatten(2, 3)  # (B, T', gh*gw, C)
         pos = resample_pos_embed_2d(self.pos_embed[1:], self.cfg.grid_size, grid, self.cfg.pos_interp)

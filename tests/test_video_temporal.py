@@ -53,6 +53,26 @@ def test_tubelet_of_one_is_the_per_frame_patch_embedding():
     torch.testing.assert_close(tokens, per_frame.reshape(2, 4, 16, 32), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tubelet", [1, 2])
+def test_conv_stem_is_a_gelu_of_a_3x3x3_convolution_then_the_patch_embedding(tubelet):
+    torch.manual_seed(0)
+    enc = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=tubelet, conv_stem=6))
+    clips = torch.randn(2, 4, 3, 32, 32)
+    tokens, grid = enc.embed_clip(clips)
+    conv = enc.stem[0]
+    # by hand: same-padded 3x3x3 convolution, exact GELU, then a (k, 8, 8) patch convolution
+    feats = F.gelu(F.conv3d(clips.transpose(1, 2), conv.weight, conv.bias, padding=1))
+    assert feats.shape == (2, 6, 4, 32, 32)
+    patches = F.conv3d(feats, enc.patch_embed.weight, enc.patch_embed.bias, stride=(tubelet, 8, 8))
+    expected = patches.permute(0, 2, 3, 4, 1).flatten(2, 3) + enc.pos_embed[1:]
+    assert grid == (4, 4) and tokens.shape == (2, 4 // tubelet, 16, 32)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+    out = enc(torch.randn(2, 8 if tubelet == 2 else 2, 3, 32, 32))  # another frame count than configured
+    assert torch.isfinite(out.pooled).all()
+    with pytest.raises(ValueError, match="conv_stem must be an int >= 0"):
+        VideoEncoderConfig(**SMALL, num_frames=4, conv_stem=-1)
+
+
 def test_frame_count_must_split_into_tubelets():
     with pytest.raises(ValueError, match="num_frames=6 is not divisible by tubelet_size=4"):
         VideoEncoderConfig(**SMALL, num_frames=6, tubelet_size=4)
