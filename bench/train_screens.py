@@ -127,6 +127,9 @@ def report(rows: list[dict], facts) -> str:
         cells = ["" if r.get(k) is None else f"{r[k]:.3f}" for k in METRICS]
         lines.append(f"| {r['name']} | {r['seed']} | {r['steps']} | {r['threads']} | " + " | ".join(cells)
                      + f" | {r['seconds']:.0f} | {r['load_before']:.1f} / {r['load_after']:.1f} | {r['written']} |")
+    missing = [name for name in VARIANTS if name not in {r["name"] for r in rows}]
+    if missing:
+        lines += ["", "Not run in this set yet: " + ", ".join(f"`{name}`" for name in missing) + "."]
     verdicts = best_rows(rows)
     lines += ["", "Best per task (reported, no goal):", ""]
     lines += [f"- {v.what}: {v.measured}" for v in verdicts]

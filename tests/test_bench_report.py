@@ -142,3 +142,14 @@ def test_train_screens_rows_accumulate_and_a_rerun_replaces_its_row():
 def test_command_line_leaves_out_folder_options(report):
     argv = ["--steps", "300", "--work", "/somewhere/w", "--only", "a b", "--results=/elsewhere", "--seeds", "0"]
     assert report.command_line("x.py", argv) == ".venv/bin/python bench/x.py --steps 300 --only 'a b' --seeds 0"
+
+
+def test_train_screens_report_names_the_variants_not_run(report):
+    ts = _load("train_screens")
+    rows = [{"name": "pairs uniform lr 1e-3", "task": "pairs", "seed": 0, "steps": 300, "threads": 1, "seconds": 5.0,
+             "load_before": 1.0, "load_after": 1.0, "written": "today", "cpu": "cpu", "text_to_image_R@1": 0.5,
+             "image_to_text_R@1": 0.4, "text_to_image_R@5": 0.9}]
+    text = ts.report(rows, report.machine(0.0))
+    assert "| pairs uniform lr 1e-3 | 0 | 300 | 1 | 0.500 | 0.400 | 0.900 |  |  |  | 5 | 1.0 / 1.0 | today |" in text
+    missing = text.split("Not run in this set yet: ")[1].split("\n")[0]
+    assert "`pairs uniform lr 1e-3`" not in missing and all(f"`{n}`" in missing for n in ts.VARIANTS if n != "pairs uniform lr 1e-3")
