@@ -3,7 +3,7 @@
 * :func:`init_distributed` reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (set by
   ``torchrun``) and initialises NCCL on CUDA or gloo on CPU; one process without
   those variables runs plainly.
-* :func:`wrap_model` wraps in DDP (or FSDP), and with ``powersgd_rank`` > 0 registers
+* :func:`wrap_model` wraps in DDP (or shards with FSDP2, see :mod:`ernie_vl.train.fsdp`), and with ``powersgd_rank`` > 0 registers
   PyTorch's PowerSGD communication hook behind :class:`PowerSGDMeter`, which counts
   the gradient elements each bucket would send uncompressed and the elements PowerSGD
   actually all-reduces (the P and Q factors plus the tensors it leaves uncompressed),
@@ -173,7 +173,8 @@ class PowerSGDMeter:
 
 def wrap_model(model: nn.Module, ctx: DistContext, parallel: str = "ddp", powersgd_rank: int = 0,
                powersgd_warmup: int = 10, ignore: Sequence[str] = ()) -> tuple[nn.Module, Optional[PowerSGDMeter]]:
-    """DDP (or FSDP) around ``model`` when distributed; PowerSGD hook when asked (DDP only).
+    """DDP around ``model``, or FSDP2 (``fully_shard``) on it, when distributed; PowerSGD hook when asked
+    (DDP only). FSDP2 replaces the parameters: build the optimiser after this call.
 
     ``ignore``: parameter names DDP neither broadcasts nor averages (expert-parallel experts, which
     differ per rank and are reduced by :func:`ernie_vl.moe.expert_parallel.sync_expert_grads`)."""
@@ -182,11 +183,10 @@ def wrap_model(model: nn.Module, ctx: DistContext, parallel: str = "ddp", powers
                          "(FSDP reduce-scatters sharded gradients); use parallel='ddp' or powersgd_rank=0")
     if not ctx.distributed:
         return model, None
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    if parallel == "fsdp":  # FSDP2, per block then the root (in place: build the optimiser after this)
+        from ernie_vl.train.fsdp import shard_model
 
-        return FullyShardedDataParallel(model, device_id=ctx.device if ctx.device.type == "cuda" else None,
-                                        use_orig_params=True), None
+        return shard_model(model, ctx), None
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     if ignore:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))

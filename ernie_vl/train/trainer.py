@@ -12,6 +12,7 @@ optimiser, scheduler, samplers, RNG states; safetensors + JSON, no pickle; saved
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from ernie_vl.train.config import TrainConfig, TrainResult
 from ernie_vl.train.distributed import (DistContext, all_gather_cat, barrier, broadcast_object, gather_objects,
                                         init_distributed, unwrap, wrap_model)
 from ernie_vl.train.evaluation import evaluate
+from ernie_vl.train.fsdp import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from ernie_vl.train.expert_sharding import (clip_grad_norm, expert_parameter_names, load_model_state,
                                             load_optimizer_state, model_state, optimizer_state, plain_model,
                                             setup_expert_parallel)
@@ -133,15 +135,20 @@ class Trainer:
         self.settings = self._choose_settings()  # the few-shot recipe, or the plain defaults
         self._build_data()
         self._apply_settings()
+        fsdp = cfg.parallel == "fsdp" and self.ctx.distributed
+        # FSDP2: rank 0 keeps an unsharded copy on the CPU to save and evaluate the gathered weights
+        self.fsdp_copy = copy.deepcopy(self.model) if fsdp and self.ctx.is_main else None
         self.model.to(self.ctx.device)
+        # wrapped (FSDP2: sharded in place) before the optimiser is built on the parameters
+        self.ddp_model, self.meter = wrap_model(self.model, self.ctx, cfg.parallel, cfg.powersgd_rank,
+                                                cfg.powersgd_warmup, ignore=expert_parameter_names(self.model))
+        self.fsdp = fsdp
         self.optimizer = build_optimizer(self.model, cfg.lr, self.settings["weight_decay"])
         self.ema = ModelEMA(self.model, self.settings["ema"]) if self.settings["ema"] else None
         # a time budget re-fits the schedule's length after the first steps (continuously: no LR jump)
         self.schedule = RefittableCosine(cfg.warmup_steps, self.max_steps or 10**9, cfg.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.curriculum = self._build_curriculum()
-        self.ddp_model, self.meter = wrap_model(self.model, self.ctx, cfg.parallel, cfg.powersgd_rank,
-                                                cfg.powersgd_warmup, ignore=expert_parameter_names(self.model))
         self.step = 0
         self.skipped_total = 0
         self.steps_fitted = cfg.minutes is None
@@ -404,8 +411,9 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "schedule": self.schedule.state_dict(), "steps_fitted": self.steps_fitted,
-                "model": model_state(unwrap(self.model), self.ep),
-                "optimizer": optimizer_state(self.optimizer, unwrap(self.model), self.ep),
+                "model": full_model_state(self.model) if self.fsdp else model_state(unwrap(self.model), self.ep),
+                "optimizer": (full_optimizer_state(self.model, self.optimizer) if self.fsdp
+                              else optimizer_state(self.optimizer, unwrap(self.model), self.ep)),
                 "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                 "rng": gather_objects(ckpt.rng_state(), self.ctx), "world_size": self.ctx.world_size,
                 "meter": None if self.meter is None else self.meter.state.__getstate__(),
@@ -450,8 +458,12 @@ class Trainer:
         if not self.resumable:
             return False
         state = ckpt.load_training_state(self.out)
-        load_model_state(unwrap(self.model), state["model"], self.ep)
-        load_optimizer_state(self.optimizer, unwrap(self.model), state["optimizer"], self.ep)
+        if self.fsdp:
+            load_full_model_state(self.model, state["model"])
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            load_model_state(unwrap(self.model), state["model"], self.ep)
+            load_optimizer_state(self.optimizer, unwrap(self.model), state["optimizer"], self.ep)
         self.scheduler.load_state_dict(state["scheduler"])
         self.source.load_state_dict(state["source"])
         self.step, self.steps_fitted = state["step"], state["steps_fitted"]
@@ -512,8 +524,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         record: dict[str, Any] = {"step": self.step, "lr": lr, **totals, "samples": samples, "step_time": dt,
                                   "samples_per_s": samples / dt}
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        if grad_norm is not None:  # a replicated DTensor under FSDP2
+            record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         record["routing"] = routing_summary(out.routing, getattr(out, "active_head_ratio", None))
         if self.meter is not None:
             record["gradient_compression"] = self.meter.take_step_counts()
@@ -554,22 +566,31 @@ class Trainer:
         if self.val_pairs is None and self.val_videos is None:
             return {}
         with self._weights_in_use() as model:
+            if model is None:  # FSDP2: rank 0 evaluates the gathered weights
+                return {}
             return evaluate(model, self.val_pairs, self.val_videos, max_pairs=self.cfg.eval_max_pairs)
 
     @contextmanager
-    def _weights_in_use(self) -> Iterator[nn.Module]:
+    def _weights_in_use(self) -> Iterator[Optional[nn.Module]]:
         """The model to save or evaluate: its EMA weights when there is an EMA; under expert parallelism
-        an unsharded copy (collective: every rank enters)."""
+        an unsharded copy; under FSDP2 the gathered weights in rank 0's copy (None on the other ranks).
+        Collective under EP and FSDP2: every rank enters."""
         model = unwrap(self.model)
         with self.ema.swapped(model) if self.ema is not None else nullcontext():
-            yield plain_model(model, self.ep)
+            if self.fsdp:
+                state = full_model_state(model)
+                if self.fsdp_copy is not None:
+                    self.fsdp_copy.load_state_dict(state)
+                yield self.fsdp_copy
+            else:
+                yield plain_model(model, self.ep)
 
     def save_final(self, final_dir: Path) -> None:
         """``final_dir``: the model (its EMA weights when there is an EMA), marked with what it was trained on."""
         kinds = set(self.trained_on) | {k for k, given in (("pairs", self.cfg.pairs), ("videos", self.cfg.videos))
                                          if given}
         with self._weights_in_use() as model:
-            if self.ctx.is_main:
+            if model is not None and self.ctx.is_main:
                 model.save_pretrained(final_dir, metadata={"trained_on": ",".join(sorted(kinds))})
 
     def run(self, stop_after: Optional[int] = None) -> TrainResult:
@@ -616,7 +637,7 @@ class Trainer:
         final_dir = self.out / "final"
         evaluation: dict[str, float] = {}
         if finished:
-            if self.ctx.is_main or self.ep is not None:  # under EP every rank gathers the experts
+            if self.ctx.is_main or self.ep is not None or self.fsdp:  # EP / FSDP2: every rank gathers
                 self.save_final(final_dir)
                 evaluation = self.run_evaluation()
                 if evaluation and self.ctx.is_main:
