@@ -102,7 +102,7 @@ def verdict_lines(verdicts: list[Verdict]) -> list[str]:
             f"**{'met' if v.met else 'not met' if v.met is False else 'not measured'}**" for v in verdicts]
 
 
-LOCATION_OPTIONS = ("--work", "--results")  # where files go, not what is measured: never in a results file
+LOCATION_OPTIONS = ("--work", "--results", "--save-dir")  # where files go, not what is measured: never in a results file
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:

@@ -149,7 +149,7 @@ def verdicts(rows: dict[str, dict]) -> list:
     return out
 
 
-def write_report(path: Path, rows: dict[str, dict], data_s: float, args) -> str:
+def write_report(path: Path, rows: dict[str, dict], data_s: float, args, command: str) -> str:
     """The Markdown of every stored variant row (this run's and earlier ones'), written to ``path``."""
     runs = [rows[n] for n in VARIANTS if n in rows]
     lines = [
@@ -160,7 +160,7 @@ def write_report(path: Path, rows: dict[str, dict], data_s: float, args) -> str:
         "budget and load of each are in the table. The latest invocation:",
         "",
         "```",
-        "$ .venv/bin/python bench/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        f"$ {command}",
         "```",
         "",
         f"Data (generated in {data_s:.1f} s, outside the budget): captioned shapes 32 px, 5000 for training, "
@@ -265,7 +265,7 @@ def main() -> None:
         rows_path.parent.mkdir(parents=True, exist_ok=True)
         rows_path.write_text(json.dumps(rows, indent=1) + "\n")  # each finished variant is kept at once
     rows = load_rows(rows_path)
-    text = write_report(out, rows, data_s, args)
+    text = write_report(out, rows, data_s, args, command)
     write_results(out.stem, text, verdicts(rows), machine(load_before), command, results_dir=out.parent)
     print(text)
 

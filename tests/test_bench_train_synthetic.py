@@ -35,7 +35,7 @@ def test_goals_apply_to_divided_and_the_other_variants_are_reported(ts):
 def test_report_holds_every_stored_row_with_its_budget_and_load(ts, tmp_path):
     rows = {"divided": _row(ts, "divided", 0.92, 0.96), "ernie45": _row(ts, "ernie45", 0.7, 0.8)}
     args = SimpleNamespace(minutes=10.0, max_steps=None)
-    text = ts.write_report(tmp_path / "x.md", rows, 0.0, args)
+    text = ts.write_report(tmp_path / "x.md", rows, 0.0, args, ".venv/bin/python bench/train_synthetic.py")
     assert "| metric | goal | divided | ernie45 |" in text
     assert "| text_to_image_R@1 | >= 0.8 | 0.920 | 0.700 |" in text
     assert "| budget | | 10 min | 10 min |" in text

@@ -1,0 +1,30 @@
+"""bench/int8_accuracy.py's verdicts: the loss against fp32 in points, at most 1, per metric and precision."""
+from __future__ import annotations
+
+from tests._bench_helpers import load_bench
+
+
+def test_verdicts_compare_each_precision_with_fp32_in_points():
+    m = load_bench("int8_accuracy")
+    at5 = ["text_to_image_R@5", "image_to_text_R@5", "video_top5", "video_zeroshot_top5"]
+    base = dict.fromkeys([*m.METRICS, *at5], 0.5)
+    rows = {"fp32": base, "int8 PTQ": base | {"video_top1": 0.49},  # exactly 1 point lower: within
+            "int8 PTQ (serve --precision int8)": base, "bf16": base | {"text_to_image_R@1": 0.485},
+            "int8 QAT 300 steps": base | {"video_zeroshot_top1": 0.53}, m.FLOAT_AFTER_QAT: base | {"video_top1": 0.1}}
+    verdicts = m.verdicts(rows, "`tiny` trained here 300 steps")
+    assert len(verdicts) == 3 * len(m.METRICS)  # PTQ, bf16, QAT; the float-after-QAT and serve rows are reported
+
+    def find(name, label):
+        (v,) = [v for v in verdicts if v.what.startswith(f"{name} - fp32, held-out {label},")]
+        return v
+
+    ptq_top1 = find("int8 PTQ", "motion top-1, supervised")
+    assert ptq_top1.met is True and ptq_top1.claim == "11" and ptq_top1.measured.startswith("-1.0 points")
+    assert find("int8 PTQ", "motion top-1, zero-shot").measured.startswith("+0.0 points")
+    bf16 = find("bf16", "text->image R@1")
+    assert bf16.met is False and bf16.claim == "-" and bf16.measured.startswith("-1.5 points")
+    assert find("int8 QAT 300 steps", "motion top-1, zero-shot").measured.startswith("+3.0 points")
+    assert all("300 steps" in v.what for v in verdicts)
+    text = m.markdown(rows, {"model": "x", "qat": "y", "kernel": "auto", "seconds": {}}, "cmd",
+                      type("F", (), {"line": lambda self: "CPU"})())
+    assert "| motion top-1, supervised | 0.500 | 0.490 (-1.0) |" in text
