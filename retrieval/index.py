@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from retrieval.backends import STORES, IndexParams
-from retrieval.names import json_text
+from retrieval.items import METADATA_FILE, IndexMismatchError, ItemTable
 from retrieval.rerank import PartsVectors, VectorSourceError
 from retrieval.rerank import rerank as _rerank
 
@@ -29,14 +29,8 @@ FORMAT_VERSION = 1
 KINDS = ("flat", "hnsw", "ivfpq")
 AUTO_APPROX_THRESHOLD = 200_000
 MANIFEST = "manifest.json"
-IDS_FILE = "ids.npy"
-METADATA_FILE = "metadata.jsonl"
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
-
-
-class IndexMismatchError(ValueError):
-    """The saved index does not match what the caller expects (model, size, format) or is damaged."""
 
 
 def resolve_kind(kind: str, count: int) -> str:
@@ -92,9 +86,7 @@ class Index:
         self.params = params or IndexParams()
         self.info: dict = dict(info or {})
         self._store = STORES[kind](self.dim, self.params)
-        self._slot_ids = np.zeros(0, np.int64)         # slot -> id, -1 when removed
-        self._slot_meta: list[Optional[dict]] = []
-        self._id_to_slot: dict[int, int] = {}
+        self._items = ItemTable()                       # slot -> id (-1 when removed) and metadata rows
         self._next_id = 0
         self.read_only = False                          # True when loaded with mmap=True
         self.vector_source: Optional[PartsVectors] = None  # ivfpq built from parts: the float vectors on disk
@@ -138,9 +130,9 @@ class Index:
                 raise ValueError(f"ids must be >= 0, got {int(new_ids.min())}")
             if len(np.unique(new_ids)) != n:
                 raise ValueError("ids contain duplicates")
-            taken = [int(i) for i in new_ids if int(i) in self._id_to_slot]
-            if taken:
-                raise ValueError(f"ids already in the index: {taken[:10]}")
+            taken = new_ids[self._items.slots_of(new_ids) >= 0]
+            if len(taken):
+                raise ValueError(f"ids already in the index: {taken[:10].tolist()}")
         if n == 0:
             return new_ids
         first = self._store.ntotal
@@ -149,28 +141,23 @@ class Index:
                           "re-ranks its searches (rebuild it from the parts to re-rank again)", stacklevel=2)
             self.vector_source = None
         self._store.add(x)
-        self._slot_ids = np.concatenate([self._slot_ids, new_ids])
-        self._slot_meta.extend(metas)
-        self._id_to_slot.update((int(i), first + s) for s, i in enumerate(new_ids))
+        self._items.append(new_ids, metas)
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return new_ids
 
     def remove(self, ids: Iterable[int], missing_ok: bool = False) -> int:
         """Remove items by id; returns how many were removed. Unknown ids raise unless ``missing_ok``."""
         self._check_writable("remove from")
-        ids = [int(i) for i in np.asarray(list(ids), dtype=np.int64).reshape(-1)]
-        unknown = [i for i in ids if i not in self._id_to_slot]
-        if unknown and not missing_ok:
-            raise ValueError(f"ids not in the index: {unknown[:10]}")
-        slots = np.array(sorted({self._id_to_slot[i] for i in ids if i in self._id_to_slot}), np.int64)
+        ids = np.asarray(list(ids), dtype=np.int64).reshape(-1)
+        found = self._items.slots_of(ids)
+        if (found < 0).any() and not missing_ok:
+            raise ValueError(f"ids not in the index: {ids[found < 0][:10].tolist()}")
+        slots = np.unique(found[found >= 0])
         if len(slots) == 0:
             return 0
         self._store.remove(slots)
-        for s in slots:
-            del self._id_to_slot[int(self._slot_ids[s])]
-            self._slot_ids[s] = -1
-            self._slot_meta[s] = None
-        dead = self._slot_ids < 0
+        self._items.kill(slots)
+        dead = self._items.slot_ids < 0
         if self.kind == "flat" or (self.kind == "hnsw" and dead.mean() >= self.params.compact_dead_fraction):
             self._compact(~dead)
         return len(slots)
@@ -182,26 +169,28 @@ class Index:
     def _compact(self, keep: np.ndarray) -> None:
         if self.kind != "flat":
             self._store.compact(keep)
-        self._slot_ids = self._slot_ids[keep]
-        self._slot_meta = [m for m, k in zip(self._slot_meta, keep) if k]
-        self._id_to_slot = {int(i): s for s, i in enumerate(self._slot_ids)}
+        self._items.compact(keep)
 
     def convert(self, kind: str) -> "Index":
         """A copy of this index as another kind (from ``flat`` or ``hnsw``: they keep full vectors)."""
         kind = resolve_kind(kind, len(self))
-        alive = np.flatnonzero(self._slot_ids >= 0)
+        alive = np.flatnonzero(self._items.slot_ids >= 0)
         vectors = self._store.reconstruct(alive)
         out = Index(self.dim, kind, model_id=self.model_id, params=self.params, info=self.info)
-        out.add(vectors, metadata=[self._slot_meta[s] for s in alive], ids=self._slot_ids[alive])
+        out.add(vectors, metadata=[self._items.row(int(s)) for s in alive], ids=self._items.slot_ids[alive])
         out._next_id = max(out._next_id, self._next_id)
         return out
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
-        return len(self._id_to_slot)
+        return self._items.alive
 
     def __contains__(self, item_id: int) -> bool:
-        return int(item_id) in self._id_to_slot
+        return bool(self._items.slots_of(np.array([int(item_id)]))[0] >= 0)
+
+    @property
+    def _slot_ids(self) -> np.ndarray:
+        return self._items.slot_ids
 
     @property
     def ids(self) -> np.ndarray:
@@ -209,21 +198,19 @@ class Index:
         return self._slot_ids[self._slot_ids >= 0].copy()
 
     def metadata(self, item_id: int) -> dict:
-        """The metadata dict of one item (ValueError for an unknown id)."""
-        slot = self._id_to_slot.get(int(item_id))
-        if slot is None:
+        """The metadata dict of one item (ValueError for an unknown id), decoded from its stored row."""
+        slot = int(self._items.slots_of(np.array([int(item_id)]))[0])
+        if slot < 0:
             raise ValueError(f"id {item_id} is not in the index")
-        return self._slot_meta[slot]
+        return self._items.row(slot)
 
     def items(self) -> Iterable[tuple[int, dict]]:
         """``(id, metadata)`` of every item in insertion order."""
-        for i, m in zip(self._slot_ids, self._slot_meta):
-            if i >= 0:
-                yield int(i), m
+        return self._items.items()
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored (len(ids), D) vectors (flat and hnsw; ivfpq keeps only codes)."""
-        slots = np.array([self._id_to_slot[int(i)] if int(i) in self._id_to_slot else -1 for i in ids], np.int64)
+        slots = self._items.slots_of(np.asarray(list(ids), np.int64))
         if (slots < 0).any():
             raise ValueError(f"ids not in the index: {[int(i) for i, s in zip(ids, slots) if s < 0][:10]}")
         return self._store.reconstruct(slots)
@@ -314,12 +301,9 @@ class Index:
         tmp.mkdir()
         try:
             files = self._store.save(tmp)
-            np.save(tmp / IDS_FILE, self._slot_ids)
-            with open(tmp / METADATA_FILE, "w", encoding="utf-8") as f:
-                for meta in self._slot_meta:
-                    f.write(json_text(meta) + "\n")  # non-UTF-8 file names kept as \udcXX escapes
+            files += self._items.save(tmp)
             manifest = self.manifest()
-            manifest["files"] = {name: (tmp / name).stat().st_size for name in files + [IDS_FILE, METADATA_FILE]}
+            manifest["files"] = {name: (tmp / name).stat().st_size for name in files}
             with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=2)
             for name in list(manifest["files"]) + [MANIFEST]:
@@ -382,25 +366,26 @@ class Index:
         known = {f.name for f in fields(IndexParams)}
         params = IndexParams(**{k: v for k, v in m.get("params", {}).items() if k in known})
         index = cls(m["embedding_dim"], m["kind"], model_id=m.get("model_id"), params=params, info=m.get("info"))
-        slot_ids = np.load(folder / IDS_FILE, allow_pickle=False).astype(np.int64)
-        with open(folder / METADATA_FILE, encoding="utf-8") as f:
-            metas = [json.loads(line) for line in f if line.strip()]
+        items = ItemTable.open(folder, mmap=mmap)
+        slot_ids = items.slot_ids
         if index.kind == "ivfpq":
             index._store.load(folder, slots=len(slot_ids), mmap=mmap)
         else:
             index._store.load(folder, mmap=mmap)
         index.read_only = bool(mmap)
-        alive = int((slot_ids >= 0).sum())
-        if not (len(slot_ids) == len(metas) == m["slots"]) or alive != m["count"]:
+        if not (len(slot_ids) == items.rows == m["slots"]) or items.alive != m["count"]:
             raise IndexMismatchError(f"index {folder} is inconsistent: manifest says {m['count']} items in "
-                                     f"{m['slots']} slots, files hold {alive} ids in {len(slot_ids)} slots "
-                                     f"and {len(metas)} metadata rows")
+                                     f"{m['slots']} slots, files hold {items.alive} ids in {len(slot_ids)} slots "
+                                     f"and {items.rows} metadata rows")
         if index.kind != "ivfpq" and index._store.ntotal != len(slot_ids):
             raise IndexMismatchError(f"index {folder}: the vector store holds {index._store.ntotal} vectors, "
                                      f"expected {len(slot_ids)}")
-        _check_loaded(folder, index, slot_ids, metas, m)
-        index._slot_ids, index._slot_meta = slot_ids, metas
-        index._id_to_slot = {int(i): s for s, i in enumerate(slot_ids) if i >= 0}
+        items.check(folder, int(m["next_id"]))
+        bad = index._store.nonfinite_slots()
+        if len(bad):
+            raise IndexMismatchError(f"index {folder} is damaged: {len(bad)} vectors hold NaN or inf "
+                                     f"(ids {slot_ids[bad[:10]].tolist()}); rebuild it")
+        index._items = items
         index._next_id = int(m["next_id"])
         if m.get("vector_source"):
             source = PartsVectors.from_dict(m["vector_source"])
@@ -412,25 +397,3 @@ class Index:
 
     def __repr__(self) -> str:
         return f"Index(kind={self.kind!r}, count={len(self)}, dim={self.dim}, model_id={self.model_id!r})"
-
-
-def _check_loaded(folder: Path, index: Index, slot_ids: np.ndarray, metas: list, manifest: dict) -> None:
-    """Refuse a loaded index whose ids repeat, whose metadata rows are not objects, or whose vectors are not finite."""
-    alive = slot_ids[slot_ids >= 0]
-    if (slot_ids < -1).any():
-        raise IndexMismatchError(f"index {folder} is damaged: ids below -1 ({sorted(set(slot_ids[slot_ids < -1].tolist()))[:10]})")
-    values, counts = np.unique(alive, return_counts=True)
-    if (counts > 1).any():
-        raise IndexMismatchError(f"index {folder} is damaged: duplicate ids {values[counts > 1][:10].tolist()} "
-                                 f"({int((counts > 1).sum())} ids appear more than once)")
-    if len(alive) and int(manifest["next_id"]) <= int(alive.max()):
-        raise IndexMismatchError(f"index {folder} is damaged: next_id {manifest['next_id']} is not above the "
-                                 f"largest id {int(alive.max())}")
-    wrong = [row for row, (i, meta) in enumerate(zip(slot_ids, metas)) if not isinstance(meta, dict) and
-             not (meta is None and i < 0)]
-    if wrong:
-        raise IndexMismatchError(f"index {folder} is damaged: metadata rows {wrong[:10]} are not JSON objects")
-    bad = index._store.nonfinite_slots()
-    if len(bad):
-        raise IndexMismatchError(f"index {folder} is damaged: {len(bad)} vectors hold NaN or inf "
-                                 f"(ids {slot_ids[bad[:10]].tolist()}); rebuild it")

@@ -24,7 +24,7 @@ from retrieval.rerank import PartsVectors
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 PQ_M_CHOICES = (128, 96, 64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 6, 4, 3, 2, 1)
 ID_BYTES = 8              # FAISS stores an int64 id beside each code in the inverted lists
-ITEM_OVERHEAD = 160       # our per-item bookkeeping (slot id, id -> slot map entry; measured), metadata aside
+ITEM_OVERHEAD = 48        # our per-item bookkeeping: slot id, id lookup (sorted ids + order), row offset, copies
 CHUNK_ROWS = 16384        # rows read from the parts at once
 
 
@@ -56,7 +56,7 @@ class IVFPQPlan:
                 "estimated_bytes": self.estimated_bytes}
 
 
-def plan_ivfpq(n: int, dim: int, budget: int, meta_bytes_per_item: int = 250) -> IVFPQPlan:
+def plan_ivfpq(n: int, dim: int, budget: int, meta_bytes_per_item: int = 64) -> IVFPQPlan:
     """nlist ~ 4 sqrt(N) (a power of two, >= 39 training points per list), the largest PQ m (<= 128, dividing
     ``dim``, sub-vectors of >= 4 dims) whose codes, ids and bookkeeping fit ``budget`` beside the training
     sample and centroids."""
@@ -127,7 +127,7 @@ def build_from_parts(folder: Union[str, Path], kind: str = "ivfpq", memory_budge
     index_info = {**((manifest or {}).get("info") or {}), **(info or {}), "built_from": str(folder.resolve())}
     if kind == "ivfpq":
         first = next(p for _, p in sorted(parts.items()) if p.count)
-        meta_bytes = 200 + 3 * int(first.metadata_path.stat().st_size / max(first.count, 1))  # a dict per row
+        meta_bytes = int(first.metadata_path.stat().st_size / max(first.count, 1))  # rows are kept as JSON bytes
         plan = plan_ivfpq(n, dim, budget, meta_bytes)
         params = replace(params, ivf_nlist=params.ivf_nlist or plan.nlist, pq_m=params.pq_m or plan.pq_m)
         index = Index(dim, "ivfpq", model_id=parts_model, params=params,

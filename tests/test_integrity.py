@@ -82,9 +82,7 @@ def test_load_refuses_non_finite_vectors(kind, tmp_path):
     x = _unit(1, seed=3)
     x[0, 0] = np.nan
     index._store.add(x)  # past the checks, as a foreign tool could have written it
-    index._slot_ids = np.append(index._slot_ids, 6)
-    index._slot_meta.append({})
-    index._id_to_slot[6] = 6
+    index._items.append(np.array([6]), [{}])
     index._next_id = 7
     index.save(out)
     with pytest.raises(IndexMismatchError, match=r"1 vectors hold NaN or inf \(ids \[6\]\)"):

@@ -168,7 +168,8 @@ def test_save_load_roundtrip(tmp_path, kind):
     before = idx.search(x[:20], k=8)
     out = idx.save(tmp_path / "idx")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "ids.npy", "metadata.jsonl", "vectors.npy" if kind == "flat" else "index.faiss"])
+        ["manifest.json", "ids.npy", "metadata.jsonl", "metadata.offsets.npy",
+         "vectors.npy" if kind == "flat" else "index.faiss"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["count"] == 597 and manifest["embedding_dim"] == 16 and manifest["model_id"] == "m1"
     loaded = Index.load(out, model_id="m1", embedding_dim=16)

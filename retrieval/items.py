@@ -1,0 +1,202 @@
+"""The items of an index: slot -> id (int64 array) and per-slot JSON metadata, kept compact.
+
+Metadata rows are UTF-8 JSON lines in one byte buffer with an (N+1,) int64 offsets array, decoded
+only when asked for: a million names cost their bytes, not a million Python dicts. On disk the same
+layout is ``metadata.jsonl`` (one object per line, readable by any tool) beside
+``metadata.offsets.npy``; ``open(mmap=True)`` maps both files and the ids (nothing read whole but
+the ids, which the duplicate check sorts once). Lookups by id use that sort (``searchsorted``).
+"""
+from __future__ import annotations
+
+import json
+import mmap as _mmap
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from retrieval.names import json_text
+
+IDS_FILE = "ids.npy"
+METADATA_FILE = "metadata.jsonl"
+OFFSETS_FILE = "metadata.offsets.npy"
+_NULL = b"null\n"
+
+
+class IndexMismatchError(ValueError):
+    """The saved index does not match what the caller expects (model, size, format) or is damaged."""
+
+
+def _line_offsets(buf: Union[bytes, bytearray, _mmap.mmap]) -> np.ndarray:
+    """(N+1,) start offsets of the newline-terminated lines of ``buf``."""
+    if len(buf) == 0:
+        return np.zeros(1, np.int64)
+    ends = np.flatnonzero(np.frombuffer(buf, np.uint8) == 10).astype(np.int64) + 1
+    if len(ends) == 0 or ends[-1] != len(buf):
+        ends = np.append(ends, len(buf))                 # a last line without its newline
+    return np.concatenate([[0], ends])
+
+
+class ItemTable:
+    """Slots ``0..N-1``: ``slot_ids`` (id, or -1 once removed) and one metadata row per slot."""
+
+    def __init__(self) -> None:
+        self.slot_ids = np.zeros(0, np.int64)
+        self._buf: Union[bytearray, bytes, _mmap.mmap] = bytearray()
+        self._offsets = np.zeros(1, np.int64)
+        self._pending: list[np.ndarray] = []          # row lengths appended since the offsets were last joined
+        self._order: Optional[np.ndarray] = None      # argsort of slot_ids (the id lookup), built when needed
+        self._sorted: Optional[np.ndarray] = None
+        self.alive = 0
+        self.lazy_rows = False                        # rows checked when read (mmap), not at open
+
+    # ------------------------------------------------------------------ rows
+    def _joined_offsets(self) -> np.ndarray:
+        if self._pending:
+            lengths = np.concatenate(self._pending)
+            self._offsets = np.concatenate([self._offsets, self._offsets[-1] + np.cumsum(lengths)])
+            self._pending = []
+        return self._offsets
+
+    def row(self, slot: int) -> Optional[dict]:
+        off = self._joined_offsets()
+        text = bytes(self._buf[off[slot]:off[slot + 1]])
+        try:
+            meta = json.loads(text)
+        except ValueError as err:
+            raise IndexMismatchError(f"metadata row {slot} is not valid JSON ({err}): {text[:80]!r}") from err
+        if not isinstance(meta, dict) and not (meta is None and self.slot_ids[slot] < 0):
+            raise IndexMismatchError(f"metadata row {slot} is not a JSON object: {text[:80]!r}")
+        return meta
+
+    @property
+    def rows(self) -> int:
+        return len(self._joined_offsets()) - 1
+
+    # ------------------------------------------------------------------ ids
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._order is None:
+            self._order = np.argsort(self.slot_ids, kind="stable")
+            self._sorted = self.slot_ids[self._order]
+        return self._order, self._sorted
+
+    def slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) ids -> their slots, -1 for ids not in the table."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(self.slot_ids) == 0:
+            return np.full(len(ids), -1, np.int64)
+        order, ordered = self._lookup()
+        pos = np.clip(np.searchsorted(ordered, ids), 0, len(ordered) - 1)
+        found = (ordered[pos] == ids) & (ids >= 0)
+        return np.where(found, order[pos], -1)
+
+    def duplicate_ids(self) -> np.ndarray:
+        """Ids (>= 0) held by more than one slot."""
+        _, ordered = self._lookup()
+        same = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
+        return np.unique(ordered[1:][same])
+
+    # ------------------------------------------------------------------ changes
+    def append(self, ids: np.ndarray, metas: Sequence[Optional[dict]]) -> None:
+        lines = [json_text(m).encode("utf-8") + b"\n" for m in metas]  # non-UTF-8 names as \udcXX escapes
+        if not isinstance(self._buf, bytearray):
+            self._buf = bytearray(self._buf)
+        self._buf += b"".join(lines)
+        self._pending.append(np.fromiter((len(x) for x in lines), np.int64, len(lines)))
+        self.slot_ids = np.concatenate([self.slot_ids, ids])
+        self.alive += len(ids)
+        self._order = self._sorted = None
+
+    def kill(self, slots: np.ndarray) -> None:
+        """Mark slots removed (their rows are written as ``null`` on save)."""
+        self.slot_ids[slots] = -1
+        self.alive = int((self.slot_ids >= 0).sum())
+        self._order = self._sorted = None
+
+    def compact(self, keep: np.ndarray) -> None:
+        off = self._joined_offsets()
+        lengths = np.diff(off)
+        data = np.frombuffer(self._buf, np.uint8, count=int(off[-1]))[np.repeat(np.asarray(keep, bool), lengths)]
+        self._buf = bytearray(data.tobytes())
+        self._offsets = np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64)
+        self.slot_ids = self.slot_ids[keep]
+        self.alive = int((self.slot_ids >= 0).sum())
+        self._order = self._sorted = None
+
+    def items(self) -> Iterator[tuple[int, dict]]:
+        for slot in np.flatnonzero(self.slot_ids >= 0):
+            yield int(self.slot_ids[slot]), self.row(int(slot))
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder: Path) -> list[str]:
+        """ids.npy, metadata.jsonl (removed slots as ``null``) and its offsets; returns the file names."""
+        off = self._joined_offsets()
+        dead = np.flatnonzero(self.slot_ids < 0)
+        np.save(folder / IDS_FILE, np.asarray(self.slot_ids))
+        with open(folder / METADATA_FILE, "wb") as f:
+            if len(dead) == 0:
+                f.write(self._buf)
+            else:
+                start = 0
+                for s in dead:                             # the rows between removed slots, written whole
+                    f.write(self._buf[off[start]:off[s]])
+                    f.write(_NULL)
+                    start = s + 1
+                f.write(self._buf[off[start]:off[-1]])
+        lengths = np.diff(off)
+        lengths[dead] = len(_NULL)
+        np.save(folder / OFFSETS_FILE, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        return [IDS_FILE, METADATA_FILE, OFFSETS_FILE]
+
+    @classmethod
+    def open(cls, folder: Path, mmap: bool = False) -> "ItemTable":
+        """The items of a saved index; ``mmap`` maps the files (rows are checked as they are read)."""
+        table = cls()
+        table.slot_ids = np.load(folder / IDS_FILE, allow_pickle=False, mmap_mode="r" if mmap else None)
+        if table.slot_ids.dtype != np.int64 or table.slot_ids.ndim != 1:
+            raise IndexMismatchError(f"{folder / IDS_FILE} holds {table.slot_ids.dtype} {table.slot_ids.shape}, "
+                                     f"expected int64 (N,)")
+        path = folder / METADATA_FILE
+        if mmap and path.stat().st_size:
+            with open(path, "rb") as f:
+                table._buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+        else:
+            table._buf = path.read_bytes()
+        offsets_path = folder / OFFSETS_FILE
+        if offsets_path.is_file():
+            table._offsets = np.load(offsets_path, allow_pickle=False, mmap_mode="r" if mmap else None)
+            off = table._offsets
+            if off.ndim != 1 or off.dtype != np.int64 or off[0] != 0 or off[-1] != len(table._buf):
+                raise IndexMismatchError(f"{offsets_path} does not match {path} ({len(table._buf)} bytes)")
+        else:                                              # an index written before the offsets file
+            table._offsets = _line_offsets(table._buf)
+        table.alive = int((table.slot_ids >= 0).sum())
+        table.lazy_rows = mmap
+        return table
+
+    def check(self, folder: Path, next_id: int) -> None:
+        """IndexMismatchError for ids below -1, repeated ids, a next_id not above them, and (unless the rows are
+        lazy) metadata rows that are not JSON objects."""
+        ids = self.slot_ids
+        if (ids < -1).any():
+            raise IndexMismatchError(f"index {folder} is damaged: ids below -1 ({sorted(set(ids[ids < -1].tolist()))[:10]})")
+        dup = self.duplicate_ids()
+        if len(dup):
+            raise IndexMismatchError(f"index {folder} is damaged: duplicate ids {dup[:10].tolist()} "
+                                     f"({len(dup)} ids appear more than once)")
+        _, ordered = self._lookup()
+        if len(ordered) and ordered[-1] >= 0 and int(next_id) <= int(ordered[-1]):
+            raise IndexMismatchError(f"index {folder} is damaged: next_id {next_id} is not above the "
+                                     f"largest id {int(ordered[-1])}")
+        if self.lazy_rows:
+            return
+        wrong = []
+        for slot in range(self.rows):
+            try:
+                self.row(slot)
+            except IndexMismatchError:
+                wrong.append(slot)
+                if len(wrong) == 10:
+                    break
+        if wrong:
+            raise IndexMismatchError(f"index {folder} is damaged: metadata rows {wrong} are not JSON objects")
