@@ -243,11 +243,14 @@ def main() -> None:
                     help="IVF-PQ built from float16 parts under --budget: peak RSS, recall@10, mmap load")
     ap.add_argument("--scale-n", type=int, default=1_000_000, help="vectors for --scale (default 1M)")
     ap.add_argument("--budget", default="1G", help="memory budget for --scale (default 1G)")
+    ap.add_argument("--cache", default=str(Path(__file__).resolve().parent / ".cache" / "scale"),
+                    help="folder where --scale keeps its parts and exact top-10 between runs (default bench/.cache/scale)")
     args = ap.parse_args()
     if args.scale:
         from retrieval_scale import run_scale
 
-        run_scale(args.scale_n, args.budget, num_queries=200 if args.quick else 500, threads=args.threads)
+        run_scale(args.scale_n, args.budget, num_queries=200 if args.quick else 500, threads=args.threads,
+                  cache=Path(args.cache))
         return
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

@@ -22,7 +22,7 @@ from retrieval.parts import PartsError, check_parts, finished_parts, iter_part_c
 from retrieval.rerank import PartsVectors
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-PQ_M_CHOICES = (128, 96, 64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 6, 4, 3, 2, 1)
+PQ_M_CHOICES = (64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 6, 4, 3, 2, 1)
 ID_BYTES = 8              # FAISS stores an int64 id beside each code in the inverted lists
 ITEM_OVERHEAD = 48        # our per-item bookkeeping: slot id, id lookup (sorted ids + order), row offset, copies
 CHUNK_ROWS = 16384        # rows read from the parts at once
@@ -57,7 +57,7 @@ class IVFPQPlan:
 
 
 def plan_ivfpq(n: int, dim: int, budget: int, meta_bytes_per_item: int = 64) -> IVFPQPlan:
-    """nlist ~ 4 sqrt(N) (a power of two, >= 39 training points per list), the largest PQ m (<= 128, dividing
+    """nlist ~ 4 sqrt(N) (a power of two, >= 39 training points per list), the largest PQ m (<= 64, dividing
     ``dim``, sub-vectors of >= 4 dims) whose codes, ids and bookkeeping fit ``budget`` beside the training
     sample and centroids."""
     if n < 1:

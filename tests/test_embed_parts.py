@@ -229,9 +229,9 @@ def test_plan_ivfpq_follows_n_and_budget():
     # ~4 sqrt(N) as a power of two (512, 4096), lowered to >= 39 training points per list (10k -> 256) and to
     # a training sample within a quarter of the budget (39 x 4096 x 2 KiB is over 256 MiB -> 2048)
     assert (small.nlist, big.nlist) == (256, 2048) and big.train_size * 512 * 4 <= parse_memory("1G") // 4
-    assert big.pq_m == 128 and big.estimated_bytes <= parse_memory("1G")  # the widest code (4-d sub-vectors)
-    tight = plan_ivfpq(1_000_000, 512, parse_memory("400M"))
-    assert tight.pq_m == 64 and tight.estimated_bytes <= parse_memory("400M") < big.estimated_bytes
+    assert big.pq_m == 64 and big.estimated_bytes <= parse_memory("1G")
+    tight = plan_ivfpq(1_000_000, 512, parse_memory("330M"))
+    assert tight.pq_m == 32 and tight.estimated_bytes <= parse_memory("330M") < big.estimated_bytes
     with pytest.raises(ValueError, match="do not fit a memory budget of 100 MiB"):
         plan_ivfpq(1_000_000, 512, parse_memory("100M"))
     assert parse_memory("1.5GB") == int(1.5 * 2**30) and parse_memory("800MiB") == 800 * 2**20
