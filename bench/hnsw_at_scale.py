@@ -4,8 +4,9 @@ bench/retrieval.py --full extrapolates the HNSW recall at 1M from 100k and 200k 
 1M build (~20 CPU-minutes) does not fit in its run; this script does that one build and measures
 recall@10 against exact search on 1M low-rank normalised 512-d vectors (the same generator and seed
 family), at efSearch 64 / 128 / 256 (the default). Recall is a quality figure, so the machine's
-load changes only the build time and queries/s printed beside it. Writes
-bench/results/hnsw_at_scale.md.
+load changes only the build time and queries/s printed beside it. Goal: recall@10 >= 0.95 at the
+default efSearch for the kind ``auto`` picks above ~200k items. Writes bench/results/hnsw_at_scale.md
+and .json (``hnsw_at_scale_<n>`` for other sizes) through ``bench/_report.write_results``.
 
     .venv/bin/python bench/hnsw_at_scale.py                 # 1M (about 10-20 min on 2 cores, ~5 GB)
     .venv/bin/python bench/hnsw_at_scale.py --n 200000      # a quicker check
@@ -26,6 +27,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from _report import Verdict, command_line, machine, write_results  # noqa: E402
 from retrieval import Index  # noqa: E402
 from retrieval import backends  # noqa: E402
 from retrieval.index import resolve_kind  # noqa: E402
@@ -40,6 +42,7 @@ def _retrieval_bench():
 
 
 _rb = _retrieval_bench()
+GOAL = 0.95
 DIM, K, Timer, exact_topk, make_vectors, recall = _rb.DIM, _rb.K, _rb.Timer, _rb.exact_topk, _rb.make_vectors, _rb.recall
 
 
@@ -71,28 +74,28 @@ def main() -> None:
         qps = len(q) / (time.perf_counter() - t)
         rows.append((ef, recall(ids, truth), qps))
         print(f"efSearch {ef}: recall@10 {rows[-1][1]:.3f}, {qps:.0f} q/s", flush=True)
-    cmd = " ".join([".venv/bin/python", "bench/hnsw_at_scale.py"] + sys.argv[1:])
+    facts = machine(load_before)
+    met = dict((e, r) for e, r, _ in rows)[default_ef]
     lines = [
         "# HNSW recall at scale (measured, not extrapolated)",
         "",
-        f"Command: `{cmd}`",
+        f"Command: `{command_line('hnsw_at_scale.py')}`",
+        "",
+        facts.line() + " Build time and q/s depend on the load; recall does not.",
         "",
         f"{args.n:,} low-rank normalised {DIM}-d vectors (bench/retrieval.py's generator), {len(q)} queries, "
         f"recall@10 against exact search (torch matmul + top-k, {len(q) / exact_t.wall:.0f} q/s here). "
         f"`Index(kind='auto')` picked **`{kind}`**. Build: {build.wall:.0f} s wall, {build.cpu:.0f} CPU-s "
-        f"({args.threads} threads). 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-        "(shared machine: build time and q/s are noisy; recall is not affected by load).",
+        f"({args.threads} threads).",
         "",
         "| efSearch | recall@10 | q/s (one pass, batches of all queries) |",
         "|---:|---:|---:|",
         *[f"| {ef}{' (default)' if ef == default_ef else ''} | {r:.3f} | {qps:.0f} |" for ef, r, qps in rows],
-        "",
-        f"Goal: recall@10 >= 0.95 for the kind chosen by default above ~200k items: "
-        f"**{'met' if dict((e, r) for e, r, _ in rows)[default_ef] >= 0.95 else 'NOT met'}** at the default "
-        f"efSearch {default_ef}.",
     ]
-    out = BENCH / "results" / "hnsw_at_scale.md"
-    out.write_text("\n".join(lines) + "\n")
+    verdicts = [Verdict(f"recall@10 of Index(kind='auto') ({kind}) at {args.n:,} x {DIM}, default efSearch {default_ef}",
+                        f">= {GOAL}", f"{met:.3f}", met >= GOAL)]
+    name = "hnsw_at_scale" if args.n >= 1_000_000 else f"hnsw_at_scale_{args.n}"
+    write_results(name, "\n".join(lines), verdicts, facts, command_line("hnsw_at_scale.py"))
     print("\n".join(lines))
 
 

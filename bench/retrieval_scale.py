@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from retrieval.backends import NPROBE_FRACTION  # noqa: E402
 from retrieval.index import Index  # noqa: E402
 from retrieval.index_parts import parse_memory  # noqa: E402
 from retrieval.parts import write_part  # noqa: E402
@@ -198,7 +199,7 @@ def run_scale(n: int, budget: str, num_queries: int, threads: int, cache: Path) 
         f"faiss {mapped['faiss']}. Plan: nlist {plan['nlist']}, PQ{plan['pq_m']}x8, trained on "
         f"{plan['train_size']:,} sampled vectors, estimated {plan['estimated_bytes'] / 2**20:.0f} MiB. Recall@10 "
         f"against brute force over the stored vectors, {num_queries} queries. The default search visits "
-        f"nprobe = {default_np} lists (nlist/16) and re-ranks the PQ top-{factor * K} exactly against the "
+        f"nprobe = {default_np} lists (nlist/{NPROBE_FRACTION}) and re-ranks the PQ top-{factor * K} exactly against the "
         f"memory-mapped float16 parts.",
         "",
         "| figure | value |",

@@ -53,7 +53,7 @@ def _recall(got, want):
 
 
 def test_default_nprobe_follows_nlist():
-    assert [default_nprobe(n) for n in (8, 64, 512, 2048, 4096)] == [8, 16, 32, 128, 256]
+    assert [default_nprobe(n) for n in (8, 64, 512, 2048, 4096)] == [8, 16, 64, 256, 512]
     assert IndexParams().ivf_nprobe is None and IndexParams(ivf_nprobe=5).ivf_nprobe == 5
     with pytest.raises(ValueError, match="rerank_factor"):
         IndexParams(rerank_factor=-1)
