@@ -14,6 +14,8 @@ second, less load-sensitive ratio on this shared machine). Variants (all random 
 - ``ernie int8, gates open, cls-only``: gates open with ``image_projector.tokens = "prefix"``
   (only the class token enters the backbone; a config choice, see ``ProjectorConfig``);
 - ``int8 trunk alone`` (diagnostic, not an image path): ``qmodel.image_encoder`` only;
+- ``ernie bf16 autocast, gates closed``: the fp32 model's ``encode_image`` under bf16 autocast
+  (``at_precision(model, "bf16")``; AMX / AVX512-BF16 GEMMs where the CPU has them), no goal;
 - ``onnxruntime int8`` (the anchor a CPU user picks for int8): the same open_clip image tower
   exported to ONNX and quantized by ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights),
   run by ONNX Runtime's CPU provider at the same thread count; skipped when onnxruntime / onnx are
@@ -152,11 +154,11 @@ def onnxruntime_int8(clip, folder: str, threads: int) -> tuple[Callable | None, 
     return run, f"onnxruntime {ort.__version__}, quantize_dynamic QInt8, opset 17, {threads} intra-op threads, no spinning"
 
 
-def bf16_section(model, qmodel, rounds: int) -> tuple[list[str], dict[str, float]]:
-    """encode_image / encode_text / encode_video at fp32, bf16 autocast and int8: speed and cosine to fp32."""
-    from ernie_vl.precision import at_precision, bf16_native
+def bf16_section(model, bf16, qmodel, rounds: int) -> tuple[list[str], dict[str, float]]:
+    """encode_image / encode_text / encode_video at fp32, bf16 autocast (``bf16``: the model under
+    ``at_precision(model, "bf16")``) and int8: speed and cosine to fp32."""
+    from ernie_vl.precision import bf16_native
 
-    bf16 = at_precision(model, "bf16")
     torch.manual_seed(2)
     inputs = {"encode_image": torch.randn(8, 3, 224, 224),
               "encode_text": model.tokenizer([f"a photo of object number {i}" for i in range(8)]),
@@ -205,6 +207,7 @@ def main() -> int:
     from tqdm import tqdm
 
     import ernie_vl
+    from ernie_vl.precision import at_precision
     from ernie_vl.quantize import available_int8_kernels, int8_kernel_choice, probed_int8_kernels, state_dict_bytes
 
     try:
@@ -216,12 +219,14 @@ def main() -> int:
     clip = open_clip.create_model("ViT-B-32").eval()
     model = ernie_vl.from_open_clip(clip, num_experts=8, top_k=2)
     qmodel = ernie_vl.quantize_int8(model)
+    bf16_model = at_precision(model, "bf16")
     kernel = int8_kernel_choice()
 
     variants = {
         ANCHOR: clip.encode_image,
         "ernie fp32, gates closed": model.encode_image,
         "ernie int8, gates closed": qmodel.encode_image,
+        "ernie bf16 autocast, gates closed": bf16_model.encode_image,
         "ernie int8, gates open": with_gates(qmodel, 1.0),
         "ernie int8, gates open, cls-only": with_gates(qmodel, 1.0, "prefix"),
         "int8 trunk alone (diagnostic)": qmodel.image_encoder,
@@ -286,7 +291,7 @@ def main() -> int:
             print(f"batch {batch:3d}  {name:34s} {ips:7.2f} images/s  x{ratio:.2f} wall  x{cpu_ratio:.2f} cpu-time "
                   f"vs {ANCHOR}")
 
-    bf16_lines, bf16_cos = ([], {}) if args.no_bf16 else bf16_section(model, qmodel, args.rounds)
+    bf16_lines, bf16_cos = ([], {}) if args.no_bf16 else bf16_section(model, bf16_model, qmodel, args.rounds)
     onnx_dir.cleanup()
     facts = machine(load_before)
     load = f" (load {min(loads + [load_before]):.1f}-{max(loads + [load_before]):.1f})"
