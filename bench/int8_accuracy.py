@@ -20,6 +20,10 @@ Rows, each evaluated by ``ernie_vl.train.evaluation.evaluate`` on the same held-
   ``ernie-vl quantize --qat-steps``) from the checkpoint, then the same conversion; ``fp32 weights after
   QAT``: those fine-tuned weights evaluated in float (what the extra steps did by themselves; no goal).
 
+The backbone's residual gates are the trained ones, as the server serves them (`tiny` starts with every
+gate at 1; the closed-gate rows of ``bench/quantize.py`` are a ``from_open_clip`` model at initialisation,
+whose visual gates are 0 until training opens them).
+
     .venv/bin/python bench/int8_accuracy.py [--checkpoint DIR] [--train-steps 600] [--qat-steps 300]
 """
 from __future__ import annotations
