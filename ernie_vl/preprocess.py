@@ -41,7 +41,12 @@ class ImageTransform:
     def __repr__(self) -> str:
         return f"ImageTransform(image_size={self.image_size}, mean={self.mean}, std={self.std})"
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def resize_crop(self, image: Image.Image, fast: bool = False) -> Image.Image:
+        """RGB ``image`` -> (image_size, image_size) RGB PIL image: shorter side resized (bicubic), centre crop.
+
+        ``fast`` lets PIL box-reduce an image more than 3x larger than the target before the bicubic
+        pass (``reducing_gap``): much faster on big photos, within a few grey levels of the exact path.
+        """
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
         if image.mode != "RGB":
@@ -51,10 +56,21 @@ class ImageTransform:
             raise ValueError(f"image has no pixels: size {image.size}")
         scale = self.image_size / min(w, h)
         new_w, new_h = max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0 if fast else None)
         left, top = (new_w - self.image_size) // 2, (new_h - self.image_size) // 2
-        image = image.crop((left, top, left + self.image_size, top + self.image_size))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return image.crop((left, top, left + self.image_size, top + self.image_size))
+
+    def to_uint8(self, image: Image.Image, fast: bool = True) -> np.ndarray:
+        """``image`` -> uint8 (3, image_size, image_size): the pixels before scaling and normalisation.
+
+        ``__call__(image)`` equals these pixels / 255, normalised (with ``fast=False``). Decoded training
+        caches store this form: 4x smaller than float32, and no float round trip per image. The result is
+        a read-only view of PIL's pixels (no copy); ``np.ascontiguousarray`` it to own them.
+        """
+        return np.asarray(self.resize_crop(image, fast), dtype=np.uint8).transpose(2, 0, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.asarray(self.resize_crop(image), dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return ((pixels - mean) / std).contiguous()

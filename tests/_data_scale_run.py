@@ -39,6 +39,8 @@ def main() -> None:
 
     before = rss_mb()
     trainer = Trainer(cfg)
+    if trainer.pairs is not None:  # workers wrote the rows; read each once (as an epoch does) so RSS counts them
+        int(trainer.pairs.images.sum())
     ready = rss_mb()  # data in place, before the first step
     result = trainer.run()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,10 +1,9 @@
 """Decoded training images: uint8 (N,3,S,S) in one preallocated array, or a memory-mapped cache file.
 
-Decoding runs once through DataLoader workers (``ernie_vl.data.pairs.PairImages``); each
-batch arrives as one stacked uint8 tensor, is copied into its rows of the array and
-dropped, so the number of open file descriptors stays that of the prefetched batches,
-whatever the size of the set (one shared tensor per image, kept alive, exhausted
-``ulimit -n`` at 2,000 images before).
+Decoding runs once through DataLoader workers that write each image's uint8 pixels straight
+into its row of one shared array (``ernie_vl.data.row_writer``): no pixels cross a pipe, no
+shared-memory handle per image or batch (one per image, kept alive, exhausted ``ulimit -n``
+at 2,000 images before), and the main process copies nothing.
 
 With a cache folder the array is a numpy memmap on disk,
 ``<cache>/<key>.u8`` + ``<key>.json`` (shape, failed rows). The key hashes the CSVs'
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +26,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from ernie_vl.data.pairs import PairImages, collate_uint8
+from ernie_vl.data.row_writer import RowTarget, RowWriter, as_is, worker_context
 
 PROGRESS_EVERY = 4096  # images between two progress records of a cached decode
+CHUNK = 64  # images per worker task
 
 
 @dataclass
@@ -66,13 +67,14 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def decode_into(out: np.ndarray, paths: Sequence[str], preprocess: Callable, start: int = 0, num_workers: int = 2,
+def decode_into(out: RowTarget, paths: Sequence[str], preprocess: Callable, start: int = 0, num_workers: int = 2,
                 progress: bool = True, desc: str = "decoding images",
                 checkpoint: Optional[Callable[[int, list], None]] = None,
                 failed: Optional[list[tuple[int, str]]] = None) -> list[tuple[int, str]]:
-    """Decode ``paths[start:]`` into ``out[row]``; returns [(row, reason)] of the failures (appended to ``failed``).
+    """Decode ``paths[start:]`` into rows of ``out``; returns [(row, reason)] of the failures (appended to ``failed``).
 
-    ``checkpoint(done_rows, failed)`` is called every :data:`PROGRESS_EVERY` images (batches arrive in order).
+    The workers write the rows themselves (``ernie_vl.data.row_writer``); ``checkpoint(done_rows, failed)``
+    is called every :data:`PROGRESS_EVERY` images (chunks arrive in order, so rows below ``done_rows`` are written).
     """
     from tqdm import tqdm
 
@@ -80,25 +82,30 @@ def decode_into(out: np.ndarray, paths: Sequence[str], preprocess: Callable, sta
     n = len(paths)
     if start >= n:
         return failed
-    dataset = Subset(PairImages(paths, preprocess), range(start, n))
-    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=collate_uint8,
-                        persistent_workers=False, prefetch_factor=2 if num_workers else None)
+    writer = RowWriter(paths, preprocess, out, start=start, chunk=CHUNK)
+    loader = DataLoader(writer, batch_size=None, num_workers=num_workers, collate_fn=as_is,
+                        multiprocessing_context=worker_context(out, num_workers),
+                        prefetch_factor=4 if num_workers else None)
     done, since = start, 0
-    target = torch.from_numpy(out) if isinstance(out, np.ndarray) else out
     with tqdm(total=n, initial=start, desc=desc, disable=not progress, leave=False, unit="img") as bar:
-        for rows, pixels, bad in loader:
-            if pixels is not None:
-                target[rows] = pixels
+        for count, bad in loader:
             failed.extend(bad)
-            count = len(rows) + len(bad)
             done += count
             since += count
             bar.update(count)
-            del rows, pixels  # release the batch's shared memory now
             if checkpoint is not None and since >= PROGRESS_EVERY:
                 checkpoint(done, failed)
                 since = 0
     return failed
+
+
+def _sync(path: Path) -> None:
+    """Write the file's dirty pages (from any process's mapping) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _kept(n: int, failed: list[tuple[int, str]]) -> torch.Tensor:
@@ -114,9 +121,11 @@ def decode_images(paths: Sequence[str], preprocess: Callable, cache_dir: Optiona
     n, size = len(paths), int(preprocess.image_size)
     shape = (n, 3, size, size)
     if not cache_dir:
-        array = np.empty(shape, dtype=np.uint8)
-        failed = decode_into(array, paths, preprocess, num_workers=num_workers, progress=progress)
-        return DecodedImages(torch.from_numpy(array), _kept(n, failed), failed)
+        if num_workers and "fork" not in multiprocessing.get_all_start_methods():
+            return _decode_via_temp_file(paths, preprocess, shape, num_workers, progress)
+        target = RowTarget(shape)
+        failed = decode_into(target, paths, preprocess, num_workers=num_workers, progress=progress)
+        return DecodedImages(torch.from_numpy(target.array()), _kept(n, failed), failed)
 
     try:
         return _decode_cached(paths, preprocess, Path(cache_dir).expanduser(), key_parts, shape, num_workers, progress)
@@ -125,6 +134,25 @@ def decode_images(paths: Sequence[str], preprocess: Callable, cache_dir: Optiona
 
         warnings.warn(f"decoded-image cache in {str(cache_dir)!r} not usable ({err}); decoding into memory")
         return decode_images(paths, preprocess, None, key_parts, num_workers, progress)
+
+
+def _decode_via_temp_file(paths: Sequence[str], preprocess: Callable, shape: tuple[int, ...], num_workers: int,
+                          progress: bool) -> DecodedImages:
+    """Without fork, workers reach the rows through a temporary file (removed once mapped here)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="ernie-vl-decode-"))
+    path = folder / "rows.u8"
+    try:
+        with open(path, "wb") as f:
+            f.truncate(int(np.prod(shape)))
+        failed = decode_into(RowTarget(shape, str(path)), paths, preprocess, num_workers=num_workers,
+                             progress=progress)
+        pixels = torch.from_numpy(np.array(np.memmap(path, dtype=np.uint8, mode="r", shape=shape)))
+    finally:
+        path.unlink(missing_ok=True)
+        folder.rmdir()
+    return DecodedImages(pixels, _kept(len(paths), failed), failed)
 
 
 def _decode_cached(paths: Sequence[str], preprocess: Callable, folder: Path, key_parts: Sequence[Any],
@@ -158,16 +186,15 @@ def _decode_locked(paths: Sequence[str], preprocess: Callable, folder: Path, key
     else:
         with open(partial, "wb") as f:
             f.truncate(expected)  # sparse until written
-    array = np.memmap(partial, dtype=np.uint8, mode="r+", shape=shape)
+    target = RowTarget(shape, str(partial))
 
     def checkpoint(done: int, failed_so_far: list) -> None:
-        array.flush()
+        _sync(partial)  # the rows the workers wrote reach the disk before the record that counts them
         _write_json(record, {"done": done, "failed": failed_so_far})
 
-    failed = decode_into(array, paths, preprocess, start=start, num_workers=num_workers, progress=progress,
+    failed = decode_into(target, paths, preprocess, start=start, num_workers=num_workers, progress=progress,
                          checkpoint=checkpoint, failed=failed)
-    array.flush()
-    del array
+    _sync(partial)
     os.replace(partial, data)
     _write_json(meta, {"shape": list(shape), "failed": failed, "count": n})
     record.unlink(missing_ok=True)

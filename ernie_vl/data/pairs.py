@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -71,18 +72,32 @@ class PairImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from ernie_vl.data.sources import Normaliser
-        from retrieval.images import ImageLoadError, load_image
+        pixels, reason = decode_uint8(self.paths[index], self.preprocess)
+        return index, (None if pixels is None else torch.from_numpy(np.ascontiguousarray(pixels))), reason
 
-        path = self.paths[index]
-        try:
-            pixels = self.preprocess(load_image(path))
-        except ImageLoadError as err:
-            return index, None, err.reason
-        except Exception as err:  # a transform that chokes on one odd image must not stop the job
-            return index, None, f"{type(err).__name__}: {err}"
-        norm = Normaliser(tuple(self.preprocess.mean), tuple(self.preprocess.std))
-        return index, norm.to_uint8(pixels), None
+
+def decode_uint8(path: str, preprocess: Callable) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """(uint8 (3,S,S) pixels of ``preprocess`` or None, the reason it failed or None); never raises.
+
+    A transform with ``to_uint8`` (``ernie_vl.preprocess.ImageTransform``) gives the pixels directly,
+    with a JPEG decoded at a reduced DCT scale first (``load_image(draft=S)``); any other transform
+    is run and its normalisation undone.
+    """
+    from retrieval.images import ImageLoadError, load_image
+
+    direct = getattr(preprocess, "to_uint8", None)
+    try:
+        image = load_image(path, draft=int(preprocess.image_size) if direct is not None else None)
+        if direct is not None:
+            return direct(image), None
+        from ernie_vl.data.sources import Normaliser
+
+        norm = Normaliser(tuple(preprocess.mean), tuple(preprocess.std))
+        return norm.to_uint8(preprocess(image)).numpy(), None
+    except ImageLoadError as err:
+        return None, err.reason
+    except Exception as err:  # a transform that chokes on one odd image must not stop the job
+        return None, f"{type(err).__name__}: {err}"
 
 
 def collate_uint8(items: list) -> tuple[torch.Tensor, Optional[torch.Tensor], list[tuple[int, str]]]:
