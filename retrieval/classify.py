@@ -68,10 +68,10 @@ class EmbeddedImages:
 
 
 def embed_labelled(model: Any, data: LabelledImages, preprocess: Callable, batch_size: int = 64,
-                   num_workers: int = 0, progress: bool = True) -> EmbeddedImages:
-    """Normalised image embeddings of ``data``; unreadable files are skipped and listed."""
+                   num_workers: int = 0, progress: bool = True, normalize: bool = True) -> EmbeddedImages:
+    """Image embeddings of ``data`` (L2-normalised when ``normalize``); unreadable files are skipped and listed."""
     result = embed_images(model, data.paths, batch_size=batch_size, num_workers=num_workers, preprocess=preprocess,
-                          progress=progress)
+                          progress=progress, normalize=normalize)
     if not result.paths:
         raise ValueError(f"none of the {len(data)} images could be read (e.g. {result.failures[:1]})")
     labels = torch.tensor([data.labels[i] for i in result.positions], dtype=torch.int64)

@@ -150,3 +150,39 @@ def test_image_text_model_gets_frame_mean_video_embedding():
     assert as_video_text_model(embedder) is embedder
     with pytest.raises(TypeError, match="neither encode_video nor encode_image"):
         FrameMeanVideoModel(torch.nn.Linear(2, 2))
+
+
+def test_latin1_file_and_class_names_give_valid_json(tmp_path):
+    """Names from a Latin-1 disk (bytes that are not UTF-8) reach every JSON writer of the pipeline and the CLI."""
+    import os
+
+    from retrieval.names import json_text
+
+    root = tmp_path / "videos"
+    latin_class, latin_file = os.fsdecode(b"caf\xe9"), os.fsdecode(b"cr\xe8me.mp4")  # lone surrogates in str
+    (root / "plain").mkdir(parents=True)
+    (root / latin_class).mkdir()
+    write_clip(root / "plain" / "a.mp4", num_frames=16, blue=0)
+    write_clip(tmp_path / "tmp.mp4", num_frames=16, blue=255)
+    os.rename(tmp_path / "tmp.mp4", root / latin_class / latin_file)
+    assert os.fsencode(root / latin_class / latin_file).endswith(b"caf\xe9/cr\xe8me.mp4")
+    ds = VideoFolder(root, num_frames=4, sampling="tsn", transform=identity())
+    assert ds.classes == [latin_class, "plain"]
+    out = tmp_path / "eval"
+    result = evaluate(BlueLevelClassifier([1.0, 0.0]), ds, batch_size=2, num_workers=0, out_dir=out, progress=False)
+    assert result.num_evaluated == 2 and result.top1 == 1.0
+    for name in ("metrics.json", "classes.json", "confusion.json", "predictions.jsonl"):
+        (out / name).read_bytes().decode("utf-8")  # valid UTF-8 text
+    assert json.loads((out / "classes.json").read_text(encoding="utf-8")) == {latin_class: 0, "plain": 1}
+    assert json.loads((out / "confusion.json").read_text(encoding="utf-8"))["classes"] == [latin_class, "plain"]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    paths = {p["path"] for p in preds}
+    assert str(root / latin_class / latin_file) in paths  # the same str: it opens the file again
+    assert os.path.isfile(next(p for p in paths if latin_file in p))
+    assert (out / "confusion.png").is_file()
+    # what `ernie-vl classify --json` prints: valid JSON that encodes as UTF-8, same names back
+    results = classify(BlueLevelClassifier([1.0, 0.0]), [root / latin_class / latin_file], class_names=["x", "y"],
+                       num_frames=4, transform=identity(), progress=False)
+    text = json_text([r.__dict__ for r in results], indent=2)
+    text.encode("utf-8")
+    assert json.loads(text)[0]["path"] == str(root / latin_class / latin_file)

@@ -179,7 +179,9 @@ class VideoClipDataset(Dataset):
 
     def save_class_index(self, path: str | os.PathLike) -> None:
         """Write {class name: index} as JSON."""
-        Path(path).write_text(json.dumps(self.class_to_idx, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        from retrieval.names import json_text
+
+        Path(path).write_text(json_text(self.class_to_idx, indent=2) + "\n", encoding="utf-8")
 
     def __len__(self) -> int:
         return len(self.samples)

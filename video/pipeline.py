@@ -7,7 +7,6 @@ fail are skipped, counted and listed; they never stop a run.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from retrieval.names import json_text
 from video.datasets import VideoClipDataset, collate_skip_none
 from video.plots import save_confusion_matrix
 from video.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_clip_transform
@@ -205,7 +205,7 @@ def _write_eval(result: EvalResult, dataset: VideoClipDataset, labels: torch.Ten
     metrics["num_failed"] = len(result.failures)
     metrics["num_concealed_clips"] = len(result.concealed)
     metrics["num_concealed_frames"] = sum(len(c["frames"]) for c in result.concealed)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(json_text(metrics, indent=2) + "\n", encoding="utf-8")
     dataset.save_class_index(out / "classes.json")
     save_confusion_matrix(result.confusion, result.classes, out / "confusion.png", out / "confusion.json",
                           title=f"top-1 {result.top1:.3f}, views {result.views}")
@@ -213,5 +213,5 @@ def _write_eval(result: EvalResult, dataset: VideoClipDataset, labels: torch.Ten
         for index, label, p in zip(indices.tolist(), labels.tolist(), probs):
             path = dataset.samples[index][0]
             pred = int(p.argmax())
-            fh.write(json.dumps({"path": path, "label": result.classes[label], "predicted": result.classes[pred],
-                                 "score": round(float(p[pred]), 6)}, ensure_ascii=False) + "\n")
+            fh.write(json_text({"path": path, "label": result.classes[label], "predicted": result.classes[pred],
+                                "score": round(float(p[pred]), 6)}) + "\n")

@@ -1,13 +1,14 @@
 """Confusion matrix as PNG (matplotlib, headless) and JSON."""
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from retrieval.names import json_text, printable
 
 
 def save_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], png_path: str | os.PathLike | None = None,
@@ -22,9 +23,8 @@ def save_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
     if confusion.shape != (c, c):
         raise ValueError(f"confusion matrix of shape {tuple(confusion.shape)} does not match {c} class names")
     if json_path is not None:
-        Path(json_path).write_text(json.dumps({"classes": list(class_names), "rows": "true", "columns": "predicted",
-                                               "counts": confusion.long().tolist()}, ensure_ascii=False) + "\n",
-                                   encoding="utf-8")
+        Path(json_path).write_text(json_text({"classes": list(class_names), "rows": "true", "columns": "predicted",
+                                              "counts": confusion.long().tolist()}) + "\n", encoding="utf-8")
     if png_path is None:
         return
     from encoders.lazy import MissingExtraError, require
@@ -47,8 +47,9 @@ def save_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
         ax.set_ylabel("true")
         ax.set_title(title)
         if c <= 60:
-            ax.set_xticks(range(c), labels=list(class_names), rotation=90, fontsize=8)
-            ax.set_yticks(range(c), labels=list(class_names), fontsize=8)
+            labels = [printable(name) for name in class_names]  # a non-UTF-8 folder name as \xNN
+            ax.set_xticks(range(c), labels=labels, rotation=90, fontsize=8)
+            ax.set_yticks(range(c), labels=labels, fontsize=8)
         if c <= 20:
             for i in range(c):
                 for j in range(c):

@@ -129,31 +129,6 @@ def _decode_all(dataset: Dataset, num_workers: int, desc: str, progress: bool,
     return keep, items
 
 
-def _decode_cached(cache_dir: Optional[str | Path], key: Any, decode: Callable[[], dict]) -> dict:
-    """``decode()`` once per distinct ``key`` (settings + file sizes/mtimes); kept as a tensor file in ``cache_dir``.
-
-    The file is written to a temporary name and renamed, so a crash never leaves half a cache.
-    """
-    if not cache_dir:
-        return decode()
-    from ernie_vl.data.image_cache import cache_key
-
-    path = Path(cache_dir).expanduser() / f"{cache_key(key)}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # unreadable cache: decode again and overwrite it
-            pass
-    value = decode()
-    try:
-        from ernie_vl.train.checkpointing import atomic_torch_save
-
-        atomic_torch_save(value, path)
-    except OSError:
-        pass  # a read-only home is no reason to fail training
-    return value
-
-
 class _WithIndex(Dataset):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -242,11 +217,12 @@ class CachedVideos:
             return {"keep": keep, "clips": torch.stack([clip for clip, _ in items]),
                     "labels": torch.tensor([label for _, label in items], dtype=torch.int64)}
 
+        from ernie_vl.data.clip_cache import cached_clips
         from ernie_vl.data.image_cache import file_stamps
 
         key = ["videos", num_frames, image_size, list(mean), list(std), self.classes, file_stamps(all_paths)]
-        decoded = _decode_cached(cache_dir, key, decode)
-        keep, self.clips, self.labels = list(decoded["keep"]), decoded["clips"], decoded["labels"]
+        decoded = cached_clips(cache_dir, key, decode)
+        keep, self.clips, self.labels = torch.as_tensor(decoded["keep"]).tolist(), decoded["clips"], decoded["labels"]
         self.paths = [all_paths[i] for i in keep]
         dropped = sorted(set(range(len(all_paths))) - set(keep))
         self.failures = Failures(len(dropped), [(all_paths[i], "undecodable video") for i in dropped])

@@ -3,10 +3,10 @@ with ``--labels``, or a saved linear probe with ``--probe``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from retrieval.names import json_text, printable
 from video.cli_support import (add_model_options, build_classifier, clip_transform_for, model_frames,
                                 read_class_prompts, read_labels)
 
@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     failed = [r for r in results if r.error]
     if args.json:
-        print(json.dumps([r.__dict__ for r in results], indent=2, ensure_ascii=False))
+        print(json_text([r.__dict__ for r in results], indent=2))
     else:
         for r in results:
-            print(r.path)
+            print(printable(r.path))
             if r.error:
                 print(f"  error: {r.error}")
             if r.concealed:
@@ -100,7 +100,11 @@ def run_images(args: argparse.Namespace) -> int:
         names = read_labels(args.labels) if args.labels else None
         if not names:
             raise ValueError("image files need --labels FILE (zero-shot class names) or --probe DIR")
-    result = embed_images(loaded.model, args.videos, preprocess=loaded.preprocess, progress=not args.no_progress)
+    from ernie_vl.app.image_features import ImageFeatures
+
+    model = ImageFeatures(loaded.model, probe.features if probe is not None else "embedding")
+    result = embed_images(model, args.videos, preprocess=loaded.preprocess, progress=not args.no_progress,
+                          normalize=model.normalized)
     emb = torch.from_numpy(result.embeddings)
     if not len(result.paths):
         logits = torch.zeros(0, len(names))
@@ -117,10 +121,10 @@ def run_images(args: argparse.Namespace) -> int:
             for j, p in enumerate(result.paths)]
     rows += [{"path": str(p), "labels": [], "scores": [], "error": why} for p, why in result.failures]
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(json_text(rows, indent=2))
     else:
         for r in rows:
-            print(r["path"])
+            print(printable(r["path"]))
             if r["error"]:
                 print(f"  error: {r['error']}")
             for label, score in zip(r["labels"], r["scores"]):
