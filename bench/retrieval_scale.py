@@ -40,7 +40,7 @@ from _report import Verdict, command_line, machine, write_results  # noqa: E402
 PART = 50_000
 K = 10
 NPROBES = (8, 16, 32, 64, 128, 256)
-RERANK_FACTORS = (0, 4, 10)          # shortlist = factor * k; 0 = PQ scores only
+RERANK_FACTORS = (0, 4, 10, 20)          # shortlist = factor * k; 0 = PQ scores only
 RECALL_GOAL = 0.9
 OPEN_GOAL_S = 1.0
 OPEN_RSS_FRACTION = 0.1

@@ -20,7 +20,7 @@ ROW_CHUNK = 32768       # at least this many stored vectors are scored at once
 SCORE_BUDGET = 1 << 25  # floats in the (queries, rows) score buffer (128 MB)
 NPROBE_FRACTION = 8     # default nprobe = nlist / NPROBE_FRACTION (at least NPROBE_MIN, at most nlist)
 NPROBE_MIN = 16
-RERANK_FACTOR = 10      # default shortlist of a re-ranked ivfpq search: RERANK_FACTOR * k
+RERANK_FACTOR = 20      # default shortlist of a re-ranked ivfpq search: RERANK_FACTOR * k
 
 
 @dataclass

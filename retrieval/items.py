@@ -37,6 +37,15 @@ def _line_offsets(buf: Union[bytes, bytearray, _mmap.mmap]) -> np.ndarray:
     return np.concatenate([[0], ends])
 
 
+def _strictly_increasing(ids: np.ndarray, block: int = 1 << 16) -> bool:
+    """True when every id is above the one before it (read block by block: no full-size temporaries)."""
+    for start in range(0, max(len(ids) - 1, 0), block):
+        a = np.asarray(ids[start:start + block + 1])
+        if not (a[1:] > a[:-1]).all():
+            return False
+    return True
+
+
 class ItemTable:
     """Slots ``0..N-1``: ``slot_ids`` (id, or -1 once removed) and one metadata row per slot."""
 
@@ -74,10 +83,16 @@ class ItemTable:
         return len(self._joined_offsets()) - 1
 
     # ------------------------------------------------------------------ ids
-    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._order is None:
-            self._order = np.argsort(self.slot_ids, kind="stable")
-            self._sorted = self.slot_ids[self._order]
+    def _lookup(self) -> tuple[Optional[np.ndarray], np.ndarray]:
+        """(order, ids in ascending order); order None when the slots already hold strictly increasing ids (the
+        usual case: ids given in order, or none removed), so the lookup reads ``slot_ids`` itself (a memory map
+        stays a memory map) and costs no memory."""
+        if self._sorted is None:
+            if _strictly_increasing(self.slot_ids):
+                self._order, self._sorted = None, self.slot_ids
+            else:
+                self._order = np.argsort(self.slot_ids, kind="stable")
+                self._sorted = self.slot_ids[self._order]
         return self._order, self._sorted
 
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
@@ -88,7 +103,7 @@ class ItemTable:
         order, ordered = self._lookup()
         pos = np.clip(np.searchsorted(ordered, ids), 0, len(ordered) - 1)
         found = (ordered[pos] == ids) & (ids >= 0)
-        return np.where(found, order[pos], -1)
+        return np.where(found, pos if order is None else order[pos], -1)
 
     def duplicate_ids(self) -> np.ndarray:
         """Ids (>= 0) held by more than one slot."""

@@ -99,3 +99,16 @@ def test_item_table_compacts_and_finds_ids():
     np.testing.assert_array_equal(table.slot_ids, [5, 2, 40])
     assert [table.row(s) for s in range(3)] == [{"a": 1}, {}, {"c": [1, 2]}] and table.alive == 3
     np.testing.assert_array_equal(_line_offsets(b'{}\n{"a": 1}\n[]'), [0, 3, 12, 14])
+
+
+def test_increasing_ids_are_looked_up_in_place_without_a_sorted_copy(tmp_path):
+    ids = np.arange(300) * 5 + 2
+    Index.build(_unit(300, 8, 0), ids=ids, metadata=[{"n": int(i)} for i in ids], kind="flat").save(tmp_path / "a")
+    lazy = Index.load(tmp_path / "a", mmap=True)
+    assert lazy.metadata(ids[123]) == {"n": int(ids[123])} and ids[123] + 1 not in lazy
+    assert lazy._items._order is None and lazy._items._sorted is lazy._items.slot_ids   # the memory map itself
+    shuffled = ids[np.random.default_rng(0).permutation(300)]
+    Index.build(_unit(300, 8, 0), ids=shuffled, kind="flat").save(tmp_path / "b")
+    other = Index.load(tmp_path / "b", mmap=True)
+    np.testing.assert_array_equal(other._items.slots_of(shuffled[:50]), np.arange(50))
+    assert other._items._order is not None
