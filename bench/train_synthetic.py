@@ -103,8 +103,10 @@ def fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-#: the goals of issue 5, checked on the ``divided`` variant (the `tiny` preset as shipped)
+#: the goals of issue 5, checked on the ``divided`` variant (the `tiny` preset as shipped) trained for the
+#: goal's budget (GOAL_MINUTES of wall clock); a shorter run (e.g. fixed steps) is reported without a verdict
 GOALS = {"text_to_image_R@1": 0.8, "video_top1": 0.95}
+GOAL_MINUTES = 10.0
 GOAL_VARIANT = "divided"
 METRIC_KEYS = ["text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1",
                "image_to_text_R@5", "image_to_text_R@10", "video_top1", "video_top5", "video_zeroshot_top1",
@@ -120,7 +122,8 @@ def budget_text(minutes: float | None, max_steps: int | None) -> str:
 
 def row_record(run: dict, args, load_before: float, command: str) -> dict:
     """What the rows file keeps of one variant's run: its figures, budget, load and command."""
-    return {**run, "budget": budget_text(args.minutes, args.max_steps), "clips_per_class": args.clips_per_class,
+    return {**run, "budget": budget_text(args.minutes, args.max_steps), "minutes": args.minutes or 0.0,
+            "clips_per_class": args.clips_per_class,
             "load_before": load_before, "load_after": os.getloadavg()[0], "command": command,
             "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -131,7 +134,7 @@ def load_rows(path: Path) -> dict[str, dict]:
 
 
 def verdicts(rows: dict[str, dict]) -> list:
-    """Goal rows for the ``divided`` variant (when it was run), the other variants' headline figures reported."""
+    """Goal rows for the ``divided`` variant when it had the goal's budget, every other headline figure reported."""
     out = []
     for name in VARIANTS:
         r = rows.get(name)
@@ -140,7 +143,7 @@ def verdicts(rows: dict[str, dict]) -> list:
         m, where = r["metrics"], f"`{name}`, {r['budget']}, load {r['load_before']:.1f}-{r['load_after']:.1f}"
         for key, label in (("text_to_image_R@1", "held-out text->image R@1 (unseen colour-shape combinations)"),
                            ("video_top1", "motion top-1, supervised")):
-            goal = GOALS[key] if name == GOAL_VARIANT else None
+            goal = GOALS[key] if name == GOAL_VARIANT and r.get("minutes", 0) >= GOAL_MINUTES else None
             value = m.get(key)
             out.append(Verdict(f"train_synthetic {label}, {where}", f">= {goal}" if goal is not None else "report",
                                fmt(value), None if goal is None or value is None else bool(value >= goal)))
@@ -174,7 +177,8 @@ def write_report(path: Path, rows: dict[str, dict], data_s: float, args, command
         "variable-resolution resampler as aligner).",
         "Machine: 2 CPU cores; the 1-minute load average before and after each run is in its column (this run's own "
         "2 threads make ~2; more means other jobs shared the cores and a wall-clock budget got fewer steps). "
-        "CPU seconds are the process's own. Goals (`divided` only): " + ", ".join(f"{k} >= {v}" for k, v in GOALS.items())
+        "CPU seconds are the process's own. Goals (`divided` trained for "
+        f"{GOAL_MINUTES:g} minutes; shorter runs are reported): " + ", ".join(f"{k} >= {v}" for k, v in GOALS.items())
         + ".",
         "",
         "| metric | goal | " + " | ".join(r["name"] for r in runs) + " |",
@@ -240,6 +244,8 @@ def main() -> None:
     p.add_argument("--save-dir", default=None,
                    help="copy each variant's trained checkpoint to SAVE_DIR/<variant> (e.g. for bench/int8_accuracy.py)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite the Markdown and the verdicts from the stored rows")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_synthetic.md"),
                    help="results Markdown; its .json (verdicts) and _rows.json (one row per variant) go beside it")
     args = p.parse_args()
@@ -251,9 +257,10 @@ def main() -> None:
     command = command_line("train_synthetic.py")
     out = Path(args.out)
     rows_path = out.with_name(f"{out.stem}_rows.json")
-    data, data_s = make_data(Path(args.work) / "data", args.quick, args.clips_per_class)
+    data, data_s = ({}, 0.0) if args.report_only else make_data(Path(args.work) / "data", args.quick,
+                                                                 args.clips_per_class)
     for name, (model, overrides) in VARIANTS.items():
-        if args.only and name not in args.only:
+        if args.report_only or (args.only and name not in args.only):
             continue
         run_load = os.getloadavg()[0]
         run = train_variant(name, data, args, overrides, model)

@@ -13,11 +13,11 @@ def ts():
     return load_bench("train_synthetic")
 
 
-def _row(ts, name: str, t2i: float, top1: float) -> dict:
+def _row(ts, name: str, t2i: float, top1: float, minutes: float = 10.0, max_steps: int | None = None) -> dict:
     metrics = {k: 0.5 for k in ts.METRIC_KEYS} | {"text_to_image_R@1": t2i, "video_top1": top1}
     run = {"name": name, "model": "tiny", "steps": 10, "setup_s": 1.0, "train_wall_s": 2.0, "cpu_s": 3.0,
            "samples_per_s": 4.0, "threads": 2, "metrics": metrics, "routing": {}, "curve": []}
-    args = SimpleNamespace(minutes=10.0, max_steps=None, clips_per_class=512)
+    args = SimpleNamespace(minutes=minutes, max_steps=max_steps, clips_per_class=512)
     return ts.row_record(run, args, 1.5, f"bench/train_synthetic.py --only {name}")
 
 
@@ -30,6 +30,12 @@ def test_goals_apply_to_divided_and_the_other_variants_are_reported(ts):
                    "train_synthetic motion top-1": False}  # 0.94 < 0.95
     assert all(v.met is None for v in verdicts if "`space_only`" in v.what)
     assert any(v.measured == "0.940" for v in divided)
+
+
+def test_a_run_shorter_than_the_goal_budget_is_reported_without_a_verdict(ts):
+    short = ts.verdicts({"divided": _row(ts, "divided", 0.3, 0.4, minutes=0, max_steps=100)})
+    assert short and all(v.met is None for v in short)
+    assert all("100 steps" in v.what for v in short)
 
 
 def test_report_holds_every_stored_row_with_its_budget_and_load(ts, tmp_path):
