@@ -143,6 +143,12 @@ class MultiHeadAttention(nn.Module):
         if k_heads == 0:
             out = x.new_zeros(b, n, c)
             return out + self.proj.bias if self.proj.bias is not None else out
+        if type(self.qkv) is not nn.Linear or type(self.proj) is not nn.Linear:
+            # A replaced projection (int8, fake-quant) has no float weight to slice: run it
+            # whole through its own forward and zero the dropped heads.
+            q, k, v = self.split_heads(x)
+            out = attend(q, k, v) if attend is not None else self.attend(q, k, v, attn_mask)
+            return self.merge_heads(out, weight)
         w_qkv = self.qkv.weight.view(3, self.num_heads, dh, c).index_select(1, heads).reshape(3 * k_heads * dh, c)
         b_qkv = None
         if self.qkv.bias is not None:

@@ -1,6 +1,8 @@
 """int8 quantization: every linear quantized, embeddings close to fp32, size, save / load."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,3 +268,26 @@ def test_int8_moe_layers_report_their_backend_like_float_ones(models) -> None:
         with pytest.raises(ValueError, match="'loop'.*valid here"):
             layer.backend = "loop"
         assert layer.backend == "int8"
+
+
+def test_head_topk_encoder_runs_int8_and_matches_its_masked_reference() -> None:
+    """``forward_selected`` slices float weights; int8 projections must take the whole-head path instead."""
+    from encoders.vit import ImageEncoder
+    from ernie_vl.quantize import quantize_modules
+    from tests._encoders_helpers import randomize_, tiny_image_cfg
+
+    torch.manual_seed(0)
+    enc = randomize_(ImageEncoder(tiny_image_cfg(head_gating=True, head_topk=1)), std=0.3).eval()
+    q = quantize_modules(copy.deepcopy(enc))
+    assert isinstance(q.blocks[0].attn.qkv, Int8Linear)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = enc(x).pooled, q(x).pooled
+        assert F.cosine_similarity(ref, out).min() > 0.99
+        block = q.blocks[0]
+        h = block.norm1(q.norm_pre(torch.cat([q.class_token().expand(3, 1, -1), q.embed_patches(x)[0]], 1)))
+        gate = block.gate(h)
+        assert gate.keep.sum(1).tolist() == [1, 1, 1]
+        torch.testing.assert_close(
+            block.attention(h, (4, 4), gate), block.attn(h, head_gate=gate.gate * gate.keep), atol=1e-5, rtol=0
+        )
