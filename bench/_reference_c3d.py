@@ -39,9 +39,26 @@ def _load(root: Path, num_frames: int, size: int, classes=None) -> tuple[torch.T
     return torch.stack(clips), torch.tensor(labels), list(ds.classes)
 
 
+class EncoderClassifier(nn.Module):
+    """(B,T,3,H,W) -> (B,K): the toolkit's bare ``encoders.VideoEncoder`` (pooled output) and a linear head,
+    trained alone with the reference's loop: the encoder without the rest of the model around it."""
+
+    def __init__(self, num_classes: int, **video_cfg) -> None:
+        super().__init__()
+        from encoders.video_vit import VideoEncoder, VideoEncoderConfig
+
+        self.encoder = VideoEncoder(VideoEncoderConfig(**video_cfg))
+        self.head = nn.Linear(self.encoder.cfg.embed_dim or self.encoder.cfg.width, num_classes)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(clips).pooled)
+
+
 def train_reference(train_root: str | Path, val_root: str | Path, steps: int = 600, seed: int = 0,
-                    num_frames: int = 8, size: int = 32, batch: int = 32, augment: bool = True) -> dict:
-    """Train :class:`TinyC3D` on ``train_root`` for ``steps`` and return its held-out top-1 and timings."""
+                    num_frames: int = 8, size: int = 32, batch: int = 32, augment: bool = True,
+                    video_cfg: dict | None = None, lr: float = 3e-3) -> dict:
+    """Train :class:`TinyC3D` (or, given ``video_cfg``, :class:`EncoderClassifier`) on ``train_root`` for
+    ``steps`` and return its held-out top-1 and timings."""
     from video.label_maps import apply_plan, load_label_maps
 
     torch.manual_seed(seed)
@@ -49,9 +66,9 @@ def train_reference(train_root: str | Path, val_root: str | Path, steps: int = 6
     vx, vy, _ = _load(Path(val_root), num_frames, size, classes)
     maps = load_label_maps(train_root) if augment else None
     plan = maps.resolve(classes) if maps is not None else None
-    model = TinyC3D(len(classes))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model = TinyC3D(len(classes)) if video_cfg is None else EncoderClassifier(len(classes), **video_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     model.train()

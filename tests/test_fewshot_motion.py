@@ -246,3 +246,24 @@ def test_mixed_clips_carry_the_relabelled_classes_in_their_soft_targets(bench_cl
             differ = ~same & ((x - xp).abs().amax((1, 2)) > 1e-6).all(dim=(1, 2))
             share = (theirs & ~own).float().mean((1, 2))
             torch.testing.assert_close(share[differ], (1 - lam)[differ], atol=0.02, rtol=0)
+
+
+def test_bench_verdicts_need_both_seeds_and_only_report_the_references():
+    import few_shot_video as bench
+
+    def row(variant, seed, top1, clips=40):
+        return {"clips": clips, "variant": variant, "seed": seed, "top1": top1, "steps": 100}
+
+    rows = [row("full", 0, 0.95), row("c3d", 0, 0.97), row("noaug", 1, 0.99)]
+    v = {x.what: x for x in bench.verdicts(rows)}
+    assert v["supervised top-1, 40 clips/class, two seeds"].met is False  # one seed only
+    assert "(one seed only)" in v["supervised top-1, 40 clips/class, two seeds"].measured
+    ref = v["reference 3D convnet (~70k parameters), top-1, 40 clips/class"]
+    assert ref.met is None and ref.measured == "seed 0: 0.970 (100 steps)"
+    both = {x.what: x.met for x in bench.verdicts(rows + [row("full", 1, 0.91)])}
+    assert both["supervised top-1, 40 clips/class, two seeds"] is True
+    low = {x.what: x.met for x in bench.verdicts(rows + [row("full", 1, 0.89)])}
+    assert low["supervised top-1, 40 clips/class, two seeds"] is False
+    assert bench.parse_rows("40:c3d:0,512:full:1") == [(40, "c3d", 0), (512, "full", 1)]
+    with pytest.raises(ValueError, match="CLIPS:VARIANT:SEED"):
+        bench.parse_rows("40:fancy:0")
