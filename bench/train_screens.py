@@ -144,6 +144,8 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, choices=sorted(VARIANTS), metavar="NAME",
                    help="variants to run (default: all); names as in VARIANTS")
     p.add_argument("--fresh", action="store_true", help="drop the rows of earlier runs")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite the results file from the stored rows (e.g. after an interrupted part)")
     p.add_argument("--quick", action="store_true", help="small data, 20 steps, two variants (a smoke run; its "
                    "results go under --work unless --results is given)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "ernie_train_synthetic"))
@@ -157,10 +159,13 @@ def main() -> None:
     results = Path(args.results) if args.results else (Path(args.work) / "results" if args.quick else RESULTS)
     rows_file = results / ROWS.name
     old = [] if args.fresh or not rows_file.is_file() else json.loads(rows_file.read_text())
-    data, _ = make_data(Path(args.work) / "data", args.quick, clips_per_class=64)  # the 512 clips the screens used
+    if args.report_only and not old:
+        p.error(f"--report-only: no stored rows in {rows_file.name} under {results}")
+    if not args.report_only:
+        data, _ = make_data(Path(args.work) / "data", args.quick, clips_per_class=64)  # the screens' 512 clips
     load_first = os.getloadavg()[0]
-    rows = []
-    for seed in args.seeds:
+    rows, all_rows = [], old
+    for seed in [] if args.report_only else args.seeds:
         for name in names:
             load_before = os.getloadavg()[0]
             row = run_variant(name, seed, data, args)

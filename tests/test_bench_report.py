@@ -153,3 +153,20 @@ def test_train_screens_report_names_the_variants_not_run(report):
     assert "| pairs uniform lr 1e-3 | 0 | 300 | 1 | 0.500 | 0.400 | 0.900 |  |  |  | 5 | 1.0 / 1.0 | today |" in text
     missing = text.split("Not run in this set yet: ")[1].split("\n")[0]
     assert "`pairs uniform lr 1e-3`" not in missing and all(f"`{n}`" in missing for n in ts.VARIANTS if n != "pairs uniform lr 1e-3")
+
+
+def test_train_screens_report_only_rewrites_the_results_from_stored_rows(tmp_path, monkeypatch):
+    ts = _load("train_screens")
+    row = {"name": "videos uniform lr 1e-3", "task": "videos", "seed": 0, "steps": 300, "threads": 1, "seconds": 9.0,
+           "load_before": 2.0, "load_after": 3.0, "written": "today", "cpu": "cpu", "video_top1": 0.75,
+           "video_zeroshot_top1": 0.5, "video_top5": 1.0}
+    monkeypatch.setattr(sys, "argv", ["train_screens.py", "--report-only", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit):  # nothing stored yet
+        ts.main()
+    (tmp_path / "train_screens_rows.json").write_text(json.dumps([row]))
+    ts.main()
+    record = json.loads((tmp_path / "train_screens.json").read_text())
+    assert record["command"] == ".venv/bin/python bench/train_screens.py --report-only"
+    assert [(v["met"], v["measured"]) for v in record["verdicts"]] == [(None, "0.750 (`videos uniform lr 1e-3`, seed 0)")]
+    assert "| videos uniform lr 1e-3 | 0 | 300 | 1 |  |  |  | 0.750 | 0.500 | 1.000 | 9 |" in \
+        (tmp_path / "train_screens.md").read_text()
