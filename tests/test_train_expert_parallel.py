@@ -108,3 +108,20 @@ def test_training_state_saved_at_ep2_resumes_in_one_process(runs, data):
     assert all(torch.equal(resumed[i][key], two["optimizer"]["state"][i][key]) for i, key in moments)
     if trainer.log_file is not None:
         trainer.log_file.close()
+
+
+def test_cli_nproc_2_expert_parallel_2_matches_one_process(runs, data, tmp_path):
+    """``ernie-vl train --nproc 2 --expert-parallel 2`` (torchrun) logs the one-process run's losses."""
+    from ernie_vl.app.cli import main
+
+    out = tmp_path / "cli"
+    code = main(["train", "--model", "test", "--pairs", str(data["pairs"]), "--videos", str(data["videos"]),
+                 "--out", str(out), "--max-steps", str(STEPS), "--batch-pairs", "8", "--batch-videos", "4",
+                 "--warmup-steps", "2", "--lr", "5e-3", "--grad-clip", "1.0", "--seed", "0", "--threads", "1",
+                 "--num-workers", "0", "--no-progress", "--nproc", "2", "--expert-parallel", "2"])
+    assert code == 0
+    one, cli = read_log(runs / "one"), read_log(out)
+    assert len(cli) == STEPS
+    for a, b in zip(one, cli):
+        for key in ("loss", "aux", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (a["step"], key, a[key], b[key])
