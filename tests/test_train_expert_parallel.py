@@ -24,7 +24,7 @@ def runs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ep_runs")
     # the few-shot recipe off (its drop-path and jitter draw per rank); grad clipping on: the norm
     # must include the other rank's experts
-    common = dict(max_steps=STEPS, recipe="off", grad_clip=1.0, lr=5e-3)
+    common = dict(max_steps=STEPS, recipe="off", grad_clip=1.0, lr=5e-3, ema=0.9)
     train(tiny_config(data, root / "one", **common))
     spawn_ranks(tiny_config(data, root / "ep2", expert_parallel=2, **common), world=2, timeout=300)
     return root
@@ -101,8 +101,11 @@ def test_training_state_saved_at_ep2_resumes_in_one_process(runs, data):
     for i, key in moments:
         a, b = one["optimizer"]["state"][i][key], two["optimizer"]["state"][i][key]
         assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5 * max(1.0, float(a.abs().max())), (i, key)
+    shadow_one, shadow_two = one["ema"]["shadow"], two["ema"]["shadow"]  # the EMA, experts gathered too
+    assert set(shadow_one) == set(shadow_two) and any("experts.w1" in k for k in shadow_two)
+    assert max(float((shadow_one[k] - shadow_two[k]).abs().max()) for k in shadow_one) < 1e-4
     trainer = Trainer(tiny_config(data, runs / "ep2", max_steps=STEPS, recipe="off", grad_clip=1.0, lr=5e-3,
-                                  resume=True))
+                                  resume=True, ema=0.9))
     assert trainer.step == STEPS
     resumed = trainer.optimizer.state_dict()["state"]
     assert all(torch.equal(resumed[i][key], two["optimizer"]["state"][i][key]) for i, key in moments)
@@ -118,7 +121,7 @@ def test_cli_nproc_2_expert_parallel_2_matches_one_process(runs, data, tmp_path)
     code = main(["train", "--model", "test", "--pairs", str(data["pairs"]), "--videos", str(data["videos"]),
                  "--out", str(out), "--max-steps", str(STEPS), "--batch-pairs", "8", "--batch-videos", "4",
                  "--warmup-steps", "2", "--lr", "5e-3", "--grad-clip", "1.0", "--seed", "0", "--threads", "1",
-                 "--num-workers", "0", "--no-progress", "--nproc", "2", "--expert-parallel", "2"])
+                 "--num-workers", "0", "--no-progress", "--nproc", "2", "--expert-parallel", "2", "--ema", "0.9"])
     assert code == 0
     one, cli = read_log(runs / "one"), read_log(out)
     assert len(cli) == STEPS

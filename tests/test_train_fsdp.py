@@ -91,3 +91,10 @@ def test_one_process_state_resumes_under_fsdp2(runs, tmp_path):
     for i, slot in before["optimizer"]["state"].items():
         for key, value in slot.items():
             assert torch.equal(after["optimizer"]["state"][i][key], value), (i, key)
+
+
+def test_fsdp2_refuses_an_ema(runs, tmp_path):
+    root, data = runs
+    with pytest.raises(RuntimeError, match="exited with"):  # the ranks stop at start with the ValueError
+        spawn_ranks(tiny_config(data, tmp_path / "ema", parallel="fsdp", ema=0.9, **COMMON), world=2, timeout=300)
+    assert not (tmp_path / "ema" / "log.jsonl").exists() or not read_log(tmp_path / "ema")

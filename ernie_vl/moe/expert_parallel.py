@@ -187,30 +187,45 @@ def expert_grad_norm_sq(model: nn.Module, groups: ExpertParallelGroups) -> torch
 def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every expert tensor gathered over its EP group (collective: every
     rank calls it); keys and shapes equal the unsharded model's."""
-    state = model.state_dict()
+    return gather_experts(model, model.state_dict())
+
+
+@torch.no_grad()
+def gather_experts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` keyed by parameter name (a state dict, EMA shadows) with each sharded expert entry
+    gathered over its EP group (collective)."""
+    tensors = dict(tensors)
+    for name, _ in expert_parameters(model):
+        if name in tensors:
+            shard = _shard_of(model, name)
+            local = tensors[name].detach().contiguous()
+            parts = [torch.empty_like(local) for _ in range(shard.size)]
+            dist.all_gather(parts, local, group=shard.group)
+            tensors[name] = torch.cat(parts)
+    return tensors
+
+
+def slice_experts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reverse of :func:`gather_experts`: each full expert entry cut to this rank's experts. A tensor
+    whose expert count is not the layer's raises ValueError."""
+    tensors = dict(tensors)
     for name, p in expert_parameters(model):
+        if name not in tensors:
+            continue
         shard = _shard_of(model, name)
-        parts = [torch.empty_like(p) for _ in range(shard.size)]
-        dist.all_gather(parts, p.detach().contiguous(), group=shard.group)
-        state[name] = torch.cat(parts)
-    return state
+        full = tensors[name]
+        if full.shape[0] != p.shape[0] * shard.size or tuple(full.shape[1:]) != tuple(p.shape[1:]):
+            raise ValueError(f"{name}: checkpoint tensor {tuple(full.shape)} does not match "
+                             f"{p.shape[0] * shard.size} experts of shape {tuple(p.shape[1:])}")
+        tensors[name] = full[shard.rank * p.shape[0]:(shard.rank + 1) * p.shape[0]]
+    return tensors
 
 
 @torch.no_grad()
 def load_consolidated_(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> Any:
     """Load a full (unsharded) state dict into an EP-sharded ``model``: each expert tensor sliced to
-    this rank's experts. A tensor whose expert count is not the layer's raises ValueError."""
-    state = dict(state)
-    for name, p in expert_parameters(model):
-        if name not in state:
-            continue
-        shard = _shard_of(model, name)
-        full = state[name]
-        if full.shape[0] != p.shape[0] * shard.size or tuple(full.shape[1:]) != tuple(p.shape[1:]):
-            raise ValueError(f"{name}: checkpoint tensor {tuple(full.shape)} does not match "
-                             f"{p.shape[0] * shard.size} experts of shape {tuple(p.shape[1:])}")
-        state[name] = full[shard.rank * p.shape[0]:(shard.rank + 1) * p.shape[0]]
-    return model.load_state_dict(state, strict=strict)
+    this rank's experts (:func:`slice_experts`)."""
+    return model.load_state_dict(slice_experts(model, state), strict=strict)
 
 
 def gathered_copy(model: nn.Module) -> nn.Module:

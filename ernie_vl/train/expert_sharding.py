@@ -105,3 +105,24 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sta
                     slot[key] = value[shard.rank * n:(shard.rank + 1) * n]
             state["state"][i] = slot
     optimizer.load_state_dict(state)
+
+
+def ema_state(ema: Any, model: nn.Module, ep: Optional[ExpertParallelGroups]) -> Optional[dict[str, Any]]:
+    """``ema.state_dict()`` (None without an EMA) with the experts' shadows gathered under EP (collective)."""
+    if ema is None:
+        return None
+    state = ema.state_dict()
+    if ep is not None:
+        from ernie_vl.moe.expert_parallel import gather_experts
+
+        state = {**state, "shadow": gather_experts(model, state["shadow"])}
+    return state
+
+
+def load_ema_state(ema: Any, model: nn.Module, state: dict[str, Any], ep: Optional[ExpertParallelGroups]) -> None:
+    """Load a full EMA state, the experts' shadows cut to this rank's experts under EP."""
+    if ep is not None:
+        from ernie_vl.moe.expert_parallel import slice_experts
+
+        state = {**state, "shadow": slice_experts(model, state["shadow"])}
+    ema.load_state_dict(state)

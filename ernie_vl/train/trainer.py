@@ -36,9 +36,9 @@ from ernie_vl.train.distributed import (DistContext, all_gather_cat, barrier, br
                                         init_distributed, unwrap, wrap_model)
 from ernie_vl.train.evaluation import evaluate
 from ernie_vl.train.fsdp import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
-from ernie_vl.train.expert_sharding import (clip_grad_norm, expert_parameter_names, load_model_state,
-                                            load_optimizer_state, model_state, optimizer_state, plain_model,
-                                            setup_expert_parallel)
+from ernie_vl.train.expert_sharding import (clip_grad_norm, ema_state, expert_parameter_names, load_ema_state,
+                                            load_model_state, load_optimizer_state, model_state, optimizer_state,
+                                            plain_model, setup_expert_parallel)
 from ernie_vl.train.ema import ModelEMA
 from ernie_vl.train.finetune import add_drop_path, freeze, init_head_from_prompts, replace_head
 from ernie_vl.train.optim import RefittableCosine, build_optimizer
@@ -144,6 +144,9 @@ class Trainer:
                                                 cfg.powersgd_warmup, ignore=expert_parameter_names(self.model))
         self.fsdp = fsdp
         self.optimizer = build_optimizer(self.model, cfg.lr, self.settings["weight_decay"])
+        if self.settings["ema"] and fsdp:
+            raise ValueError(f"--ema {self.settings['ema']} cannot run with --parallel fsdp (FSDP2 shards the "
+                             "weights the average is taken of); use --parallel ddp or --ema 0")
         self.ema = ModelEMA(self.model, self.settings["ema"]) if self.settings["ema"] else None
         # a time budget re-fits the schedule's length after the first steps (continuously: no LR jump)
         self.schedule = RefittableCosine(cfg.warmup_steps, self.max_steps or 10**9, cfg.min_lr_ratio)
@@ -417,7 +420,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
                 "rng": gather_objects(ckpt.rng_state(), self.ctx), "world_size": self.ctx.world_size,
                 "meter": None if self.meter is None else self.meter.state.__getstate__(),
-                "ema": None if self.ema is None else self.ema.state_dict(),
+                "ema": ema_state(self.ema, unwrap(self.model), self.ep),
                 "config": self.cfg.to_dict()}
 
     def save_checkpoint(self) -> None:
@@ -469,7 +472,7 @@ class Trainer:
         self.step, self.steps_fitted = state["step"], state["steps_fitted"]
         self.schedule.load_state_dict(state["schedule"])
         if self.ema is not None and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
+            load_ema_state(self.ema, unwrap(self.model), state["ema"], self.ep)
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
         if self.meter is not None and state.get("meter"):
