@@ -196,6 +196,8 @@ class VisionTransformerBase(nn.Module):
         if self.cfg.pos_init == "normal":
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             return
+        if self.pos_embed.is_meta:  # shape-only build (parameter counting): no values to scale
+            return
         table = sincos_pos_embed_2d(self.cfg.grid_size, self.pos_embed.shape[1])
         fan_in = self.patch_embed.weight[0].numel()
         strength = float(self.patch_embed.weight.std()) * fan_in ** 0.5  # std of a patch embedding of unit pixels

@@ -237,3 +237,15 @@ def test_sincos_position_init():
     assert float(video.pos_embed[1:].detach().std()) == pytest.approx(strength, rel=1e-4)
     with pytest.raises(ValueError, match="pos_init"):
         ImageEncoderConfig(pos_init="rope")
+
+
+def test_sincos_models_build_on_the_meta_device_and_count_parameters():
+    """create_model counts parameters on the meta device first; a sincos position init must not read values there."""
+    import ernie_vl
+    from ernie_vl.limits import estimate_params
+
+    base = ernie_vl.create_model("test")
+    cfg = dataclasses.replace(base.cfg, image_encoder=dataclasses.replace(base.cfg.image_encoder, pos_init="sincos"))
+    assert estimate_params(cfg) == sum(p.numel() for p in base.parameters())
+    model = ernie_vl.ErnieVL(cfg)
+    assert float(model.image_encoder.pos_embed[1:].detach().std()) > 0
