@@ -12,11 +12,13 @@ Rows (``--rows``, each ``CLIPS:VARIANT:SEED``):
   what modelling time buys;
 - ``stem``: ``full`` with a convolutional stem in the video encoder (``conv_stem=24``: a 3x3x3
   convolution and a GELU before the patch embedding);
+- ``tokenizer``: ``full`` with a convolutional tokenizer in the video encoder (``conv_stem=[16, 32, 64]``:
+  three 3x3x3 Conv3d + BatchNorm + GELU blocks, strided in space and time, then a 1x1x1 projection);
 - ``c3d``: the reference learner of ``bench/_reference_c3d.py`` (a 3D convnet of about 70k
   parameters, the same clips, frames, size and label-aware flips / reversals, Adam, ``--steps``
   steps, 600 without): what is reachable on these clips with so few labels;
-- ``vit_ref`` / ``vit_ref_stem``: ``tiny``'s bare video encoder (without / with the conv stem) and a
-  linear head in that same loop (AdamW 1e-3): whether the encoder itself or the rest of the
+- ``vit_ref`` / ``vit_ref_stem`` / ``vit_ref_tokenizer``: ``tiny``'s bare video encoder (without, with
+  the one-layer conv stem, with the conv tokenizer) and a linear head in that same loop (AdamW 1e-3): whether the encoder itself or the rest of the
   training (projector, MoE backbone, losses, schedule) is what fails to learn from few clips.
 
 Every row trains for ``--minutes`` of wall clock and / or ``--steps`` optimiser steps (the issue's
@@ -50,11 +52,14 @@ VARIANTS = {
                        cutmix=0.0)),
     "space_only": ({"video_encoder": {"attention": "space_only", "tubelet_size": 1}}, {}),
     "stem": ({"video_encoder": {"conv_stem": 24}}, dict(recipe="auto")),
+    "tokenizer": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, dict(recipe="auto")),
     "c3d": None,  # the reference learner (bench/_reference_c3d.py), not ernie-vl
     "vit_ref": None,  # tiny's bare video encoder + a linear head in the reference's loop
     "vit_ref_stem": None,  # the same with conv_stem=24
+    "vit_ref_tokenizer": None,  # the same with the conv tokenizer conv_stem=[16, 32, 64]
 }
-REFERENCES = {"c3d": None, "vit_ref": {}, "vit_ref_stem": {"conv_stem": 24}}  # video encoder overrides of tiny
+REFERENCES = {"c3d": None, "vit_ref": {}, "vit_ref_stem": {"conv_stem": 24},
+              "vit_ref_tokenizer": {"conv_stem": [16, 32, 64]}}  # video encoder overrides of tiny
 GOALS = {40: 0.90, 512: 0.97}
 
 
@@ -129,7 +134,8 @@ def verdicts(rows: list[dict]) -> list[Verdict]:
         out.append(Verdict(f"supervised top-1, {clips} clips/class, two seeds", f">= {goal:.2f} on both", measured,
                            met))
     names = {"c3d": "reference 3D convnet (~70k parameters)", "vit_ref": "tiny's bare video encoder + linear head",
-             "vit_ref_stem": "tiny's bare video encoder with conv stem + linear head"}
+             "vit_ref_stem": "tiny's bare video encoder with conv stem + linear head",
+             "vit_ref_tokenizer": "tiny's bare video encoder with conv tokenizer + linear head"}
     for variant, label in names.items():
         for clips in sorted({r["clips"] for r in rows if r["variant"] == variant}):
             ref = sorted((r for r in rows if r["clips"] == clips and r["variant"] == variant), key=lambda r: r["seed"])
@@ -152,8 +158,8 @@ def markdown(rows: list[dict], command: str, facts) -> str:
     lines += ["", f"Clips: `bench/_motion_clips.py` drawing version {VERSION}. "
               "Held-out: 32 clips per class (8 classes, chance 0.125). `full`: "
               "`ernie-vl train --videos --recipe auto` (recipe + the data's augment.json); `noaug`: no clip augmentation; "
-              "`space_only`: frame-wise encoder; `stem`: `full` with a conv stem; `c3d`: the ~70k-parameter "
-              "3D-convnet reference on the same clips; `vit_ref(_stem)`: tiny's bare video encoder and a linear head "
+              "`space_only`: frame-wise encoder; `stem`: `full` with a conv stem; `tokenizer`: `full` with the conv tokenizer `conv_stem=[16, 32, 64]`; `c3d`: the ~70k-parameter "
+              "3D-convnet reference on the same clips; `vit_ref(_stem, _tokenizer)`: tiny's bare video encoder (plain, one-conv stem, conv tokenizer) and a linear head "
               "in the reference's loop (references: no zero-shot). The machine is shared: wall-clock budgets are not comparable "
               "between rows with different loads; step budgets are.", ""]
     setups = {f"{r['clips']}:{r['variant']}": r["setup"] for r in rows}

@@ -18,9 +18,14 @@ Patch embedding: ``tubelet_size`` 1 embeds each frame with the 2D patch convolut
 embeds k consecutive frames x patch x patch with one 3D convolution (ViViT / VideoMAE
 tubelets), so the very first layer sees local motion and the clip has T/k time steps
 (T must be divisible by k). ``conv_stem`` S > 0 puts one 3x3x3 convolution with S channels and a
-GELU before the patch embedding (early convolutions: the patches then embed local motion features
-rather than raw pixels, which a transformer trained on a few hundred clips does not learn to do;
-inflation and conversion build encoders without it). Models built from scratch start with a random (trunc-normal
+GELU before the patch embedding. ``conv_stem`` (C1, ..., Cn), a sequence, is a convolutional
+tokenizer ("early convolutions"): n blocks of 3x3x3 Conv3d (no bias), BatchNorm3d and GELU, with
+stride 2 in space in the first blocks and stride 2 in time in the last blocks as far as the patch
+size and tubelet size allow (``stem_strides``); whatever of the patch and tubelet is left is one
+last convolution to the width (a 1x1x1 projection when the blocks use it all). The tokens then
+carry local motion features rather than raw pixels, which a transformer trained on a few hundred
+clips does not learn to extract. Inflation and conversion build encoders without a stem
+(``ernie_vl.inflate`` refuses a configuration that asks for one). Models built from scratch start with a random (trunc-normal
 0.02) time embedding so temporal attention can tell the frames apart from step 0;
 inflation and conversion overwrite it (zero, or the checkpoint's).
 
@@ -55,12 +60,20 @@ class VideoEncoderConfig(ImageEncoderConfig):
     cls_mode: str = "shared"
     temporal_interp: str = "linear"
     tubelet_size: int = 1
-    conv_stem: int = 0
+    conv_stem: int | tuple[int, ...] = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.conv_stem, int) or self.conv_stem < 0:
-            raise ValueError(f"conv_stem must be an int >= 0 (channels; 0 = none), got {self.conv_stem!r}")
+        if isinstance(self.conv_stem, list):
+            self.conv_stem = tuple(self.conv_stem)  # JSON configs give lists
+        if isinstance(self.conv_stem, tuple):
+            if not self.conv_stem or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                             for c in self.conv_stem):
+                raise ValueError(f"conv_stem as a sequence must list positive ints (channels per block), "
+                                 f"got {self.conv_stem!r}")
+        elif not isinstance(self.conv_stem, int) or isinstance(self.conv_stem, bool) or self.conv_stem < 0:
+            raise ValueError(f"conv_stem must be an int >= 0 (channels; 0 = none) or a sequence of channels, "
+                             f"got {self.conv_stem!r}")
         if not isinstance(self.num_frames, int) or self.num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {self.num_frames!r}")
         if not isinstance(self.tubelet_size, int) or self.tubelet_size <= 0:
@@ -76,6 +89,25 @@ class VideoEncoderConfig(ImageEncoderConfig):
             )
         if self.attention == "joint" and self.local_layers:
             raise ValueError("local_layers (window attention) needs attention 'divided' or 'space_only', not 'joint'")
+
+
+def stem_strides(num_blocks: int, patch: tuple[int, int], tubelet: int) -> list[tuple[int, int, int]]:
+    """(t, h, w) strides of a ``num_blocks``-block conv tokenizer: 2 in space in the first blocks while it
+    divides the patch size, 2 in time in the last blocks while it divides the tubelet size, else 1."""
+
+    def halvings(n: int) -> int:
+        return min(num_blocks, (n & -n).bit_length() - 1)  # times 2 divides n, at most one per block
+
+    sh, sw, st = halvings(patch[0]), halvings(patch[1]), halvings(tubelet)
+    return [(2 if i >= num_blocks - st else 1, 2 if i < sh else 1, 2 if i < sw else 1) for i in range(num_blocks)]
+
+
+def conv_tokenizer(in_chans: int, channels: tuple[int, ...], strides: list[tuple[int, int, int]]) -> nn.Sequential:
+    """(B, in_chans, T, H, W) -> (B, channels[-1], T / prod t-strides, H / prod h-strides, W / ...)."""
+    layers: list[nn.Module] = []
+    for c_in, c_out, stride in zip((in_chans, *channels[:-1]), channels, strides):
+        layers += [nn.Conv3d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.GELU()]
+    return nn.Sequential(*layers)
 
 
 def check_tubelet(num_frames: int, tubelet_size: int, what: str = "clip frames T") -> None:
@@ -170,11 +202,18 @@ class VideoEncoder(VisionTransformerBase):
         if not isinstance(cfg, VideoEncoderConfig):
             raise TypeError(f"VideoEncoder needs a VideoEncoderConfig, got {type(cfg).__name__}")
         super().__init__(cfg)
-        if cfg.conv_stem:
+        k, (ph, pw) = cfg.tubelet_size, cfg.patch_size
+        channels = cfg.in_chans
+        if isinstance(cfg.conv_stem, tuple):
+            strides = stem_strides(len(cfg.conv_stem), (ph, pw), k)
+            self.stem = conv_tokenizer(cfg.in_chans, cfg.conv_stem, strides)
+            for st, sh, sw in strides:
+                k, ph, pw = k // st, ph // sh, pw // sw  # what the blocks leave to the last convolution
+            channels = cfg.conv_stem[-1]
+        elif cfg.conv_stem:
             self.stem = nn.Sequential(nn.Conv3d(cfg.in_chans, cfg.conv_stem, 3, padding=1), nn.GELU())
+            channels = cfg.conv_stem
         if cfg.tubelet_size > 1 or cfg.conv_stem:
-            k, (ph, pw) = cfg.tubelet_size, cfg.patch_size
-            channels = cfg.conv_stem or cfg.in_chans
             self.patch_embed = nn.Conv3d(channels, cfg.width, (k, ph, pw), (k, ph, pw), bias=cfg.patch_bias)
         if cfg.attention != "space_only":
             self.time_embed = nn.Parameter(torch.zeros(cfg.num_frames // cfg.tubelet_size, cfg.width))
@@ -205,7 +244,7 @@ class VideoEncoder(VisionTransformerBase):
         check_tubelet(t, k)
         x = x.transpose(1, 2)  # (B, 3, T, H, W)
         if self.cfg.conv_stem:
-            x = self.stem(x)  # (B, S, T, H, W): local space-time features, same size
+            x = self.stem(x)  # (B, S, T, H, W) local space-time features (downsampled by a tokenizer)
         y = self.patch_embed(x)  # (B, C, T', gh, gw)
         grid = (y.shape[-2], y.shape[-1])
         y = y.permute(0, 2, 3, 4, 1).flatten(2, 3)  # (B, T', gh*gw, C)

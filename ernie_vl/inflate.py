@@ -38,6 +38,10 @@ def inflate_video_from_image(model, cls_mode: str = "per_frame"):
 
     cfg = copy.deepcopy(model.cfg)
     old = cfg.video_encoder
+    if old.conv_stem:
+        raise ValueError(f"the video encoder asks for conv_stem={old.conv_stem!r}, which the image encoder's linear "
+                         "patch embedding cannot be inflated into; keep the checkpoint's video path "
+                         "(--video-init keep) or drop the stem (conv_stem=0) to inflate")
     attention = old.attention
     video_encoder = video_encoder_from_image_encoder(model.image_encoder, old.num_frames, attention, cls_mode,
                                                      old.tubelet_size)

@@ -149,3 +149,60 @@ def test_inflated_tubelet_encoder_embeds_a_still_clip_as_the_image():
     with torch.no_grad():
         still = video(frame[:, None].expand(2, 4, 3, 32, 32).contiguous())
         torch.testing.assert_close(still.pooled, image(frame).pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_tokenizer_strides_follow_the_patch_and_tubelet_sizes():
+    from encoders.video_vit import stem_strides
+
+    assert stem_strides(3, (8, 8), 4) == [(1, 2, 2), (2, 2, 2), (2, 2, 2)]  # tiny: the blocks do all of it
+    assert stem_strides(2, (8, 8), 4) == [(2, 2, 2), (2, 2, 2)]  # a (1, 2, 2) patch convolution is left
+    assert stem_strides(3, (4, 4), 1) == [(1, 2, 2), (1, 2, 2), (1, 1, 1)]
+    assert stem_strides(2, (6, 6), 2) == [(1, 2, 2), (2, 1, 1)]  # 6 halves once
+
+
+def test_conv_tokenizer_equals_its_blocks_computed_by_hand():
+    torch.manual_seed(0)
+    enc = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=2, conv_stem=[5, 6]))
+    assert enc.cfg.conv_stem == (5, 6)  # JSON lists become tuples
+    for m in enc.stem.modules():  # non-trivial batch-norm statistics and affine terms
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    enc.eval()
+    clips = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        tokens, grid = enc.embed_clip(clips)
+    x = clips.transpose(1, 2)
+    convs = [m for m in enc.stem if isinstance(m, nn.Conv3d)]
+    norms = [m for m in enc.stem if isinstance(m, nn.BatchNorm3d)]
+    for conv, bn, stride in zip(convs, norms, [(1, 2, 2), (2, 2, 2)]):
+        y = F.conv3d(x, conv.weight, None, stride=stride, padding=1)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        y = (y - bn.running_mean[:, None, None, None]) * scale[:, None, None, None] + bn.bias[:, None, None, None]
+        x = F.gelu(y)
+    assert x.shape == (2, 6, 2, 8, 8)
+    # what the blocks leave of the (2, 8, 8) tubelet: a (1, 2, 2) convolution to the width
+    assert enc.patch_embed.kernel_size == (1, 2, 2) and enc.patch_embed.stride == (1, 2, 2)
+    patches = F.conv3d(x, enc.patch_embed.weight, enc.patch_embed.bias, stride=(1, 2, 2))
+    expected = patches.permute(0, 2, 3, 4, 1).flatten(2, 3) + enc.pos_embed[1:]
+    assert grid == (4, 4) and tokens.shape == (2, 2, 16, 32)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        out = enc(torch.randn(1, 8, 3, 32, 32))  # another frame count than configured
+    assert out.num_frames == 4 and torch.isfinite(out.pooled).all()
+
+
+@pytest.mark.parametrize("bad", [(), (4, 0), (4, -2), [True], 2.5, -1])
+def test_conv_stem_rejects_bad_channel_lists(bad):
+    with pytest.raises(ValueError, match="conv_stem"):
+        VideoEncoderConfig(**SMALL, num_frames=4, conv_stem=bad)
+
+
+def test_inflation_refuses_a_video_encoder_with_a_stem():
+    import ernie_vl
+    from ernie_vl.inflate import inflate_video_from_image
+
+    model = ernie_vl.create_model("tiny", class_names=["a", "b"], video_encoder={"conv_stem": [8, 16, 16]})
+    assert model.video_encoder.stem is not None
+    with pytest.raises(ValueError, match=r"conv_stem=\(8, 16, 16\).*cannot be inflated"):
+        inflate_video_from_image(model)

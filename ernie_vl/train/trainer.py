@@ -211,7 +211,7 @@ class Trainer:
                                  f"classes {classes[:10]}; train from a preset to get a new head")
             inflate = cfg.video_init == "image" or (
                 cfg.video_init == "auto" and bool(cfg.videos) and "pairs" in self.trained_on
-                and "videos" not in self.trained_on)
+                and "videos" not in self.trained_on and not model.cfg.video_encoder.conv_stem)  # a stem: no inflation
             if inflate:
                 from ernie_vl.inflate import inflate_video_from_image
 
