@@ -105,6 +105,14 @@ def verdict_lines(verdicts: list[Verdict]) -> list[str]:
 LOCATION_OPTIONS = ("--work", "--results", "--save-dir")  # where files go, not what is measured: never in a results file
 
 
+def _placeholder_path(arg: str) -> str:
+    """An absolute path (alone or as ``--opt=/path``) becomes ``.../<last part>``: what it names, not where."""
+    prefix, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if not value.startswith("/"):
+        return arg
+    return f"{prefix}{sep}.../{Path(value).name}"
+
+
 def command_line(script: str, argv: list[str] | None = None) -> str:
     """The command as a user would type it from the repository root, without the options that only name
     folders (LOCATION_OPTIONS: a machine's paths do not belong in a results file)."""
@@ -114,5 +122,5 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
         if arg in LOCATION_OPTIONS:
             args[:1] = []  # its value
         elif not arg.startswith(tuple(f"{o}=" for o in LOCATION_OPTIONS)):
-            kept.append(arg)
+            kept.append(_placeholder_path(arg))
     return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(a) for a in kept])

@@ -170,3 +170,9 @@ def test_train_screens_report_only_rewrites_the_results_from_stored_rows(tmp_pat
     assert [(v["met"], v["measured"]) for v in record["verdicts"]] == [(None, "0.750 (`videos uniform lr 1e-3`, seed 0)")]
     assert "| videos uniform lr 1e-3 | 0 | 300 | 1 |  |  |  | 0.750 | 0.500 | 1.000 | 9 |" in \
         (tmp_path / "train_screens.md").read_text()
+
+
+def test_command_line_hides_the_folders_of_absolute_paths(report):
+    argv = ["--checkpoint", "/home/someone/ckpt/divided", "--model=/data/models/m1", "--steps", "3", "rel/path"]
+    assert report.command_line("x.py", argv) == (
+        ".venv/bin/python bench/x.py --checkpoint .../divided --model=.../m1 --steps 3 rel/path")
