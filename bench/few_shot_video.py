@@ -14,6 +14,7 @@ Rows (``--rows``, each ``CLIPS:VARIANT:SEED``):
   convolution and a GELU before the patch embedding);
 - ``tokenizer``: ``full`` with a convolutional tokenizer in the video encoder (``conv_stem=[16, 32, 64]``:
   three 3x3x3 Conv3d + BatchNorm + GELU blocks, strided in space and time, then a 1x1x1 projection);
+  ``tokenizer_noaug``: the same with ``noaug``'s settings (no clip augmentation);
 - ``c3d``: the reference learner of ``bench/_reference_c3d.py`` (a 3D convnet of about 70k
   parameters, the same clips, frames, size and label-aware flips / reversals, Adam, ``--steps``
   steps, 600 without): what is reachable on these clips with so few labels;
@@ -53,6 +54,7 @@ VARIANTS = {
     "space_only": ({"video_encoder": {"attention": "space_only", "tubelet_size": 1}}, {}),
     "stem": ({"video_encoder": {"conv_stem": 24}}, dict(recipe="auto")),
     "tokenizer": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, dict(recipe="auto")),
+    "tokenizer_noaug": None,  # filled below: noaug's settings with the tokenizer
     "c3d": None,  # the reference learner (bench/_reference_c3d.py), not ernie-vl
     "vit_ref": None,  # tiny's bare video encoder + a linear head in the reference's loop
     "vit_ref_stem": None,  # the same with conv_stem=24
@@ -60,6 +62,7 @@ VARIANTS = {
 }
 REFERENCES = {"c3d": None, "vit_ref": {}, "vit_ref_stem": {"conv_stem": 24},
               "vit_ref_tokenizer": {"conv_stem": [16, 32, 64]}}  # video encoder overrides of tiny
+VARIANTS["tokenizer_noaug"] = (VARIANTS["tokenizer"][0], VARIANTS["noaug"][1])
 GOALS = {40: 0.90, 512: 0.97}
 
 
@@ -158,7 +161,7 @@ def markdown(rows: list[dict], command: str, facts) -> str:
     lines += ["", f"Clips: `bench/_motion_clips.py` drawing version {VERSION}. "
               "Held-out: 32 clips per class (8 classes, chance 0.125). `full`: "
               "`ernie-vl train --videos --recipe auto` (recipe + the data's augment.json); `noaug`: no clip augmentation; "
-              "`space_only`: frame-wise encoder; `stem`: `full` with a conv stem; `tokenizer`: `full` with the conv tokenizer `conv_stem=[16, 32, 64]`; `c3d`: the ~70k-parameter "
+              "`space_only`: frame-wise encoder; `stem`: `full` with a conv stem; `tokenizer`: `full` with the conv tokenizer `conv_stem=[16, 32, 64]`; `tokenizer_noaug`: the same without clip augmentation; `c3d`: the ~70k-parameter "
               "3D-convnet reference on the same clips; `vit_ref(_stem, _tokenizer)`: tiny's bare video encoder (plain, one-conv stem, conv tokenizer) and a linear head "
               "in the reference's loop (references: no zero-shot). The machine is shared: wall-clock budgets are not comparable "
               "between rows with different loads; step budgets are.", ""]
