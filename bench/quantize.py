@@ -208,7 +208,8 @@ def main() -> int:
 
     import ernie_vl
     from ernie_vl.precision import at_precision
-    from ernie_vl.quantize import available_int8_kernels, int8_kernel_choice, probed_int8_kernels, state_dict_bytes
+    from ernie_vl.int8_engines import DEFAULT_KERNEL, PROBE_MARGIN, PROBE_REPEATS, probe_records
+    from ernie_vl.quantize import available_int8_kernels, int8_kernel_choice, state_dict_bytes
 
     try:
         import torchao  # noqa: F401
@@ -315,8 +316,11 @@ def main() -> int:
         low = min(v for k, v in bf16_cos.items() if k.endswith("bf16"))
         verdicts.append(Verdict("bf16 autocast / fp32 embedding cosine, min over encode_image, encode_text, "
                                 "encode_video", f">= {COSINE_GOAL}", f"{low:.4f}", low >= COSINE_GOAL, "-"))
-    choices = probed_int8_kernels()
-    picked = ", ".join(f"{rows}x{k}->{n} ({t} threads): {kern}" for (rows, k, n, t), kern in sorted(choices.items()))
+    records = probe_records()
+    picked = ", ".join(f"{rows}x{k}->{n}{'+' + act if act else ''}: {rec.kernel} "
+                       f"({', '.join(f'{e} {s * 1e3:.2f} ms' for e, s in rec.medians.items())})"
+                       for (rows, k, n, _, act), rec in sorted(records.items(), key=lambda kv: str(kv[0])))
+    grids = sorted({m.grid for m in qmodel.modules() if hasattr(m, "grid")})
     lines = [
         "# int8 quantization: ErnieVL image path vs open_clip ViT-B-32 fp32 and ONNX Runtime int8",
         "",
@@ -339,7 +343,10 @@ def main() -> int:
               for v in verdicts]
     lines += [
         "",
-        f"- int8 engine chosen per GEMM shape by the one-time probe (rows x in -> out): {picked or 'none probed'}",
+        f"- int8 engine chosen per GEMM shape (rows x in -> out [+ fused activation], {torch.get_num_threads()} "
+        f"threads) by the one-time probe ({PROBE_REPEATS} interleaved samples per engine, medians; the default "
+        f"{DEFAULT_KERNEL} kept unless the other is > {PROBE_MARGIN:.0%} faster): {picked or 'none probed'}",
+        f"- activation grid of the int8 layers: {', '.join(f'{g.bit_length()} bits (u8 0..{g})' for g in grids)}",
         f"- model size (safetensors): fp32 {fp32_bytes / 1e6:.0f} MB -> int8 {int8_bytes / 1e6:.0f} MB, "
         f"ratio **{int8_bytes / fp32_bytes:.3f}**",
         "- min cosine similarity to fp32 (random inputs): " + ", ".join(f"{k} **{v:.4f}**" for k, v in cos.items()),

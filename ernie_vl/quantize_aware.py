@@ -4,8 +4,11 @@
 fake-quant twin that computes in float what the int8 layer computes:
 
 - weights: symmetric int8 with one scale per output channel (``quantize_weight``'s grid);
-- activations (the input of each int8 GEMM): per call, per tensor, asymmetric 7 bits
-  (``quantize_activation``'s grid: u8 0..127, zero exactly representable);
+- activations (the input of each int8 GEMM): per call, per tensor, asymmetric, on the layer's grid
+  (``quantize_activation``'s: u8 0..``act_qmax``, zero exactly representable). ``prepare_qat`` records the
+  grid on each layer (``act_qmax``: 255 where the int8 engines run 8 bits on this CPU, else 127, from
+  ``ernie_vl.int8_engines.layer_activation_qmax``, the function ``quantize_int8`` uses) and
+  ``quantize_int8`` gives the converted layer the grid its fake-quant twin trained with;
 - MoE experts: each expert's rows are quantized as one tensor, its hidden activations as another,
   as ``Int8Experts`` does (the layer runs its reference dispatch during QAT);
 - the text token embedding: int8 rows (weights only, as ``Int8Embedding``).
@@ -26,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.activations import act_fn as activation_fn
+from ernie_vl.int8_engines import ACT_QMAX_7BIT, activation_qparams, bits_to_qmax, layer_activation_qmax
 from ernie_vl.moe import MoEFeedForward
 from ernie_vl.moe.experts import MLPExperts, SwiGLUExperts
 from ernie_vl.moe.router import Router
 
-#: activation levels of the int8 kernels' inputs (7 bits, u8 0..127; see ``quantize.int8_linear``)
-ACT_QMAX = 127
+#: the 7-bit activation grid (u8 0..127), the default of ``fake_quant_activation``
+ACT_QMAX = ACT_QMAX_7BIT
 #: symmetric int8 weight levels (-127..127)
 WEIGHT_QMAX = 127
 
@@ -49,25 +53,28 @@ def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
     return _straight_through(weight, q)
 
 
-def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+def fake_quant_activation(x: torch.Tensor, qmax: int = ACT_QMAX) -> torch.Tensor:
     """Any shape -> ``x`` rounded to ``quantize_activation``'s grid: one scale and zero point for the whole
-    tensor from its min and max (0 included), 128 levels."""
+    tensor from its min and max (0 included), ``qmax + 1`` levels (128: 7 bits, 256: 8 bits)."""
     if x.numel() == 0:
         return x
     xd = x.detach().float()
     lo, hi = torch.aminmax(xd)
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = (hi - lo) / ACT_QMAX if hi > lo else 1.0
-    zero_point = min(max(int(round(-lo / scale)), 0), ACT_QMAX)
-    q = (torch.clamp(torch.round(xd * (1.0 / scale)) + zero_point, 0, ACT_QMAX) - zero_point) * scale
+    scale, zero_point = activation_qparams(float(lo), float(hi), qmax)
+    q = (torch.clamp(torch.round(xd * (1.0 / scale)) + zero_point, 0, qmax) - zero_point) * scale
     return _straight_through(x, q.to(x.dtype))
+
+
+def _grid(layer: nn.Module) -> int:
+    """The activation grid ``prepare_qat`` recorded on ``layer`` (7 bits when none was)."""
+    return getattr(layer, "act_qmax", ACT_QMAX)
 
 
 class QATLinear(nn.Linear):
     """``nn.Linear`` whose input and weight are fake-quantized: ``(..., in) -> (..., out)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quant_activation(x), fake_quant_weight(self.weight), self.bias)
+        return F.linear(fake_quant_activation(x, _grid(self)), fake_quant_weight(self.weight), self.bias)
 
 
 class QATPatchEmbed(nn.Conv2d):
@@ -76,7 +83,7 @@ class QATPatchEmbed(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = fake_quant_weight(self.weight.reshape(self.out_channels, -1)).view_as(self.weight)
-        return self._conv_forward(fake_quant_activation(x), w, self.bias)
+        return self._conv_forward(fake_quant_activation(x, _grid(self)), w, self.bias)
 
 
 class QATEmbedding(nn.Embedding):
@@ -92,17 +99,19 @@ class QATMLPExperts(MLPExperts):
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         b1 = None if self.b1 is None else self.b1[e]
         b2 = None if self.b2 is None else self.b2[e]
-        h = activation_fn(self.activation)(F.linear(fake_quant_activation(x), fake_quant_weight(self.w1[e]), b1))
-        return F.linear(fake_quant_activation(h), fake_quant_weight(self.w2[e]), b2)
+        qmax = _grid(self)
+        h = activation_fn(self.activation)(F.linear(fake_quant_activation(x, qmax), fake_quant_weight(self.w1[e]), b1))
+        return F.linear(fake_quant_activation(h, qmax), fake_quant_weight(self.w2[e]), b2)
 
 
 class QATSwiGLUExperts(SwiGLUExperts):
     """SwiGLU experts whose ``expert(x, e)`` fake-quantizes as ``Int8Experts``."""
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        g, u = F.linear(fake_quant_activation(x), fake_quant_weight(self.w_gate_up[e])).chunk(2, dim=-1)
+        qmax = _grid(self)
+        g, u = F.linear(fake_quant_activation(x, qmax), fake_quant_weight(self.w_gate_up[e])).chunk(2, dim=-1)
         h = activation_fn(self.activation)(g) * u
-        return F.linear(fake_quant_activation(h), fake_quant_weight(self.w_down[e]))
+        return F.linear(fake_quant_activation(h, qmax), fake_quant_weight(self.w_down[e]))
 
 
 #: float class -> its fake-quant twin (exact classes only: a subclass may compute something else)
@@ -117,29 +126,34 @@ def _is_patch_conv(conv: nn.Module) -> bool:
     return type(conv) is nn.Conv2d and Int8PatchEmbed.supports(conv)
 
 
-def _convert(module: nn.Module, keep: set[int]) -> int:
-    """Swap, in place, the classes of the quantizable layers below ``module`` (not those in ``keep``)."""
+def _convert(module: nn.Module, keep: set[int], qmax: int) -> int:
+    """Swap, in place, the classes of the quantizable layers below ``module`` (not those in ``keep``),
+    recording the activation grid ``qmax`` on each (``act_qmax``, which ``quantize_int8`` reads)."""
     swapped = 0
     for name, child in module.named_children():
         if id(child) in keep or isinstance(child, Router):
             continue
         if name == "patch_embed" and _is_patch_conv(child):
             child.__class__ = QATPatchEmbed
+            child.act_qmax = qmax
             swapped += 1
             continue
         if type(child) in QAT_CLASSES:
             child.__class__ = QAT_CLASSES[type(child)]
+            if not isinstance(child, QATEmbedding):  # an embedding has no activation to quantize
+                child.act_qmax = qmax
             swapped += 1
         if isinstance(child, MoEFeedForward) and child.groups is None:
             child._qat_backend = child.backend  # the reference dispatch calls ``experts.expert`` per expert
             child.backend = "reference"
-        swapped += _convert(child, keep)
+        swapped += _convert(child, keep, qmax)
     return swapped
 
 
-def prepare_qat(model: nn.Module) -> nn.Module:
+def prepare_qat(model: nn.Module, activation_bits: int | None = None) -> nn.Module:
     """Make ``model`` (an ``ErnieVL``, in place) compute what ``quantize_int8(model)`` will; returns it.
 
+    ``activation_bits``: 7 or 8; None: the grid the int8 engines run at on this CPU (``layer_activation_qmax``).
     Raises ``ValueError`` when the model has nothing to quantize or is already int8.
     """
     from ernie_vl.quantize import quantization_scheme
@@ -150,7 +164,7 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     modality_embed = getattr(getattr(model, "backbone", None), "modality_embed", None)
     if modality_embed is not None:
         keep.add(id(modality_embed))  # quantize_int8 keeps this tiny table float32
-    if _convert(model, keep) == 0:
+    if _convert(model, keep, layer_activation_qmax(bits_to_qmax(activation_bits))) == 0:
         raise ValueError(f"prepare_qat found no layer to quantize in {type(model).__name__}")
     return model
 
@@ -161,7 +175,9 @@ def is_qat(model: nn.Module) -> bool:
 
 
 def strip_qat(model: nn.Module) -> nn.Module:
-    """Undo ``prepare_qat`` in place (the same parameters in the plain float classes); returns ``model``."""
+    """Undo ``prepare_qat`` in place (the same parameters in the plain float classes); returns ``model``.
+
+    Each layer keeps the activation grid it was fine-tuned for (``act_qmax``): ``quantize_int8`` uses it."""
     for m in model.modules():
         if type(m) in FLOAT_CLASSES:
             m.__class__ = FLOAT_CLASSES[type(m)]

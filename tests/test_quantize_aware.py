@@ -48,13 +48,15 @@ def test_fake_quant_weight_is_quantize_weight_dequantized() -> None:
     assert torch.equal(fake_quant_weight(w), q.float() * scale[:, None])
 
 
-def test_fake_quant_activation_is_quantize_activation_dequantized() -> None:
+@pytest.mark.parametrize("qmax", [127, 255])
+def test_fake_quant_activation_is_quantize_activation_dequantized(qmax) -> None:
     x = torch.randn(5, 19, generator=torch.Generator().manual_seed(2)) * 3 + 0.5
-    data, scale, zero_point = quantize_activation(x)
+    data, scale, zero_point = quantize_activation(x, qmax)
+    assert int(data.max()) == qmax
     expected = (data.float() - zero_point) * scale
-    assert torch.allclose(fake_quant_activation(x), expected, rtol=0, atol=1e-6)
-    assert (fake_quant_activation(x) - x).abs().max() <= scale / 2 + 1e-6  # on the grid, not x itself
-    assert not torch.equal(fake_quant_activation(x), x)
+    assert torch.allclose(fake_quant_activation(x, qmax), expected, rtol=0, atol=1e-6)
+    assert (fake_quant_activation(x, qmax) - x).abs().max() <= scale / 2 + 1e-6  # on the grid, not x itself
+    assert not torch.equal(fake_quant_activation(x, qmax), x)
 
 
 def test_gradients_pass_the_rounding_straight_through() -> None:
@@ -82,10 +84,14 @@ def test_prepare_swaps_every_quantized_layer_and_strip_restores(model) -> None:
 
 
 @pytest.mark.parametrize("kernel", KERNELS, indirect=True)
-def test_fake_quant_model_equals_the_converted_int8_model(model, kernel) -> None:
-    qat = prepare_qat(copy.deepcopy(model)).eval()
+@pytest.mark.parametrize("bits", [7, 8])
+def test_fake_quant_model_equals_the_converted_int8_model(model, kernel, bits) -> None:
+    """Per activation grid (7 bits: fbgemm's reduce_range; 8 bits: VNNI / AMX) and per engine."""
+    qat = prepare_qat(copy.deepcopy(model), activation_bits=bits).eval()
     int8 = convert_qat(qat)
     assert is_qat(qat)  # converting leaves the QAT model as it was
+    grids = {m.grid for m in int8.modules() if hasattr(m, "grid")}
+    assert grids == {(1 << bits) - 1}  # every converted layer runs the grid its fake-quant twin trained with
     batch = make_batch(model, pairs=4, videos=3)
     with torch.no_grad():
         pairs = [(qat.encode_image(batch.images), int8.encode_image(batch.images), model.encode_image(batch.images)),
@@ -140,13 +146,13 @@ def test_qat_steps_shrink_the_int8_gap_more_than_the_same_float_steps() -> None:
             y = teacher(x / scale)
         net = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
         _fit(net, x, y, 300, 3e-3, seed=1)
-        plain, qat = copy.deepcopy(net), prepare_qat(copy.deepcopy(net))
+        plain, qat = copy.deepcopy(net), prepare_qat(copy.deepcopy(net), activation_bits=7)
         _fit(plain, x, y, 120, 1e-3, seed=2)
         _fit(qat, x, y, 120, 1e-3, seed=2)
         with torch.no_grad():
             fp32 = F.mse_loss(net(x), y).item()
-            ptq = F.mse_loss(quantize_int8(net)(x), y).item()
-            plain_int8 = F.mse_loss(quantize_int8(plain)(x), y).item()
+            ptq = F.mse_loss(quantize_int8(net, activation_bits=7)(x), y).item()
+            plain_int8 = F.mse_loss(quantize_int8(plain, activation_bits=7)(x), y).item()
             qat_int8 = F.mse_loss(convert_qat(qat)(x), y).item()
         assert ptq > 2 * fp32  # int8 costs something on this task
         assert qat_int8 < 0.92 * ptq, (fp32, ptq, plain_int8, qat_int8)

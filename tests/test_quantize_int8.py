@@ -14,6 +14,7 @@ from ernie_vl.quantize import (SCHEMES, Int8Linear, Int8Mlp, Int8MoEFeedForward,
                                int8_kernel, int8_kernel_choice, quantize_activation, quantize_weight,
                                probe_int8_kernels, probed_int8_kernels, set_int8_kernel, set_int8_probe,
                                state_dict_bytes, time_int8_kernel)
+from ernie_vl.int8_engines import PROBE_REPEATS
 from encoders.blocks import Mlp
 from ernie_vl.moe.layer import MoEFeedForward
 from tests._model_helpers import make_batch
@@ -135,24 +136,26 @@ def test_kernels_agree_and_a_forced_kernel_is_used() -> None:
 def test_auto_probes_each_shape_once_and_keeps_the_faster() -> None:
     calls = []
 
-    def fake_probe(kernel, rows, k, n):  # oneDNN faster for wide outputs, fbgemm for the others
-        calls.append((kernel, rows, k, n))
+    def fake_probe(kernel, rows, k, n, activation):  # oneDNN faster for wide outputs, fbgemm for the others
+        calls.append((kernel, rows, k, n, activation))
         return (1.0 if kernel == "onednn" else 2.0) if n >= 96 else (3.0 if kernel == "onednn" else 2.0)
 
+    per_probe = 2 * PROBE_REPEATS  # interleaved samples of both kernels
     previous = set_int8_probe(fake_probe)
     try:
         assert int8_kernel(400, 64, 128) == "onednn" and int8_kernel(400, 64, 48) == "fbgemm"
-        assert len(calls) == 4
-        assert int8_kernel(400, 64, 128) == "onednn" and len(calls) == 4  # cached
-        assert int8_kernel(None) == "fbgemm" and len(calls) == 4  # varying rows: no probe
+        assert len(calls) == 2 * per_probe
+        assert int8_kernel(400, 64, 128) == "onednn" and len(calls) == 2 * per_probe  # cached
+        assert int8_kernel(None) == "fbgemm" and len(calls) == 2 * per_probe  # varying rows: no probe
+        assert int8_kernel(400, 64, 128, "gelu") == "onednn" and len(calls) == 3 * per_probe  # fused GELU: own key
         threads = torch.get_num_threads()
         torch.set_num_threads(1 if threads > 1 else 2)
         try:
             int8_kernel(400, 64, 128)
-            assert len(calls) == 6  # another thread count is another shape
+            assert len(calls) == 4 * per_probe  # another thread count is another shape
         finally:
             torch.set_num_threads(threads)
-        assert probed_int8_kernels()[(400, 64, 128, threads)] == "onednn"
+        assert probed_int8_kernels()[(400, 64, 128, threads, None)] == "onednn"
         # a layer asks with its own shape
         torch.manual_seed(0)
         wide, narrow = Int8Linear.from_linear(nn.Linear(64, 128)), Int8Linear.from_linear(nn.Linear(64, 48))
