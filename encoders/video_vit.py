@@ -18,14 +18,14 @@ Patch embedding: ``tubelet_size`` 1 embeds each frame with the 2D patch convolut
 embeds k consecutive frames x patch x patch with one 3D convolution (ViViT / VideoMAE
 tubelets), so the very first layer sees local motion and the clip has T/k time steps
 (T must be divisible by k). ``conv_stem`` S > 0 puts one 3x3x3 convolution with S channels and a
-GELU before the patch embedding. ``conv_stem`` (C1, ..., Cn), a sequence, is a convolutional
-tokenizer ("early convolutions"): n blocks of 3x3x3 Conv3d (no bias), BatchNorm3d and GELU, with
-stride 2 in space in the first blocks and stride 2 in time in the last blocks as far as the patch
-size and tubelet size allow (``stem_strides``); whatever of the patch and tubelet is left is one
-last convolution to the width (a 1x1x1 projection when the blocks use it all). The tokens then
-carry local motion features rather than raw pixels, which a transformer trained on a few hundred
-clips does not learn to extract. Inflation and conversion build encoders without a stem
-(``ernie_vl.inflate`` refuses a configuration that asks for one). Models built from scratch start with a random (trunc-normal
+GELU before the patch embedding. ``conv_stem`` given as a sequence of channels (C1, ..., Cn) or as a
+``ConvStemConfig`` / dict (``encoders.video_stem``) is a convolutional tokenizer: n blocks of 3x3x3
+Conv3d, BatchNorm3d and GELU strided in space and time as far as the patch and tubelet sizes allow,
+then one last convolution over what is left of them to the width, optionally fed the frame
+differences as well as the pixels (``frame_diff``). The tokens then carry local motion features
+rather than raw pixels, which a transformer trained on a few hundred clips does not learn to
+extract. Inflation and conversion build encoders without a stem (``ernie_vl.inflate`` refuses a
+configuration that asks for one). Models built from scratch start with a random (trunc-normal
 0.02) time embedding so temporal attention can tell the frames apart from step 0;
 inflation and conversion overwrite it (zero, or the checkpoint's).
 
@@ -44,6 +44,7 @@ from torch import nn
 from .attention import MultiHeadAttention
 from .blocks import Block
 from .outputs import EncoderOutput
+from .video_stem import ConvStemConfig, conv_tokenizer, frame_differences, stem_strides
 from .pos_embed import TEMPORAL_INTERP_MODES, resample_pos_embed_2d, resample_temporal_embed
 from .vit import ImageEncoderConfig, VisionTransformerBase, check_pixels
 
@@ -60,20 +61,16 @@ class VideoEncoderConfig(ImageEncoderConfig):
     cls_mode: str = "shared"
     temporal_interp: str = "linear"
     tubelet_size: int = 1
-    conv_stem: int | tuple[int, ...] = 0
+    conv_stem: int | tuple[int, ...] | ConvStemConfig = 0  # a sequence or dict becomes a ConvStemConfig
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.conv_stem, list):
-            self.conv_stem = tuple(self.conv_stem)  # JSON configs give lists
-        if isinstance(self.conv_stem, tuple):
-            if not self.conv_stem or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
-                                             for c in self.conv_stem):
-                raise ValueError(f"conv_stem as a sequence must list positive ints (channels per block), "
-                                 f"got {self.conv_stem!r}")
-        elif not isinstance(self.conv_stem, int) or isinstance(self.conv_stem, bool) or self.conv_stem < 0:
-            raise ValueError(f"conv_stem must be an int >= 0 (channels; 0 = none) or a sequence of channels, "
-                             f"got {self.conv_stem!r}")
+        if isinstance(self.conv_stem, (list, tuple, dict)):
+            self.conv_stem = ConvStemConfig.parse(self.conv_stem)  # JSON gives lists or dicts
+        elif not isinstance(self.conv_stem, ConvStemConfig) and (
+                not isinstance(self.conv_stem, int) or isinstance(self.conv_stem, bool) or self.conv_stem < 0):
+            raise ValueError(f"conv_stem must be an int >= 0 (channels; 0 = none), a sequence of channels or a "
+                             f"ConvStemConfig / dict, got {self.conv_stem!r}")
         if not isinstance(self.num_frames, int) or self.num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {self.num_frames!r}")
         if not isinstance(self.tubelet_size, int) or self.tubelet_size <= 0:
@@ -89,25 +86,6 @@ class VideoEncoderConfig(ImageEncoderConfig):
             )
         if self.attention == "joint" and self.local_layers:
             raise ValueError("local_layers (window attention) needs attention 'divided' or 'space_only', not 'joint'")
-
-
-def stem_strides(num_blocks: int, patch: tuple[int, int], tubelet: int) -> list[tuple[int, int, int]]:
-    """(t, h, w) strides of a ``num_blocks``-block conv tokenizer: 2 in space in the first blocks while it
-    divides the patch size, 2 in time in the last blocks while it divides the tubelet size, else 1."""
-
-    def halvings(n: int) -> int:
-        return min(num_blocks, (n & -n).bit_length() - 1)  # times 2 divides n, at most one per block
-
-    sh, sw, st = halvings(patch[0]), halvings(patch[1]), halvings(tubelet)
-    return [(2 if i >= num_blocks - st else 1, 2 if i < sh else 1, 2 if i < sw else 1) for i in range(num_blocks)]
-
-
-def conv_tokenizer(in_chans: int, channels: tuple[int, ...], strides: list[tuple[int, int, int]]) -> nn.Sequential:
-    """(B, in_chans, T, H, W) -> (B, channels[-1], T / prod t-strides, H / prod h-strides, W / ...)."""
-    layers: list[nn.Module] = []
-    for c_in, c_out, stride in zip((in_chans, *channels[:-1]), channels, strides):
-        layers += [nn.Conv3d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.GELU()]
-    return nn.Sequential(*layers)
 
 
 def check_tubelet(num_frames: int, tubelet_size: int, what: str = "clip frames T") -> None:
@@ -204,12 +182,15 @@ class VideoEncoder(VisionTransformerBase):
         super().__init__(cfg)
         k, (ph, pw) = cfg.tubelet_size, cfg.patch_size
         channels = cfg.in_chans
-        if isinstance(cfg.conv_stem, tuple):
-            strides = stem_strides(len(cfg.conv_stem), (ph, pw), k)
-            self.stem = conv_tokenizer(cfg.in_chans, cfg.conv_stem, strides)
-            for st, sh, sw in strides:
-                k, ph, pw = k // st, ph // sh, pw // sw  # what the blocks leave to the last convolution
-            channels = cfg.conv_stem[-1]
+        self.stem: nn.Module | None = None
+        if isinstance(cfg.conv_stem, ConvStemConfig):
+            channels = cfg.conv_stem.input_channels(cfg.in_chans)
+            if cfg.conv_stem.channels:
+                strides = stem_strides(len(cfg.conv_stem.channels), (ph, pw), k)
+                self.stem = conv_tokenizer(channels, cfg.conv_stem.channels, strides)
+                for st, sh, sw in strides:
+                    k, ph, pw = k // st, ph // sh, pw // sw  # what the blocks leave to the last convolution
+                channels = cfg.conv_stem.channels[-1]
         elif cfg.conv_stem:
             self.stem = nn.Sequential(nn.Conv3d(cfg.in_chans, cfg.conv_stem, 3, padding=1), nn.GELU())
             channels = cfg.conv_stem
@@ -243,7 +224,10 @@ class VideoEncoder(VisionTransformerBase):
             return patches.reshape(b, t, *patches.shape[1:]), grid
         check_tubelet(t, k)
         x = x.transpose(1, 2)  # (B, 3, T, H, W)
-        if self.cfg.conv_stem:
+        stem = self.cfg.conv_stem
+        if isinstance(stem, ConvStemConfig) and stem.frame_diff:
+            x = frame_differences(x)  # (B, 6, T, H, W): pixels and their change since the previous frame
+        if self.stem is not None:
             x = self.stem(x)  # (B, S, T, H, W) local space-time features (downsampled by a tokenizer)
         y = self.patch_embed(x)  # (B, C, T', gh, gw)
         grid = (y.shape[-2], y.shape[-1])

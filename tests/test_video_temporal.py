@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.convert import video_encoder_from_image_encoder
+from encoders.video_stem import ConvStemConfig
 from encoders.video_vit import VideoEncoder, VideoEncoderConfig
 from encoders.vit import ImageEncoder, ImageEncoderConfig
 from ernie_vl.data.synthetic import motion_frames
@@ -163,7 +164,7 @@ def test_conv_tokenizer_strides_follow_the_patch_and_tubelet_sizes():
 def test_conv_tokenizer_equals_its_blocks_computed_by_hand():
     torch.manual_seed(0)
     enc = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=2, conv_stem=[5, 6]))
-    assert enc.cfg.conv_stem == (5, 6)  # JSON lists become tuples
+    assert enc.cfg.conv_stem == ConvStemConfig(channels=(5, 6))  # a list of channels is a tokenizer config
     for m in enc.stem.modules():  # non-trivial batch-norm statistics and affine terms
         if isinstance(m, nn.BatchNorm3d):
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
@@ -204,5 +205,5 @@ def test_inflation_refuses_a_video_encoder_with_a_stem():
 
     model = ernie_vl.create_model("tiny", class_names=["a", "b"], video_encoder={"conv_stem": [8, 16, 16]})
     assert model.video_encoder.stem is not None
-    with pytest.raises(ValueError, match=r"conv_stem=\(8, 16, 16\).*cannot be inflated"):
+    with pytest.raises(ValueError, match=r"conv_stem=ConvStemConfig\(channels=\(8, 16, 16\).*cannot be inflated"):
         inflate_video_from_image(model)

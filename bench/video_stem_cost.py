@@ -1,0 +1,117 @@
+"""What a convolutional stem in `tiny`'s video encoder costs per training step, side by side in one process.
+
+Times one optimiser step (forward, cross-entropy, backward, AdamW) on a batch of clips (32 x 8 frames x
+32 px by default) for each setting, two ways:
+
+- ``bare``: the video encoder and a linear head alone (the few-shot bench's ``vit_ref*`` loop);
+- ``model``: the whole ``tiny`` model (video encoder, projector, MoE backbone, classification head)
+  through ``classify_video``, the video side of a full training step.
+
+Settings: ``linear`` (tiny's tubelet patch embedding, the baseline), ``tokenizer`` (``conv_stem=[16, 32,
+64]``) and ``tokenizer_diff`` (the same fed frame differences too, ``frame_diff``). Rounds are rotated so
+no setting always runs first; the median of ``--rounds`` is reported with its ratio to ``linear``. The goal
+checked: the stem costs at most ``--max-ratio`` (default 1.5x) of the baseline's full-model step, so the
+step budget the few-shot goals need still fits the 10-minute budget within the full model.
+
+    .venv/bin/python bench/video_stem_cost.py --threads 1 --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from _report import Verdict, command_line, machine, verdict_lines, write_results  # noqa: E402
+
+NAME = "video_stem_cost"
+SETTINGS = {"linear": 0, "tokenizer": [16, 32, 64], "tokenizer_diff": {"channels": [16, 32, 64], "frame_diff": True}}
+
+
+def build(kind: str, conv_stem, num_classes: int = 8):
+    """(module, step function) of one setting; ``step(clips, labels)`` runs one optimiser step."""
+    import torch
+    from torch import nn
+
+    import ernie_vl
+
+    model = ernie_vl.create_model("tiny", class_names=[f"c{i}" for i in range(num_classes)],
+                                  video_encoder={"conv_stem": conv_stem})
+    if kind == "bare":
+        enc = model.video_encoder
+        module = nn.ModuleDict({"encoder": enc, "head": nn.Linear(enc.cfg.output_dim, num_classes)})
+
+        def logits(clips):
+            return module["head"](module["encoder"](clips).pooled)
+    else:
+        module = model
+
+        def logits(clips):
+            return model.classify_video(clips)
+    module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+
+    def step(clips, labels):
+        loss = nn.functional.cross_entropy(logits(clips), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return module, step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round and setting")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--max-ratio", type=float, default=1.5)
+    args = p.parse_args()
+    if args.rounds < 5:
+        raise ValueError(f"--rounds must be >= 5 for a median worth reporting, got {args.rounds}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()[0]
+    torch.manual_seed(0)
+    clips = torch.rand(args.batch, args.frames, 3, 32, 32)
+    labels = torch.randint(8, (args.batch,))
+    runs = {(kind, name): build(kind, stem)[1] for kind in ("bare", "model") for name, stem in SETTINGS.items()}
+    for step in runs.values():  # warm-up: allocator, oneDNN primitives
+        step(clips, labels)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    keys = list(runs)
+    for r in range(args.rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                runs[key](clips, labels)
+            times[key].append((time.perf_counter() - t0) / args.steps)
+    ms = {key: 1000 * statistics.median(v) for key, v in times.items()}
+    facts = machine(load0)
+    lines = [f"# Cost of the video stem per training step (`tiny`, batch {args.batch} x {args.frames} frames x 32 px)",
+             "", f"`{command_line('video_stem_cost.py')}`", "", facts.line(), "",
+             f"Median of {args.rounds} rotated rounds of {args.steps} steps, {args.threads} thread(s).", "",
+             "| loop | setting | ms / step | x linear |", "|---|---|---|---|"]
+    for kind, name in keys:
+        lines.append(f"| {kind} | {name} | {ms[kind, name]:.1f} | {ms[kind, name] / ms[kind, 'linear']:.2f} |")
+    verdicts = [Verdict(f"full-model step with the {name} stem vs tiny's linear embedding", f"<= {args.max_ratio}x",
+                        f"{ms['model', name] / ms['model', 'linear']:.2f}x ({ms['model', name]:.0f} vs "
+                        f"{ms['model', 'linear']:.0f} ms)", ms["model", name] / ms["model", "linear"] <= args.max_ratio)
+                for name in SETTINGS if name != "linear"]
+    lines += ["", *verdict_lines(verdicts)]
+    print("\n".join(lines))
+    write_results(NAME, "\n".join(lines), verdicts, facts, command_line("video_stem_cost.py"))
+    print(json.dumps({f"{k}:{n}": round(v, 1) for (k, n), v in ms.items()}))
+
+
+if __name__ == "__main__":
+    main()

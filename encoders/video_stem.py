@@ -1,0 +1,86 @@
+"""The convolutional input stage of the video encoder (``VideoEncoderConfig.conv_stem``).
+
+``ConvStemConfig(channels=(C1, ..., Cn), frame_diff=False)`` describes a convolutional tokenizer
+("early convolutions"): n blocks of 3x3x3 Conv3d (no bias), BatchNorm3d and GELU, stride 2 in space
+in the first blocks and stride 2 in time in the last blocks as far as the patch size and tubelet size
+allow (``stem_strides``); the patch embedding then covers what is left of the patch and tubelet.
+
+``frame_diff=True`` appends the temporal differences of the frames to the pixels before the first
+layer (TSN's RGB difference, TDN): channel-wise ``x[t] - x[t-1]`` (zero for the first frame), so the
+stem sees (B, 2 * in_chans, T, H, W). Motion is then explicit in the input instead of something the
+first convolutions must learn to compute from a few hundred clips; the cost is one subtraction.
+``channels=()`` with ``frame_diff=True`` keeps the linear tubelet embedding, over pixels and differences.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ConvStemConfig:
+    """The stem's blocks (output channels each, in order) and whether frame differences are added."""
+
+    channels: tuple[int, ...] = ()
+    frame_diff: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.channels, list):
+            self.channels = tuple(self.channels)  # JSON gives lists
+        if not isinstance(self.channels, tuple) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels):
+            raise ValueError(f"conv_stem channels must list positive ints (channels per block), got {self.channels!r}")
+        if not isinstance(self.frame_diff, bool):
+            raise ValueError(f"conv_stem frame_diff must be a bool, got {self.frame_diff!r}")
+        if not self.channels and not self.frame_diff:
+            raise ValueError("conv_stem with no blocks and frame_diff=False is no stem; use conv_stem=0")
+
+    @classmethod
+    def parse(cls, value: object) -> "ConvStemConfig":
+        """A ``ConvStemConfig`` from itself, a sequence of channels or a dict of its fields (ValueError otherwise)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("conv_stem as a sequence must list positive ints (channels per block), got ()")
+            return cls(channels=tuple(value))
+        if isinstance(value, dict):
+            valid = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(set(value) - set(valid))
+            if unknown:
+                raise ValueError(f"conv_stem: unknown key(s) {unknown}; valid keys: {valid}")
+            return cls(**value)
+        raise ValueError(f"conv_stem must be an int >= 0, a sequence of channels or a dict with keys "
+                         f"{[f.name for f in dataclasses.fields(cls)]}, got {value!r}")
+
+    def input_channels(self, in_chans: int) -> int:
+        """Channels the first layer sees: the pixels, and their differences with ``frame_diff``."""
+        return 2 * in_chans if self.frame_diff else in_chans
+
+
+def frame_differences(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, 2C, T, H, W): the frames, then ``x[t] - x[t-1]`` (zeros at t = 0)."""
+    diff = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
+    return torch.cat([x, diff], dim=1)
+
+
+def stem_strides(num_blocks: int, patch: tuple[int, int], tubelet: int) -> list[tuple[int, int, int]]:
+    """(t, h, w) strides of a ``num_blocks``-block conv tokenizer: 2 in space in the first blocks while it
+    divides the patch size, 2 in time in the last blocks while it divides the tubelet size, else 1."""
+
+    def halvings(n: int) -> int:
+        return min(num_blocks, (n & -n).bit_length() - 1)  # times 2 divides n, at most one per block
+
+    sh, sw, st = halvings(patch[0]), halvings(patch[1]), halvings(tubelet)
+    return [(2 if i >= num_blocks - st else 1, 2 if i < sh else 1, 2 if i < sw else 1) for i in range(num_blocks)]
+
+
+def conv_tokenizer(in_chans: int, channels: tuple[int, ...], strides: list[tuple[int, int, int]]) -> nn.Sequential:
+    """(B, in_chans, T, H, W) -> (B, channels[-1], T / prod t-strides, H / prod h-strides, W / ...)."""
+    layers: list[nn.Module] = []
+    for c_in, c_out, stride in zip((in_chans, *channels[:-1]), channels, strides):
+        layers += [nn.Conv3d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.GELU()]
+    return nn.Sequential(*layers)

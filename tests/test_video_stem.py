@@ -1,0 +1,160 @@
+"""The video encoder's convolutional stem with frame differences (``conv_stem={"channels": ..., "frame_diff":
+True}``): parity against a by-hand computation, config forms and their round trip through checkpoints,
+old checkpoints, inflation refusal and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoders.video_stem import ConvStemConfig, frame_differences
+from encoders.video_vit import VideoEncoder, VideoEncoderConfig
+
+SMALL = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def test_frame_differences_are_the_change_since_the_previous_frame():
+    x = torch.arange(2 * 1 * 4 * 1 * 1, dtype=torch.float32).reshape(2, 1, 4, 1, 1) ** 2  # (B, C, T, H, W)
+    out = frame_differences(x)
+    assert out.shape == (2, 2, 4, 1, 1)
+    torch.testing.assert_close(out[:, :1], x)
+    assert out[0, 1, :, 0, 0].tolist() == [0.0, 1.0, 3.0, 5.0]  # 0, 1, 4, 9 -> 0, 1-0, 4-1, 9-4
+    assert out[1, 1, :, 0, 0].tolist() == [0.0, 9.0, 11.0, 13.0]  # 16, 25, 36, 49
+
+
+def _randomise_batch_norms(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+
+
+def test_frame_diff_tokenizer_equals_its_blocks_computed_by_hand():
+    torch.manual_seed(0)
+    enc = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=2,
+                                          conv_stem={"channels": [5, 6], "frame_diff": True}))
+    assert enc.cfg.conv_stem == ConvStemConfig(channels=(5, 6), frame_diff=True)
+    convs = [m for m in enc.stem if isinstance(m, nn.Conv3d)]
+    norms = [m for m in enc.stem if isinstance(m, nn.BatchNorm3d)]
+    assert convs[0].in_channels == 6  # the pixels and their differences
+    _randomise_batch_norms(enc.stem)
+    enc.eval()
+    clips = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        tokens, grid = enc.embed_clip(clips)
+    frames = clips.transpose(1, 2)  # (B, 3, T, H, W)
+    diffs = torch.zeros_like(frames)
+    for t in range(1, 4):
+        diffs[:, :, t] = frames[:, :, t] - frames[:, :, t - 1]
+    x = torch.cat([frames, diffs], dim=1)
+    for conv, bn, stride in zip(convs, norms, [(1, 2, 2), (2, 2, 2)]):
+        y = F.conv3d(x, conv.weight, None, stride=stride, padding=1)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        y = (y - bn.running_mean[:, None, None, None]) * scale[:, None, None, None] + bn.bias[:, None, None, None]
+        x = F.gelu(y)
+    patches = F.conv3d(x, enc.patch_embed.weight, enc.patch_embed.bias, stride=(1, 2, 2))
+    expected = patches.permute(0, 2, 3, 4, 1).flatten(2, 3) + enc.pos_embed[1:]
+    assert grid == (4, 4) and tokens.shape == (2, 2, 16, 32)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_diff_without_blocks_is_a_linear_tubelet_over_pixels_and_differences():
+    torch.manual_seed(0)
+    enc = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=2,
+                                          conv_stem={"channels": [], "frame_diff": True}))
+    assert enc.stem is None and enc.patch_embed.in_channels == 6 and enc.patch_embed.kernel_size == (2, 8, 8)
+    clips = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        tokens, _ = enc.embed_clip(clips)
+    frames = clips.transpose(1, 2)
+    x = torch.cat([frames, torch.cat([torch.zeros_like(frames[:, :, :1]), frames.diff(dim=2)], dim=2)], dim=1)
+    patches = F.conv3d(x, enc.patch_embed.weight, enc.patch_embed.bias, stride=(2, 8, 8))
+    torch.testing.assert_close(tokens, patches.permute(0, 2, 3, 4, 1).flatten(2, 3) + enc.pos_embed[1:],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_still_clip_gives_zero_differences_so_only_the_pixels_count():
+    torch.manual_seed(0)
+    enc = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=4,
+                                          conv_stem={"channels": [4, 8], "frame_diff": True})).eval()
+    frame = torch.randn(1, 1, 3, 32, 32)
+    still = frame.expand(1, 4, 3, 32, 32).contiguous()
+    with torch.no_grad():
+        first = enc.stem[0](frame_differences(still.transpose(1, 2)))
+        weight = enc.stem[0].weight.clone()
+        weight[:, 3:] = 0  # the difference channels' weights do not matter on a still clip
+        pixels_only = F.conv3d(still.transpose(1, 2).repeat(1, 2, 1, 1, 1), weight, None,
+                               stride=enc.stem[0].stride, padding=1)
+    torch.testing.assert_close(first, pixels_only, rtol=1e-5, atol=1e-5)
+
+
+def test_config_forms_are_one_concept():
+    as_list = VideoEncoderConfig(**SMALL, num_frames=4, conv_stem=[4, 8])
+    as_dict = VideoEncoderConfig(**SMALL, num_frames=4, conv_stem={"channels": [4, 8]})
+    as_cfg = VideoEncoderConfig(**SMALL, num_frames=4, conv_stem=ConvStemConfig((4, 8), False))
+    assert as_list.conv_stem == as_dict.conv_stem == as_cfg.conv_stem == ConvStemConfig((4, 8), False)
+    assert VideoEncoderConfig(**SMALL, num_frames=4, conv_stem=24).conv_stem == 24  # the one-conv stem stays
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"channels": [4], "diff": True}, r"unknown key\(s\) \['diff'\]; valid keys: \['channels', 'frame_diff'\]"),
+    ({"channels": [4], "frame_diff": "yes"}, "frame_diff must be a bool"),
+    ({"channels": []}, "no stem; use conv_stem=0"),
+    ({"channels": [4, 0]}, "positive ints"),
+    ("16,32", "conv_stem must be an int >= 0"),
+])
+def test_bad_stem_configs_name_the_value_and_what_is_valid(bad, match):
+    with pytest.raises(ValueError, match=match):
+        VideoEncoderConfig(**SMALL, num_frames=4, conv_stem=bad)
+
+
+def test_model_config_round_trips_and_old_list_checkpoints_load(tmp_path):
+    import ernie_vl
+    from ernie_vl.config import ErnieVLConfig
+
+    torch.manual_seed(0)
+    model = ernie_vl.create_model("test", class_names=["a", "b"], video_encoder={"conv_stem": [4, 8]}).eval()
+    model.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert saved["video_encoder"]["conv_stem"] == {"channels": [4, 8], "frame_diff": False}
+    assert ErnieVLConfig.from_dict(saved) == model.cfg
+    # a checkpoint written before the dict form spelt the tokenizer as a list: same keys, same numbers
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes((tmp_path / "new" / "model.safetensors").read_bytes())
+    saved["video_encoder"]["conv_stem"] = [4, 8]
+    (old / "config.json").write_text(json.dumps(saved))
+    loaded = ernie_vl.ErnieVL.from_pretrained(old).eval()
+    clips = torch.rand(2, 8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_video(clips), model.encode_video(clips), rtol=0, atol=0)
+    # and one from before any stem existed has no conv_stem key at all: no stem
+    del saved["video_encoder"]["conv_stem"]
+    assert ErnieVLConfig.from_dict(saved).video_encoder.conv_stem == 0
+
+
+def test_frame_diff_checkpoint_round_trips(tmp_path):
+    import ernie_vl
+
+    torch.manual_seed(0)
+    stem = {"channels": [4, 8], "frame_diff": True}
+    model = ernie_vl.create_model("test", class_names=["a", "b"], video_encoder={"conv_stem": stem}).eval()
+    model.save_pretrained(tmp_path)
+    loaded = ernie_vl.ErnieVL.from_pretrained(tmp_path).eval()
+    assert loaded.cfg.video_encoder.conv_stem == ConvStemConfig((4, 8), True)
+    clips = torch.rand(2, 8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_video(clips), model.encode_video(clips), rtol=0, atol=0)
+
+
+def test_inflation_refuses_a_frame_diff_stem():
+    import ernie_vl
+    from ernie_vl.inflate import inflate_video_from_image
+
+    model = ernie_vl.create_model("test", class_names=["a", "b"],
+                                  video_encoder={"conv_stem": {"channels": [], "frame_diff": True}})
+    with pytest.raises(ValueError, match=r"frame_diff=True.*cannot be inflated"):
+        inflate_video_from_image(model)
