@@ -15,6 +15,8 @@ import faiss
 import numpy as np
 import torch
 
+from retrieval import exact
+
 QUERY_CHUNK = 1024      # queries scored at once by the exact store
 ROW_CHUNK = 32768       # at least this many stored vectors are scored at once
 SCORE_BUDGET = 1 << 25  # floats in the (queries, rows) score buffer (128 MB)
@@ -37,6 +39,7 @@ class IndexParams:
     pq_nbits: int = 8
     rerank_factor: int = RERANK_FACTOR  # ivfpq with its vectors on disk: re-rank the PQ top (factor * k); 0 = off
     compact_dead_fraction: float = 0.25
+    flat_first_stage: str = "auto"  # flat: "auto" (bf16 + fp32 rescoring where the CPU has fast bf16), "bf16", "fp32"
 
     def __post_init__(self) -> None:
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe", "pq_nbits"):
@@ -45,6 +48,9 @@ class IndexParams:
                 raise ValueError(f"IndexParams.{name} must be >= 1, got {value}")
         if int(self.rerank_factor) < 0:
             raise ValueError(f"IndexParams.rerank_factor must be >= 0 (0 = no re-ranking), got {self.rerank_factor}")
+        if self.flat_first_stage not in exact.FIRST_STAGES:
+            raise ValueError(f"IndexParams.flat_first_stage must be one of {exact.FIRST_STAGES}, "
+                             f"got {self.flat_first_stage!r}")
         if not 0.0 < self.compact_dead_fraction <= 1.0:
             raise ValueError(f"compact_dead_fraction must be in (0, 1], got {self.compact_dead_fraction}")
 
@@ -74,33 +80,60 @@ def _nonfinite_rows(read_block, total: int) -> np.ndarray:
 
 
 class FlatStore:
-    """Exact inner-product search with chunked torch matmul + top-k over the vectors stored
-    column-major: a (D, N) matrix, so a block of scores is ``queries @ columns``.
+    """Exact inner-product search: chunked torch matmul + top-k, in one or two stages.
 
-    That layout is MKL's fast one for few queries: with (N, D) rows, ``q @ x.T`` for a single query
-    took ~10x longer here (a slow gemv path), and ~1.3x longer for batches of 100. Faster than FAISS
-    ``IndexFlatIP`` on few threads (see bench/retrieval.py). Removal compacts.
+    The vectors are kept as an (N, D) float32 array ``x`` in the layout the search wants:
+    Fortran order for the fp32 path (its transpose is the (D, N) column matrix, MKL's fast layout for
+    ``queries @ columns``), C order for the two-stage path (:mod:`retrieval.exact`: a bf16 (D, N) copy
+    finds the candidates, the fp32 rows rescore them; the result is still the fp32 top-k). Which one
+    runs is :func:`retrieval.exact.choose_first_stage` (``IndexParams.flat_first_stage``), decided once
+    the index holds ``exact.MIN_ITEMS`` vectors; a memory-mapped index always searches in fp32.
+    Removal compacts.
     """
 
     kind = "flat"
     masks_removed = False  # removal compacts at once, every slot is alive
 
     def __init__(self, dim: int, params: IndexParams) -> None:
-        self.dim = dim
-        self.columns = np.zeros((dim, 0), np.float32)  # (D, N), C-contiguous
+        self.dim, self.params = dim, params
+        self.x = np.zeros((0, dim), np.float32, order="F")
+        self.mapped = False
+        self._stage: Optional[exact.FirstStage] = None
+        self._two: Optional[exact.TwoStage] = None
+        self._lock = threading.Lock()
         self._local = threading.local()
 
     @property
     def vectors(self) -> np.ndarray:
-        """(N, D) float32 view of the stored vectors (not C-contiguous)."""
-        return self.columns.T
+        """(N, D) float32 view of the stored vectors (Fortran or C order)."""
+        return self.x
 
     @property
     def ntotal(self) -> int:
-        return self.columns.shape[1]
+        return self.x.shape[0]
+
+    @property
+    def first_stage(self) -> exact.FirstStage:
+        """The product that finds candidates here (decided when first asked, then kept)."""
+        if self.mapped:
+            return exact.FirstStage("fp32", "memory-mapped index: searched in place in fp32")
+        if self._stage is None:
+            self._stage = exact.choose_first_stage(self.params.flat_first_stage)
+        return self._stage
+
+    def _two_stage(self, n: Optional[int] = None) -> bool:
+        """Whether ``n`` vectors (default: those held) are searched in two stages."""
+        return (self.ntotal if n is None else n) >= exact.MIN_ITEMS and self.first_stage.name == "bf16"
+
+    def _set(self, x: np.ndarray, copy: bool = False) -> None:
+        """Keep ``x`` (a copy when asked) in the layout the search wants; drops the two-stage copy."""
+        order = "C" if self._two_stage(len(x)) else "F"
+        with self._lock:
+            self._two = None
+            self.x = np.array(x, order=order) if copy else np.asarray(x, order=order)
 
     def add(self, x: np.ndarray) -> None:
-        self.columns = np.ascontiguousarray(np.concatenate([self.columns, x.T], axis=1) if self.ntotal else x.T)
+        self._set(np.concatenate([self.x, x], axis=0) if self.ntotal else x)
 
     def remove(self, slots: np.ndarray) -> None:
         keep = np.ones(self.ntotal, bool)
@@ -108,10 +141,10 @@ class FlatStore:
         self.compact(keep)
 
     def compact(self, keep: np.ndarray) -> None:
-        self.columns = np.ascontiguousarray(self.columns[:, keep])
+        self._set(self.x[keep])
 
     def reconstruct(self, slots: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(self.columns[:, slots].T)
+        return np.ascontiguousarray(self.x[slots])
 
     def _score_buffer(self, size: int) -> torch.Tensor:
         """A reused float32 buffer (per thread): fresh 100 MB allocations cost page faults every call."""
@@ -121,57 +154,80 @@ class FlatStore:
             self._local.buf = buf
         return buf
 
+    def _stages(self) -> exact.TwoStage:
+        with self._lock:
+            if self._two is None:
+                self._two = exact.TwoStage(torch.from_numpy(self.x), exact.rounding_norms(self.x))
+            return self._two
+
     @torch.inference_mode()
     def search(self, queries: np.ndarray, k: int, alive: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, D) -> slots (Q, k) int64, scores (Q, k) float32, best first.
-
-        Scores are computed block by block into one reused (queries, rows) buffer of at most
-        SCORE_BUDGET floats; each block's top-k is merged into the running best.
-        """
+        """(Q, D) -> slots (Q, k) int64, scores (Q, k) float32, best first."""
         n = self.ntotal
         kk = min(k, n)
-        q_all = torch.from_numpy(queries)
-        cols = torch.from_numpy(self.columns)
         out_s = np.full((len(queries), kk), -np.inf, np.float32)
         out_i = np.full((len(queries), kk), -1, np.int64)
         if kk == 0:
             return _pad(out_s, out_i, k)
-        for qs in range(0, len(queries), QUERY_CHUNK):
-            q = q_all[qs:qs + QUERY_CHUNK]
-            rows = min(n, max(ROW_CHUNK, SCORE_BUDGET // len(q)))
-            buf = self._score_buffer(len(q) * rows)
-            best_s = best_i = None
-            for start in range(0, n, rows):
-                block = cols[:, start:start + rows]                              # (D, rows)
-                width = block.shape[1]
-                scores = buf[: len(q) * width].view(len(q), width)
-                torch.mm(q, block, out=scores)                                  # (q, rows)
-                s, i = torch.topk(scores, min(kk, width), dim=1)
-                if start:
-                    i = i + start
-                if best_s is not None:
-                    s, order = torch.topk(torch.cat([best_s, s], 1), kk, dim=1)
-                    i = torch.cat([best_i, i], 1).gather(1, order)
-                best_s, best_i = s, i
-            out_s[qs:qs + len(q)] = best_s.numpy()
-            out_i[qs:qs + len(q)] = best_i.numpy()
+        q_all = torch.from_numpy(queries)
+        two = self._stages() if self._two_stage() and exact.use_two_stage(n, kk) else None
+        step = QUERY_CHUNK if two is None else max(1, min(QUERY_CHUNK, 2 * SCORE_BUDGET // n))
+        for qs in range(0, len(queries), step):
+            q = q_all[qs:qs + step]
+            s, i = exact.best_first(*self._fp32_topk(q, kk), kk) if two is None else two.search(q, kk, self._fp32_topk)
+            out_s[qs:qs + len(q)] = s.numpy()
+            out_i[qs:qs + len(q)] = i.numpy()
         return _pad(out_s, out_i, k)
 
+    def _fp32_topk(self, q: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, D) -> fp32 top-``kk`` scores and slots over all stored vectors, block by block into one
+        reused (queries, rows) buffer of at most SCORE_BUDGET floats; each block's top-k is merged."""
+        n = self.ntotal
+        cols = torch.from_numpy(self.x.T)                                      # (D, N), a view either way
+        rows = min(n, max(ROW_CHUNK, SCORE_BUDGET // len(q)))
+        buf = self._score_buffer(len(q) * rows)
+        best_s = best_i = None
+        for start in range(0, n, rows):
+            block = cols[:, start:start + rows]                                # (D, rows)
+            width = block.shape[1]
+            scores = buf[: len(q) * width].view(len(q), width)
+            torch.mm(q, block, out=scores)                                     # (q, rows)
+            s, i = torch.topk(scores, min(kk, width), dim=1)
+            if start:
+                i = i + start
+            if best_s is not None:
+                s, order = torch.topk(torch.cat([best_s, s], 1), kk, dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, order)
+            best_s, best_i = s, i
+        return best_s, best_i
+
     def save(self, folder: Path) -> list[str]:
-        np.save(folder / "vectors.npy", self.vectors)  # (N, D), written in Fortran order: no copy
+        path = folder / "vectors.npy"
+        if self.x.flags.f_contiguous:
+            np.save(path, self.x)  # (N, D) in Fortran order: no copy
+        else:  # the file is always Fortran order (a memory-mapped load searches its columns in place)
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=self.x.shape, fortran_order=True)
+            for start in range(0, self.ntotal, CHECK_BLOCK):
+                out[start:start + CHECK_BLOCK] = self.x[start:start + CHECK_BLOCK]
+            out.flush()
+            del out
         return ["vectors.npy"]
 
     def nonfinite_slots(self) -> np.ndarray:
         """Slots whose stored vector holds NaN or inf (checked after loading)."""
-        return _nonfinite_rows(lambda start, n: self.columns[:, start:start + n].T, self.ntotal)
+        return _nonfinite_rows(lambda start, n: self.x[start:start + n], self.ntotal)
 
     def load(self, folder: Path, mmap: bool = False) -> None:
-        # mmap: copy-on-write pages of the file; the Fortran-order (N, D) file is the (D, N) C-order matrix
-        vectors = np.load(folder / "vectors.npy", allow_pickle=False, mmap_mode="c" if mmap else None)
+        # mmap: copy-on-write pages of the file, searched in place; else read into the layout the search wants
+        vectors = np.load(folder / "vectors.npy", allow_pickle=False, mmap_mode="c" if mmap else "r")
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or vectors.dtype != np.float32:
             raise ValueError(f"{folder / 'vectors.npy'} holds {vectors.dtype} {vectors.shape}, "
                              f"expected float32 (N, {self.dim})")
-        self.columns = np.ascontiguousarray(vectors.T)  # free for the Fortran-order files we write
+        self.mapped = bool(mmap)
+        if mmap:
+            self.x, self._two = vectors, None
+        else:
+            self._set(vectors, copy=True)
 
 
 def read_faiss(path: Path, mmap: bool = False) -> faiss.Index:

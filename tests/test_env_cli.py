@@ -27,6 +27,11 @@ def test_env_json_names_the_machine_and_every_choice(capsys):
         assert c["video_decode"][name]["threads"] >= 1 and c["video_decode"][name]["reason"]
     assert c["video_decode"]["short_gop"]["threads"] == 1  # short runs never pay for decoder threads
     assert c["search"]["auto_kind_below_threshold"] == "flat" and c["search"]["auto_kind_from_threshold"] == "hnsw"
+    from retrieval.backends import FlatStore, IndexParams
+
+    # the exact search's first stage is the one a flat index makes here
+    assert c["search"]["flat_first_stage"] == FlatStore(8, IndexParams()).first_stage.name
+    assert c["search"]["flat_first_stage_reason"]
     assert torch.get_num_threads() == m["threads"]["torch_intra_op"]  # asking changed nothing
 
 
@@ -35,7 +40,7 @@ def test_env_text_is_readable(capsys):
     text = capsys.readouterr().out
     assert text.startswith("cpu:") and runtime.cpu_info().model in text
     assert "MoE experts, 1 thread:" in text and "int8 engine" in text and "video decode threads" in text
-    assert "search index kind auto: flat below" in text
+    assert "search index kind auto: flat below" in text and "exact (flat) search first stage: " in text
 
 
 def test_env_names_the_moe_kernel_of_each_layer_of_float_and_int8_checkpoints(capsys, tmp_path):

@@ -28,7 +28,7 @@ def test_mmap_load_searches_like_a_full_load(tmp_path, kind):
     np.testing.assert_array_equal(sc_a, sc_b)
     assert mapped.read_only and len(mapped) == 2998 and mapped.metadata(7) == {"n": 7}
     if kind == "flat":
-        assert isinstance(mapped._store.columns.base, np.memmap) or isinstance(mapped._store.columns, np.memmap)
+        assert isinstance(mapped._store.x.base, np.memmap) or isinstance(mapped._store.x, np.memmap)
     with pytest.raises(ValueError, match="mmap=True"):
         mapped.add(x[:1])
     with pytest.raises(ValueError, match="mmap=True"):

@@ -85,13 +85,18 @@ def video_choices() -> dict[str, Any]:
 
 
 def search_choices() -> dict[str, Any]:
-    """The index kind ``auto`` resolves to, and the exact (flat) store's layout."""
+    """The index kind ``auto`` resolves to, and how the exact (flat) store searches here."""
+    from retrieval.exact import MIN_ITEMS, choose_first_stage
     from retrieval.index import AUTO_APPROX_THRESHOLD, resolve_kind
 
+    stage = choose_first_stage("auto")
+    layout = ("(N, D) rows + a (D, N) bf16 copy: bf16 candidates, fp32 rescoring (exact)" if stage.name == "bf16"
+              else "(D, N) columns: scores = queries @ columns (MKL's fast layout for few queries)")
     return {"auto_kind_below_threshold": resolve_kind("auto", AUTO_APPROX_THRESHOLD - 1),
             "auto_kind_from_threshold": resolve_kind("auto", AUTO_APPROX_THRESHOLD),
             "threshold_items": AUTO_APPROX_THRESHOLD,
-            "flat_layout": "(D, N) columns: scores = queries @ columns (MKL's fast layout for few queries)"}
+            "flat_first_stage": stage.name, "flat_first_stage_reason": stage.reason,
+            "flat_two_stage_from_items": MIN_ITEMS, "flat_layout": layout}
 
 
 MODEL_TOKENS = 512  # the even MoE call each layer of ``--model`` is asked about
@@ -170,7 +175,9 @@ def format_text(env: dict[str, Any]) -> str:
         lines.append(f"  video decode threads, {name.replace('_', ' ')}: {v['threads']} {v['kind']} ({v['reason']})")
     s = c["search"]
     lines.append(f"  search index kind auto: {s['auto_kind_below_threshold']} below {s['threshold_items']:,} items, "
-                 f"{s['auto_kind_from_threshold']} from there; flat layout {s['flat_layout']}")
+                 f"{s['auto_kind_from_threshold']} from there")
+    lines.append(f"  exact (flat) search first stage: {s['flat_first_stage']} ({s['flat_first_stage_reason']}), "
+                 f"from {s['flat_two_stage_from_items']:,} items; layout {s['flat_layout']}")
     if "model" in env:
         lines += ["", f"model {env['model']['model']}: MoE layers (backend setting -> kernel of an even "
                       f"{MODEL_TOKENS}-token call)"]
