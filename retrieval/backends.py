@@ -170,11 +170,14 @@ class FlatStore:
         if kk == 0:
             return _pad(out_s, out_i, k)
         q_all = torch.from_numpy(queries)
-        two = self._stages() if self._two_stage() and exact.use_two_stage(n, kk) else None
+        two = self._stages() if self._two_stage() and exact.use_two_stage(n, kk, len(queries)) else None
         step = QUERY_CHUNK if two is None else max(1, min(QUERY_CHUNK, 2 * SCORE_BUDGET // n))
         for qs in range(0, len(queries), step):
             q = q_all[qs:qs + step]
-            s, i = exact.best_first(*self._fp32_topk(q, kk), kk) if two is None else two.search(q, kk, self._fp32_topk)
+            if two is not None and exact.use_two_stage(n, kk, len(q)):
+                s, i = two.search(q, kk, self._fp32_topk)
+            else:
+                s, i = exact.best_first(*self._fp32_topk(q, kk), kk)
             out_s[qs:qs + len(q)] = s.numpy()
             out_i[qs:qs + len(q)] = i.numpy()
         return _pad(out_s, out_i, k)

@@ -86,7 +86,7 @@ def video_choices() -> dict[str, Any]:
 
 def search_choices() -> dict[str, Any]:
     """The index kind ``auto`` resolves to, and how the exact (flat) store searches here."""
-    from retrieval.exact import MIN_ITEMS, choose_first_stage
+    from retrieval.exact import MIN_ITEMS, MIN_QUERIES, choose_first_stage
     from retrieval.index import AUTO_APPROX_THRESHOLD, resolve_kind
 
     stage = choose_first_stage("auto")
@@ -96,7 +96,7 @@ def search_choices() -> dict[str, Any]:
             "auto_kind_from_threshold": resolve_kind("auto", AUTO_APPROX_THRESHOLD),
             "threshold_items": AUTO_APPROX_THRESHOLD,
             "flat_first_stage": stage.name, "flat_first_stage_reason": stage.reason,
-            "flat_two_stage_from_items": MIN_ITEMS, "flat_layout": layout}
+            "flat_two_stage_from_items": MIN_ITEMS, "flat_two_stage_from_queries": MIN_QUERIES, "flat_layout": layout}
 
 
 MODEL_TOKENS = 512  # the even MoE call each layer of ``--model`` is asked about
@@ -177,7 +177,8 @@ def format_text(env: dict[str, Any]) -> str:
     lines.append(f"  search index kind auto: {s['auto_kind_below_threshold']} below {s['threshold_items']:,} items, "
                  f"{s['auto_kind_from_threshold']} from there")
     lines.append(f"  exact (flat) search first stage: {s['flat_first_stage']} ({s['flat_first_stage_reason']}), "
-                 f"from {s['flat_two_stage_from_items']:,} items; layout {s['flat_layout']}")
+                 f"from {s['flat_two_stage_from_items']:,} items and {s['flat_two_stage_from_queries']} queries at once; "
+                 f"layout {s['flat_layout']}")
     if "model" in env:
         lines += ["", f"model {env['model']['model']}: MoE layers (backend setting -> kernel of an even "
                       f"{MODEL_TOKENS}-token call)"]
