@@ -291,6 +291,7 @@ class Index:
             "next_id": self._next_id, "model_id": self.model_id, "params": self.params.to_dict(),
             "info": self.info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "vector_source": self.vector_source.to_dict() if self.vector_source is not None else None,
+            "ids": self._items.summary(),  # checked now: a memory-mapped open trusts it and reads no ids
         }
 
     def save(self, folder: Union[str, os.PathLike]) -> Path:
@@ -366,7 +367,7 @@ class Index:
         known = {f.name for f in fields(IndexParams)}
         params = IndexParams(**{k: v for k, v in m.get("params", {}).items() if k in known})
         index = cls(m["embedding_dim"], m["kind"], model_id=m.get("model_id"), params=params, info=m.get("info"))
-        items = ItemTable.open(folder, mmap=mmap)
+        items = ItemTable.open(folder, mmap=mmap, summary=m.get("ids"))
         slot_ids = items.slot_ids
         if index.kind == "ivfpq":
             index._store.load(folder, slots=len(slot_ids), mmap=mmap)

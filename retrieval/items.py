@@ -3,8 +3,11 @@
 Metadata rows are UTF-8 JSON lines in one byte buffer with an (N+1,) int64 offsets array, decoded
 only when asked for: a million names cost their bytes, not a million Python dicts. On disk the same
 layout is ``metadata.jsonl`` (one object per line, readable by any tool) beside
-``metadata.offsets.npy``; ``open(mmap=True)`` maps both files and the ids (nothing read whole but
-the ids, which the duplicate check sorts once). Lookups by id use that sort (``searchsorted``).
+``metadata.offsets.npy``; ``open(mmap=True)`` maps both files and the ids. The ids are checked
+(no repeats, none below -1) when the table is written and that record (:meth:`ItemTable.summary`) is
+kept in the index manifest: a mapped open given it reads nothing whole, and re-checks the ids at the
+first lookup by id (which sorts them once); without it the open checks them. Lookups by id use that
+sort (``searchsorted``).
 """
 from __future__ import annotations
 
@@ -58,6 +61,8 @@ class ItemTable:
         self._sorted: Optional[np.ndarray] = None
         self.alive = 0
         self.lazy_rows = False                        # rows checked when read (mmap), not at open
+        self.where = ""                               # the folder, while the ids wait for their check
+        self.max_id: Optional[int] = None             # the largest id, from the manifest's record
 
     # ------------------------------------------------------------------ rows
     def _joined_offsets(self) -> np.ndarray:
@@ -93,6 +98,13 @@ class ItemTable:
             else:
                 self._order = np.argsort(self.slot_ids, kind="stable")
                 self._sorted = self.slot_ids[self._order]
+            if self.where:  # a mapped open trusted the manifest's record: check now that the ids are read anyway
+                where, self.where = self.where, ""
+                try:
+                    self._check_ids(where)
+                except IndexMismatchError:
+                    self.where, self._order, self._sorted = where, None, None  # refused again next time
+                    raise
         return self._order, self._sorted
 
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
@@ -108,8 +120,19 @@ class ItemTable:
     def duplicate_ids(self) -> np.ndarray:
         """Ids (>= 0) held by more than one slot."""
         _, ordered = self._lookup()
+        return self._repeats(ordered)
+
+    @staticmethod
+    def _repeats(ordered: np.ndarray) -> np.ndarray:
         same = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
         return np.unique(ordered[1:][same])
+
+    def summary(self) -> dict:
+        """What the write-time check found, for the manifest: ``alive`` count, ``max_id`` (-1: none),
+        ``unique`` (no id held twice, none below -1)."""
+        _, ordered = self._lookup()
+        unique = not len(self._repeats(ordered)) and not (len(ordered) and ordered[0] < -1)
+        return {"alive": int(self.alive), "max_id": int(ordered[-1]) if len(ordered) else -1, "unique": bool(unique)}
 
     # ------------------------------------------------------------------ changes
     def append(self, ids: np.ndarray, metas: Sequence[Optional[dict]]) -> None:
@@ -164,8 +187,9 @@ class ItemTable:
         return [IDS_FILE, METADATA_FILE, OFFSETS_FILE]
 
     @classmethod
-    def open(cls, folder: Path, mmap: bool = False) -> "ItemTable":
-        """The items of a saved index; ``mmap`` maps the files (rows are checked as they are read)."""
+    def open(cls, folder: Path, mmap: bool = False, summary: Optional[dict] = None) -> "ItemTable":
+        """The items of a saved index; ``mmap`` maps the files (rows are checked as they are read) and, given
+        the manifest's ``summary`` of a write-time check, reads none of the ids until they are looked up."""
         table = cls()
         table.slot_ids = np.load(folder / IDS_FILE, allow_pickle=False, mmap_mode="r" if mmap else None)
         if table.slot_ids.dtype != np.int64 or table.slot_ids.ndim != 1:
@@ -185,13 +209,15 @@ class ItemTable:
                 raise IndexMismatchError(f"{offsets_path} does not match {path} ({len(table._buf)} bytes)")
         else:                                              # an index written before the offsets file
             table._offsets = _line_offsets(table._buf)
-        table.alive = int((table.slot_ids >= 0).sum())
+        trusted = mmap and bool(summary and summary.get("unique"))
+        table.alive = int(summary["alive"]) if trusted else int((table.slot_ids >= 0).sum())
         table.lazy_rows = mmap
+        table.where = str(folder) if trusted else ""
+        table.max_id = int(summary["max_id"]) if trusted else None
         return table
 
-    def check(self, folder: Path, next_id: int) -> None:
-        """IndexMismatchError for ids below -1, repeated ids, a next_id not above them, and (unless the rows are
-        lazy) metadata rows that are not JSON objects."""
+    def _check_ids(self, folder: Union[Path, str]) -> None:
+        """IndexMismatchError for ids below -1 or held twice (reads every id)."""
         ids = self.slot_ids
         if (ids < -1).any():
             raise IndexMismatchError(f"index {folder} is damaged: ids below -1 ({sorted(set(ids[ids < -1].tolist()))[:10]})")
@@ -199,10 +225,20 @@ class ItemTable:
         if len(dup):
             raise IndexMismatchError(f"index {folder} is damaged: duplicate ids {dup[:10].tolist()} "
                                      f"({len(dup)} ids appear more than once)")
-        _, ordered = self._lookup()
-        if len(ordered) and ordered[-1] >= 0 and int(next_id) <= int(ordered[-1]):
+
+    def check(self, folder: Path, next_id: int) -> None:
+        """IndexMismatchError for ids below -1, repeated ids, a next_id not above them, and (unless the rows are
+        lazy) metadata rows that are not JSON objects. A mapped table opened with the manifest's record
+        checks next_id against it and leaves the ids to the first lookup."""
+        if self.where:
+            largest = self.max_id
+        else:
+            self._check_ids(folder)
+            _, ordered = self._lookup()
+            largest = int(ordered[-1]) if len(ordered) else -1
+        if largest >= 0 and int(next_id) <= largest:
             raise IndexMismatchError(f"index {folder} is damaged: next_id {next_id} is not above the "
-                                     f"largest id {int(ordered[-1])}")
+                                     f"largest id {largest}")
         if self.lazy_rows:
             return
         wrong = []

@@ -69,6 +69,14 @@ def test_mmap_reads_a_metadata_row_only_when_asked(tmp_path):
 def test_damaged_ids_and_offsets_are_refused(tmp_path, mmap_load):
     Index.build(_unit(6, 8, 0), metadata=[{"n": i} for i in range(6)]).save(tmp_path / "idx")
     np.save(tmp_path / "idx" / "ids.npy", np.array([0, 1, 2, 2, 4, 5], np.int64))
+    if mmap_load:  # the open trusts the manifest's write-time record; the first lookup by id reads and refuses
+        lazy = Index.load(tmp_path / "idx", mmap=True)
+        for _ in range(2):  # and keeps refusing
+            with pytest.raises(IndexMismatchError, match=r"duplicate ids \[2\]"):
+                lazy.metadata(4)
+        manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+        del manifest["ids"]  # an index written without the record: the mapped open checks the ids itself
+        (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexMismatchError, match=r"duplicate ids \[2\]"):
         Index.load(tmp_path / "idx", mmap=mmap_load)
     np.save(tmp_path / "idx" / "ids.npy", np.arange(6, dtype=np.int64))
@@ -112,3 +120,27 @@ def test_increasing_ids_are_looked_up_in_place_without_a_sorted_copy(tmp_path):
     other = Index.load(tmp_path / "b", mmap=True)
     np.testing.assert_array_equal(other._items.slots_of(shuffled[:50]), np.arange(50))
     assert other._items._order is not None
+
+
+def test_mapped_open_reads_no_ids_when_the_manifest_holds_their_check(tmp_path, monkeypatch):
+    import retrieval.items as items_module
+
+    index = Index.build(_unit(50, 8, 0), metadata=[{"n": i} for i in range(50)], ids=np.arange(50) * 3)
+    index.remove([6, 9])
+    index.save(tmp_path / "idx")
+    record = json.loads((tmp_path / "idx" / "manifest.json").read_text())["ids"]
+    assert record == {"alive": 48, "max_id": 147, "unique": True}
+    reads = []
+    real = items_module._strictly_increasing
+    monkeypatch.setattr(items_module, "_strictly_increasing", lambda ids, *a: reads.append(len(ids)) or real(ids, *a))
+    lazy = Index.load(tmp_path / "idx", mmap=True)
+    assert reads == [] and len(lazy) == 48 and isinstance(lazy._items.slot_ids, np.memmap)
+    assert lazy.metadata(147) == {"n": 49} and reads == [48]  # the first lookup reads and checks them, once
+    assert 6 not in lazy and 3 in lazy and reads == [48]
+    Index.load(tmp_path / "idx")  # a full load checks at open
+    assert reads == [48, 48]
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    manifest["next_id"] = 100  # below the recorded largest id: refused without reading the ids
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match="next_id 100 is not above the largest id 147"):
+        Index.load(tmp_path / "idx", mmap=True)
