@@ -44,9 +44,11 @@ def check_model_matches(model: Any, index: Index, model_id: Optional[str] = None
 
 
 def search_text(model: Any, index: Index, query: Union[str, Sequence[str]], k: int = 10,
-                tokenizer: Optional[Callable] = None,
-                model_id: Optional[str] = None) -> Union[list[SearchHit], list[list[SearchHit]]]:
-    """Top-``k`` items for a sentence (-> list of hits) or a list of sentences (-> one list each)."""
+                tokenizer: Optional[Callable] = None, model_id: Optional[str] = None,
+                rerank: Optional[int] = None,
+                nprobe: Optional[int] = None) -> Union[list[SearchHit], list[list[SearchHit]]]:
+    """Top-``k`` items for a sentence (-> list of hits) or a list of sentences (-> one list each);
+    ``rerank`` / ``nprobe`` as in :meth:`Index.search` (ivfpq)."""
     single = isinstance(query, str)
     queries = [query] if single else list(query)
     empty = [q for q in queries if not isinstance(q, str) or not q.strip()]
@@ -54,7 +56,7 @@ def search_text(model: Any, index: Index, query: Union[str, Sequence[str]], k: i
         raise ValueError(f"queries must be non-empty strings, got {empty[0]!r}")
     check_model_matches(model, index, model_id)
     emb = embed_texts(model, queries, tokenizer=tokenizer)
-    hits = hits_from_arrays(index, *index.search(emb, k))
+    hits = hits_from_arrays(index, *index.search(emb, k, rerank=rerank, nprobe=nprobe))
     return hits[0] if single else hits
 
 
@@ -62,9 +64,11 @@ ImageQuery = Union[PathLike, Image.Image]
 
 
 def search_image(model: Any, index: Index, image: Union[ImageQuery, Sequence[ImageQuery]], k: int = 10,
-                 preprocess: Optional[Callable] = None,
-                 model_id: Optional[str] = None) -> Union[list[SearchHit], list[list[SearchHit]]]:
-    """Top-``k`` items for an example image (path or PIL image), or one list per image of a list."""
+                 preprocess: Optional[Callable] = None, model_id: Optional[str] = None,
+                 rerank: Optional[int] = None,
+                 nprobe: Optional[int] = None) -> Union[list[SearchHit], list[list[SearchHit]]]:
+    """Top-``k`` items for an example image (path or PIL image), or one list per image of a list;
+    ``rerank`` / ``nprobe`` as in :meth:`Index.search` (ivfpq)."""
     single = not isinstance(image, (list, tuple))
     images = [image] if single else list(image)
     check_model_matches(model, index, model_id)
@@ -72,5 +76,5 @@ def search_image(model: Any, index: Index, image: Union[ImageQuery, Sequence[Ima
     pils = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im) for im in images]
     batch = torch.stack([transform(p) for p in pils])
     emb = encode_image_batch(model, batch).numpy()
-    hits = hits_from_arrays(index, *index.search(emb, k))
+    hits = hits_from_arrays(index, *index.search(emb, k, rerank=rerank, nprobe=nprobe))
     return hits[0] if single else hits

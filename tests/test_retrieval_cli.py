@@ -129,3 +129,50 @@ def test_hub_loads_ernie_vl_checkpoint(tmp_path, photos):
     assert len(index) == 6 and len(report.failures) == 1
     hits = search_image(loaded.model, index, photos / "img4.png", k=1)
     assert hits[0].metadata["path"] == "img4.png" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_search_cli_nprobe_and_rerank_on_an_ivfpq_index_from_parts(tiny_spec, tmp_path, capsys):
+    from retrieval.backends import IndexParams
+    from retrieval.parts import write_part
+
+    loaded = load_model(tiny_spec)
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((4, 16)).astype(np.float32)
+    x = rng.standard_normal((1200, 4)).astype(np.float32) @ basis + 0.1 * rng.standard_normal((1200, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    for s, start in enumerate(range(0, 1200, 400)):
+        rows = [{"id": start + i, "path": f"{start + i}.png"} for i in range(400)]
+        write_part(emb, 0, s, start, start + 400, x[start:start + 400], rows, [], loaded.model_id, "float16")
+    out = tmp_path / "idx"
+    Index.build_from_parts(emb, kind="ivfpq", memory_budget="64M", params=IndexParams(ivf_nlist=16, pq_m=4),
+                           info={"model_spec": tiny_spec}).save(out)
+    index = Index.load(out)
+    q = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer(["a red square"])), dim=-1)
+    q = q.detach().numpy()
+    stored = x.astype(np.float16).astype(np.float32)
+
+    def cli(*flags):
+        assert main(["search", str(out), "a red square", "-k", "5", "--json", *flags]) == 0
+        hits = json.loads(capsys.readouterr().out)["hits"]
+        return [h["id"] for h in hits], np.array([h["score"] for h in hits])
+
+    for flags, kwargs in (((), {}), (("--nprobe", "2", "--rerank", "0"), {"nprobe": 2, "rerank": 0}),
+                          (("--nprobe", "16", "--rerank", "40"), {"nprobe": 16, "rerank": 40})):
+        ids, scores = cli(*flags)
+        want_ids, want_scores = index.search(q, 5, **kwargs)
+        assert ids == want_ids[0].tolist()
+        np.testing.assert_allclose(scores, want_scores[0], rtol=1e-5, atol=1e-6)
+    exact_ids, exact_scores = cli("--nprobe", "16", "--rerank", "40")   # re-ranked: the float vectors' scores
+    np.testing.assert_allclose(exact_scores, stored[exact_ids] @ q[0], atol=1e-5)
+    pq_ids, pq_scores = cli("--nprobe", "16", "--rerank", "0")          # PQ scores: off the float ones
+    assert np.abs(pq_scores - stored[pq_ids] @ q[0]).max() > 1e-4
+    assert sorted(exact_ids) == sorted((np.argsort(-(stored @ q[0]), kind="stable")[:5]).tolist())  # all lists
+    for flags, message in ((("--rerank", "3"), "--rerank is the PQ shortlist"), (("--nprobe", "0"), "--nprobe must")):
+        assert main(["search", str(out), "a red square", "-k", "5", *flags]) == 2
+        assert message in capsys.readouterr().err
+    flat = tmp_path / "flat"
+    Index.build(x[:10], model_id=loaded.model_id, info={"model_spec": tiny_spec}).save(flat)
+    assert main(["search", str(flat), "a red square", "--nprobe", "4"]) == 2
+    assert "apply to ivfpq indexes" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``ernie-vl search INDEX "query text" [-k 10] [--image path.jpg] [--json] [--gallery out.html]``."""
+"""``ernie-vl search INDEX "query text" [-k 10] [--image path.jpg] [--json] [--gallery out.html]
+[--nprobe N] [--rerank N]``."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--mmap", action="store_true",
                    help="map the index file instead of reading it (large indexes; FAISS IO_FLAG_MMAP)")
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help="ivfpq indexes: inverted lists to visit per query (default: the index's setting, else nlist/8)")
+    p.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="ivfpq indexes built from parts: re-score the PQ top-N exactly against the float vectors "
+                        "(N >= k; 0: PQ scores only; default: the index's re-rank factor x k)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of a text QUERY or --image PATH")
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise ValueError(f"--nprobe must be >= 1, got {args.nprobe}")
+    if args.rerank is not None and not (args.rerank == 0 or args.rerank >= args.k):
+        raise ValueError(f"--rerank is the PQ shortlist to re-score: 0 (none) or >= -k ({args.k}), got {args.rerank}")
     if args.gallery is not None and args.gallery.suffix.lower() not in GALLERY_FORMATS:
         raise ValueError(f"--gallery {str(args.gallery)!r} must end in one of {GALLERY_FORMATS}")
     manifest = Index.read_manifest(args.index)
@@ -55,13 +65,17 @@ def run(args: argparse.Namespace) -> int:
                              f"index never starts a download. If you trust it, pass it yourself: --model {spec}")
     loaded = load_model(spec, device=optional_device(args.device))
     index = Index.load(args.index, model_id=loaded.model_id, mmap=args.mmap)
+    if (args.nprobe is not None or args.rerank is not None) and index.kind != "ivfpq":
+        raise ValueError(f"--nprobe and --rerank apply to ivfpq indexes; {str(args.index)!r} is a {index.kind!r} "
+                         f"index (it already scores with the full vectors)")
+    tuning = {"rerank": args.rerank, "nprobe": args.nprobe}
     if args.image is not None:
         hits = search_image(loaded.model, index, args.image, k=args.k, preprocess=loaded.preprocess,
-                            model_id=loaded.model_id)
+                            model_id=loaded.model_id, **tuning)
         title = f"images like {args.image}"
     else:
         hits = search_text(loaded.model, index, args.query, k=args.k, tokenizer=loaded.tokenizer,
-                           model_id=loaded.model_id)
+                           model_id=loaded.model_id, **tuning)
         title = f"images for {args.query!r}"
     root = index.info.get("root")
     if args.gallery is not None:
