@@ -63,6 +63,7 @@ class ItemTable:
         self.lazy_rows = False                        # rows checked when read (mmap), not at open
         self.where = ""                               # the folder, while the ids wait for their check
         self.max_id: Optional[int] = None             # the largest id, from the manifest's record
+        self.min_id: Optional[int] = None             # the smallest live id, from the manifest's record
 
     # ------------------------------------------------------------------ rows
     def _joined_offsets(self) -> np.ndarray:
@@ -128,11 +129,26 @@ class ItemTable:
         return np.unique(ordered[1:][same])
 
     def summary(self) -> dict:
-        """What the write-time check found, for the manifest: ``alive`` count, ``max_id`` (-1: none),
-        ``unique`` (no id held twice, none below -1)."""
+        """What the write-time check found, for the manifest: ``alive`` count, ``min_id`` / ``max_id`` of the
+        live ids (-1: none), ``unique`` (no id held twice, none below -1)."""
         _, ordered = self._lookup()
         unique = not len(self._repeats(ordered)) and not (len(ordered) and ordered[0] < -1)
-        return {"alive": int(self.alive), "max_id": int(ordered[-1]) if len(ordered) else -1, "unique": bool(unique)}
+        lo, hi = self.id_range() or (-1, -1)
+        return {"alive": int(self.alive), "min_id": lo, "max_id": hi, "unique": bool(unique)}
+
+    def id_range(self) -> Optional[tuple[int, int]]:
+        """(smallest, largest) live id, None when none is alive; from the manifest's record when the table
+        was opened with one (nothing read), else from the sorted ids."""
+        if self.where and self.min_id is not None:
+            return (self.min_id, self.max_id) if self.alive else None
+        _, ordered = self._lookup()
+        first = int(np.searchsorted(ordered, 0))
+        return (int(ordered[first]), int(ordered[-1])) if first < len(ordered) else None
+
+    def sorted_ids(self) -> np.ndarray:
+        """The live ids in ascending order (a view of the ids when they are stored in order)."""
+        _, ordered = self._lookup()
+        return ordered[int(np.searchsorted(ordered, 0)):]
 
     # ------------------------------------------------------------------ changes
     def append(self, ids: np.ndarray, metas: Sequence[Optional[dict]]) -> None:
@@ -214,6 +230,7 @@ class ItemTable:
         table.lazy_rows = mmap
         table.where = str(folder) if trusted else ""
         table.max_id = int(summary["max_id"]) if trusted else None
+        table.min_id = int(summary["min_id"]) if trusted and "min_id" in summary else None
         return table
 
     def _check_ids(self, folder: Union[Path, str]) -> None:

@@ -30,8 +30,27 @@ def merge_topk(ids: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int) 
     return out_ids.astype(np.int64), out_scores
 
 
+def _check_disjoint(shards: Sequence[Index], ranges: Sequence[Optional[tuple[int, int]]]) -> None:
+    """IndexMismatchError naming an id two shards share. Shards whose id ranges do not overlap (the usual
+    case) are not read; overlapping ones are compared on their sorted ids (``searchsorted``, no dict)."""
+    for a in range(len(shards)):
+        for b in range(a + 1, len(shards)):
+            ra, rb = ranges[a], ranges[b]
+            if ra is None or rb is None or ra[1] < rb[0] or rb[1] < ra[0]:
+                continue
+            ids_a, ids_b = shards[a]._items.sorted_ids(), shards[b]._items.sorted_ids()
+            pos = np.clip(np.searchsorted(ids_a, ids_b), 0, len(ids_a) - 1)
+            common = np.flatnonzero(ids_a[pos] == ids_b)
+            if len(common):
+                raise IndexMismatchError(f"id {int(ids_b[common[0]])} is in shard {a} and shard {b}; "
+                                         f"shards of one collection need disjoint ids")
+
+
 class ShardedIndex:
-    """N :class:`Index` shards searched in parallel threads; ``search``/``metadata`` like one Index."""
+    """N :class:`Index` shards searched in parallel threads; ``search``/``metadata`` like one Index.
+
+    Ids are looked up in the shards' own sorted id arrays (no table of every id): a lookup asks the
+    shards whose (min, max) id range covers it."""
 
     def __init__(self, shards: Sequence[Index], threads: Optional[int] = None) -> None:
         shards = list(shards)
@@ -45,16 +64,10 @@ class ShardedIndex:
             if len(values) > 1:
                 listing = ", ".join(f"shard {i}: {getattr(s, attr)!r}" for i, s in enumerate(shards))
                 raise IndexMismatchError(f"the shards disagree in {attr} ({listing})")
-        seen: dict[int, int] = {}
-        for number, shard in enumerate(shards):
-            for item_id in shard.ids.tolist():
-                if item_id in seen:
-                    raise IndexMismatchError(f"id {item_id} is in shard {seen[item_id]} and shard {number}; "
-                                             f"shards of one collection need disjoint ids")
-                seen[item_id] = number
         self.shards = shards
         self.dim, self.model_id = shards[0].dim, shards[0].model_id
-        self._owner = seen
+        self._ranges = [s._items.id_range() for s in shards]  # (min, max) live id per shard, None: empty
+        _check_disjoint(shards, self._ranges)
         self._pool = ThreadPoolExecutor(max_workers=threads or min(len(shards), os.cpu_count() or 1))
 
     @classmethod
@@ -64,10 +77,17 @@ class ShardedIndex:
         return cls([Index.load(f, model_id=model_id, mmap=mmap) for f in folders], threads=threads)
 
     def __len__(self) -> int:
-        return len(self._owner)
+        return sum(len(s) for s in self.shards)
+
+    def _owner(self, item_id: int) -> Optional[int]:
+        """The shard holding ``item_id`` (None: none): only shards whose id range covers it are asked."""
+        for number, (shard, span) in enumerate(zip(self.shards, self._ranges)):
+            if span is not None and span[0] <= item_id <= span[1] and item_id in shard:
+                return number
+        return None
 
     def __contains__(self, item_id: int) -> bool:
-        return int(item_id) in self._owner
+        return self._owner(int(item_id)) is not None
 
     @property
     def kind(self) -> str:
@@ -75,7 +95,7 @@ class ShardedIndex:
         return kinds[0] if len(kinds) == 1 else "+".join(kinds)
 
     def metadata(self, item_id: int) -> dict:
-        shard = self._owner.get(int(item_id))
+        shard = self._owner(int(item_id))
         if shard is None:
             raise ValueError(f"id {item_id} is not in any shard")
         return self.shards[shard].metadata(item_id)

@@ -129,7 +129,7 @@ def test_mapped_open_reads_no_ids_when_the_manifest_holds_their_check(tmp_path, 
     index.remove([6, 9])
     index.save(tmp_path / "idx")
     record = json.loads((tmp_path / "idx" / "manifest.json").read_text())["ids"]
-    assert record == {"alive": 48, "max_id": 147, "unique": True}
+    assert record == {"alive": 48, "min_id": 0, "max_id": 147, "unique": True}
     reads = []
     real = items_module._strictly_increasing
     monkeypatch.setattr(items_module, "_strictly_increasing", lambda ids, *a: reads.append(len(ids)) or real(ids, *a))

@@ -95,3 +95,31 @@ def test_sharded_refuses_overlapping_ids_and_mixed_shards():
         ShardedIndex([a, d])
     with pytest.raises(ValueError, match="at least one shard"):
         ShardedIndex([])
+
+
+def test_sharded_ids_are_looked_up_in_the_shards_arrays(tmp_path, monkeypatch):
+    import retrieval.items as items_module
+
+    evens = Index.build(_unit(50, 8, 0), ids=range(0, 100, 2), metadata=[{"n": i} for i in range(50)], model_id="m")
+    odds = Index.build(_unit(50, 8, 1), ids=range(1, 100, 2), metadata=[{"n": -i} for i in range(50)], model_id="m")
+    sharded = ShardedIndex([evens, odds])  # ranges overlap, ids do not: compared on the sorted arrays
+    assert not hasattr(sharded, "_ids") and len(sharded) == 100
+    assert 98 in sharded and 99 in sharded and 100 not in sharded and -1 not in sharded
+    assert sharded.metadata(98) == {"n": 49} and sharded.metadata(7) == {"n": -3}
+    with pytest.raises(ValueError, match="id 100 is not in any shard"):
+        sharded.metadata(100)
+    clash = Index.build(_unit(3, 8, 2), ids=[101, 57, 300], kind="flat", model_id="m")
+    with pytest.raises(IndexMismatchError, match="id 57 is in shard 1 and shard 2"):
+        ShardedIndex([evens, odds, clash])
+    # mapped shards with disjoint ranges: opening them as one reads none of their ids
+    folders = [Index.build(_unit(40, 8, s), ids=range(1000 * s, 1000 * s + 40), model_id="m",
+                           metadata=[{"s": s}] * 40).save(tmp_path / f"s{s}") for s in range(3)]
+    reads = []
+    real = items_module._strictly_increasing
+    monkeypatch.setattr(items_module, "_strictly_increasing", lambda ids, *a: reads.append(len(ids)) or real(ids, *a))
+    mapped = ShardedIndex.load(folders, model_id="m", mmap=True)
+    assert reads == [] and len(mapped) == 120 and [r for r in mapped._ranges] == [(0, 39), (1000, 1039), (2000, 2039)]
+    assert mapped.metadata(2005) == {"s": 2} and reads == [40]  # only the shard that holds it
+    assert 1500 not in mapped and reads == [40]
+    sharded.close()
+    mapped.close()
