@@ -11,6 +11,7 @@ std) + ``probe.json`` (classes, decay, and which image features it reads).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +20,22 @@ import torch
 import torch.nn.functional as F
 
 WEIGHT_DECAYS: tuple[float, ...] = tuple(float(f"{10 ** (k / 2):.3g}") for k in range(-12, 5))  # 1e-6 ... 100
+# below this many feature values (N x D) one thread solves fastest: L-BFGS makes thousands of small products, whose
+# thread start-up costs more than it saves (40x slower with 2 threads than 1 on 1,078 x 128 when the cores are shared)
+SINGLE_THREAD_BELOW = 4_000_000
+
+
+@contextmanager
+def _threads_for(numel: int):
+    """torch's intra-op threads set to 1 for a problem of ``numel`` feature values under
+    ``SINGLE_THREAD_BELOW`` (chosen at run time, restored after)."""
+    before = torch.get_num_threads()
+    if numel < SINGLE_THREAD_BELOW and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -125,11 +142,12 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: Sequ
     z = (x - mean) / std
     tr, va = _split(y, val_fraction, seed)
     scores, solutions, previous = {}, {}, None
-    for wd in sorted({float(d) for d in weight_decays}, reverse=True):  # strong to weak, each warm-started
-        previous = _fit(z[tr], y[tr], len(classes), wd, max_iter, previous)
-        w, b = previous
-        solutions[wd] = previous
-        scores[wd] = float(((z[va].float() @ w.t() + b).argmax(1) == y[va]).double().mean())
-    best = max(scores, key=lambda wd: (scores[wd], wd))  # ties: the stronger decay
-    w, b = _fit(z, y, len(classes), best, max_iter, solutions[best])
+    with _threads_for(z.numel()):
+        for wd in sorted({float(d) for d in weight_decays}, reverse=True):  # strong to weak, each warm-started
+            previous = _fit(z[tr], y[tr], len(classes), wd, max_iter, previous)
+            w, b = previous
+            solutions[wd] = previous
+            scores[wd] = float(((z[va].float() @ w.t() + b).argmax(1) == y[va]).double().mean())
+        best = max(scores, key=lambda wd: (scores[wd], wd))  # ties: the stronger decay
+        w, b = _fit(z, y, len(classes), best, max_iter, solutions[best])
     return LinearProbe(w, b, mean.float(), std.float(), list(classes), best, scores[best], model_id, feature_kind)

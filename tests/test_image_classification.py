@@ -132,6 +132,53 @@ def test_linear_probe_matches_scikit_learn_on_digits_and_round_trips(tmp_path):
         LinearProbe.load(tmp_path)
 
 
+def test_token_and_layer_features_are_the_encoder_patch_mean_and_every_layer_mean():
+    import ernie_vl
+    from ernie_vl.app.image_features import ImageFeatures
+
+    model = ernie_vl.create_model("test").eval()
+    images = torch.randn(3, 3, 32, 32)
+    enc_width, width = model.cfg.image_encoder.width, model.cfg.backbone.width
+    with torch.no_grad():
+        tokens = ImageFeatures(model, "tokens").encode_image(images)
+        layers = ImageFeatures(model, "layers").encode_image(images)
+        want_tokens = model.image_encoder(images).patch_tokens.mean(1)
+        last = model.image_features(images, routing=False).backbone.hidden.mean(1)
+    torch.testing.assert_close(tokens, want_tokens)
+    assert layers.shape == (3, enc_width + (1 + len(model.backbone.blocks)) * width)
+    torch.testing.assert_close(layers[:, :enc_width], want_tokens)
+    torch.testing.assert_close(layers[:, -width:], last)
+    assert not ImageFeatures(model, "layers").normalized
+    assert not model.image_encoder._forward_hooks and not model.backbone.blocks[0]._forward_hooks  # hooks removed
+
+
+def test_small_probes_solve_on_one_thread_and_restore_the_thread_count(monkeypatch):
+    import retrieval.probe as probe_module
+
+    seen = []
+    real_fit = probe_module._fit
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "_fit", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(60, 8)
+        y = torch.arange(60) % 3
+        probe_module.fit_linear_probe(x + 3 * torch.nn.functional.one_hot(y, 8), y, ["a", "b", "c"],
+                                     weight_decays=(1e-3, 1.0))
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(probe_module, "SINGLE_THREAD_BELOW", 10)  # a "large" problem keeps the threads
+        seen.clear()
+        probe_module.fit_linear_probe(x, y, ["a", "b", "c"], weight_decays=(1.0,))
+        assert seen == [2, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_labelled_images_from_a_csv_and_unknown_labels(tmp_path):
     from retrieval.classify import LabelledImages
 
@@ -197,10 +244,11 @@ def test_pooled_features_are_the_visual_head_input_and_a_pooled_probe_classifies
         assert torch.allclose(ImageFeatures(model).encode_image(images), model.encode_image(images))
     assert got.shape[0] == 3 and not torch.allclose(got.norm(dim=-1), torch.ones(3))
     assert not pooled.normalized and ImageFeatures(model).normalized
-    with pytest.raises(ValueError, match="unknown image features 'pre'; valid: embedding, pooled"):
+    with pytest.raises(ValueError, match="unknown image features 'pre'; valid: embedding, pooled, tokens, layers"):
         check_features("pre")
-    with pytest.raises(ValueError, match="need an ErnieVL model"):
-        ImageFeatures(torch.nn.Linear(2, 2), "pooled")
+    for kind in ("pooled", "tokens", "layers"):
+        with pytest.raises(ValueError, match=f"features '{kind}' need an ErnieVL model"):
+            ImageFeatures(torch.nn.Linear(2, 2), kind)
 
     data = make_folder(tmp_path / "data", per_class=4)
     model_dir = tmp_path / "model"
@@ -220,4 +268,18 @@ def test_pooled_features_are_the_visual_head_input_and_a_pooled_probe_classifies
     x = torch.stack([model.preprocess(PILImage.open(f).convert("RGB")) for f in files])
     with torch.no_grad():
         want = probe.logits(pooled.encode_image(x)).softmax(-1).max(1)
+    assert [r["scores"][0] for r in rows] == pytest.approx(want.values.tolist(), abs=1e-5)
+
+    # the multi-layer features through the same commands: probe fitted on them, classify reads them back
+    layered = ImageFeatures(model, "layers")
+    out = tmp_path / "probe-layers"
+    assert main(["linear-probe", str(model_dir), str(data), str(data), "--out", str(out), "--workers", "0",
+                 "--features", "layers", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["features"] == "layers"
+    probe = LinearProbe.load(out / "probe")
+    assert main(["classify", str(model_dir), *files, "--probe", str(out / "probe"), "--json", "--no-progress"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        want = probe.logits(layered.encode_image(x)).softmax(-1).max(1)
+    assert probe.features == "layers" and probe.weight.shape[1] == layered.encode_image(x).shape[1]
     assert [r["scores"][0] for r in rows] == pytest.approx(want.values.tolist(), abs=1e-5)

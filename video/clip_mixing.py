@@ -8,7 +8,8 @@ than the model takes) still gets a new temporal view every step:
   the clip (frame-rate jitter: a span fraction ``s`` in ``speed`` plays the action 1/s times
   slower, starting anywhere the span fits). Without jitter: segment centres of the whole clip.
 - :func:`random_crop_boxes` / :func:`crop_resize`: a random resized crop per clip (the same box in
-  every frame), batched with ``grid_sample``;
+  every frame; optionally turned by an angle), batched with ``grid_sample``; an image batch is a batch of
+  one-frame clips;
 - :func:`mix_clips`: mixup (whole clips blended) or cutmix (one box pasted into every
   frame of a partner clip), with soft targets mixed by the same weight.
 
@@ -111,14 +112,24 @@ def random_crop_boxes(batch: int, min_area: float, generator: torch.Generator | 
     return torch.stack([cx, cy, w, h], 1)
 
 
-def crop_resize(clips: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+def crop_resize(clips: torch.Tensor, boxes: torch.Tensor, angles: torch.Tensor | None = None) -> torch.Tensor:
     """Each clip of float (B,T,C,H,W) cropped to its box (from :func:`random_crop_boxes`; the same box in every
-    frame) and resized back to H x W (bilinear)."""
+    frame), turned by ``angles`` (B,) radians about the box centre when given (counter-clockwise on screen,
+    in pixel space, so a non-square frame is not sheared), and resized back to H x W (bilinear; samples
+    outside the frame repeat its border)."""
     b, t, c, h, w = clips.shape
-    theta = torch.zeros(b, 2, 3, dtype=clips.dtype)
-    theta[:, 0, 0], theta[:, 1, 1] = boxes[:, 2].to(clips.dtype), boxes[:, 3].to(clips.dtype)
-    theta[:, 0, 2], theta[:, 1, 2] = boxes[:, 0].to(clips.dtype), boxes[:, 1].to(clips.dtype)
-    grid = torch.nn.functional.affine_grid(theta, (b, c, h, w), align_corners=False)
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    sx, sy = boxes[:, 2].double(), boxes[:, 3].double()
+    if angles is None:
+        theta[:, 0, 0], theta[:, 1, 1] = sx, sy
+    else:
+        # normalised coords n = D^-1 p with D = diag(W/2, H/2): n_in = D^-1 R D diag(sx, sy) n_out + centre
+        cos, sin = torch.cos(angles.double()), torch.sin(angles.double())
+        aspect = h / w
+        theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy * aspect
+        theta[:, 1, 0], theta[:, 1, 1] = sin * sx / aspect, cos * sy
+    theta[:, 0, 2], theta[:, 1, 2] = boxes[:, 0].double(), boxes[:, 1].double()
+    grid = torch.nn.functional.affine_grid(theta.to(clips.dtype), (b, c, h, w), align_corners=False)
     flat = clips.reshape(b, t * c, h, w)
     out = torch.nn.functional.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.reshape(b, t, c, h, w)

@@ -15,7 +15,7 @@ _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos"
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
            "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "expert_parallel", "threads", "curriculum_steps",
            "hard_negative_share", "hard_negative_group", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix",
-           "crop_min_area", "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init")
+           "crop_min_area", "image_crop_min_area", "image_rotate", "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +68,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the recipe's choice)")
     p.add_argument("--crop-min-area", type=float, default=None,
                    help="random resized crops covering at least this share of the frame (1 = off; default: recipe)")
+    p.add_argument("--image-crop-min-area", type=float, default=d["image_crop_min_area"].default, metavar="AREA",
+                   help="image-text pairs: a random resized crop per image covering AREA..1 of it each step "
+                        "(open_clip's 0.9; default 1: off)")
+    p.add_argument("--image-rotate", type=float, default=d["image_rotate"].default, metavar="DEG",
+                   help="image-text pairs: a random rotation within +-DEG degrees each step (default 0: off)")
     p.add_argument("--recipe", choices=("auto", "off"), default="off",
                    help="auto: pick augmentation, regularisation, EMA and length from the clips per class (the "
                         "choices go to OUT/setup.json and the first log record); off (default, until a "

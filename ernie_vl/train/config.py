@@ -42,6 +42,10 @@ class TrainConfig:
     clips cached with twice the frames), ``speed_min`` < 1 (frame-rate jitter: a random span of
     ``speed_min``..1 of the clip), ``crop_min_area`` < 1 (random resized crops of the cached clips),
     ``mixup`` / ``cutmix`` (Beta alphas; 0 = off).
+    Image augmentation for image-text pairs (``ernie_vl.data.image_augment``), on the step's batch:
+    ``image_crop_min_area`` < 1 (a random resized crop per image covering at least that share of it,
+    as open_clip's ``RandomResizedCrop(scale=(0.9, 1))``) and ``image_rotate`` > 0 (a uniform random
+    rotation within +-that many degrees); defaults: off.
     Few-shot recipe (``recipe.py``, off by default: on the few-shot bench it has scored below plain
     training so far): ``recipe="auto"`` fills the fields left None here
     (``temporal_jitter``, ``speed_min``, ``crop_min_area``, ``weight_decay``, ``label_smoothing``, ``drop_path`` of the
@@ -109,6 +113,8 @@ class TrainConfig:
     crop_min_area: Optional[float] = None
     mixup: float = 0.0
     cutmix: float = 0.0
+    image_crop_min_area: float = 1.0
+    image_rotate: float = 0.0
 
     recipe: str = "off"
     label_smoothing: Optional[float] = None
@@ -190,6 +196,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.crop_min_area is not None and not 0.0 < self.crop_min_area <= 1.0:
             raise ValueError(f"crop_min_area must be in (0, 1] (1 = no crops), got {self.crop_min_area}")
+        from ernie_vl.data.image_augment import ImageAugmentConfig
+
+        ImageAugmentConfig(self.image_crop_min_area, self.image_rotate)  # raises on a value out of range
         if self.speed_min is not None and not 0.0 < self.speed_min <= 1.0:
             raise ValueError(f"speed_min must be in (0, 1] (1 = no frame-rate jitter), got {self.speed_min}")
         if self.recipe not in ("auto", "off"):

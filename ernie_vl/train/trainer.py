@@ -280,6 +280,7 @@ class Trainer:
                   ema=cfg.priority_ema, relative=cfg.priority_relative)
         pair_kw, video_kw = dict(kw, kind=cfg.sampler), dict(kw, kind=cfg.video_sampler or cfg.sampler)
         self.augmenter = self._build_augmenter() if cfg.videos else None  # bad label maps fail before decoding
+        self.image_augmenter = self._build_image_augmenter()
         if self.augmenter is not None and self.augmenter.cfg.needs_extra_frames:
             vkw_train = dict(vkw, num_frames=2 * self.num_frames)  # room for temporal / frame-rate jitter
         else:
@@ -350,6 +351,13 @@ class Trainer:
                                 crop_min_area=float(self.settings["crop_min_area"]), mixup=cfg.mixup, cutmix=cfg.cutmix)
         return ClipAugmenter(aug, self.classes, self.num_frames, seed=cfg.seed)
 
+    def _build_image_augmenter(self):
+        """The image augmenter of this run's pairs, or None (no pairs, or both settings off)."""
+        from ernie_vl.data.image_augment import ImageAugmentConfig, ImageAugmenter
+
+        aug = ImageAugmentConfig(self.cfg.image_crop_min_area, self.cfg.image_rotate)
+        return ImageAugmenter(aug, seed=self.cfg.seed) if self.cfg.pairs and aug.enabled else None
+
     def setup_summary(self) -> dict[str, Any]:
         """What this run chose beyond its config (recipe, augmentation, video start), for the first log
         record and setup.json."""
@@ -364,6 +372,8 @@ class Trainer:
             info["trainable_params"] = self.trainable
         if self.augmenter is not None:
             info["augment"] = self.augmenter.summary()
+        if self.image_augmenter is not None:
+            info["image_augment"] = self.image_augmenter.summary()
         return info
 
     def skipped_files(self) -> list[tuple[str, str]]:
@@ -418,6 +428,7 @@ class Trainer:
                 "optimizer": (full_optimizer_state(self.model, self.optimizer) if self.fsdp
                               else optimizer_state(self.optimizer, unwrap(self.model), self.ep)),
                 "scheduler": self.scheduler.state_dict(), "source": self.source.state_dict(),
+                "image_augment": None if self.image_augmenter is None else self.image_augmenter.state_dict(),
                 "rng": gather_objects(ckpt.rng_state(), self.ctx), "world_size": self.ctx.world_size,
                 "meter": None if self.meter is None else self.meter.state.__getstate__(),
                 "ema": ema_state(self.ema, unwrap(self.model), self.ep),
@@ -469,6 +480,8 @@ class Trainer:
             load_optimizer_state(self.optimizer, unwrap(self.model), state["optimizer"], self.ep)
         self.scheduler.load_state_dict(state["scheduler"])
         self.source.load_state_dict(state["source"])
+        if self.image_augmenter is not None and state.get("image_augment"):
+            self.image_augmenter.load_state_dict(state["image_augment"])
         self.step, self.steps_fitted = state["step"], state["steps_fitted"]
         self.schedule.load_state_dict(state["schedule"])
         if self.ema is not None and state.get("ema"):
@@ -501,6 +514,8 @@ class Trainer:
         samples = 0
         for micro in range(cfg.grad_accum):
             drawn = self.source.next()
+            if self.image_augmenter is not None and drawn.batch.images is not None:
+                drawn.batch.images = self.image_augmenter(drawn.batch.images, self.mix.pairs, self.ctx.rank)
             batch = _to_device(drawn.batch, self.ctx.device)
             sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
             with (nullcontext() if sync else model.no_sync()), self._autocast():

@@ -2,7 +2,9 @@
 weight decay chosen on a validation split of TRAIN), top-1 on TEST; the probe is saved for ``ernie-vl classify``.
 
 ``--features embedding`` (default, as CLIP_benchmark) probes the normalised image embedding; ``pooled`` the
-features before the projection (as the CLIP paper; ErnieVL models)."""
+features before the projection (as the CLIP paper); ``tokens`` the mean of the image encoder's patch tokens;
+``layers`` the mean tokens of every layer of the image path, concatenated (the last three: ErnieVL models;
+see ``ernie_vl.app.image_features``)."""
 from __future__ import annotations
 
 import argparse
@@ -62,8 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("test", type=Path, help="ROOT/<class>/<image> folder or path,label CSV to measure on")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument("--features", choices=FEATURE_KINDS, default="embedding",
-                   help="image features to probe: the normalised embedding (default, as CLIP_benchmark) or "
-                   "'pooled', before the projection (as the CLIP paper; ErnieVL models)")
+                   help="image features to probe: the normalised embedding (default, as CLIP_benchmark); "
+                   "'pooled', before the projection (as the CLIP paper); 'tokens', the image encoder's mean patch "
+                   "token; 'layers', the mean tokens of the encoder, projector and every backbone block, "
+                   "concatenated (best when training had few distinct captions); the last three: ErnieVL models")
     add_image_data_options(p, "runs/linear-probe", "class names, one per line (default: TRAIN's labels, sorted); "
                            "the probe is saved in OUT/probe")
     p.set_defaults(func=run)
