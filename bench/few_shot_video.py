@@ -7,7 +7,7 @@ Rows (``--rows``, each ``CLIPS:VARIANT:SEED``):
 - ``full``: ``ernie-vl train --videos --recipe auto``: the few-shot recipe and the label maps of
   the data's ``augment.json`` (flip and reversal partners);
 - ``noaug``: the same without any clip augmentation (no flips, reversals, temporal or frame-rate
-  jitter, mixing): what label-aware augmentation buys;
+  jitter, random resized crops, mixing): what clip augmentation buys;
 - ``space_only``: ``full`` with a frame-wise video encoder (no temporal attention, 1-frame patches):
   what modelling time buys;
 - ``stem``: ``full`` with a convolutional stem in the video encoder (``conv_stem=24``: a 3x3x3
@@ -49,8 +49,8 @@ NAME = "few_shot_video"
 ROWS_FILE = Path(__file__).resolve().parent / "results" / f"{NAME}_rows.json"
 VARIANTS = {
     "full": ({}, dict(recipe="auto")),
-    "noaug": ({}, dict(recipe="auto", p_hflip=0.0, p_reverse=0.0, temporal_jitter=False, speed_min=1.0, mixup=0.0,
-                       cutmix=0.0)),
+    "noaug": ({}, dict(recipe="auto", p_hflip=0.0, p_reverse=0.0, temporal_jitter=False, speed_min=1.0,
+                       crop_min_area=1.0, mixup=0.0, cutmix=0.0)),
     "space_only": ({"video_encoder": {"attention": "space_only", "tubelet_size": 1}}, {}),
     "stem": ({"video_encoder": {"conv_stem": 24}}, dict(recipe="auto")),
     "tokenizer": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, dict(recipe="auto")),

@@ -163,6 +163,40 @@ def test_ema_tracks_the_average_and_swaps_back():
         ModelEMA(net, 1.0)
 
 
+def test_ema_averages_batchnorm_statistics_with_the_weights():
+    """A conv tokenizer's BatchNorm: evaluating averaged weights with the live running statistics
+    normalises by the wrong mean and variance, so the running statistics are averaged too."""
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1), torch.nn.BatchNorm1d(3))
+    ema = ModelEMA(net, 0.5)
+    mean0 = net[1].running_mean.clone()
+    net.train()
+    net(torch.randn(8, 2, 5) + 4.0)  # moves the running statistics
+    live_mean, live_var = net[1].running_mean.clone(), net[1].running_var.clone()
+    assert not torch.allclose(live_mean, mean0)
+    ema.update(net)
+    d = 2 / 11
+    torch.testing.assert_close(ema.shadow["1.running_mean"], d * mean0 + (1 - d) * live_mean)
+    assert "1.num_batches_tracked" not in ema.shadow  # integer counter: not averaged
+    with ema.swapped(net):
+        torch.testing.assert_close(net[1].running_mean, d * mean0 + (1 - d) * live_mean)
+        torch.testing.assert_close(net[1].running_var, ema.shadow["1.running_var"])
+    assert torch.equal(net[1].running_mean, live_mean) and torch.equal(net[1].running_var, live_var)
+    # a state saved before buffers were averaged: its parameters load, the buffers restart from the model's
+    old = {**ema.state_dict(), "shadow": {k: v for k, v in ema.shadow.items() if "running" not in k}}
+    fresh = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1), torch.nn.BatchNorm1d(3))
+    resumed = ModelEMA(fresh, 0.5)  # as a resumed run builds it: on the new model, then loads the states
+    fresh.load_state_dict(net.state_dict())
+    resumed.load_state_dict(old)
+    torch.testing.assert_close(resumed.shadow["0.weight"], ema.shadow["0.weight"])
+    with resumed.swapped(fresh):
+        assert torch.equal(fresh[1].running_mean, live_mean)  # not the new model's initial statistics
+    resumed.update(fresh)
+    torch.testing.assert_close(resumed.shadow["1.running_mean"], live_mean)
+    with pytest.raises(ValueError, match="lacks 1 parameters"):
+        ModelEMA(net, 0.5).load_state_dict({**old, "shadow": {k: v for k, v in old["shadow"].items()
+                                                               if k != "0.weight"}})
+
+
 def test_ema_run_resumes_exactly_and_saves_the_average(tiny_data, tmp_path):
     from safetensors.torch import load_file
 
