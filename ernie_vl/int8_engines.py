@@ -15,6 +15,7 @@ the same function, so a QAT model and the int8 model it converts to compute the 
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import warnings
@@ -53,6 +54,7 @@ def available_int8_kernels() -> tuple[str, ...]:
     return tuple(found)
 
 
+@functools.lru_cache(maxsize=None)
 def _accumulates_in_32_bits() -> bool:
     """True when this CPU multiplies u8 x s8 into 32-bit sums without a 16-bit step (VNNI, AMX-INT8)."""
     from ernie_vl.runtime import cpu_info

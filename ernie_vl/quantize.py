@@ -15,9 +15,8 @@ products accumulate in 32 bits, VNNI / AMX-INT8, else 7 bits; ``ernie_vl.int8_en
 the layer records and saves. The GEMM engine (oneDNN or fbgemm) is chosen per call shape by
 ``ernie_vl.int8_engines.int8_kernel``; ``set_int8_kernel`` forces one. In the transformer blocks the
 packed q/k/v projection quantizes its input once for all three, the MLP's activation is fused into
-its first GEMM and the residual adds into the output projection and the second MLP GEMM where the
-engine is oneDNN (``Int8Block``). Attention itself (Q.K, softmax, P.V), LayerNorms and the
-router stay float32.
+its first GEMM on oneDNN (``Int8Block`` can also move the residual adds into the GEMMs; off, measured
+not faster). Attention itself (Q.K, softmax, P.V), LayerNorms, residual adds and the router stay float32.
 
 The int8 weights and scales are plain buffers, so ``save_pretrained`` writes them to
 safetensors like any tensor (the header records the scheme, ``SCHEMES``) and
@@ -161,15 +160,16 @@ class Int8Mlp(nn.Module):
 
 
 class Int8Block(Block):
-    """``encoders.blocks.Block`` whose int8 output projection and second MLP GEMM add the residual inside
-    the GEMM (oneDNN's binary post-op; fbgemm adds after it): ``forward(x (B, L, C), grid)`` as ``Block``.
+    """``encoders.blocks.Block`` of int8 layers: ``forward(x (B, L, C), grid)`` as ``Block``.
 
-    Fused where nothing sits between the GEMM and the add: no LayerScale, and for attention no head
-    gate and no windows; otherwise ``Block``'s own path runs. The q/k/v projection is one packed GEMM,
-    so its input is quantized once for all three.
+    With ``fuse_residual`` the output projection and the second MLP GEMM add the residual inside the
+    GEMM (oneDNN's binary post-op; fbgemm adds after it), where nothing sits between the GEMM and the
+    add (no LayerScale; for attention no head gate, no windows). Off by default: on the Xeon (AMX) the
+    fused GEMMs measured no faster at batch 8 and slower at batch 32 (``bench/int8_fusion.py``). The
+    q/k/v projection is one packed GEMM, so its input is quantized once for all three.
     """
 
-    fuse_residual = True
+    fuse_residual = False
 
     def _fusable(self, ls: nn.Module, layer: nn.Module) -> bool:
         return self.fuse_residual and isinstance(ls, nn.Identity) and isinstance(layer, (Int8Linear, Int8Mlp))
@@ -404,7 +404,7 @@ def quantize_modules(module: nn.Module, patch_embed: bool = True, act_qmax: int 
     ``module``, and (``patch_embed=True``) every patch-embedding ``nn.Conv2d`` named ``patch_embed``.
     ``act_qmax``: the activation grid of every layer (None: what a QAT layer recorded, else the engines');
     ``save_grid``: whether the layers save it (scheme v3)."""
-    grid = dict(act_qmax=act_qmax, save_grid=save_grid)
+    grid = {"act_qmax": act_qmax, "save_grid": save_grid}
     if isinstance(module, MoEFeedForward) and not isinstance(module, Int8MoEFeedForward) and module.groups is None:
         return Int8MoEFeedForward(module, **grid)  # a groups-mode layer keeps its shell; its groups become int8
     if isinstance(module, Mlp) and activation_name(module.act) is not None:

@@ -195,6 +195,7 @@ def test_int8_blocks_fuse_the_residual_adds_and_match_the_unfused_path(kernel, m
         return real(x, packed, kernel, activation, qmax, residual)
 
     monkeypatch.setattr(quantize, "int8_linear", spy)
+    monkeypatch.setattr(Int8Block, "fuse_residual", True)
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         fused = q(images).tokens
