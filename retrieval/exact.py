@@ -56,7 +56,7 @@ def sum_error(dim: int) -> float:
     return n * U_FP32 / (1 - n * U_FP32)
 
 
-NORM_BLOCK = 65536
+NORM_BLOCK = 8192   # rows per block: three float64 copies of a block are the temporaries
 
 
 def rounding_norms(x: np.ndarray) -> np.ndarray:
