@@ -61,18 +61,51 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: both sides need the same (B, E), got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_groups(groups: torch.Tensor) -> torch.Tensor:
+    """(B,) int local group ids -> (W*B,) from all ranks (rank-major, no gradient); unchanged without a process group."""
+    _, world = distributed_world()
+    if world == 1:
+        return groups
+    parts = [torch.empty_like(groups) for _ in range(world)]
+    dist.all_gather(parts, groups.contiguous())
+    return torch.cat(parts)
+
+
+def positives(a: torch.Tensor, n_all: int, offset: int, groups: torch.Tensor | None) -> torch.Tensor:
+    """(B, W*B) bool: which candidates of the other side are positives of each local row.
+
+    Without ``groups`` only the row's own partner (CLIP pairs). With ``groups`` (B,) int, every candidate
+    of the same group: clips of one class paired with prompts of that class (ActionCLIP), where another
+    clip's prompt of the same class is no negative."""
+    rows = torch.arange(a.shape[0], device=a.device)
+    if groups is None:
+        mask = torch.zeros(a.shape[0], n_all, dtype=torch.bool, device=a.device)
+        mask[rows, rows + offset] = True
+        return mask
+    if groups.shape != (a.shape[0],) or groups.dtype.is_floating_point:
+        raise ValueError(f"groups must be ({a.shape[0]},) integer ids, got {tuple(groups.shape)} {groups.dtype}")
+    return groups[:, None] == gather_groups(groups)[None, :]
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+              groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE of paired, L2-normalised features a[i] <-> b[i].
 
     a, b: (B, E). Returns the mean loss and per-sample (B,) = (CE of row i of a->b +
-    CE of row i of b->a) / 2, each over all W*B candidates of the other side.
+    CE of row i of b->a) / 2, each over all W*B candidates of the other side. ``groups`` (B,) int:
+    rows of one group are all positives of each other (the target spread evenly over them), e.g.
+    clips and class prompts, where the same class recurs in a batch.
     """
     _check_pair(a, b, "clip_loss")
     all_a, offset = gather_with_grad(a)
     all_b, _ = gather_with_grad(b)
-    labels = torch.arange(a.shape[0], device=a.device) + offset
     logits_ab = logit_scale * a @ all_b.t()
     logits_ba = logit_scale * b @ all_a.t()
+    if groups is None:
+        labels = torch.arange(a.shape[0], device=a.device) + offset
+    else:
+        mask = positives(a, all_b.shape[0], offset, groups).to(logits_ab.dtype)
+        labels = mask / mask.sum(dim=1, keepdim=True)
     per_sample = 0.5 * (
         F.cross_entropy(logits_ab, labels, reduction="none") + F.cross_entropy(logits_ba, labels, reduction="none")
     )
@@ -80,20 +113,20 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tu
 
 
 def siglip_loss(
-    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SigLIP's pairwise sigmoid loss of paired, L2-normalised features.
 
     Every (i, j) is a binary problem, positive iff i == j: -log sigmoid(z_ij * (t a_i.b_j + bias)).
     Per-sample (B,) = (sum over row i of a vs all b + sum over row i of b vs all a) / 2,
-    so that the mean over the global batch is SigLIP's sum over all pairs / batch size.
+    so that the mean over the global batch is SigLIP's sum over all pairs / batch size. ``groups``:
+    as in :func:`clip_loss`, every pair within a group is positive.
     """
     _check_pair(a, b, "siglip_loss")
     all_a, offset = gather_with_grad(a)
     all_b, _ = gather_with_grad(b)
-    signs = -torch.ones(a.shape[0], all_b.shape[0], device=a.device, dtype=a.dtype)
-    rows = torch.arange(a.shape[0], device=a.device)
-    signs[rows, rows + offset] = 1.0
+    signs = positives(a, all_b.shape[0], offset, groups).to(a.dtype) * 2.0 - 1.0
     row_ab = -F.logsigmoid(signs * (logit_scale * a @ all_b.t() + logit_bias)).sum(dim=1)
     row_ba = -F.logsigmoid(signs * (logit_scale * b @ all_a.t() + logit_bias)).sum(dim=1)
     per_sample = 0.5 * (row_ab + row_ba)

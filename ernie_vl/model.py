@@ -144,6 +144,14 @@ def merge_routing_stats(passes: list[tuple[int, list[RoutingStats]]]) -> list[Ro
     return merged
 
 
+def video_text_groups(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The class of each clip for the video-text loss: the label, or the dominant class of soft (mixup)
+    targets, whose prompt the clip is paired with; None without labels (free captions: pairs only)."""
+    if labels is None:
+        return None
+    return labels.argmax(dim=1) if labels.dtype.is_floating_point and labels.ndim == 2 else labels.long()
+
+
 class ErnieVL(nn.Module):
     """Image / video / text encoders, alignment projectors, shared MoE backbone, heads.
 
@@ -304,12 +312,13 @@ class ErnieVL(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def _contrastive(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _contrastive(self, a: torch.Tensor, b: torch.Tensor,
+                     groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.logits.scale()
         if self.cfg.loss.contrastive == "siglip":
             assert self.logits.bias is not None
-            return siglip_loss(a, b, scale, self.logits.bias)
-        return clip_loss(a, b, scale)
+            return siglip_loss(a, b, scale, self.logits.bias, groups)
+        return clip_loss(a, b, scale, groups)
 
     @staticmethod
     def _check_batch(batch: ErnieVLBatch) -> None:
@@ -371,7 +380,9 @@ class ErnieVL(nn.Module):
                 vtxt = self.text_features(batch.video_texts)
                 passes.append((TEXT, vtxt.backbone))
                 out.video_text_embeds = F.normalize(vtxt.embeds, dim=-1)
-                loss, ps = self._contrastive(out.video_embeds, out.video_text_embeds)
+                # clips of one class are all positives of that class's prompts (ActionCLIP), not negatives
+                loss, ps = self._contrastive(out.video_embeds, out.video_text_embeds,
+                                             video_text_groups(batch.video_labels))
                 losses["video_text"] = loss
                 total = total + w.video_text_weight * loss
                 video_ps = video_ps + w.video_text_weight * ps.detach()

@@ -167,3 +167,21 @@ def test_model_attributes(model) -> None:
     assert tokens.shape == (2, 16) and tokens.dtype == torch.int64
     named = ernie_vl.create_model("test", class_names=["left", "right", "up"])
     assert named.class_names == ["left", "right", "up"] and named.classifier.out_features == 3
+
+
+def test_video_text_loss_treats_clips_of_one_class_as_positives(model) -> None:
+    """Class prompts recur in a video batch: the video-text loss spreads each clip's target over the
+    prompts of its class (soft mixup targets: the dominant class), so a same-class clip is no negative."""
+    from ernie_vl.losses import clip_loss
+    from ernie_vl.model import video_text_groups
+
+    batch = make_batch(model, pairs=0, videos=4)
+    batch.video_labels = torch.tensor([1, 1, 0, 1])
+    out = model(batch)
+    grouped, _ = clip_loss(out.video_embeds, out.video_text_embeds, out.logit_scale, batch.video_labels)
+    plain, _ = clip_loss(out.video_embeds, out.video_text_embeds, out.logit_scale)
+    assert out.losses["video_text"].item() == pytest.approx(grouped.item(), rel=1e-5)
+    assert abs(grouped.item() - plain.item()) > 1e-3
+    soft = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
+    assert video_text_groups(soft).tolist() == [1, 0]
+    assert video_text_groups(None) is None

@@ -122,3 +122,47 @@ def test_gathered_losses_on_two_ranks_equal_one_process_with_the_global_batch() 
         # after DDP's averaging over ranks (/ world) the gradients equal the global batch's
         assert torch.allclose(torch.cat([r["ga"] for r in results]) / world, a.grad, atol=1e-6)
         assert torch.allclose(torch.cat([r["gb"] for r in results]) / world, b.grad, atol=1e-6)
+
+
+def test_grouped_clip_loss_makes_every_same_class_pair_a_positive() -> None:
+    """Clips paired with class prompts: a batch of 6 clips of 3 classes holds 2 clips (and 2 prompts) per
+    class; each row's target is spread over its class's candidates (ActionCLIP), not its own one."""
+    a, b = _features(b=6, e=8, seed=3)
+    groups = torch.tensor([0, 1, 0, 2, 1, 2])
+    scale = torch.tensor(5.0)
+    loss, per_sample = clip_loss(a, b, scale, groups)
+    expected = []
+    for i in range(6):
+        same = [j for j in range(6) if groups[j] == groups[i]]
+        row = []
+        for x, y in ((a, b), (b, a)):
+            s = [5.0 * float(x[i] @ y[j]) for j in range(6)]
+            lse = math.log(sum(math.exp(v) for v in s))
+            row.append(sum(lse - s[j] for j in same) / len(same))
+        expected.append(0.5 * sum(row))
+    assert torch.allclose(per_sample, torch.tensor(expected), atol=1e-5)
+    assert loss.item() == pytest.approx(sum(expected) / 6, abs=1e-5)
+    # all groups distinct: exactly CLIP's pairs
+    plain, _ = clip_loss(a, b, scale)
+    assert clip_loss(a, b, scale, torch.arange(6))[0].item() == pytest.approx(plain.item(), abs=1e-6)
+
+
+def test_grouped_loss_pulls_a_clip_toward_its_class_prompts_instead_of_pushing() -> None:
+    """Clip 0 and clip 1 share a class but were given different prompts of it: ungrouped InfoNCE pushes
+    clip 0 away from clip 1's prompt (a false negative); grouped, gradient descent moves it closer."""
+    a, b = _features(b=4, e=8, seed=5)
+    for groups, sign in ((None, 1.0), (torch.tensor([0, 0, 1, 2]), -1.0)):
+        x = a.clone().requires_grad_(True)
+        clip_loss(x, b, torch.tensor(10.0), groups)[0].backward()
+        toward_prompt_1 = float(x.grad[0] @ b[1])  # > 0: a descent step lowers a_0 . b_1
+        assert toward_prompt_1 * sign > 0
+    # SigLIP: the same-class pair counts as a positive (its term is -log sigmoid(+z), not -log sigmoid(-z))
+    bias = torch.tensor(-1.0)
+    grouped, _ = siglip_loss(a, b, torch.tensor(3.0), bias, torch.tensor([0, 0, 1, 2]))
+    z = 3.0 * a @ b.t() + bias
+    signs = -torch.ones(4, 4)
+    signs[[0, 0, 1, 1, 2, 3], [0, 1, 0, 1, 2, 3]] = 1.0
+    manual = 0.5 * (-F.logsigmoid(signs * z).sum(1) - F.logsigmoid(signs * z.t()).sum(1))
+    assert grouped.item() == pytest.approx(manual.mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="groups must be"):
+        clip_loss(a, b, torch.tensor(1.0), torch.tensor([0.0, 1.0, 2.0, 3.0]))
