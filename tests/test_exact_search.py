@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from retrieval import exact
-from retrieval.backends import IndexParams
+from retrieval.backends import FlatStore, IndexParams
 from retrieval.index import Index
 
 DIM = 64
@@ -161,6 +161,19 @@ def test_first_stage_choice_and_its_errors(monkeypatch) -> None:
         exact.choose_first_stage("fp16")
     with pytest.raises(ValueError, match="flat_first_stage"):
         IndexParams(flat_first_stage="fp16")
+    monkeypatch.delenv(exact.ENV_VAR)
+    # a CPU without AMX / AVX512-BF16, or one whose bf16 products fail the probe, searches in fp32
+    monkeypatch.setattr(exact, "_cpu_has_bf16", lambda: (False, "no AMX or AVX512-BF16 on this CPU"))
+    assert exact.choose_first_stage("auto") == exact.FirstStage("fp32", "no AMX or AVX512-BF16 on this CPU")
+    monkeypatch.setattr(exact, "_cpu_has_bf16", lambda: (True, "AMX"))
+    monkeypatch.setattr(exact, "probe_bf16", lambda threads: (False, "bf16 outputs are not rounded to nearest here"))
+    assert exact.choose_first_stage("auto").name == "fp32"
+    assert exact.choose_first_stage("bf16").name == "fp32"  # asked for, but not exact here: refused
+    monkeypatch.setattr(exact, "probe_bf16", lambda threads: (True, "bf16 product 9.0x fp32 in the probe"))
+    assert exact.choose_first_stage("auto") == exact.FirstStage("bf16", "AMX: bf16 product 9.0x fp32 in the probe")
+    store = FlatStore(DIM, IndexParams())
+    store.add(_unit(np.random.default_rng(0).standard_normal((exact.MIN_ITEMS, DIM))))
+    assert store.first_stage.name == "bf16" and store.vectors.flags.c_contiguous
 
 
 @needs_bf16
