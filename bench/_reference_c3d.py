@@ -56,7 +56,7 @@ class EncoderClassifier(nn.Module):
 
 def train_reference(train_root: str | Path, val_root: str | Path, steps: int = 600, seed: int = 0,
                     num_frames: int = 8, size: int = 32, batch: int = 32, augment: bool = True,
-                    video_cfg: dict | None = None, lr: float = 3e-3) -> dict:
+                    video_cfg: dict | None = None, lr: float = 3e-3, weight_decay: float = 1e-2) -> dict:
     """Train :class:`TinyC3D` (or, given ``video_cfg``, :class:`EncoderClassifier`) on ``train_root`` for
     ``steps`` and return its held-out top-1 and timings."""
     from video.label_maps import apply_plan, load_label_maps
@@ -67,7 +67,7 @@ def train_reference(train_root: str | Path, val_root: str | Path, steps: int = 6
     maps = load_label_maps(train_root) if augment else None
     plan = maps.resolve(classes) if maps is not None else None
     model = TinyC3D(len(classes)) if video_cfg is None else EncoderClassifier(len(classes), **video_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()

@@ -158,3 +158,26 @@ def test_inflation_refuses_a_frame_diff_stem():
                                   video_encoder={"conv_stem": {"channels": [], "frame_diff": True}})
     with pytest.raises(ValueError, match=r"frame_diff=True.*cannot be inflated"):
         inflate_video_from_image(model)
+
+
+def test_few_shot_bench_holds_the_encoder_to_its_goal_on_two_seeds():
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+    import few_shot_video as bench
+
+    name, clips, goal = bench.ENCODER_GOAL
+    assert name == "vit_ref_tokenizer_diff" and clips == 40 and goal == 0.93
+    assert bench.REFERENCES[name] == {"conv_stem": {"channels": [16, 32, 64], "frame_diff": True}}
+    assert bench.REFERENCES["vit_ref"] == {"conv_stem": 0}  # the plain encoder, whatever tiny's default
+
+    def verdict(*top1s):
+        rows = [{"clips": 40, "variant": name, "seed": s, "top1": t, "steps": 900} for s, t in enumerate(top1s)]
+        (v,) = [x for x in bench.verdicts(rows) if x.what.startswith("tiny's bare video encoder with frame-diff")]
+        return v
+
+    assert verdict(0.95).met is False and "(one seed only)" in verdict(0.95).measured
+    assert verdict(0.95, 0.93).met is True
+    assert verdict(0.95, 0.92).met is False
+    assert verdict(0.95, 0.93).measured == "seed 0: 0.950 (900 steps), seed 1: 0.930 (900 steps)"
