@@ -92,7 +92,7 @@ def run_reference(clips: int, variant: str, seed: int, data: dict, args) -> dict
     overrides = REFERENCES[variant]
     video_cfg = None if overrides is None else dict(
         json.loads((ROOT / "ernie_vl" / "preset_configs" / "tiny.json").read_text())["video_encoder"], **overrides)
-    loop = dict(lr=3e-3 if video_cfg is None else 1e-3, weight_decay=1e-2, **REFERENCE_LOOP.get(variant, {}))
+    loop = {"lr": 3e-3 if video_cfg is None else 1e-3, "weight_decay": 1e-2, **REFERENCE_LOOP.get(variant, {})}
     ref = train_reference(data["train"], data["val"], steps=args.steps or 600, seed=seed, video_cfg=video_cfg, **loop)
     return {"clips": clips, "variant": variant, "seed": seed, "steps": ref["steps"], "train_s": ref["train_s"],
             "total_s": round(time.perf_counter() - t0, 1), "top1": ref["top1"], "zeroshot_top1": None,
