@@ -181,3 +181,19 @@ def test_few_shot_bench_holds_the_encoder_to_its_goal_on_two_seeds():
     assert verdict(0.95, 0.93).met is True
     assert verdict(0.95, 0.92).met is False
     assert verdict(0.95, 0.93).measured == "seed 0: 0.950 (900 steps), seed 1: 0.930 (900 steps)"
+
+
+def test_the_bench_row_trains_the_frame_diff_encoder_with_its_loop_settings(tmp_path):
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+    import few_shot_video as bench
+    from _motion_clips import CLASSES, make_clips
+
+    data = make_clips(tmp_path / "clips", 2, val_per_class=1)
+    row = bench.run_reference(2, "vit_ref_tokenizer_diff", 0, data, SimpleNamespace(steps=2))
+    assert row["steps"] == 2 and row["variant"] == "vit_ref_tokenizer_diff"
+    assert 0.0 <= row["top1"] <= 1.0 and row["top1"] * len(CLASSES) == round(row["top1"] * len(CLASSES))
+    assert "'frame_diff': True" in row["setup"]["reference"] and "weight decay 0.05" in row["setup"]["reference"]
