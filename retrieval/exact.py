@@ -10,9 +10,9 @@ the fp32 top-k. Why no item is lost. Write x~ = bf16(x), dx = x~ - x (stored: ||
   ``u' |s^|`` of the sum (round to nearest). An fp32 score is within ``g ||q|| ||x||`` of q.x. So every
   item's fp32 score lies in ``s^ -+ (E_i + u' |s^|)`` with ``E_i = ||q~|| ||dx_i|| + ||dq|| ||x_i||
   + g (||q~|| ||x~_i|| + ||q|| ||x_i||) + slack`` (slack: subnormals flushed to zero, ~2^-120).
-- let t be the k-th largest cheap score: k items (the witnesses) have s^ >= t, so an fp32 score
-  ``>= t - E_W`` with ``E_W = max_i E_i + u' max(|t|, |s^_max|)``.
-- an item with ``s^_i + u' |s^_i| + E_i < t - E_W`` has an fp32 score below all k witnesses: it is not in
+- the k items of the best cheap scores (the witnesses) all have an fp32 score of at least
+  ``w = min_j (s^_j - u' |s^_j| - E_j)`` over them.
+- an item with ``s^_i + u' |s^_i| + E_i < w`` has an fp32 score below all k witnesses: it is not in
   the fp32 top-k. Every other item is a candidate and is rescored in fp32.
 
 The per-item norms are computed in float64 when the vectors are added and rounded up. Candidates
@@ -221,8 +221,9 @@ class TwoStage:
         short = min(n, max(SHORTLIST_MIN, 2 * k))
         top_s, top_i = torch.topk(s, short, dim=1)
         top = top_s.double()
-        t = top[:, k - 1]
-        witness = t - (e_max + U_OUT * torch.maximum(t.abs(), top[:, 0].abs()))   # fp32 score of k items >= this
+        best = top[:, :k]                                                  # the k witnesses' cheap scores
+        e_best = item_error(qn[:, :, None], self.norms[:, top_i[:, :k]], x_max, dim)
+        witness = (best - U_OUT * best.abs() - e_best).amin(1)             # their fp32 scores are >= this
         # an item is a candidate when s^ + U_OUT |s^| + E_i >= witness; s -> s + U_OUT |s| is increasing
         y = witness - e_max
         limit = torch.where(y >= 0, y / (1 + U_OUT), y / (1 - U_OUT))
@@ -233,8 +234,10 @@ class TwoStage:
         self.stats = SearchStats(len(q), int(listed.sum()))
         if bool(listed.any()):
             rows = torch.nonzero(listed).flatten()
-            slots = top_i[rows]                                           # (R, K'), all candidates inside
-            cand = self.rows.index_select(0, slots.flatten()).view(len(rows), short, dim)
+            # the scores are sorted: each row's candidates are a prefix of it; read the longest prefix
+            width = max(k, int((top[rows] >= limit[rows, None]).sum(1).max()))
+            slots = top_i[rows, :width]                                   # (R, width), all candidates inside
+            cand = self.rows.index_select(0, slots.flatten()).view(len(rows), width, dim)
             exact = torch.bmm(cand, q[rows].unsqueeze(2)).squeeze(2)       # (R, K') fp32
             out_s[rows], out_i[rows] = best_first(exact, slots, k)
             self.stats.rescored += slots.numel()
