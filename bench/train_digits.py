@@ -6,15 +6,18 @@ The 1,797 8x8 scans are split 75/25 (stratified, seeded) and written as 32 px PN
 ``ernie_vl.data.digits.make_digits``. Training runs a fixed number of steps (not a wall-clock
 budget: the machine is shared, so steps make runs comparable) with the image augmentation of
 ``ernie-vl train --image-crop-min-area 0.7 --image-rotate 10`` (random resized crops of 70-100% of
-the image, rotations within 10 degrees; chosen on a validation split of the training digits, never
-on the held-out 25%); zero-shot uses the training caption as the only template; the linear probe is
+the image, rotations within 10 degrees; measured against no augmentation on a validation split of
+the training digits, never on the held-out 25%: zero-shot 0.833 vs 0.758 after 1000 steps); zero-shot uses the training caption as the only template; the linear probe is
 ``retrieval.probe.fit_linear_probe`` (L-BFGS, weight decay chosen on a validation split of the
 training images from 1e-6 to 100) on frozen image features of every kind ``ernie-vl linear-probe
 --features`` offers: the normalised embedding (the default, as CLIP_benchmark), the pooled features
 before the projection (as the CLIP paper), the image encoder's mean patch token (``tokens``) and
-the mean tokens of every layer of the image path concatenated (``layers``). The goal row uses the
-kind whose probe scored best on that validation split of the training digits (ties: the order
-above), so the held-out split picks nothing; every kind is reported. The anchor is
+the mean tokens of every layer of the image path concatenated (``layers``). The goal row uses
+``layers``, chosen on digits the encoder never saw, not on the held-out split: trained on 80% of
+the training digits for 1000 steps with this augmentation and probed on the other 20%, ``layers``
+scored 0.952, ``tokens`` 0.944 and ``embedding`` 0.918 (without augmentation 0.866, 0.911 and 0.844;
+LogisticRegression on their pixels 0.959). The probe's own validation split (which picks its weight decay) is no guide here: its
+digits were training images of the encoder, so every kind scores near 1 on it. Every kind is reported. The anchor is
 ``sklearn.linear_model.LogisticRegression`` (lbfgs, default C, max_iter 5000) on the 64 raw pixel
 values of the same splits.
 
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # before bench/ (the script's folder), whose enco
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench_digits"
+GOAL_FEATURES = "layers"  # chosen on digits the encoder never saw, not on the held-out split (see the docstring)
 
 
 def main() -> None:
@@ -89,8 +93,7 @@ def main() -> None:
         probe = fit_linear_probe(fit_x.embeddings, fit_x.labels, classes, seed=args.seed, feature_kind=kind)
         top1 = float((probe.logits(test_x.embeddings).argmax(1) == test_x.labels).double().mean())
         probes[kind] = (probe, top1, fit_x.embeddings.shape[1])
-    # the goal's kind: the best validation top-1 on the training digits (ties: FEATURE_KINDS order)
-    chosen = max(FEATURE_KINDS, key=lambda k: (probes[k][0].val_top1, -FEATURE_KINDS.index(k)))
+    chosen = GOAL_FEATURES
     probe, probe_top1, _ = probes[chosen]
     pixels = LogisticRegression(max_iter=5000).fit(data.pixels["train"], data.labels["train"])
     pixel_top1 = float(pixels.score(data.pixels["test"], data.labels["test"]))
@@ -101,13 +104,13 @@ def main() -> None:
     verdicts = [
         Verdict("digits: zero-shot top-1 of `tiny` trained on captions (held-out 25%)", ">= 0.8",
                 f"{zero_shot['top1']:.3f}", zero_shot["top1"] >= 0.8),
-        Verdict(f"digits: linear probe on frozen features (`--features {chosen}`, the best kind on a validation "
-                f"split of the training digits) vs LogisticRegression on raw pixels",
+        Verdict(f"digits: linear probe on frozen features (`--features {chosen}`: {names[chosen]}) vs "
+                f"LogisticRegression on raw pixels",
                 ">= 1.0x (ours should beat it)", f"{probe_top1:.3f} vs {pixel_top1:.3f}", probe_top1 >= pixel_top1),
     ] + [Verdict(f"digits: linear probe on {names[k]} (`--features {k}`) vs LogisticRegression on raw pixels",
                  "report", f"{probes[k][1]:.3f} vs {pixel_top1:.3f}", None) for k in FEATURE_KINDS if k != chosen]
     facts = machine(load_before)
-    rows = ["| model | validation top-1 (20% of the training digits) | top-1 (held-out, 450 digits) |",
+    rows = ["| model | probe's validation top-1 (20% of the training digits, seen in training) | top-1 (held-out, 450 digits) |",
             "|---|---:|---:|",
             f"| `tiny`, zero-shot (\"{CAPTION.format('N')}\") | | {zero_shot['top1']:.3f} |"]
     for kind in FEATURE_KINDS:
@@ -126,8 +129,9 @@ def main() -> None:
             f"zero-shot top-5 {zero_shot['top5']:.3f}, mean per-class recall "
             f"{zero_shot['mean_per_class_recall']:.3f}; last training loss {result.last_losses.get('loss', float('nan')):.3f}. "
             f"Total {time.time() - start:.0f} s. The goal row "
-            f"uses `--features {chosen}`: the kind whose probe scored best on the validation split of the training "
-            f"digits (the split that also picks the weight decay).\n\n" + "\n".join(rows) + "\n")
+            f"uses `--features {chosen}` ({names[chosen]}), chosen on digits the encoder never saw (the script's "
+            f"docstring); the probe's validation split, which picks its weight decay, holds training images of the "
+            f"encoder, so it cannot rank the kinds.\n\n" + "\n".join(rows) + "\n")
     print(text)
     if not args.no_write:
         write_results("train_digits", text, verdicts, facts, command_line("train_digits.py"))

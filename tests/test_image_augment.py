@@ -120,3 +120,25 @@ def test_cli_flags_reach_the_config():
     assert (cfg.image_crop_min_area, cfg.image_rotate) == (0.9, 8.0)
     default = config_from_args(p.parse_args(["--pairs", "a.csv", "--out", "o", "--max-steps", "1"]))
     assert (default.image_crop_min_area, default.image_rotate) == (1.0, 0.0)
+
+
+def test_streamed_pairs_are_augmented_too(tiny_data, tmp_path, monkeypatch):
+    """The augmenter runs on the step's batch whatever the source: here the streaming one (cache budget 0)."""
+    from _train_helpers import tiny_config
+
+    from ernie_vl.train.trainer import Trainer
+
+    cfg = tiny_config(tiny_data, tmp_path / "s", max_steps=2, videos=[], cache_max_mb=0.0, image_crop_min_area=0.5)
+    trainer = Trainer(cfg)
+    assert trainer.streaming and trainer.image_augmenter is not None
+    seen = []
+    real = ImageAugmenter.__call__
+
+    def spy(self, images, global_batch=None, rank=0):
+        out = real(self, images, global_batch, rank)
+        seen.append((tuple(images.shape), global_batch, float((out - images).abs().max())))
+        return out
+
+    monkeypatch.setattr(ImageAugmenter, "__call__", spy)
+    trainer.train_step()
+    assert len(seen) == 1 and seen[0][:2] == ((8, 3, 32, 32), 8) and seen[0][2] > 0.01
