@@ -83,7 +83,8 @@ def markdown(rows: dict[str, dict], info: dict, command: str, facts) -> str:
     lines = ["# int8 and bf16 accuracy of a trained `tiny` (held-out sets of `train_synthetic`)", "",
              f"`{command}`", "", facts.line(), "",
              f"Model: {info['model']} (train_synthetic's `divided` variant, its data). QAT: {info['qat']}. int8 kernels: policy `{info['kernel']}` "
-             "(per GEMM shape, ``ernie_vl.quantize``). Held-out: 200 captioned shapes of unseen colour-shape "
+             f"(per GEMM shape, ``ernie_vl.quantize``), activations on {info.get('grid', '?')} (the engines' grid "
+             "on this CPU; QAT fine-tunes on the same). Held-out: 200 captioned shapes of unseen colour-shape "
              "combinations (one image = 0.5 point), 128 motion clips, 8 classes (one clip = 0.78 point). "
              f"Goal: each precision within {MAX_LOSS_POINTS:g} point of fp32 (a gain counts as within). "
              "Fixed step budgets: the figures do not depend on the machine's load.", "",
@@ -169,7 +170,9 @@ def main() -> None:
     with torch.no_grad():
         rows["fp32"] = evaluate(fp32, val_pairs, val_videos)
         saved = Path(args.work) / "int8_ptq"
-        quantize_int8(fp32).save_pretrained(str(saved))
+        ptq = quantize_int8(fp32)
+        grids = sorted({m.grid for m in ptq.modules() if hasattr(m, "grid")})
+        ptq.save_pretrained(str(saved))
         rows["int8 PTQ"] = evaluate(ErnieVL.from_pretrained(str(saved)).eval(), val_pairs, val_videos)
         rows["int8 PTQ (serve --precision int8)"] = evaluate(load_model(str(ckpt), precision="int8").model,
                                                              val_pairs, val_videos)
@@ -189,7 +192,8 @@ def main() -> None:
         seconds["QAT"] = time.perf_counter() - t0
         qat_text = (f"{result.steps} steps of fake-quant fine-tuning at peak lr {args.qat_lr:g} (cosine, 10 warm-up "
                     "steps), batches of 64 pairs + 32 clips, then `quantize_int8`")
-    info = {"model": model_text, "qat": qat_text, "kernel": int8_kernel_choice(), "seconds": seconds}
+    info = {"model": model_text, "qat": qat_text, "kernel": int8_kernel_choice(), "seconds": seconds,
+            "grid": ", ".join(f"{g.bit_length()} bits" for g in grids)}
     facts = machine(load_before)
     text = markdown(rows, info, command, facts)
     write_results(args.out, text, verdicts(rows, model_text), facts, command)
