@@ -22,7 +22,8 @@ def test_env_json_names_the_machine_and_every_choice(capsys):
     expected = choose_backend("auto", torch.empty(4096, 512), [1024] * 8).name
     assert c["moe"][f"{torch.get_num_threads()}_threads"]["backend"] == expected
     assert c["moe"]["1_threads"]["backend"] in ("loop", "openblas")
-    assert set(c["int8"]) >= {"available", "policy"} or "error" in c["int8"]
+    assert set(c["int8"]) >= {"available", "policy", "activation_bits"} or "error" in c["int8"]
+    assert "error" in c["int8"] or c["int8"]["activation_bits"] in (7, 8)
     for name in ("long_gop", "short_gop"):
         assert c["video_decode"][name]["threads"] >= 1 and c["video_decode"][name]["reason"]
     assert c["video_decode"]["short_gop"]["threads"] == 1  # short runs never pay for decoder threads
@@ -40,6 +41,7 @@ def test_env_text_is_readable(capsys):
     text = capsys.readouterr().out
     assert text.startswith("cpu:") and runtime.cpu_info().model in text
     assert "MoE experts, 1 thread:" in text and "int8 engine" in text and "video decode threads" in text
+    assert "int8 activation grid of newly quantized layers: " in text or "int8 engine: unavailable" in text
     assert "search index kind auto: flat below" in text and "exact (flat) search first stage: " in text
 
 

@@ -49,7 +49,8 @@ def int8_choices() -> dict[str, Any]:
 
     try:
         available = list(quantize.available_int8_kernels())
-        out: dict[str, Any] = {"available": available, "policy": quantize.int8_kernel_choice()}
+        out: dict[str, Any] = {"available": available, "policy": quantize.int8_kernel_choice(),
+                               "activation_bits": quantize.layer_activation_qmax().bit_length()}
         threads = torch.get_num_threads()
         for n in sorted({threads, 1}, reverse=True):
             torch.set_num_threads(n)
@@ -169,6 +170,7 @@ def format_text(env: dict[str, Any]) -> str:
                 per = ", ".join(f"{'varying' if rows == 'None' else rows + ' rows'} -> {k}" for rows, k in v.items())
                 lines.append(f"  int8 engine, {_threads(key)}: {per} (policy {i8['policy']}, "
                              f"available {', '.join(i8['available'])})")
+        lines.append(f"  int8 activation grid of newly quantized layers: {i8['activation_bits']} bits")
     vd = c["video_decode"]
     for name in ("long_gop", "short_gop"):
         v = vd[name]
