@@ -79,9 +79,19 @@ def test_bad_loss_inputs_raise_clear_errors() -> None:
         classification_loss(torch.zeros(2, 3), torch.tensor([0.0, 1.0]))
 
 
-def _losses(a: torch.Tensor, b: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+GROUPS = torch.tensor([0, 1, 2, 1, 0, 0])  # classes recurring across the two ranks' halves
+
+
+def _losses(a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     scale, bias = torch.tensor(5.0), torch.tensor(-2.0)
-    return {"clip": clip_loss(a, b, scale), "siglip": siglip_loss(a, b, scale, bias)}
+    out = {"clip": clip_loss(a, b, scale), "siglip": siglip_loss(a, b, scale, bias)}
+    if groups is not None:
+        out.update(clip_grouped=clip_loss(a, b, scale, groups), siglip_grouped=siglip_loss(a, b, scale, bias, groups))
+    return out
+
+
+KINDS = ("clip", "siglip", "clip_grouped", "siglip_grouped")
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -93,10 +103,10 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     b_local = a_all.shape[0] // world
     sl = slice(rank * b_local, (rank + 1) * b_local)
     result = {}
-    for kind in ("clip", "siglip"):
+    for kind in KINDS:
         a = a_all[sl].clone().requires_grad_(True)
         b = b_all[sl].clone().requires_grad_(True)
-        loss, per_sample = _losses(a, b)[kind]
+        loss, per_sample = _losses(a, b, GROUPS[sl])[kind]
         loss.backward()
         result[kind] = {"loss": loss.detach(), "per_sample": per_sample.detach(), "ga": a.grad, "gb": b.grad}
     torch.save(result, f"{out}.{rank}")
@@ -109,12 +119,12 @@ def test_gathered_losses_on_two_ranks_equal_one_process_with_the_global_batch() 
         init_file, out = os.path.join(tmp, "init"), os.path.join(tmp, "res")
         mp.start_processes(_worker, args=(world, init_file, out), nprocs=world, start_method="spawn")
         ranks = [torch.load(f"{out}.{r}") for r in range(world)]
-    for kind in ("clip", "siglip"):
+    for kind in KINDS:
         results = [r[kind] for r in ranks]
         a, b = _features(b=6, e=8, seed=3)
         a.requires_grad_(True)
         b.requires_grad_(True)
-        loss, per_sample = _losses(a, b)[kind]
+        loss, per_sample = _losses(a, b, GROUPS)[kind]
         loss.backward()
         # the mean of the ranks' losses is the global loss; per-sample losses are the global ones
         assert torch.allclose(torch.stack([r["loss"] for r in results]).mean(), loss.detach(), atol=1e-6)
