@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ORDER = ("encoders", "moe", "quantize", "int8_accuracy", "int8_accuracy_8bit", "int8_fusion", "video", "retrieval", "hnsw_at_scale", "server",
+ORDER = ("encoders", "moe", "quantize", "int8_accuracy", "int8_fusion", "video", "retrieval", "hnsw_at_scale", "server",
          "server_abuse",
          "data", "train_synthetic", "train_digits", "few_shot_video", "video_stem_cost", "moe_balance", "priority_sampling",
          "train_screens")
