@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
 from ernie_vl.data.synthetic import make_motion, make_shapes  # noqa: E402
 from ernie_vl.train import TrainConfig  # noqa: E402
-from ernie_vl.train.trainer import Trainer, routing_summary  # noqa: E402
+from ernie_vl.train.reporting import routing_summary  # noqa: E402
+from ernie_vl.train.trainer import Trainer  # noqa: E402
 
 
 # ``space_only`` is the frame-wise encoder: no temporal attention *and* one-frame patches

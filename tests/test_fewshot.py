@@ -120,7 +120,8 @@ def test_a_pairs_trained_checkpoint_starts_its_video_path_from_the_image_path(ti
     from _train_helpers import tiny_config
 
     from ernie_vl.train import train
-    from ernie_vl.train.trainer import Trainer, trained_on
+    from ernie_vl.train.finetune import trained_on
+    from ernie_vl.train.trainer import Trainer
 
     pre = train(tiny_config(tiny_data, tmp_path / "pre", max_steps=2, videos=[]))
     assert trained_on(pre.final_dir) == {"pairs"}

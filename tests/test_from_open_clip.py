@@ -74,7 +74,7 @@ def test_visual_tokens_pass_through_the_moe_backbone(pair) -> None:
 
 def test_saved_checkpoint_says_it_came_from_open_clip(pair, tmp_path) -> None:
     """``ernie-vl train`` reads this to keep the already inflated video path (no re-inflation)."""
-    from ernie_vl.train.trainer import trained_on
+    from ernie_vl.train.finetune import trained_on
 
     _, model = pair
     model.save_pretrained(str(tmp_path / "m"))

@@ -9,9 +9,11 @@
   embeddings, scaled so that its logits start as the zero-shot classifier's (logit scale x cosine)
   at the clips' mean embedding norm.
 - :func:`replace_head`: a fresh classifier for new class names (e.g. a model trained on pairs only).
+- :func:`trained_on`: what a checkpoint was trained on (pairs, videos, open_clip), from its weights' header.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -75,3 +77,14 @@ def replace_head(model: Any, class_names: Sequence[str]) -> None:
     model.classifier = nn.Linear(old.in_features, len(names)).to(old.weight.device, old.weight.dtype)
     model.cfg.class_names, model.cfg.num_classes = list(names), len(names)
     model.class_names = list(names)
+
+
+def trained_on(checkpoint_dir: str | Path) -> set[str]:
+    """What a checkpoint was trained on, from its weights file's metadata: {"pairs", "videos", "open_clip"}."""
+    from ernie_vl import checkpoint
+
+    try:
+        meta = checkpoint.read_header(Path(checkpoint_dir) / checkpoint.WEIGHTS_NAME).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return set()
+    return {k for k in str(meta.get("trained_on", "")).split(",") if k}

@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import random
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -40,81 +38,11 @@ from ernie_vl.train.expert_sharding import (clip_grad_norm, ema_state, expert_pa
                                             load_model_state, load_optimizer_state, model_state, optimizer_state,
                                             plain_model, setup_expert_parallel)
 from ernie_vl.train.ema import ModelEMA
-from ernie_vl.train.finetune import add_drop_path, freeze, init_head_from_prompts, replace_head
+from ernie_vl.train.finetune import add_drop_path, freeze, init_head_from_prompts, replace_head, trained_on
 from ernie_vl.train.optim import RefittableCosine, build_optimizer
+from ernie_vl.train.process import resolve_threads, seed_everything, to_device
+from ernie_vl.train.reporting import routing_summary
 from ernie_vl.train.sampler import PrioritySampler
-
-
-def resolve_threads(requested: Optional[int]) -> int:
-    """Threads for this process: ``requested``, or (None) all CPUs of this process unless the
-    machine is oversubscribed (1-minute load >= 1.5 x CPUs), where one thread is much faster: with
-    several, OpenMP threads spin-wait for a descheduled partner at every parallel region."""
-    if requested:
-        return int(requested)
-    from ernie_vl.data.sources import cpu_workers
-
-    cpus = max(1, cpu_workers(64))
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return 1 if load >= 1.5 * cpus else cpus
-
-
-def trained_on(checkpoint_dir: str | Path) -> set[str]:
-    """What a checkpoint was trained on, from its weights file's metadata: {"pairs", "videos", "open_clip"}."""
-    from ernie_vl import checkpoint
-
-    try:
-        meta = checkpoint.read_header(Path(checkpoint_dir) / checkpoint.WEIGHTS_NAME).get("__metadata__") or {}
-    except (OSError, ValueError):
-        return set()
-    return {k for k in str(meta.get("trained_on", "")).split(",") if k}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def routing_summary(routing: list[Any], active_head_ratio: Any = None) -> dict[str, Any]:
-    """Plain-number routing statistics of one forward: per layer, and averaged over MoE layers."""
-    layers = [r.to_dict() for r in routing or []]
-    summary: dict[str, Any] = {"layers": layers}
-    if layers:
-        def mean(key: str) -> Optional[float]:
-            vals = [l[key] for l in layers if l.get(key) is not None]
-            return float(np.mean(vals)) if vals else None
-
-        summary.update(overlap_rate=mean("overlap_rate"), activated_param_ratio=mean("activated_param_ratio"),
-                       router_entropy=mean("router_entropy"),
-                       usage_by_modality=np.mean([l["usage_by_modality"] for l in layers], axis=0).tolist())
-    if active_head_ratio is not None:
-        summary["active_head_ratio"] = _plain(active_head_ratio)
-    return summary
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().float().cpu()
-        return value.item() if value.ndim == 0 else value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """The batch dataclass with every tensor field on ``device`` (no copy on CPU)."""
-    if device.type == "cpu":
-        return batch
-    import dataclasses
-
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
-                                         for f in dataclasses.fields(batch)
-                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 class Trainer:
@@ -516,7 +444,7 @@ class Trainer:
             drawn = self.source.next()
             if self.image_augmenter is not None and drawn.batch.images is not None:
                 drawn.batch.images = self.image_augmenter(drawn.batch.images, self.mix.pairs, self.ctx.rank)
-            batch = _to_device(drawn.batch, self.ctx.device)
+            batch = to_device(drawn.batch, self.ctx.device)
             sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
             with (nullcontext() if sync else model.no_sync()), self._autocast():
                 out = model(batch)
