@@ -1,0 +1,29 @@
+"""bench/digits_validation.py's table: runs grouped by setting, mean and spread over seeds, summary rows."""
+from __future__ import annotations
+
+import json
+
+from _bench_helpers import load_bench
+
+
+def _run(steps, seed, layers, ema=None):
+    return {"steps": steps, "seed": seed, "batch": 64, "lr": 1e-3, "warmup": None, "min_lr_ratio": None, "ema": ema,
+            "crop": 0.85, "rotate": 5.0, "zero_shot": 0.9, "layers": layers, "layers_wd0.1": 0.95, "embedding": 0.93,
+            "pixels_logreg": 0.978, "n_val": 270, "load": [1.0, 2.0]}
+
+
+def test_table_groups_seeds_and_reports_spread(tmp_path):
+    dv = load_bench("digits_validation")
+    log = tmp_path / "rows.jsonl"
+    runs = [_run(2000, 0, 0.96), _run(1000, 0, 0.94), _run(2000, 1, 0.97), _run(2000, 2, 0.98), _run(2000, 0, 0.5, 0.998)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    text = dv.write_table(log, tmp_path)
+    rows = [line for line in text.splitlines() if line.startswith("| 2000 ")]
+    assert len(rows) == 2  # EMA on and off are separate settings
+    plain = next(r for r in rows if "| off |" in r)
+    assert "| 0, 1, 2 |" in plain and "0.970 ± 0.010 (0.960-0.980)" in plain  # mean ± sample sd (min-max)
+    assert "| 0.500 |" in next(r for r in rows if "| 0.998 |" in r)
+    record = json.loads((tmp_path / "digits_validation.json").read_text())
+    assert [v["measured"] for v in record["verdicts"]] == [("0.970 ± 0.010 (0.960-0.980) vs LogisticRegression "
+                                                            "0.978 ± 0.000 (0.978-0.978)")]  # only >= 3 seeds
+    assert "one digit = 0.37 points" in text and (tmp_path / "digits_validation.md").read_text().startswith("# Digits")
