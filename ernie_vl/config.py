@@ -24,6 +24,7 @@ from ernie_vl.checks import check_choice
 
 PROJECTOR_KINDS = ("linear", "mlp", "resampler", "resampler_ernie45")
 PROJECTOR_TOKENS = ("all", "prefix")
+VIDEO_CLS_INPUTS = ("embed", "encoder")
 VISUAL_POOLS = ("cls", "mean")
 CONTRASTIVE_KINDS = ("clip", "siglip")
 OPEN_CLIP_VOCAB_SIZE = 49408
@@ -101,15 +102,22 @@ class HeadConfig:
     text_norm / visual_norm: LayerNorm before the projection. ``from_open_clip`` keeps
         CLIP's ``ln_final`` for text and turns the visual norm off (CLIP's visual norm
         is the encoder's ``ln_post``, applied before the projector).
+    video_cls_input: what ``classify_video``'s linear classifier reads: ``embed`` (the video
+        embedding after projector, backbone and visual head; a classifier that prompt text
+        embeddings can initialise) or ``encoder`` (the video encoder's pooled features, as the
+        cls heads of timm / mmaction2 read their backbone: on few labelled clips it fits as fast
+        as the bare encoder, where ``embed`` fits several times slower).
     """
 
     embed_dim: int = 512
     visual_pool: str = "cls"
     text_norm: bool = True
     visual_norm: bool = True
+    video_cls_input: str = "embed"
 
     def __post_init__(self) -> None:
         check_choice("visual_pool", self.visual_pool, VISUAL_POOLS)
+        check_choice("video_cls_input", self.video_cls_input, VIDEO_CLS_INPUTS)
         _check_positive(self, "embed_dim")
 
 

@@ -11,7 +11,8 @@ from ``encode_image`` stay valid for any query. Per-token modality ids tell the 
   -> pooling (class token, or mean) -> visual head -> L2-normalised (B, E).
 - video: ``VideoEncoder`` tokens (B, T', C) -> video projector (e.g. a resampler to M
   tokens) -> backbone -> pooling -> the same visual head -> (B, E); ``classify_video`` adds
-  a linear classifier on the (unnormalised) video embedding.
+  a linear classifier on the (unnormalised) video embedding, or, with
+  ``head.video_cls_input="encoder"``, on the video encoder's pooled features (B, C).
 
 Starting exactly from CLIP (``ernie_vl.from_open_clip``): the backbone is CLIP's text
 transformer with each MLP upcycled into identical experts (top-k weights sum to 1, so the
@@ -107,6 +108,7 @@ class _Features:
     embeds: torch.Tensor
     backbone: BackboneOutput
     active_head_ratio: torch.Tensor | None = None
+    encoder_pooled: torch.Tensor | None = None  # (B, C) the encoder's pooled output (visual modalities)
 
 
 def merge_routing_stats(passes: list[tuple[int, list[RoutingStats]]]) -> list[RoutingStats]:
@@ -192,7 +194,8 @@ class ErnieVL(nn.Module):
         self.visual_head = EmbeddingHead(width, embed_dim, cfg.head.visual_norm)
         bias = cfg.loss.init_logit_bias if cfg.loss.contrastive == "siglip" else None
         self.logits = ContrastiveLogits(cfg.loss.init_logit_scale, cfg.loss.max_logit_scale, bias)
-        self.classifier = nn.Linear(embed_dim, cfg.num_classes)
+        cls_dim = cfg.video_encoder.width if cfg.head.video_cls_input == "encoder" else embed_dim
+        self.classifier = nn.Linear(cls_dim, cfg.num_classes)
         self.preprocess = ImageTransform(cfg.image_encoder.image_size[0], cfg.image_mean, cfg.image_std)
         self.tokenizer = make_tokenizer(cfg.text.vocab_size, cfg.text.context_length)
         self.class_names: list[str] | None = list(cfg.class_names) if cfg.class_names else None
@@ -273,7 +276,7 @@ class ErnieVL(nn.Module):
         ids = torch.full(tokens.shape[:2], modality, dtype=torch.long, device=tokens.device)
         out = self.backbone(tokens, ids, routing=routing)
         pooled = pool_visual(out.hidden, self.cfg.head.visual_pool, num_prefix)
-        return _Features(self.visual_head(pooled), out, enc.active_head_ratio)
+        return _Features(self.visual_head(pooled), out, enc.active_head_ratio, enc.pooled)
 
     def image_features(self, images: torch.Tensor, routing: bool = True) -> _Features:
         """(B, 3, H, W) -> unnormalised (B, E) and the backbone output.
@@ -308,7 +311,14 @@ class ErnieVL(nn.Module):
 
     def classify_video(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) float -> (B, num_classes) logits of the supervised head."""
-        return self.classifier(self.video_features(clips, routing=False).embeds)
+        return self._video_logits(self.video_features(clips, routing=False))
+
+    def _video_logits(self, vid: _Features) -> torch.Tensor:
+        """The classifier on what ``cfg.head.video_cls_input`` names: the video embedding or the encoder's
+        pooled features."""
+        if self.cfg.head.video_cls_input == "encoder":
+            return self.classifier(vid.encoder_pooled)
+        return self.classifier(vid.embeds)
 
     # ------------------------------------------------------------------ training
 
@@ -371,7 +381,7 @@ class ErnieVL(nn.Module):
             out.video_embeds = F.normalize(vid.embeds, dim=-1)
             video_ps = torch.zeros(batch.videos.shape[0], device=vid.embeds.device)
             if batch.video_labels is not None:
-                out.video_logits = self.classifier(vid.embeds)
+                out.video_logits = self._video_logits(vid)
                 loss, ps = classification_loss(out.video_logits, batch.video_labels, w.label_smoothing)
                 losses["video_cls"] = loss
                 total = total + w.classification_weight * loss

@@ -57,10 +57,15 @@ def add_drop_path(encoder: nn.Module, rate: float) -> list:
 
 
 @torch.no_grad()
-def init_head_from_prompts(model: Any, prompt_tokens: Sequence[torch.Tensor], clips: torch.Tensor) -> None:
-    """Classifier rows := normalised class text embeddings x (logit scale / mean clip embedding norm)."""
+def init_head_from_prompts(model: Any, prompt_tokens: Sequence[torch.Tensor], clips: torch.Tensor) -> bool:
+    """Classifier rows := normalised class text embeddings x (logit scale / mean clip embedding norm).
+
+    Returns False (the classifier left as it is) when the classifier reads the video encoder's pooled
+    features (``head.video_cls_input="encoder"``): text embeddings live in the other space."""
     from encoders.prompts import ensemble_token_embeddings
 
+    if model.cfg.head.video_cls_input != "embed":
+        return False
     was = model.training
     model.eval()
     text = ensemble_token_embeddings(model.encode_text, prompt_tokens)  # (C, E), unit rows (prompt ensembling)
@@ -68,6 +73,7 @@ def init_head_from_prompts(model: Any, prompt_tokens: Sequence[torch.Tensor], cl
     model.train(was)
     model.classifier.weight.copy_(text * (model.logits.scale().float() / norm))
     model.classifier.bias.zero_()
+    return True
 
 
 def replace_head(model: Any, class_names: Sequence[str]) -> None:
