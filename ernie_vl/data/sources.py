@@ -9,7 +9,7 @@ tensors. Two kinds:
   than float32, and a batch is one index + one fused multiply-add). Images go into
   one preallocated array or a memory-mapped cache file (``ernie_vl.data.image_cache``),
   so neither memory nor open file handles grow per item. Videos keep
-  one deterministic view (uniform frames, centre crop), so there is no per-step
+  one deterministic view (segment-centre frames, centre crop), so there is no per-step
   decoding at all. Unreadable files (and empty captions) are dropped once, counted and listed.
 * streaming (``PairDataset`` / ``VideoDataset`` through ``ernie_vl.data.mixing``):
   for data larger than the cache budget; decoded per step in workers.
@@ -34,7 +34,8 @@ def video_dataset(path: str | Path, num_frames: int, image_size: int, mean: Sequ
                   train: bool, classes: Optional[Sequence[str]] = None):
     """``video.VideoFolder`` (a folder) or ``video.VideoCSV`` (a .csv) with the model's clip transform.
 
-    Training streams use TSN sampling and random resized crops but no flips here: a flip
+    Training streams use TSN sampling (random offsets; otherwise the segment centres) and random resized
+    crops but no flips here: a flip
     changes the label of direction-sensitive actions (move left / right), so flips and
     reversals happen per batch, relabelled through declared maps (``clip_augment``).
     """
@@ -43,7 +44,10 @@ def video_dataset(path: str | Path, num_frames: int, image_size: int, mean: Sequ
     transform = ClipTransform(ClipTransformConfig(image_size=image_size, mean=tuple(mean), std=tuple(std),
                                                   flip_prob=0.0), train=train)
     path = Path(path)
-    sampling = "tsn" if train else "uniform"
+    # evaluation takes each of T equal segments' centre frame (TSN test mode, the CLI's default): the frames a
+    # training clip without temporal jitter takes from a cache of 2T (``clip_mixing.temporal_indices``); the
+    # first-to-last linspace ("uniform") steps unevenly (16 -> 8: 0, 2, 4, 6, 9, 11, 13, 15)
+    sampling = "tsn"
     kwargs = dict(num_frames=num_frames, sampling=sampling, train=train, transform=transform, classes=classes,
                   isolation="inline")
     if path.is_dir():
