@@ -141,6 +141,13 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
     rows = [("| steps | schedule | EMA | seeds | zero-shot | probe, `layers` (its own weight decay) "
              "| probe, `layers`, weight decay 0.1 | probe, `embedding` | LogisticRegression, raw pixels |"),
             "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+    import statistics
+
+    reference = max(groups.values(), key=len)  # the setting run with the most seeds measures the seed noise
+    ref_mean = statistics.mean(r["layers"] for r in reference)
+    ref_sd = statistics.stdev([r["layers"] for r in reference]) if len(reference) > 1 else float("nan")
+    rows[0] += " `layers` minus the most-seeded setting's mean, in its seed sd |"
+    rows[1] += "---:|"
     verdicts = []
     for key, group in sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
         setting = dict(zip(SETTING, key))
@@ -148,7 +155,8 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
         cols = [_spread([r[c] for r in group]) for c in ("zero_shot", "layers", "layers_wd0.1", "embedding", "pixels_logreg")]
         schedule = (f"warm-up {setting['warmup'] if setting['warmup'] is not None else 'default'}, cosine floor "
                     f"{setting['min_lr_ratio'] if setting['min_lr_ratio'] is not None else 'default'}")
-        rows.append(f"| {setting['steps']} | {schedule} | {setting['ema'] or 'off'} | {seeds} | " + " | ".join(cols) + " |")
+        rows.append(f"| {setting['steps']} | {schedule} | {setting['ema'] or 'off'} | {seeds} | " + " | ".join(cols)
+                    + f" | {(statistics.mean(r['layers'] for r in group) - ref_mean) / ref_sd:+.1f} |")
         if len(group) >= 3:
             verdicts.append(Verdict(f"digits validation ({n_val} training digits the encoder never saw): `layers` probe, "
                                     f"{setting['steps']} steps, EMA {setting['ema'] or 'off'}, seeds {seeds}", "report",

@@ -22,6 +22,8 @@ def test_table_groups_seeds_and_reports_spread(tmp_path):
     assert len(rows) == 2  # EMA on and off are separate settings
     plain = next(r for r in rows if "| off |" in r)
     assert "| 0, 1, 2 |" in plain and "0.970 ± 0.010 (0.960-0.980)" in plain  # mean ± sample sd (min-max)
+    assert plain.endswith("| +0.0 |")  # the reference itself
+    assert next(r for r in rows if "| 0.998 |" in r).endswith("| -47.0 |")  # (0.5 - 0.97) / 0.01
     assert "| 0.500 |" in next(r for r in rows if "| 0.998 |" in r)
     record = json.loads((tmp_path / "digits_validation.json").read_text())
     assert [v["measured"] for v in record["verdicts"]] == [("0.970 ± 0.010 (0.960-0.980) vs LogisticRegression "
