@@ -289,11 +289,15 @@ class ErnieVL(nn.Module):
         return self._visual_features(self.image_encoder, self.image_projector, self.cfg.image_projector.tokens,
                                     images, IMAGE, routing)
 
-    def video_features(self, clips: torch.Tensor, routing: bool = True) -> _Features:
-        """(B, T, 3, H, W) -> unnormalised (B, E) and the backbone output (``routing`` as for images)."""
+    @staticmethod
+    def _check_clips(clips: torch.Tensor) -> None:
         if not isinstance(clips, torch.Tensor) or clips.dim() != 5:
             shape = tuple(clips.shape) if isinstance(clips, torch.Tensor) else type(clips).__name__
             raise ValueError(f"videos must be a (B, T, 3, H, W) float tensor, got {shape}")
+
+    def video_features(self, clips: torch.Tensor, routing: bool = True) -> _Features:
+        """(B, T, 3, H, W) -> unnormalised (B, E) and the backbone output (``routing`` as for images)."""
+        self._check_clips(clips)
         return self._visual_features(self.video_encoder, self.video_projector, self.cfg.video_projector.tokens,
                                     clips, VIDEO, routing)
 
@@ -310,7 +314,11 @@ class ErnieVL(nn.Module):
         return F.normalize(self.video_features(clips, routing=False).embeds, dim=-1)
 
     def classify_video(self, clips: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) float -> (B, num_classes) logits of the supervised head."""
+        """(B, T, 3, H, W) float -> (B, num_classes) logits of the supervised head (an encoder-reading
+        head runs the video encoder only: the projector and backbone would not change its logits)."""
+        if self.cfg.head.video_cls_input == "encoder":
+            self._check_clips(clips)
+            return self.classifier(self.video_encoder(clips).pooled)
         return self._video_logits(self.video_features(clips, routing=False))
 
     def _video_logits(self, vid: _Features) -> torch.Tensor:
