@@ -69,3 +69,35 @@ def test_torchrun_command_launches_this_package():
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[-3:] == ["ernie_vl.train", "--config", "x.json"]
     with pytest.raises(ValueError):
         torchrun_command(0, [])
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2", "RANK": "2"}, {"WORLD_SIZE": "2", "RANK": "-1"},
+                                 {"WORLD_SIZE": "2"}])
+def test_init_distributed_refuses_a_rank_outside_the_world(monkeypatch, env):
+    # checked before the rendezvous, which would otherwise wait for ranks that never come
+    from ernie_vl.train.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"RANK={env.get('RANK', '<unset>')} with WORLD_SIZE=2: RANK must be .* 0\.\.1"):
+        init_distributed(device="cpu")
+    assert not torch.distributed.is_initialized()
+
+
+def test_init_distributed_names_a_non_integer_variable(monkeypatch):
+    from ernie_vl.train.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE='two' is not an integer"):
+        init_distributed(device="cpu")
+
+
+def test_init_distributed_one_process_is_rank_zero(monkeypatch):
+    from ernie_vl.train.distributed import init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "3")  # ignored without a world: one process is rank 0
+    ctx = init_distributed(device="cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device.type) == (0, 1, True, "cpu")

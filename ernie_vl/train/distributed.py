@@ -42,11 +42,21 @@ class DistContext:
         return self.world_size > 1
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
 def init_distributed(device: Optional[str] = None) -> DistContext:
     """Join the process group described by torchrun's environment (no-op for one process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
@@ -55,6 +65,10 @@ def init_distributed(device: Optional[str] = None) -> DistContext:
         return DistContext(device=dev)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
+        # a rank outside the world would wait forever for a rendezvous that never completes
+        if "RANK" not in os.environ or not 0 <= rank < world:
+            raise ValueError(f"RANK={os.environ.get('RANK', '<unset>')} with WORLD_SIZE={world}: RANK must be "
+                             f"an integer in 0..{world - 1} (launch with torchrun, which sets both)")
         dist.init_process_group(backend=backend)
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                        device=dev, backend=backend)
