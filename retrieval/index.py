@@ -157,9 +157,11 @@ class Index:
             return 0
         self._store.remove(slots)
         self._items.kill(slots)
-        dead = self._items.slot_ids < 0
-        if self.kind == "flat" or (self.kind == "hnsw" and dead.mean() >= self.params.compact_dead_fraction):
-            self._compact(~dead)
+        keep = self._items.alive_mask()
+        dead_fraction = 1.0 - self._items.alive / max(len(self._slot_ids), 1)
+        if keep is not None and (self.kind == "flat" or (self.kind == "hnsw" and
+                                                         dead_fraction >= self.params.compact_dead_fraction)):
+            self._compact(keep)
         return len(slots)
 
     def _check_writable(self, what: str) -> None:
@@ -174,7 +176,8 @@ class Index:
     def convert(self, kind: str) -> "Index":
         """A copy of this index as another kind (from ``flat`` or ``hnsw``: they keep full vectors)."""
         kind = resolve_kind(kind, len(self))
-        alive = np.flatnonzero(self._items.slot_ids >= 0)
+        keep = self._items.alive_mask()
+        alive = np.arange(len(self._slot_ids)) if keep is None else np.flatnonzero(keep)
         vectors = self._store.reconstruct(alive)
         out = Index(self.dim, kind, model_id=self.model_id, params=self.params, info=self.info)
         out.add(vectors, metadata=[self._items.row(int(s)) for s in alive], ids=self._items.slot_ids[alive])
@@ -195,7 +198,8 @@ class Index:
     @property
     def ids(self) -> np.ndarray:
         """The ids of the items, in insertion order."""
-        return self._slot_ids[self._slot_ids >= 0].copy()
+        keep = self._items.alive_mask()
+        return np.array(self._slot_ids) if keep is None else self._slot_ids[keep]
 
     def metadata(self, item_id: int) -> dict:
         """The metadata dict of one item (ValueError for an unknown id), decoded from its stored row."""
@@ -245,8 +249,7 @@ class Index:
             raise ValueError(f"k must be a positive int, got {k!r}")
         q = _as_matrix(queries, self.dim, name="queries")
         short = self._shortlist(int(k), rerank, nprobe)
-        dead = self._slot_ids < 0
-        alive = ~dead if (self._store.masks_removed and dead.any()) else None
+        alive = self._items.alive_mask() if self._store.masks_removed else None  # None: no slot removed
         extra = {"nprobe": nprobe} if self.kind == "ivfpq" else {}
         slots, scores = self._store.search(q, max(int(k), short), alive=alive, **extra)
         if short:

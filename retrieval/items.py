@@ -59,6 +59,7 @@ class ItemTable:
         self._pending: list[np.ndarray] = []          # row lengths appended since the offsets were last joined
         self._order: Optional[np.ndarray] = None      # argsort of slot_ids (the id lookup), built when needed
         self._sorted: Optional[np.ndarray] = None
+        self._alive_mask: Optional[np.ndarray] = None  # slot_ids >= 0, built when a search first needs it
         self.alive = 0
         self.lazy_rows = False                        # rows checked when read (mmap), not at open
         self.where = ""                               # the folder, while the ids wait for their check
@@ -159,13 +160,13 @@ class ItemTable:
         self._pending.append(np.fromiter((len(x) for x in lines), np.int64, len(lines)))
         self.slot_ids = np.concatenate([self.slot_ids, ids])
         self.alive += len(ids)
-        self._order = self._sorted = None
+        self._order = self._sorted = self._alive_mask = None
 
     def kill(self, slots: np.ndarray) -> None:
         """Mark slots removed (their rows are written as ``null`` on save)."""
         self.slot_ids[slots] = -1
         self.alive = int((self.slot_ids >= 0).sum())
-        self._order = self._sorted = None
+        self._order = self._sorted = self._alive_mask = None
 
     def compact(self, keep: np.ndarray) -> None:
         off = self._joined_offsets()
@@ -175,7 +176,17 @@ class ItemTable:
         self._offsets = np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64)
         self.slot_ids = self.slot_ids[keep]
         self.alive = int((self.slot_ids >= 0).sum())
-        self._order = self._sorted = None
+        self._order = self._sorted = self._alive_mask = None
+
+    def alive_mask(self) -> Optional[np.ndarray]:
+        """(N,) bool, True where a slot holds an item; None when no slot was removed (known from the count:
+        nothing is read). Built once and kept until the table changes, so repeated searches of a mapped
+        index do not read every id again."""
+        if self.alive == len(self.slot_ids):
+            return None
+        if self._alive_mask is None:
+            self._alive_mask = np.asarray(self.slot_ids >= 0)
+        return self._alive_mask
 
     def items(self) -> Iterator[tuple[int, dict]]:
         for slot in np.flatnonzero(self.slot_ids >= 0):
@@ -238,6 +249,9 @@ class ItemTable:
         ids = self.slot_ids
         if (ids < -1).any():
             raise IndexMismatchError(f"index {folder} is damaged: ids below -1 ({sorted(set(ids[ids < -1].tolist()))[:10]})")
+        alive = int((ids >= 0).sum())
+        if alive != self.alive:  # a mapped open took the count from the manifest
+            raise IndexMismatchError(f"index {folder} is damaged: {alive} live ids, the manifest records {self.alive}")
         dup = self.duplicate_ids()
         if len(dup):
             raise IndexMismatchError(f"index {folder} is damaged: duplicate ids {dup[:10].tolist()} "

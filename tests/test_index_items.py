@@ -144,3 +144,45 @@ def test_mapped_open_reads_no_ids_when_the_manifest_holds_their_check(tmp_path, 
     (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexMismatchError, match="next_id 100 is not above the largest id 147"):
         Index.load(tmp_path / "idx", mmap=True)
+
+
+class _WatchedIds(np.ndarray):
+    """Ids that record the size of every ufunc (comparison, sum, ...) run over them."""
+
+    sizes: list = []
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _WatchedIds.sizes.extend(x.size for x in inputs if isinstance(x, _WatchedIds))
+        plain = [np.asarray(x) if isinstance(x, _WatchedIds) else x for x in inputs]
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+
+@pytest.mark.parametrize("removed", [[], [4, 17, 300]])
+def test_hnsw_search_of_a_mapped_index_reads_the_ids_at_most_once(tmp_path, monkeypatch, removed):
+    # the removed-slot mask is known to be empty from the count, else built at the first search and kept
+    n = 400
+    index = Index.build(_unit(n, 16, 0), metadata=[{"n": i} for i in range(n)], kind="hnsw")
+    index.remove(removed)
+    index.save(tmp_path / "idx")
+    full, lazy = Index.load(tmp_path / "idx"), Index.load(tmp_path / "idx", mmap=True)
+    monkeypatch.setattr(_WatchedIds, "sizes", [])
+    lazy._items.slot_ids = lazy._items.slot_ids.view(_WatchedIds)
+    q = _unit(6, 16, 1)
+    for _ in range(3):
+        ids, scores = lazy.search(q, 10)
+        want_ids, want_scores = full.search(q, 10)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(scores, want_scores)
+        np.testing.assert_array_equal(ids, index.search(q, 10)[0])
+        assert not np.isin(ids, removed).any()
+    full_reads = [s for s in _WatchedIds.sizes if s == n]
+    assert len(full_reads) == (1 if removed else 0), _WatchedIds.sizes
+
+
+def test_a_mapped_open_refuses_ids_whose_live_count_differs_from_the_manifest_at_the_first_lookup(tmp_path):
+    # the count the search's removed-slot mask relies on came from the manifest: the id check confirms it
+    Index.build(_unit(6, 8, 0), metadata=[{"n": i} for i in range(6)], kind="hnsw").save(tmp_path / "idx")
+    np.save(tmp_path / "idx" / "ids.npy", np.array([0, 1, -1, 3, 4, 5], np.int64))
+    lazy = Index.load(tmp_path / "idx", mmap=True)
+    with pytest.raises(IndexMismatchError, match="5 live ids, the manifest records 6"):
+        lazy.metadata(4)
