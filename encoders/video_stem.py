@@ -10,6 +10,10 @@ layer (TSN's RGB difference, TDN): channel-wise ``x[t] - x[t-1]`` (zero for the 
 stem sees (B, 2 * in_chans, T, H, W). Motion is then explicit in the input instead of something the
 first convolutions must learn to compute from a few hundred clips; the cost is one subtraction.
 ``channels=()`` with ``frame_diff=True`` keeps the linear tubelet embedding, over pixels and differences.
+
+``time_kernel`` (odd, default 3) is the blocks' kernel size in time. ``time_kernel=1`` makes them 1x3x3: each
+frame is tokenized from itself alone (with ``frame_diff=False`` and ``tubelet_size=1`` no token sees a second
+frame), the stem of a frame-wise ablation.
 """
 from __future__ import annotations
 
@@ -22,10 +26,12 @@ from torch import nn
 
 @dataclass
 class ConvStemConfig:
-    """The stem's blocks (output channels each, in order) and whether frame differences are added."""
+    """The stem's blocks (output channels each, in order), whether frame differences are added, and the
+    blocks' kernel size in time."""
 
     channels: tuple[int, ...] = ()
     frame_diff: bool = False
+    time_kernel: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.channels, list):
@@ -35,6 +41,9 @@ class ConvStemConfig:
             raise ValueError(f"conv_stem channels must list positive ints (channels per block), got {self.channels!r}")
         if not isinstance(self.frame_diff, bool):
             raise ValueError(f"conv_stem frame_diff must be a bool, got {self.frame_diff!r}")
+        if not isinstance(self.time_kernel, int) or isinstance(self.time_kernel, bool) or self.time_kernel < 1 \
+                or self.time_kernel % 2 == 0:
+            raise ValueError(f"conv_stem time_kernel must be an odd int >= 1 (1, 3, 5, ...), got {self.time_kernel!r}")
         if not self.channels and not self.frame_diff:
             raise ValueError("conv_stem with no blocks and frame_diff=False is no stem; use conv_stem=0")
 
@@ -78,9 +87,13 @@ def stem_strides(num_blocks: int, patch: tuple[int, int], tubelet: int) -> list[
     return [(2 if i >= num_blocks - st else 1, 2 if i < sh else 1, 2 if i < sw else 1) for i in range(num_blocks)]
 
 
-def conv_tokenizer(in_chans: int, channels: tuple[int, ...], strides: list[tuple[int, int, int]]) -> nn.Sequential:
-    """(B, in_chans, T, H, W) -> (B, channels[-1], T / prod t-strides, H / prod h-strides, W / ...)."""
+def conv_tokenizer(in_chans: int, channels: tuple[int, ...], strides: list[tuple[int, int, int]],
+                   time_kernel: int = 3) -> nn.Sequential:
+    """(B, in_chans, T, H, W) -> (B, channels[-1], T / prod t-strides, H / prod h-strides, W / ...);
+    each block a ``time_kernel`` x 3 x 3 convolution (padded to keep the size before its stride)."""
+    kernel, padding = (time_kernel, 3, 3), (time_kernel // 2, 1, 1)
     layers: list[nn.Module] = []
     for c_in, c_out, stride in zip((in_chans, *channels[:-1]), channels, strides):
-        layers += [nn.Conv3d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.GELU()]
+        layers += [nn.Conv3d(c_in, c_out, kernel, stride, padding=padding, bias=False), nn.BatchNorm3d(c_out),
+                   nn.GELU()]
     return nn.Sequential(*layers)

@@ -20,7 +20,7 @@ tubelets), so the very first layer sees local motion and the clip has T/k time s
 (T must be divisible by k). ``conv_stem`` S > 0 puts one 3x3x3 convolution with S channels and a
 GELU before the patch embedding. ``conv_stem`` given as a sequence of channels (C1, ..., Cn) or as a
 ``ConvStemConfig`` / dict (``encoders.video_stem``) is a convolutional tokenizer: n blocks of 3x3x3
-Conv3d, BatchNorm3d and GELU strided in space and time as far as the patch and tubelet sizes allow,
+(``time_kernel`` x 3 x 3) Conv3d, BatchNorm3d and GELU strided in space and time as far as the patch and tubelet sizes allow,
 then one last convolution over what is left of them to the width, optionally fed the frame
 differences as well as the pixels (``frame_diff``). The tokens then carry local motion features
 rather than raw pixels, which a transformer trained on a few hundred clips does not learn to
@@ -187,7 +187,7 @@ class VideoEncoder(VisionTransformerBase):
             channels = cfg.conv_stem.input_channels(cfg.in_chans)
             if cfg.conv_stem.channels:
                 strides = stem_strides(len(cfg.conv_stem.channels), (ph, pw), k)
-                self.stem = conv_tokenizer(channels, cfg.conv_stem.channels, strides)
+                self.stem = conv_tokenizer(channels, cfg.conv_stem.channels, strides, cfg.conv_stem.time_kernel)
                 for st, sh, sw in strides:
                     k, ph, pw = k // st, ph // sh, pw // sw  # what the blocks leave to the last convolution
                 channels = cfg.conv_stem.channels[-1]

@@ -91,6 +91,31 @@ def test_a_still_clip_gives_zero_differences_so_only_the_pixels_count():
     torch.testing.assert_close(first, pixels_only, rtol=1e-5, atol=1e-5)
 
 
+def test_time_kernel_one_tokenizes_each_frame_from_itself_alone():
+    """``time_kernel=1`` without frame differences: 1x3x3 blocks, so with 1-frame tubelets a frame's tokens are
+    the tokens of that frame embedded alone, and a space-only encoder's pooled output ignores the frame order."""
+    torch.manual_seed(0)
+    stem = {"channels": [4, 8], "frame_diff": False, "time_kernel": 1}
+    enc = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=1, attention="space_only",
+                                          conv_stem=stem)).eval()
+    assert [m.kernel_size for m in enc.stem if isinstance(m, nn.Conv3d)] == [(1, 3, 3)] * 2
+    _randomise_batch_norms(enc.stem)
+    clips = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        tokens, _ = enc.embed_clip(clips)
+        for t in range(4):
+            alone, _ = enc.embed_clip(clips[:, t:t + 1])
+            torch.testing.assert_close(tokens[:, t], alone[:, 0], rtol=1e-5, atol=1e-5)
+        order = torch.tensor([2, 0, 3, 1])
+        torch.testing.assert_close(enc(clips[:, order]).pooled, enc(clips).pooled, rtol=1e-5, atol=1e-5)
+        # the default 3x3x3 blocks do mix neighbouring frames: the same check fails
+        mixed = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=1, attention="space_only",
+                                                conv_stem=dict(stem, time_kernel=3))).eval()
+        together, _ = mixed.embed_clip(clips)
+        alone, _ = mixed.embed_clip(clips[:, 1:2])
+        assert (together[:, 1] - alone[:, 0]).abs().max() > 1e-3
+
+
 def test_config_forms_are_one_concept():
     as_list = VideoEncoderConfig(**SMALL, num_frames=4, conv_stem=[4, 8])
     as_dict = VideoEncoderConfig(**SMALL, num_frames=4, conv_stem={"channels": [4, 8]})
@@ -100,7 +125,10 @@ def test_config_forms_are_one_concept():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"channels": [4], "diff": True}, r"unknown key\(s\) \['diff'\]; valid keys: \['channels', 'frame_diff'\]"),
+    ({"channels": [4], "diff": True}, r"unknown key\(s\) \['diff'\]; valid keys: \['channels', 'frame_diff', 'time_kernel'\]"),
+    ({"channels": [4], "time_kernel": 2}, r"time_kernel must be an odd int >= 1 \(1, 3, 5, ...\), got 2"),
+    ({"channels": [4], "time_kernel": 0}, "time_kernel must be an odd int >= 1"),
+    ({"channels": [4], "time_kernel": True}, "time_kernel must be an odd int >= 1"),
     ({"channels": [4], "frame_diff": "yes"}, "frame_diff must be a bool"),
     ({"channels": []}, "no stem; use conv_stem=0"),
     ({"channels": [4, 0]}, "positive ints"),
@@ -119,7 +147,7 @@ def test_model_config_round_trips_and_old_list_checkpoints_load(tmp_path):
     model = ernie_vl.create_model("test", class_names=["a", "b"], video_encoder={"conv_stem": [4, 8]}).eval()
     model.save_pretrained(tmp_path / "new")
     saved = json.loads((tmp_path / "new" / "config.json").read_text())
-    assert saved["video_encoder"]["conv_stem"] == {"channels": [4, 8], "frame_diff": False}
+    assert saved["video_encoder"]["conv_stem"] == {"channels": [4, 8], "frame_diff": False, "time_kernel": 3}
     assert ErnieVLConfig.from_dict(saved) == model.cfg
     # a checkpoint written before the dict form spelt the tokenizer as a list: same keys, same numbers
     old = tmp_path / "old"
