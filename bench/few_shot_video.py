@@ -2,20 +2,29 @@
 by a generator unlike the demo's (``bench/_motion_clips.py``: 16 frames at 64x64, other shapes, sizes,
 speeds and backgrounds, a static distractor object).
 
-Rows (``--rows``, each ``CLIPS:VARIANT:SEED``):
+Rows (``--rows``, each ``CLIPS:VARIANT:SEED``). The issue's rows (``full`` and its ablations) are relative to
+``tiny``'s defaults; every other variant names its video encoder explicitly, so its meaning survives a change of
+the preset:
 
-- ``full``: ``ernie-vl train --videos --recipe auto``: the few-shot recipe and the label maps of
-  the data's ``augment.json`` (flip and reversal partners);
-- ``noaug``: the same without any clip augmentation (no flips, reversals, temporal or frame-rate
-  jitter, random resized crops, mixing): what clip augmentation buys;
-- ``space_only``: ``full`` with a frame-wise video encoder (no temporal attention, 1-frame patches):
-  what modelling time buys;
-- ``stem``: ``full`` with a convolutional stem in the video encoder (``conv_stem=24``: a 3x3x3
-  convolution and a GELU before the patch embedding);
-- ``tokenizer``: ``full`` with a convolutional tokenizer in the video encoder (``conv_stem=[16, 32, 64]``:
-  three 3x3x3 Conv3d + BatchNorm + GELU blocks, strided in space and time, then a 1x1x1 projection);
-  ``tokenizer_noaug``: the same with ``noaug``'s settings (no clip augmentation); ``tokenizer_diff``: ``full``
-  with the tokenizer fed frame differences too (``conv_stem={"channels": [16, 32, 64], "frame_diff": true}``);
+- ``full``: ``ernie-vl train --videos --recipe auto`` with ``tiny`` as it is (its default video encoder: the
+  conv tokenizer fed frame differences): the few-shot recipe and the label maps of the data's ``augment.json``
+  (flip and reversal partners). The verdict rows;
+- ``noaug``: ``full`` without any clip augmentation (no flips, reversals, temporal or frame-rate jitter, random
+  resized crops, mixing): what clip augmentation buys;
+- ``space_only``: ``full`` with a frame-wise transformer (no temporal attention, no time embedding, 1-frame
+  tubelets), the default stem kept: its 3x3x3 blocks and frame differences still see neighbouring frames, so
+  this row measures what temporal attention and tubelets buy on top of the stem's local motion features;
+- ``space_only_static``: ``space_only`` with a stem that sees one frame at a time (the default stem's channels,
+  ``frame_diff`` off, ``time_kernel`` 1): no token sees a second frame and the shared class token averages the
+  frames' updates, so the model cannot tell the frame order: what modelling time buys at all;
+- ``nostem`` / ``nostem_noaug`` / ``space_only_nostem``: ``full`` / ``noaug`` / ``space_only`` with the video
+  encoder without a stem (``conv_stem=0``, tiny's default before the tokenizer became it);
+- ``stem``: ``full`` with a one-layer convolutional stem (``conv_stem=24``: a 3x3x3 convolution and a GELU
+  before the patch embedding);
+- ``tokenizer``: ``full`` with the conv tokenizer on pixels only (``conv_stem=[16, 32, 64]``: three 3x3x3 Conv3d
+  + BatchNorm + GELU blocks, strided in space and time, then a 1x1x1 projection); ``tokenizer_noaug``: the same
+  with ``noaug``'s settings; ``tokenizer_diff``: ``full`` with the tokenizer fed frame differences too
+  (``conv_stem={"channels": [16, 32, 64], "frame_diff": true}``, what ``full`` ran when it became the default);
 - ``c3d``: the reference learner of ``bench/_reference_c3d.py`` (a 3D convnet of about 70k
   parameters, the same clips, frames, size and label-aware flips / reversals, Adam, ``--steps``
   steps, 600 without): what is reachable on these clips with so few labels;
@@ -25,17 +34,24 @@ Rows (``--rows``, each ``CLIPS:VARIANT:SEED``):
   training (projector, MoE backbone, losses, schedule) is what fails to learn from few clips. The encoder's
   own goal: ``vit_ref_tokenizer_diff`` >= 0.93 on two seeds at 40 clips per class.
 
+Each row records the video encoder it ran (attention, tubelet size, stem). A row whose recorded encoder is
+no longer what its variant builds (after a change of ``tiny``'s defaults) is marked stale in the table and
+left out of the verdicts; rows run under a name whose meaning later changed were renamed to the variant that
+builds what they ran (``relabelled_from`` and ``note`` in the row), and the table's notes list them.
+
 Every row trains for ``--minutes`` of wall clock and / or ``--steps`` optimiser steps (the issue's
 budget is 10 minutes on 2 cores; on a shared machine a step budget keeps rows comparable), then
 reports supervised and zero-shot top-1 on 32 held-out clips per class. Rows accumulate in
 ``bench/results/few_shot_video_rows.json`` (a rerun of a row replaces it), and the tables and the
-verdicts (>= 0.90 on both seeds at 40 clips per class, >= 0.97 at 512) are computed from all rows.
+verdicts (>= 0.90 on both seeds at 40 clips per class, >= 0.97 at 512) are computed from all rows
+(``--rows ''`` rewrites them from the rows file without training).
 
     .venv/bin/python bench/few_shot_video.py --rows 40:full:0,40:full:1 --minutes 10 --steps 600
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,28 +66,38 @@ from _report import Verdict, command_line, machine, write_results  # noqa: E402
 
 NAME = "few_shot_video"
 ROWS_FILE = Path(__file__).resolve().parent / "results" / f"{NAME}_rows.json"
-VARIANTS = {
-    "full": ({}, dict(recipe="auto")),
-    "noaug": ({}, dict(recipe="auto", p_hflip=0.0, p_reverse=0.0, temporal_jitter=False, speed_min=1.0,
-                       crop_min_area=1.0, mixup=0.0, cutmix=0.0)),
-    "space_only": ({"video_encoder": {"attention": "space_only", "tubelet_size": 1}}, {}),
-    "stem": ({"video_encoder": {"conv_stem": 24}}, dict(recipe="auto")),
-    "tokenizer": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, dict(recipe="auto")),
-    "tokenizer_noaug": None,  # filled below: noaug's settings with the tokenizer
-    "tokenizer_diff": ({"video_encoder": {"conv_stem": {"channels": [16, 32, 64], "frame_diff": True}}},
-                       dict(recipe="auto")),
+AUTO = dict(recipe="auto")
+NO_AUG = dict(recipe="auto", p_hflip=0.0, p_reverse=0.0, temporal_jitter=False, speed_min=1.0, crop_min_area=1.0,
+              mixup=0.0, cutmix=0.0)
+FRAME_WISE = {"attention": "space_only", "tubelet_size": 1}  # no temporal attention, 1-frame tubelets
+NO_STEM = {"conv_stem": 0}
+TOKENIZER_DIFF = {"channels": [16, 32, 64], "frame_diff": True}
+VARIANTS = {  # model overrides of tiny (merged into the preset), trainer settings; None: not the ernie-vl trainer
+    "full": ({}, AUTO),
+    "noaug": ({}, NO_AUG),
+    "space_only": ({"video_encoder": FRAME_WISE}, AUTO),
+    # merged into the default stem: its channels, no frame differences, 1x3x3 kernels
+    "space_only_static": ({"video_encoder": {**FRAME_WISE, "conv_stem": {"frame_diff": False, "time_kernel": 1}}},
+                          AUTO),
+    "nostem": ({"video_encoder": NO_STEM}, AUTO),
+    "nostem_noaug": ({"video_encoder": NO_STEM}, NO_AUG),
+    "space_only_nostem": ({"video_encoder": {**FRAME_WISE, **NO_STEM}}, AUTO),
+    "stem": ({"video_encoder": {"conv_stem": 24}}, AUTO),
+    "tokenizer": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, AUTO),  # a list replaces the default's dict
+    "tokenizer_noaug": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, NO_AUG),
+    "tokenizer_diff": ({"video_encoder": {"conv_stem": {**TOKENIZER_DIFF, "time_kernel": 3}}}, AUTO),
     "c3d": None,  # the reference learner (bench/_reference_c3d.py), not ernie-vl
     "vit_ref": None,  # tiny's bare video encoder + a linear head in the reference's loop
     "vit_ref_stem": None,  # the same with conv_stem=24
     "vit_ref_tokenizer": None,  # the same with the conv tokenizer conv_stem=[16, 32, 64]
     "vit_ref_tokenizer_diff": None,  # the same with the tokenizer fed frame differences
 }
-REFERENCES = {"c3d": None, "vit_ref": {"conv_stem": 0}, "vit_ref_stem": {"conv_stem": 24},
+RELATIVE = ("full", "noaug", "space_only", "space_only_static")  # variants whose encoder follows tiny's default
+REFERENCES = {"c3d": None, "vit_ref": NO_STEM, "vit_ref_stem": {"conv_stem": 24},
               "vit_ref_tokenizer": {"conv_stem": [16, 32, 64]},
-              "vit_ref_tokenizer_diff": VARIANTS["tokenizer_diff"][0]["video_encoder"]}  # video encoder overrides of tiny
+              "vit_ref_tokenizer_diff": {"conv_stem": TOKENIZER_DIFF}}  # video encoder fields replacing tiny's
 REFERENCE_LOOP = {"vit_ref_tokenizer_diff": {"weight_decay": 0.05}}  # AdamW settings other than lr 1e-3, wd 1e-2
 ENCODER_GOAL = ("vit_ref_tokenizer_diff", 40, 0.93)  # the bare encoder's goal: this row, clips/class, top-1 on 2 seeds
-VARIANTS["tokenizer_noaug"] = (VARIANTS["tokenizer"][0], VARIANTS["noaug"][1])
 GOALS = {40: 0.90, 512: 0.97}
 
 
@@ -85,13 +111,59 @@ def parse_rows(text: str) -> list[tuple[int, str, int]]:
     return rows
 
 
+def encoder_summary(cfg) -> dict:
+    """What a row's video encoder is (an ``encoders.video_vit.VideoEncoderConfig`` -> plain dict): attention,
+    tubelet size and stem (0, the one-conv stem's channels, or the tokenizer's fields)."""
+    stem = cfg.conv_stem
+    if dataclasses.is_dataclass(stem):
+        stem = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(stem).items()}
+    return {"attention": cfg.attention, "tubelet_size": cfg.tubelet_size, "conv_stem": stem}
+
+
+def reference_video_cfg(variant: str) -> dict | None:
+    """The bare encoder's fields of a reference row (tiny's video encoder with the row's fields replaced)."""
+    from ernie_vl.presets import preset_dict
+
+    overrides = REFERENCES[variant]
+    return None if overrides is None else {**preset_dict("tiny")["video_encoder"], **overrides}
+
+
+def expected_encoder(variant: str) -> dict | None:
+    """The video encoder ``variant`` builds now (None for the 3D-convnet reference)."""
+    from encoders.video_vit import VideoEncoderConfig
+    from ernie_vl.presets import load_config
+
+    if variant in REFERENCES:
+        video_cfg = reference_video_cfg(variant)
+        return None if video_cfg is None else encoder_summary(VideoEncoderConfig(**video_cfg))
+    return encoder_summary(load_config("tiny", **VARIANTS[variant][0]).video_encoder)
+
+
+def is_stale(row: dict) -> bool:
+    """A row that recorded its video encoder and ran another than its variant builds now (a preset change)."""
+    return "video_encoder" in row and row["video_encoder"] != expected_encoder(row["variant"])
+
+
+def describe_encoder(enc: dict | None) -> str:
+    """A table cell: ``divided, k=4, tokenizer [16, 32, 64] + diff``; ``-`` where the row did not record it."""
+    if not enc:
+        return "-"
+    stem = enc["conv_stem"]
+    if isinstance(stem, dict):
+        text = f"tokenizer {stem['channels']}" + (" + diff" if stem["frame_diff"] else "")
+        text += "" if stem.get("time_kernel", 3) == 3 else f", time kernel {stem['time_kernel']}"
+    else:
+        text = f"one-conv stem {stem}" if stem else "no stem"
+    return f"{enc['attention']}, k={enc['tubelet_size']}, {text}"
+
+
 def run_reference(clips: int, variant: str, seed: int, data: dict, args) -> dict:
     from _reference_c3d import train_reference
 
     load0, t0 = os.getloadavg()[0], time.perf_counter()
-    overrides = REFERENCES[variant]
-    video_cfg = None if overrides is None else dict(
-        json.loads((ROOT / "ernie_vl" / "preset_configs" / "tiny.json").read_text())["video_encoder"], **overrides)
+    from encoders.video_vit import VideoEncoderConfig
+
+    overrides, video_cfg = REFERENCES[variant], reference_video_cfg(variant)
     loop = {"lr": 3e-3 if video_cfg is None else 1e-3, "weight_decay": 1e-2, **REFERENCE_LOOP.get(variant, {})}
     ref = train_reference(data["train"], data["val"], steps=args.steps or 600, seed=seed, video_cfg=video_cfg, **loop)
     return {"clips": clips, "variant": variant, "seed": seed, "steps": ref["steps"], "train_s": ref["train_s"],
@@ -102,6 +174,7 @@ def run_reference(clips: int, variant: str, seed: int, data: dict, args) -> dict
                                     f"tiny's video encoder {overrides} + linear head, {ref['params']} parameters")
                       + f", AdamW lr {loop['lr']:g} weight decay {loop['weight_decay']:g} one-cycle, batch 32, "
                         "plain cross-entropy"},
+            "video_encoder": None if video_cfg is None else encoder_summary(VideoEncoderConfig(**video_cfg)),
             "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -128,10 +201,12 @@ def run_row(clips: int, variant: str, seed: int, args) -> dict:
             "top1": result.evaluation.get("video_top1"), "zeroshot_top1": result.evaluation.get("video_zeroshot_top1"),
             "budget": {"minutes": args.minutes, "steps": args.steps}, "load": [round(load0, 2),
                                                                                 round(os.getloadavg()[0], 2)],
-            "setup": setup, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "setup": setup, "video_encoder": encoder_summary(trainer.model.cfg.video_encoder),
+            "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def verdicts(rows: list[dict]) -> list[Verdict]:
+    rows = [r for r in rows if not is_stale(r)]
     out = []
     for clips, goal in GOALS.items():
         full = sorted((r for r in rows if r["clips"] == clips and r["variant"] == "full"), key=lambda r: r["seed"])
@@ -164,32 +239,66 @@ def verdicts(rows: list[dict]) -> list[Verdict]:
     return out
 
 
+LEGEND = {  # the table's notes, one per variant (the module docstring says the same at length)
+    "full": "`ernie-vl train --videos --recipe auto` with tiny's defaults (recipe + the data's augment.json)",
+    "noaug": "`full` without clip augmentation",
+    "space_only": "`full` with a frame-wise transformer (no temporal attention, 1-frame tubelets), the default "
+                  "stem kept (its 3x3x3 blocks and frame differences still see neighbouring frames)",
+    "space_only_static": "`space_only` with a stem that sees one frame at a time (no frame differences, time "
+                         "kernel 1): no temporal information at all",
+    "nostem": "`full` with the stem-less video encoder (`conv_stem=0`)",
+    "nostem_noaug": "`noaug` with the stem-less video encoder",
+    "space_only_nostem": "`space_only` with the stem-less video encoder",
+    "stem": "`full` with a one-conv stem (`conv_stem=24`)",
+    "tokenizer": "`full` with the conv tokenizer on pixels (`conv_stem=[16, 32, 64]`)",
+    "tokenizer_noaug": "`tokenizer` without clip augmentation",
+    "tokenizer_diff": "`full` with the conv tokenizer fed frame differences too (`frame_diff`)",
+    "c3d": "the ~70k-parameter 3D-convnet reference on the same clips",
+    "vit_ref": "tiny's bare video encoder without a stem and a linear head in the reference's loop",
+    "vit_ref_stem": "the same with the one-conv stem",
+    "vit_ref_tokenizer": "the same with the conv tokenizer",
+    "vit_ref_tokenizer_diff": "the same with the conv tokenizer fed frame differences",
+}
+
+
+def relabel_notes(rows: list[dict]) -> list[str]:
+    """One line per row renamed after its variant's meaning changed (its ``relabelled_from`` and ``note``)."""
+    return [f"- `{r['clips']}:{r['variant']}:{r['seed']}` (written {r['written']}) ran as `{r['relabelled_from']}`: "
+            f"{r['note']}" for r in rows if r.get("relabelled_from")]
+
+
 def markdown(rows: list[dict], command: str, facts) -> str:
     lines = [f"# Few-shot video: `tiny` on a second motion generator", "", f"`{command}` (latest invocation; rows "
              "accumulate across invocations, each with its own budget and load)", "", facts.line(), "",
-             "| clips/class | variant | seed | steps | train s | budget (min / steps) | load before / after | "
-             "top-1 | zero-shot top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+             "| clips/class | variant | video encoder | seed | steps | train s | budget (min / steps) | "
+             "load before / after | top-1 | zero-shot top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["clips"], list(VARIANTS).index(r["variant"]), r["seed"])):
         b = r["budget"]
-        lines.append(f"| {r['clips']} | {r['variant']} | {r['seed']} | {r['steps']} | {r['train_s']} | "
-                     f"{'-' if b['minutes'] is None else b['minutes']} / {b['steps']} | {r['load'][0]} / {r['load'][1]} | {r['top1']:.3f} | "
+        name = r["variant"] + (" (stale: ran another encoder)" if is_stale(r) else "")
+        lines.append(f"| {r['clips']} | {name} | {describe_encoder(r.get('video_encoder'))} | {r['seed']} | "
+                     f"{r['steps']} | {r['train_s']} | {'-' if b['minutes'] is None else b['minutes']} / {b['steps']} | "
+                     f"{r['load'][0]} / {r['load'][1]} | {r['top1']:.3f} | "
                      f"{'-' if r['zeroshot_top1'] is None else format(r['zeroshot_top1'], '.3f')} |")
-    lines += ["", f"Clips: `bench/_motion_clips.py` drawing version {VERSION}. "
-              "Held-out: 32 clips per class (8 classes, chance 0.125). `full`: "
-              "`ernie-vl train --videos --recipe auto` (recipe + the data's augment.json); `noaug`: no clip augmentation; "
-              "`space_only`: frame-wise encoder; `stem`: `full` with a conv stem; `tokenizer`: `full` with the conv tokenizer `conv_stem=[16, 32, 64]`; `tokenizer_noaug`: the same without clip augmentation; `tokenizer_diff`: `full` with the tokenizer fed frame differences too (`frame_diff`); `c3d`: the ~70k-parameter "
-              "3D-convnet reference on the same clips; `vit_ref(_stem, _tokenizer, _tokenizer_diff)`: tiny's bare video encoder (no stem, one-conv stem, conv tokenizer, conv tokenizer with frame differences) and a linear head "
-              "in the reference's loop (references: no zero-shot). The machine is shared: wall-clock budgets are not comparable "
-              "between rows with different loads; step budgets are.", ""]
+    shown = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    lines += ["", f"Clips: `bench/_motion_clips.py` drawing version {VERSION}. Held-out: 32 clips per class "
+              "(8 classes, chance 0.125). References (`c3d`, `vit_ref*`) have no zero-shot. Video encoder: attention, "
+              "tubelet size k, stem (`-`: a row from before rows recorded it). A stale row recorded an encoder "
+              "other than its variant builds now and counts in no verdict. The machine is shared: wall-clock "
+              "budgets are not comparable between rows with different loads; step budgets are.", ""]
+    lines += [f"- `{v}`: {LEGEND[v]}" for v in shown]
+    notes = relabel_notes(rows)
+    if notes:
+        lines += ["", "Renamed rows (the variant they ran under later came to mean another encoder):", "", *notes]
     setups = {f"{r['clips']}:{r['variant']}": r["setup"] for r in rows}
-    lines += ["What each setting chose (setup.json of its latest row):", "", "```",
+    lines += ["", "What each setting chose (setup.json of its latest row):", "", "```",
               json.dumps(setups, indent=1)[:4000], "```"]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="40:full:0,40:full:1,40:noaug:0,40:space_only:0,512:full:0,512:full:1")
+    p.add_argument("--rows", default="40:full:0,40:full:1,40:noaug:0,40:space_only:0,40:space_only_static:0,"
+                                     "512:full:0,512:full:1")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-videos", type=int, default=32)

@@ -267,3 +267,67 @@ def test_bench_verdicts_need_both_seeds_and_only_report_the_references():
     assert bench.parse_rows("40:c3d:0,512:full:1") == [(40, "c3d", 0), (512, "full", 1)]
     with pytest.raises(ValueError, match="CLIPS:VARIANT:SEED"):
         bench.parse_rows("40:fancy:0")
+
+
+def test_bench_variants_name_the_encoder_they_mean_whatever_tiny_defaults_to():
+    import few_shot_video as bench
+
+    enc = bench.expected_encoder
+    full = enc("full")
+    assert enc("noaug") == full  # the ablations are relative to tiny's defaults
+    assert enc("space_only") == dict(full, attention="space_only", tubelet_size=1)
+    assert enc("nostem") == enc("nostem_noaug") == dict(full, conv_stem=0)
+    assert enc("space_only_nostem") == {"attention": "space_only", "tubelet_size": 1, "conv_stem": 0}
+    assert enc("tokenizer")["conv_stem"] == {"channels": [16, 32, 64], "frame_diff": False, "time_kernel": 3}
+    assert enc("tokenizer_diff")["conv_stem"] == {"channels": [16, 32, 64], "frame_diff": True, "time_kernel": 3}
+    assert enc("stem")["conv_stem"] == 24 and enc("vit_ref")["conv_stem"] == 0 and enc("c3d") is None
+    if isinstance(full["conv_stem"], dict):  # a tokenizer default: the static row keeps its channels, not its time
+        assert enc("space_only_static") == {"attention": "space_only", "tubelet_size": 1, "conv_stem": {
+            "channels": full["conv_stem"]["channels"], "frame_diff": False, "time_kernel": 1}}
+    assert set(bench.LEGEND) == set(bench.VARIANTS)
+    assert bench.describe_encoder(enc("tokenizer_diff")) == "divided, k=4, tokenizer [16, 32, 64] + diff"
+    assert bench.describe_encoder({"attention": "space_only", "tubelet_size": 1, "conv_stem": {
+        "channels": [16], "frame_diff": False, "time_kernel": 1}}) == "space_only, k=1, tokenizer [16], time kernel 1"
+    assert bench.describe_encoder(enc("vit_ref")) == "divided, k=4, no stem" and bench.describe_encoder(None) == "-"
+
+
+def test_bench_rows_that_ran_another_encoder_are_stale_and_left_out_of_the_verdicts():
+    from types import SimpleNamespace
+
+    import few_shot_video as bench
+
+    def row(seed, top1, **extra):
+        return {"clips": 40, "variant": "full", "seed": seed, "top1": top1, "zeroshot_top1": None, "steps": 100,
+                "train_s": 1.0, "budget": {"minutes": None, "steps": 100}, "load": [1.0, 1.0], "setup": {},
+                "written": "2026-01-01 00:00 UTC", **extra}
+
+    now = bench.expected_encoder("full")
+    other = dict(now, tubelet_size=2)
+    current = [row(0, 0.95, video_encoder=now), row(1, 0.93, video_encoder=now)]
+    assert not any(bench.is_stale(r) for r in current) and bench.is_stale(row(1, 0.93, video_encoder=other))
+    goal = "supervised top-1, 40 clips/class, two seeds"
+    assert {v.what: v.met for v in bench.verdicts(current)}[goal] is True
+    mixed = {v.what: v for v in bench.verdicts([current[0], row(1, 0.99, video_encoder=other)])}
+    assert mixed[goal].met is False and "(one seed only)" in mixed[goal].measured
+    renamed = dict(row(0, 0.5, video_encoder=dict(now, conv_stem=0)), variant="nostem", relabelled_from="full",
+                   note="run when tiny had no stem")
+    assert bench.relabel_notes([renamed, current[0]]) == [
+        "- `40:nostem:0` (written 2026-01-01 00:00 UTC) ran as `full`: run when tiny had no stem"]
+    text = bench.markdown([renamed, *current, row(1, 0.99, video_encoder=other)], "cmd",
+                          SimpleNamespace(line=lambda: "machine"))
+    assert "| 40 | full (stale: ran another encoder) |" in text and "ran as `full`: run when tiny had no stem" in text
+    assert f"| 40 | full | {bench.describe_encoder(now)} | 0 | 100 |" in text
+
+
+def test_a_bench_row_records_the_video_encoder_it_trained(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import few_shot_video as bench
+    from _motion_clips import make_clips
+
+    monkeypatch.setattr(bench, "make_clips", lambda root, n: make_clips(root, n, val_per_class=1))
+    args = SimpleNamespace(work=str(tmp_path), minutes=None, steps=2, batch_videos=4, threads=1, no_progress=True)
+    row = bench.run_row(2, "space_only_nostem", 0, args)
+    assert row["steps"] == 2 and row["setup"]["videos"]["clips_per_class"] == 2
+    assert row["video_encoder"] == {"attention": "space_only", "tubelet_size": 1, "conv_stem": 0}
+    assert not bench.is_stale(row) and bench.is_stale(dict(row, variant="stem"))

@@ -225,3 +225,5 @@ def test_the_bench_row_trains_the_frame_diff_encoder_with_its_loop_settings(tmp_
     assert row["steps"] == 2 and row["variant"] == "vit_ref_tokenizer_diff"
     assert 0.0 <= row["top1"] <= 1.0 and row["top1"] * len(CLASSES) == round(row["top1"] * len(CLASSES))
     assert "'frame_diff': True" in row["setup"]["reference"] and "weight decay 0.05" in row["setup"]["reference"]
+    assert row["video_encoder"]["conv_stem"] == {"channels": [16, 32, 64], "frame_diff": True, "time_kernel": 3}
+    assert not bench.is_stale(row)
