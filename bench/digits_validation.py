@@ -8,10 +8,14 @@ For ``layers`` the probe is also fitted at each fixed weight decay, to show how 
 (made on a split of images the encoder trained on) costs. Each run appends one JSON line to
 ``--log`` (``bench/results/digits_validation_rows.jsonl``) and prints it; ``--table`` writes the
 table of every logged run, grouped by setting with the mean and spread over seeds, to
-``bench/results/digits_validation.md``. A fixed step budget, so the figures do not depend on the load.
+``bench/results/digits_validation.md``. Runs logged before ``--caption-positives`` existed trained with plain
+CLIP pairs (every other row a negative, even one with the same caption) and are grouped as such. A fixed
+step budget, so the figures do not depend on the load.
 
     .venv/bin/python bench/digits_validation.py --steps 2000 --seed 1
     .venv/bin/python bench/digits_validation.py --steps 2000 --ema 0.998
+    .venv/bin/python bench/digits_validation.py --steps 2000 --no-caption-positives   # plain CLIP pairs
+    .venv/bin/python bench/digits_validation.py --steps 2000 --contrastive siglip
     .venv/bin/python bench/digits_validation.py --table
 """
 
@@ -31,7 +35,10 @@ from _report import Verdict, command_line, machine, write_results
 
 CACHE = ROOT / ".cache" / "bench_digits_val"
 ROWS = ROOT / "bench" / "results" / "digits_validation_rows.jsonl"
-SETTING = ("steps", "lr", "warmup", "min_lr_ratio", "ema", "crop", "rotate")
+SETTING = ("steps", "lr", "warmup", "min_lr_ratio", "ema", "crop", "rotate", "contrastive", "caption_positives")
+# rows logged before these settings existed were trained with plain CLIP pairs
+OLD = {"contrastive": "clip", "caption_positives": False}
+SIGLIP = {"contrastive": "siglip", "init_logit_scale": 10.0, "init_logit_bias": -10.0}  # SigLIP's initialisation
 FIXED_DECAYS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 
 
@@ -46,6 +53,11 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights (default: off)")
     p.add_argument("--image-crop-min-area", type=float, default=0.85)
     p.add_argument("--image-rotate", type=float, default=5.0)
+    p.add_argument("--contrastive", choices=("clip", "siglip"), default="clip",
+                   help="the pair loss (siglip: with SigLIP's initial scale 10 and bias -10)")
+    p.add_argument("--caption-positives", action=argparse.BooleanOptionalAction, default=True,
+                   help="identical captions in a batch are positives of each other (the toolkit's default); "
+                        "--no-caption-positives: plain CLIP pairs, every other row a negative")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--log", type=Path, default=ROWS)
     p.add_argument("--table", action="store_true", help="write the table of the logged runs; no training")
@@ -79,13 +91,16 @@ def main() -> None:
         files[name].write_text("filepath,caption\n" + "\n".join(rows[i] for i in index) + "\n")
         files[name + "_labels"] = data.root / f"val_{name}_labels.csv"
         files[name + "_labels"].write_text("path,label\n" + "\n".join(labelled[i] for i in index) + "\n")
-    tag = f"s{args.steps}-seed{args.seed}-w{args.warmup}-m{args.min_lr_ratio}-e{args.ema}"
+    tag = (f"s{args.steps}-seed{args.seed}-w{args.warmup}-m{args.min_lr_ratio}-e{args.ema}"
+           f"-c{int(args.caption_positives)}-{args.contrastive}")
     extra = {k: v for k, v in (("min_lr_ratio", args.min_lr_ratio), ("ema", args.ema)) if v is not None}
     result = train(TrainConfig(out=str(CACHE / f"run-{tag}"), model="tiny", pairs=[str(files["fit"])],
                                batch_pairs=args.batch, max_steps=args.steps, lr=args.lr,
                                warmup_steps=args.warmup if args.warmup is not None else min(50, args.steps // 10 + 1),
                                num_workers=args.workers, progress=False, seed=args.seed, decode_cache=None,
-                               image_crop_min_area=args.image_crop_min_area, image_rotate=args.image_rotate, **extra))
+                               image_crop_min_area=args.image_crop_min_area, image_rotate=args.image_rotate,
+                               caption_positives=args.caption_positives,
+                               model_overrides={"loss": SIGLIP} if args.contrastive == "siglip" else {}, **extra))
     model = ErnieVL.from_pretrained(result.final_dir).eval()
     classes = [str(d) for d in range(10)]
     fit, val = (LabelledImages.load(files[k], classes) for k in ("fit_labels", "val_labels"))
@@ -94,7 +109,8 @@ def main() -> None:
         logits = zero_shot_logits(model, model.tokenizer, val_emb.embeddings, classes, [CAPTION.replace("{}", "{label}")])
     record = {"steps": args.steps, "seed": args.seed, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
               "min_lr_ratio": args.min_lr_ratio, "ema": args.ema, "crop": args.image_crop_min_area,
-              "rotate": args.image_rotate,
+              "rotate": args.image_rotate, "caption_positives": args.caption_positives,
+              "contrastive": args.contrastive,
               "zero_shot": float((logits.argmax(1) == val_emb.labels).double().mean())}
     for kind in ("layers", "embedding"):
         features = ImageFeatures(model, kind)
@@ -136,11 +152,12 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault(tuple(run[k] for k in SETTING), []).append(run)
+        groups.setdefault(tuple(run.get(k, OLD.get(k)) for k in SETTING), []).append(run)
     n_val = runs[0]["n_val"]
-    rows = [("| steps | schedule | EMA | seeds | zero-shot | probe, `layers` (its own weight decay) "
+    rows = [("| steps | schedule | EMA | loss, same-caption pairs | seeds | zero-shot "
+             "| probe, `layers` (its own weight decay) "
              "| probe, `layers`, weight decay 0.1 | probe, `embedding` | LogisticRegression, raw pixels |"),
-            "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+            "|---:|---|---|---|---|---:|---:|---:|---:|---:|"]
     import statistics
 
     reference = max(groups.values(), key=len)  # the setting run with the most seeds measures the seed noise
@@ -155,16 +172,21 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
         cols = [_spread([r[c] for r in group]) for c in ("zero_shot", "layers", "layers_wd0.1", "embedding", "pixels_logreg")]
         schedule = (f"warm-up {setting['warmup'] if setting['warmup'] is not None else 'default'}, cosine floor "
                     f"{setting['min_lr_ratio'] if setting['min_lr_ratio'] is not None else 'default'}")
-        rows.append(f"| {setting['steps']} | {schedule} | {setting['ema'] or 'off'} | {seeds} | " + " | ".join(cols)
-                    + f" | {(statistics.mean(r['layers'] for r in group) - ref_mean) / ref_sd:+.1f} |")
+        pairs = (f"{setting['contrastive']}, " + ("positives" if setting["caption_positives"] else "negatives"))
+        rows.append(f"| {setting['steps']} | {schedule} | {setting['ema'] or 'off'} | {pairs} | {seeds} | "
+                    + " | ".join(cols)
+                    + (f" | {(statistics.mean(r['layers'] for r in group) - ref_mean) / ref_sd:+.1f} |" if ref_sd > 0
+                       else " | n/a |"))
         if len(group) >= 3:
             verdicts.append(Verdict(f"digits validation ({n_val} training digits the encoder never saw): `layers` probe, "
-                                    f"{setting['steps']} steps, EMA {setting['ema'] or 'off'}, seeds {seeds}", "report",
+                                    f"{setting['steps']} steps, EMA {setting['ema'] or 'off'}, same-caption pairs "
+                                    f"{pairs}, seeds {seeds}", "report",
                                     f"{cols[1]} vs LogisticRegression {cols[4]}", None))
     first = runs[0]
     text = ("# Digits: validation runs (settings for `bench/train_digits.py` are chosen here)\n\n"
             f"Command: `{command_line('digits_validation.py')}` (each row: `digits_validation.py --steps N --seed S "
-            "[--ema D]`; every run is a line of `bench/results/digits_validation_rows.jsonl`)\n\n"
+            "[--ema D] [--contrastive siglip] [--no-caption-positives]`; every run is a line of "
+            "`bench/results/digits_validation_rows.jsonl`)\n\n"
             f"The bench's 1,347 training digits split 80/20 (stratified, seed 0): `tiny` trains on the 80% "
             f"(batch {first.get('batch', 64)}, lr {first['lr']:g}, crops {first['crop']:g}-1, "
             f"rotations within {first['rotate']:g} degrees), every figure is top-1 on the other {n_val} digits, "

@@ -131,6 +131,10 @@ class LossConfig:
     pair_weight / video_text_weight / classification_weight / aux_weight: coefficients
         of the image-text, video-text, video classification and MoE auxiliary losses.
     label_smoothing: of the classification cross-entropy.
+    caption_positives: image-text pairs (and video-text pairs without labels) whose caption tokens are
+        identical within the global batch are positives of each other (a multi-positive target, as the
+        video-text loss gives clips of one class); with unique captions the loss is exactly CLIP's /
+        SigLIP's. False: every other row is a negative, even one with the same caption.
     """
 
     contrastive: str = "clip"
@@ -142,6 +146,7 @@ class LossConfig:
     classification_weight: float = 1.0
     aux_weight: float = 1.0
     label_smoothing: float = 0.1
+    caption_positives: bool = True
 
     def __post_init__(self) -> None:
         check_choice("contrastive loss", self.contrastive, CONTRASTIVE_KINDS)

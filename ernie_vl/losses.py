@@ -9,6 +9,11 @@ every rank *with gradients*, scores its B local samples against all W*B, and ave
 over its local samples. The gather's backward sums the gradient contributions of every
 rank, so with DDP's gradient averaging the update equals that of one process holding
 the whole global batch.
+
+Multi-positive targets (``groups``): rows of one group are positives of each other, e.g. clips of
+one class and that class's prompts (ActionCLIP), or image-text pairs with identical captions
+(:func:`caption_groups`; a labelled set captioned from its labels repeats them in every batch), where
+plain CLIP would push each image away from its own caption's copies in other rows.
 """
 from __future__ import annotations
 
@@ -62,13 +67,49 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def gather_groups(groups: torch.Tensor) -> torch.Tensor:
-    """(B,) int local group ids -> (W*B,) from all ranks (rank-major, no gradient); unchanged without a process group."""
+    """(B, ...) local rows (group ids, tokens) -> (W*B, ...) from all ranks (rank-major, no gradient);
+    unchanged without a process group."""
     _, world = distributed_world()
     if world == 1:
         return groups
     parts = [torch.empty_like(groups) for _ in range(world)]
     dist.all_gather(parts, groups.contiguous())
     return torch.cat(parts)
+
+
+_PRIME = 2_147_483_647  # 2**31 - 1: token ids and position weights below it, so no product overflows int64
+
+
+def _row_keys(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) tokens -> (B, 2) int64 position-weighted sums mod a prime: equal rows give equal keys, and a
+    trailing padding column (token 0) adds nothing, so the keys do not depend on the tensor's width."""
+    pos = torch.arange(1, tokens.shape[1] + 1, device=tokens.device, dtype=torch.int64)
+    t = tokens.long().remainder(_PRIME)
+    weights = [(pos * mult + add) % _PRIME for mult, add in ((1_000_003, 7), (7_919, 104_729))]
+    return torch.stack([(t * w).remainder(_PRIME).sum(dim=1) for w in weights], dim=1)
+
+
+def caption_groups(tokens: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) int caption tokens -> (B,) group ids shared by identical captions across the global batch, or
+    None when every caption of the global batch is unique (then the pair losses are exactly CLIP's / SigLIP's).
+
+    Every rank gathers every rank's (B, 2) row keys; only when two keys agree (a repeat, or a key collision)
+    are the tokens themselves gathered (zero-padded to the widest rank's L: padding is token 0, so a caption
+    tokenised into a wider tensor is the same row) and the distinct rows numbered, alike on every rank, as
+    :func:`positives` needs. Every rank must pass the same B."""
+    if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"caption tokens must be (B, L) integers, got {tuple(tokens.shape)} {tokens.dtype}")
+    keys = gather_groups(_row_keys(tokens))
+    if torch.unique(keys, dim=0).shape[0] == keys.shape[0]:  # distinct keys: distinct captions
+        return None
+    rank, world = distributed_world()
+    if world > 1:
+        widths = gather_groups(torch.tensor([tokens.shape[1]], device=tokens.device))
+        tokens = F.pad(tokens, (0, int(widths.max()) - tokens.shape[1]))
+    _, ids, counts = torch.unique(gather_groups(tokens), dim=0, return_inverse=True, return_counts=True)
+    if int(counts.max()) == 1:  # only a key collision
+        return None
+    return ids[rank * tokens.shape[0] : (rank + 1) * tokens.shape[0]]
 
 
 def positives(a: torch.Tensor, n_all: int, offset: int, groups: torch.Tensor | None) -> torch.Tensor:

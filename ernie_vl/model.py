@@ -42,7 +42,7 @@ from ernie_vl.backbone import BackboneOutput, SharedBackbone, causal_mask
 from ernie_vl.config import ErnieVLConfig
 from ernie_vl.limits import check_param_budget, validate_config
 from ernie_vl.heads import ContrastiveLogits, EmbeddingHead, build_projector, pool_text_eot, pool_visual
-from ernie_vl.losses import classification_loss, clip_loss, siglip_loss
+from ernie_vl.losses import caption_groups, classification_loss, clip_loss, siglip_loss
 from ernie_vl.modality import IMAGE, NAMES, TEXT, VIDEO
 from ernie_vl.modality import NUM_MODALITIES
 from ernie_vl.moe import RoutingStats
@@ -377,7 +377,9 @@ class ErnieVL(nn.Module):
                 head_ratio[NAMES[IMAGE]] = img.active_head_ratio
             out.image_embeds = F.normalize(img.embeds, dim=-1)
             out.text_embeds = F.normalize(txt.embeds, dim=-1)
-            loss, ps = self._contrastive(out.image_embeds, out.text_embeds)
+            # identical captions (a labelled set captioned from its labels) are positives, not negatives
+            groups = caption_groups(batch.texts) if w.caption_positives else None
+            loss, ps = self._contrastive(out.image_embeds, out.text_embeds, groups)
             losses["image_text"], per_sample["pairs"] = loss, ps.detach()
             total = total + w.pair_weight * loss
 
@@ -399,8 +401,10 @@ class ErnieVL(nn.Module):
                 passes.append((TEXT, vtxt.backbone))
                 out.video_text_embeds = F.normalize(vtxt.embeds, dim=-1)
                 # clips of one class are all positives of that class's prompts (ActionCLIP), not negatives
-                loss, ps = self._contrastive(out.video_embeds, out.video_text_embeds,
-                                             video_text_groups(batch.video_labels))
+                groups = video_text_groups(batch.video_labels)
+                if groups is None and w.caption_positives:
+                    groups = caption_groups(batch.video_texts)
+                loss, ps = self._contrastive(out.video_embeds, out.video_text_embeds, groups)
                 losses["video_text"] = loss
                 total = total + w.video_text_weight * loss
                 video_ps = video_ps + w.video_text_weight * ps.detach()

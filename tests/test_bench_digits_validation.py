@@ -29,3 +29,18 @@ def test_table_groups_seeds_and_reports_spread(tmp_path):
     assert [v["measured"] for v in record["verdicts"]] == [("0.970 ± 0.010 (0.960-0.980) vs LogisticRegression "
                                                             "0.978 ± 0.000 (0.978-0.978)")]  # only >= 3 seeds
     assert "one digit = 0.37 points" in text and (tmp_path / "digits_validation.md").read_text().startswith("# Digits")
+
+
+def test_loss_settings_are_separate_rows_and_old_rows_count_as_plain_clip(tmp_path):
+    """Rows logged before --contrastive / --caption-positives existed were trained with plain CLIP pairs."""
+    dv = load_bench("digits_validation")
+    log = tmp_path / "rows.jsonl"
+    new = [dict(_run(2000, s, 0.96), contrastive="clip", caption_positives=True) for s in (0, 1)]
+    siglip = dict(_run(2000, 0, 0.99), contrastive="siglip", caption_positives=True)
+    old_style = [_run(2000, 0, 0.95), dict(_run(2000, 1, 0.97), contrastive="clip", caption_positives=False)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in [*new, siglip, *old_style]))
+    rows = [line for line in dv.write_table(log, tmp_path).splitlines() if line.startswith("| 2000 ")]
+    assert len(rows) == 3
+    assert "| clip, negatives | 0, 1 |" in next(r for r in rows if "0.960 ± 0.014 (0.950-0.970)" in r)
+    assert "| clip, positives | 0, 1 |" in next(r for r in rows if "| 0.960 ± 0.000" in r)
+    assert "| siglip, positives | 0 |" in next(r for r in rows if "| 0.990 |" in r)

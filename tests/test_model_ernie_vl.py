@@ -185,3 +185,55 @@ def test_video_text_loss_treats_clips_of_one_class_as_positives(model) -> None:
     soft = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
     assert video_text_groups(soft).tolist() == [1, 0]
     assert video_text_groups(None) is None
+
+
+@pytest.mark.parametrize("contrastive", ["clip", "siglip"])
+def test_identical_captions_are_positives_of_each_other_in_the_pair_loss(contrastive: str) -> None:
+    """Unique captions: the image-text loss is exactly CLIP's / SigLIP's pairs. A caption repeated in the
+    batch (a labelled set captioned from its labels): its images are positives of each other's copies, unless
+    ``loss.caption_positives`` is off. For InfoNCE whose repeated captions embed identically, the batch mean
+    (so every parameter's gradient) is the same either way; the per-sample losses differ. SigLIP's mean
+    differs: the copies' cross pairs turn from negatives into positives."""
+    from ernie_vl.losses import caption_groups, clip_loss, siglip_loss
+
+    torch.manual_seed(0)
+    model = ernie_vl.create_model("test", loss={"contrastive": contrastive})
+    assert model.cfg.loss.caption_positives  # on by default
+
+    def pair_loss(out, groups):
+        if contrastive == "siglip":
+            return siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, model.logits.bias, groups)
+        return clip_loss(out.image_embeds, out.text_embeds, out.logit_scale, groups)
+
+    unique = make_batch(model, pairs=4, videos=0)
+    repeated = make_batch(model, pairs=4, videos=0)
+    repeated.texts = model.tokenizer(["the digit 3", "the digit 5", "the digit 3", "the digit 3"])
+    groups = caption_groups(repeated.texts)
+    assert groups.tolist() == [0, 1, 0, 0]
+    for on in (True, False):
+        model.cfg.loss.caption_positives = on
+        with torch.no_grad():
+            out = model(unique)
+            assert out.losses["image_text"].item() == pair_loss(out, None)[0].item()  # bit-identical to the old loss
+            out = model(repeated)
+        expected, per_sample = pair_loss(out, groups if on else None)
+        assert out.losses["image_text"].item() == pytest.approx(expected.item(), rel=1e-6)
+        assert torch.allclose(out.per_sample_loss["pairs"], per_sample, rtol=1e-6, atol=1e-6)
+    (grouped, grouped_ps), (plain, plain_ps) = pair_loss(out, groups), pair_loss(out, None)
+    assert (grouped_ps - plain_ps).abs().max() > 1e-3
+    if contrastive == "clip":
+        assert grouped.item() == pytest.approx(plain.item(), rel=1e-6)
+    else:  # at initialisation (bias -10) every pair scores as a negative, so the new positives cost more
+        assert grouped.item() > plain.item() + 1e-3
+
+
+def test_video_texts_without_labels_group_identical_captions(model) -> None:
+    """Clips given free captions (no labels): identical captions are positives, as for image-text pairs."""
+    from ernie_vl.losses import clip_loss
+
+    batch = make_batch(model, pairs=0, videos=3, labels=False)
+    batch.video_texts = model.tokenizer(["a dog runs", "a cat", "a dog runs"])
+    with torch.no_grad():
+        out = model(batch)
+    grouped, _ = clip_loss(out.video_embeds, out.video_text_embeds, out.logit_scale, torch.tensor([0, 1, 0]))
+    assert out.losses["video_text"].item() == pytest.approx(grouped.item(), rel=1e-6)

@@ -14,7 +14,7 @@ _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos"
            "priority_relative",
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
            "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "expert_parallel", "threads", "curriculum_steps",
-           "hard_negative_share", "hard_negative_group", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix",
+           "hard_negative_share", "hard_negative_group", "caption_positives", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix",
            "crop_min_area", "image_crop_min_area", "image_rotate", "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init")
 
 
@@ -53,6 +53,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hard-negative-share", type=float, default=d["hard_negative_share"].default,
                    help="fraction of each image-text batch in groups of caption neighbours (in-batch hard negatives)")
     p.add_argument("--hard-negative-group", type=int, default=d["hard_negative_group"].default)
+    p.add_argument("--caption-positives", action=argparse.BooleanOptionalAction, default=None,
+                   help="pairs whose captions are identical in a batch are positives of each other, not negatives "
+                        "(default: the model's setting, on; --no-caption-positives: plain CLIP / SigLIP pairs)")
     p.add_argument("--hflip-map", default=None, metavar="MAP",
                    help="flip clips and relabel: 'a:b,c:d' (symmetric), a JSON object or a JSON file; replaces "
                         "ROOT/augment.json's 'hflip'. Nothing declared: no flips")

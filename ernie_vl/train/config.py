@@ -35,6 +35,8 @@ class TrainConfig:
     where priority sampling lowered held-out Recall@1, priority for clips, where it raised top-1.
     ``hard_negative_share``: fraction of each image-text batch made of caption-neighbour groups
     of ``hard_negative_group`` (in-batch hard negatives, see ``hard_negatives.py``; 0 = off).
+    ``caption_positives``: pairs with identical captions in a global batch are positives of each other
+    (``LossConfig.caption_positives``; None: the model's setting, on by default; False: plain CLIP pairs).
     Clip augmentation (``ernie_vl.data.clip_augment``): a horizontal flip / time reversal relabelled
     through class maps declared in ``ROOT/augment.json`` and / or ``hflip_map`` / ``reverse_map`` /
     ``no_hflip`` / ``no_reverse`` here (a field given here replaces the file's entry; nothing declared:
@@ -101,6 +103,7 @@ class TrainConfig:
     hard_negative_share: float = 0.0
     hard_negative_group: int = 4
     hard_negative_pool: int = 2048
+    caption_positives: Optional[bool] = None
 
     hflip_map: Optional[dict[str, str]] = None
     reverse_map: Optional[dict[str, str]] = None

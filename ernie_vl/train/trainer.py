@@ -178,10 +178,12 @@ class Trainer:
         return settings
 
     def _apply_settings(self) -> None:
-        """Label smoothing, drop-path, freezing and (for a linear probe) the prompt-initialised head."""
+        """Label smoothing, same-caption positives, drop-path, freezing and (for a linear probe) the prompt-initialised head."""
         s, model = self.settings, self.model
         if s["label_smoothing"] is not None:
             model.cfg.loss.label_smoothing = float(s["label_smoothing"])
+        if self.cfg.caption_positives is not None:
+            model.cfg.loss.caption_positives = bool(self.cfg.caption_positives)
         if s["drop_path"]:
             add_drop_path(model.video_encoder, float(s["drop_path"]))
         self.trainable = freeze(model, s["freeze"])
@@ -302,6 +304,8 @@ class Trainer:
             info["augment"] = self.augmenter.summary()
         if self.image_augmenter is not None:
             info["image_augment"] = self.image_augmenter.summary()
+        if self.cfg.pairs:
+            info["caption_positives"] = bool(self.model.cfg.loss.caption_positives)
         return info
 
     def skipped_files(self) -> list[tuple[str, str]]:
