@@ -57,6 +57,11 @@ def _as_matrix(x: ArrayLike, dim: Optional[int], name: str = "embeddings") -> np
     return np.ascontiguousarray(arr)
 
 
+def _nonfinite_error(where: Union[Path, str], bad: np.ndarray, slot_ids: np.ndarray) -> IndexMismatchError:
+    return IndexMismatchError(f"index {where} is damaged: {len(bad)} vectors hold NaN or inf "
+                              f"(ids {np.asarray(slot_ids[bad[:10]]).tolist()}); rebuild it")
+
+
 def _check_json(meta: Any, position: int) -> dict:
     if meta is None:
         return {}
@@ -90,6 +95,8 @@ class Index:
         self._next_id = 0
         self.read_only = False                          # True when loaded with mmap=True
         self.vector_source: Optional[PartsVectors] = None  # ivfpq built from parts: the float vectors on disk
+        self._mapped_vectors: Optional[Path] = None     # a mapped flat index: its vectors.npy, checked by searches
+        self._full_check_pending = False                # ... in full at the first search (saved without the record)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -249,9 +256,13 @@ class Index:
             raise ValueError(f"k must be a positive int, got {k!r}")
         q = _as_matrix(queries, self.dim, name="queries")
         short = self._shortlist(int(k), rerank, nprobe)
+        if self._full_check_pending:
+            self._check_mapped_vectors()
         alive = self._items.alive_mask() if self._store.masks_removed else None  # None: no slot removed
         extra = {"nprobe": nprobe} if self.kind == "ivfpq" else {}
         slots, scores = self._store.search(q, max(int(k), short), alive=alive, **extra)
+        if self._mapped_vectors is not None and not np.isfinite(scores[slots >= 0]).all():
+            self._check_mapped_vectors()
         if short:
             try:
                 self.vector_source.open(self.dim)
@@ -265,6 +276,19 @@ class Index:
         ids = np.where(slots >= 0, self._slot_ids[np.clip(slots, 0, None)] if len(self._slot_ids) else -1, -1)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return ids.astype(np.int64), scores
+
+    def _check_mapped_vectors(self) -> None:
+        """Every vector of a mapped flat index, block by block (IndexMismatchError naming the file).
+
+        Such an open reads no vectors. An index saved with the write-time record (manifest ``vectors``) is
+        checked through each search's own scores: a NaN vector scores NaN for every query and NaN ranks
+        first, an inf one scores +-inf or NaN (first, or last where it changes no result); a non-finite
+        score sends the search here. One saved without the record comes here at its first search (which
+        reads every vector anyway) and keeps coming until it passes."""
+        bad = self._store.nonfinite_slots()
+        if len(bad):
+            raise _nonfinite_error(self._mapped_vectors, bad, self._slot_ids)
+        self._full_check_pending = False
 
     def _shortlist(self, k: int, rerank: Optional[int], nprobe: Optional[int]) -> int:
         """The PQ shortlist to re-rank (0: none), checking ``rerank`` and ``nprobe``."""
@@ -295,7 +319,13 @@ class Index:
             "info": self.info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "vector_source": self.vector_source.to_dict() if self.vector_source is not None else None,
             "ids": self._items.summary(),  # checked now: a memory-mapped open trusts it and reads no ids
+            "vectors": self._vector_record(),
         }
+
+    def _vector_record(self) -> dict:
+        """The write-time check of the stored vectors: how many hold NaN or inf (a mapped flat open given 0
+        reads none of them; any other count, or none recorded, is checked in full at the first search)."""
+        return {"nonfinite": int(len(self._store.nonfinite_slots()))}
 
     def save(self, folder: Union[str, os.PathLike]) -> Path:
         """Write to a temporary sibling folder, then rename it into place (a crash leaves the old index)."""
@@ -385,10 +415,13 @@ class Index:
             raise IndexMismatchError(f"index {folder}: the vector store holds {index._store.ntotal} vectors, "
                                      f"expected {len(slot_ids)}")
         items.check(folder, int(m["next_id"]))
-        bad = index._store.nonfinite_slots()
-        if len(bad):
-            raise IndexMismatchError(f"index {folder} is damaged: {len(bad)} vectors hold NaN or inf "
-                                     f"(ids {slot_ids[bad[:10]].tolist()}); rebuild it")
+        if mmap and index.kind == "flat":  # nothing read now: the searches check (see _check_mapped_vectors)
+            index._mapped_vectors = folder / "vectors.npy"
+            index._full_check_pending = (m.get("vectors") or {}).get("nonfinite") != 0
+        else:
+            bad = index._store.nonfinite_slots()
+            if len(bad):
+                raise _nonfinite_error(folder, bad, slot_ids)
         index._items = items
         index._next_id = int(m["next_id"])
         if m.get("vector_source"):

@@ -1,6 +1,8 @@
 """`Index.load(mmap=True)` and `ShardedIndex`: the same results as the in-memory / single index."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -35,14 +37,77 @@ def test_mmap_load_searches_like_a_full_load(tmp_path, kind):
         mapped.remove([1])
 
 
-def test_mmap_load_keeps_the_integrity_checks(tmp_path):
-    x = _unit(100, 8, 0)
-    Index.build(x, kind="flat").save(tmp_path / "idx")
-    vecs = np.load(tmp_path / "idx" / "vectors.npy")
-    vecs[3, 2] = np.nan
-    np.save(tmp_path / "idx" / "vectors.npy", vecs)
+def _save_with_nan(tmp_path, name, old_format, nan_row=None, n=300):
+    """A flat index folder; ``old_format`` drops the manifest's vector record (as written before it existed),
+    ``nan_row`` writes NaN into that stored vector afterwards (same file size: the manifest still matches)."""
+    folder = tmp_path / name
+    Index.build(_unit(n, 8, 0), ids=np.arange(n) + 1000, kind="flat").save(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["vectors"] == {"nonfinite": 0}  # the write-time check
+    if old_format:
+        del manifest["vectors"]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    if nan_row is not None:
+        vecs = np.load(folder / "vectors.npy")
+        vecs[nan_row, 2] = np.nan
+        np.save(folder / "vectors.npy", vecs)
+    return folder
+
+
+@pytest.fixture
+def vector_checks(monkeypatch):
+    """Counts full passes over the stored vectors (FlatStore.nonfinite_slots)."""
+    from retrieval.backends import FlatStore
+
+    calls = []
+    real = FlatStore.nonfinite_slots
+    monkeypatch.setattr(FlatStore, "nonfinite_slots", lambda self: calls.append(self.ntotal) or real(self))
+    return calls
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_mmap_flat_open_reads_no_vectors_and_searches_check_them(tmp_path, vector_checks, old_format):
+    folder = _save_with_nan(tmp_path, "idx", old_format)
+    vector_checks.clear()
+    mapped = Index.load(folder, mmap=True)
+    assert vector_checks == []                         # nothing paged in at open, with or without the record
+    q = _unit(4, 8, 1)
+    for _ in range(3):
+        ids, scores = mapped.search(q, 5)
+        want_ids, want_scores = Index.load(folder).search(q, 5)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(scores, want_scores)
+    # the full load checks at open (1 pass per search above); the mapped one once, at its first search, only
+    # when the file lacks the record
+    assert vector_checks == [300] * (3 + int(old_format)), vector_checks
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_mmap_flat_search_refuses_a_nan_vector_naming_the_file(tmp_path, old_format):
+    folder = _save_with_nan(tmp_path, "idx", old_format, nan_row=3)
+    mapped = Index.load(folder, mmap=True)
+    for _ in range(2):  # and keeps refusing
+        with pytest.raises(IndexMismatchError, match=r"vectors\.npy is damaged: 1 vectors hold NaN or inf "
+                                                     r"\(ids \[1003\]\)"):
+            mapped.search(_unit(2, 8, 1), 5)
+    with pytest.raises(IndexMismatchError, match=r"idx is damaged: 1 vectors hold NaN or inf \(ids \[1003\]\)"):
+        Index.load(folder)                            # a full load refuses at open
     with pytest.raises(IndexMismatchError, match="NaN or inf"):
-        Index.load(tmp_path / "idx", mmap=True)
+        ShardedIndex.load([folder], mmap=True).search(_unit(1, 8, 2), 3)
+
+
+def test_the_manifest_records_nonfinite_vectors_and_a_mapped_search_refuses_them(tmp_path):
+    index = Index.build(_unit(100, 8, 0), kind="flat")
+    x = _unit(1, 8, 3)
+    x[0, 5] = np.inf
+    index._store.add(x)  # past add()'s own check, as a foreign tool could have written it
+    index._items.append(np.array([100]), [{}])
+    index._next_id = 101
+    index.save(tmp_path / "idx")
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["vectors"] == {"nonfinite": 1}
+    mapped = Index.load(tmp_path / "idx", mmap=True)  # a record other than 0: checked in full at the first search
+    with pytest.raises(IndexMismatchError, match=r"vectors\.npy is damaged: 1 vectors hold NaN or inf \(ids \[100\]\)"):
+        mapped.search(_unit(1, 8, 4), 3)
 
 
 def _split(x, shards, kind="flat"):
