@@ -25,15 +25,21 @@ gate at 1; the closed-gate rows of ``bench/quantize.py`` are a ``from_open_clip`
 whose visual gates are 0 until training opens them).
 
     .venv/bin/python bench/int8_accuracy.py [--checkpoint DIR] [--train-steps 600] [--qat-steps 300]
+
+Each run works in a fresh temporary folder, removed at the end, so a rerun never picks up an earlier
+run's data, checkpoint or QAT state; ``--work DIR`` works in DIR instead and keeps it (its generated
+data is reused; the training and QAT runs in it start over, as ``ernie-vl train`` without ``--resume``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator, Optional
 
 from _report import Verdict, command_line, machine, write_results  # noqa: I001 - puts the packages first
 
@@ -130,7 +136,19 @@ def describe_checkpoint(ckpt: Path) -> str:
     return f"checkpoint `{ckpt.name}` given"
 
 
-def main() -> None:
+@contextlib.contextmanager
+def work_folder(work: Optional[str]) -> Iterator[Path]:
+    """``--work`` as given (created, kept), else a fresh temporary folder that is removed afterwards."""
+    if work:
+        path = Path(work)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ernie_int8_accuracy-") as tmp:
+        yield Path(tmp)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="trained float checkpoint (train_synthetic --save-dir DIR: "
                                                       "DIR/divided); default: train one here")
@@ -139,10 +157,22 @@ def main() -> None:
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--clips-per-class", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ernie_int8_accuracy"))
+    p.add_argument("--work", default=None, help="work folder, kept (default: a fresh temporary one, removed at "
+                                                "the end: a rerun never reuses an earlier run's state)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="int8_accuracy", help="results name under bench/results")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    with work_folder(args.work) as work:
+        args.work = str(work)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every row, its verdicts and the results file; ``args.work`` is the folder to work in."""
     from ernie_vl.app.hub import load_model
     from ernie_vl.model import ErnieVL
     from ernie_vl.quantize import int8_kernel_choice, quantize_int8

@@ -28,3 +28,22 @@ def test_verdicts_compare_each_precision_with_fp32_in_points():
     text = m.markdown(rows, {"model": "x", "qat": "y", "kernel": "auto", "seconds": {}}, "cmd",
                       type("F", (), {"line": lambda self: "CPU"})())
     assert "| motion top-1, supervised | 0.500 | 0.490 (-1.0) |" in text
+
+
+def test_each_run_works_in_a_fresh_folder_unless_one_is_given(tmp_path):
+    # an earlier run's data, checkpoint or QAT state is never picked up by the default
+    m = load_bench("int8_accuracy")
+    args = m.parse_args([])
+    assert args.work is None
+    with m.work_folder(args.work) as first:
+        (first / "qat").mkdir()
+        (first / "qat" / "train_state.safetensors").write_bytes(b"state of this run")
+        with m.work_folder(m.parse_args([]).work) as second:
+            assert second != first and list(second.iterdir()) == []
+    assert not first.exists() and not second.exists()  # removed at the end
+    given = tmp_path / "w"
+    args = m.parse_args(["--work", str(given), "--qat-steps", "5"])
+    with m.work_folder(args.work) as work:
+        assert work == given and work.is_dir()
+        (work / "kept").write_text("x")
+    assert (given / "kept").read_text() == "x"      # a folder the user names is kept
