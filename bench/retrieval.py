@@ -2,7 +2,9 @@
 
 Queries/s (batches of 100 queries), recall@10 against exact search, build time and memory for
 normalised 512-d vectors, random and low-rank (like real embeddings). Interleaved rounds, medians,
-2 threads. Writes bench/results/retrieval.md.
+2 threads. At the main size, exact search also in small batches (1 and 8 queries per call, as a user
+searches), against the same anchors: reported without a verdict (the goal is stated at batches of
+100). Writes bench/results/retrieval.md.
 
     .venv/bin/python bench/retrieval.py            # 100k vectors (default, a few minutes)
     .venv/bin/python bench/retrieval.py --quick    # 20k vectors, 1000 queries
@@ -37,6 +39,8 @@ from retrieval.index import AUTO_APPROX_THRESHOLD, Index, resolve_kind  # noqa: 
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
 
 DIM, K, QUERY_BATCH = 512, 10, 100
+SMALL_BATCHES = (1, 8)  # queries per call as a user searches (information: the goal is stated at batches of 100)
+SMALL_CALLS = 32        # calls per method per round in the small-batch rows
 
 
 def make_vectors(n: int, kind: str, rng: np.random.Generator, basis: np.ndarray) -> np.ndarray:
@@ -82,13 +86,13 @@ def torch_plain(x_t: torch.Tensor, q: np.ndarray, k: int):
     return torch.topk(torch.from_numpy(q) @ x_t.T, k, dim=1)
 
 
-def interleaved_qps(fns: dict, queries: np.ndarray) -> dict[str, float]:
-    """Queries/s of each function over all ``queries``, the methods taking turns batch by batch
-    (rotating who goes first) so that a change in the machine's load hits them alike."""
+def interleaved_qps(fns: dict, queries: np.ndarray, batch_size: int = QUERY_BATCH) -> dict[str, float]:
+    """Queries/s of each function over all ``queries`` in batches of ``batch_size``, the methods taking
+    turns batch by batch (rotating who goes first) so that a change in the machine's load hits them alike."""
     spent = dict.fromkeys(fns, 0.0)
     names = list(fns)
-    for b, s in enumerate(range(0, len(queries), QUERY_BATCH)):
-        batch = queries[s:s + QUERY_BATCH]
+    for b, s in enumerate(range(0, len(queries), batch_size)):
+        batch = queries[s:s + batch_size]
         for name in names[b % len(names):] + names[:b % len(names)]:
             t = time.perf_counter()
             fns[name](batch)
@@ -124,13 +128,36 @@ def bound_check(x: np.ndarray, q: np.ndarray) -> str:
             f"{ratio.max().item():.3f} of its proven bound (mean {ratio.mean().item():.3f}; above 1 would be a bug).")
 
 
+def small_batch_rows(fns: dict, anchors: tuple[str, ...], q: np.ndarray, rounds: int, n: int, data_kind: str,
+                     lines: list[str]) -> None:
+    """Latency of ours and the exact anchors at 1 and 8 queries per call (``SMALL_CALLS`` calls per method per
+    round, taking turns call by call, rotating who goes first; median of ``rounds``). Reported, no verdict."""
+    lines.append(f"\n### {n:,} vectors, {data_kind}: exact search in small batches (information, no goal)\n")
+    lines.append("| queries per call | " + " | ".join(f"{name} ms" for name in ("ours flat", *anchors))
+                 + " | ours / fastest anchor (per round) |")
+    lines.append("|---:|" + "---:|" * (len(anchors) + 2))
+    for size in SMALL_BATCHES:
+        calls = q[:size * SMALL_CALLS]
+        for fn in fns.values():
+            fn(calls[:size])  # warm-up at this size
+        per_round = [interleaved_qps(fns, calls, batch_size=size) for _ in range(rounds)]
+        ms = {name: 1000 * size / float(np.median([r[name] for r in per_round])) for name in fns}
+        ratios = [r["ours flat"] / max(r[a] for a in anchors) for r in per_round]
+        lines.append(f"| {size} | " + " | ".join(f"{ms[name]:.2f}" for name in ("ours flat", *anchors))
+                     + f" | **{np.median(ratios):.2f}x** ({', '.join(f'{v:.2f}' for v in ratios)}) |")
+        print(lines[-1], flush=True)
+    lines.append(f"\nMilliseconds per call, median of {rounds} rounds of {SMALL_CALLS} calls per method; the ratio is "
+                 "ours' queries/s over the fastest exact anchor's in the same round (above 1: ours is faster).")
+
+
 def faiss_flat_view(ref: faiss.IndexFlat, n: int) -> np.ndarray:
     """(n, D) view of the vectors FAISS holds (no copy), so the caller can free its own copy."""
     return faiss.rev_swig_ptr(ref.get_xb(), n * DIM).reshape(n, DIM)
 
 
 def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool, ef_values, rng, basis, lines,
-             approx_log: dict | None = None, ivfpq: bool = True, verdicts: list | None = None) -> None:
+             approx_log: dict | None = None, ivfpq: bool = True, verdicts: list | None = None,
+             small_batches: bool = False) -> None:
     x = make_vectors(n, data_kind, rng, basis)
     q = make_vectors(num_queries, data_kind, rng, basis)
     truth = exact_topk(x, q, K)
@@ -198,6 +225,9 @@ def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool
         verdicts.append(Verdict(f"exact search, {n:,} {data_kind} vectors: ours / fastest of FAISS flat and torch "
                                 "(both layouts)", ">= 1.0", f"{ratio:.2f}x (vs {best_name})", ratio >= 1.0, claim="7"))
     print("\n".join(lines[-2:]), flush=True)
+    if small_batches:
+        small_batch_rows({name: fns[name] for name in ("ours flat", *anchors)}, anchors, q, rounds, n, data_kind,
+                         lines)
     del x_t, x_cols, x_bf16, fns
     if not approx:
         del ref
@@ -300,10 +330,10 @@ def main() -> None:
     n_approx = args.approx_n or (20_000 if args.quick else 50_000)
     num_q = 1000 if args.quick else 500
     run_size(n_main, "random", args.rounds, num_q, approx=False, ef_values=(), rng=rng, basis=basis, lines=lines,
-             verdicts=verdicts)
+             verdicts=verdicts, small_batches=True)
     if not args.full:  # --full measures 100k low-rank below, with the approximate kinds
         run_size(n_main, "lowrank", args.rounds, num_q, approx=n_main == n_approx, ef_values=(64, 128, 256),
-                 rng=rng, basis=basis, lines=lines, verdicts=verdicts)
+                 rng=rng, basis=basis, lines=lines, verdicts=verdicts, small_batches=True)
     if n_approx != n_main and not args.full:
         run_size(n_approx, "lowrank", args.rounds, num_q, approx=True, ef_values=(64, 128, 256),
                  rng=rng, basis=basis, lines=lines)
