@@ -31,7 +31,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch

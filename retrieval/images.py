@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -60,24 +60,37 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img.convert("RGB")
 
 
-def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: Optional[int] = None) -> Image.Image:
-    """Decode image bytes like :func:`load_image`; ``max_pixels`` refuses larger images (ImageLoadError)."""
-    if not data:
-        raise ImageLoadError(name, "empty file")
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _decode(source: Union[PathLike, io.BytesIO], name: PathLike, prepare: Callable[[Image.Image], None]) -> Image.Image:
+    """Open ``source``, let ``prepare(img)`` check or steer the decode (a pixel cap, a JPEG draft), decode it,
+    apply the EXIF orientation and convert to RGB; ImageLoadError naming ``name`` when any of it fails."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageLoadError(name, f"{img.width}x{img.height} is larger than {max_pixels} pixels")
+        with Image.open(source) as img:
+            prepare(img)
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
-            except Exception:
+            except Exception:  # a broken EXIF block must not lose the pixels
                 pass
             return to_rgb(img)
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except _DECODE_ERRORS as err:
         raise ImageLoadError(name, f"{type(err).__name__}: {err}") from err
+
+
+def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: Optional[int] = None) -> Image.Image:
+    """Decode image bytes like :func:`load_image`; ``max_pixels`` refuses larger images (ImageLoadError)."""
+    if not data:
+        raise ImageLoadError(name, "empty file")
+
+    def cap(img: Image.Image) -> None:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageLoadError(name, f"{img.width}x{img.height} is larger than {max_pixels} pixels")
+
+    return _decode(io.BytesIO(data), name, cap)
 
 
 def load_image(path: PathLike, draft: Optional[int] = None) -> Image.Image:
@@ -94,17 +107,9 @@ def load_image(path: PathLike, draft: Optional[int] = None) -> Image.Image:
     p = Path(path)
     if not p.is_file():
         raise ImageLoadError(p, "no such file")
-    try:
-        with Image.open(p) as img:
-            if draft and img.format == "JPEG":
-                img.draft(img.mode, (draft, draft))
-            img.load()
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:  # a broken EXIF block must not lose the pixels
-                pass
-            return to_rgb(img)
-    except ImageLoadError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(p, f"{type(err).__name__}: {err}") from err
+
+    def shrink(img: Image.Image) -> None:
+        if draft and img.format == "JPEG":
+            img.draft(img.mode, (draft, draft))
+
+    return _decode(p, p, shrink)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from retrieval.backends import STORES, IndexParams
-from retrieval.items import METADATA_FILE, IndexMismatchError, ItemTable
+from retrieval.items import IndexMismatchError, ItemTable
 from retrieval.rerank import PartsVectors, VectorSourceError
 from retrieval.rerank import rerank as _rerank
 
@@ -142,7 +142,6 @@ class Index:
                 raise ValueError(f"ids already in the index: {taken[:10].tolist()}")
         if n == 0:
             return new_ids
-        first = self._store.ntotal
         if self.vector_source is not None:
             warnings.warn("items added outside build_from_parts have no float vectors on disk: this index no longer "
                           "re-ranks its searches (rebuild it from the parts to re-rank again)", stacklevel=2)

@@ -123,3 +123,25 @@ def test_image_folder_files_lists_sorted_images(tmp_path):
     assert ds.relpaths == ["b.png", "sub/a.jpg"]
     img, idx = ds[1]
     assert idx == 1 and img.shape == (3, 8, 8)
+
+
+def test_image_bytes_decode_like_files_and_are_capped(tmp_path):
+    from retrieval.images import load_image_bytes
+
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(arr).save(path, exif=exif, quality=95)
+    from_bytes = load_image_bytes(path.read_bytes(), name="up.jpg")
+    assert from_bytes.size == (20, 40)  # EXIF applied, as load_image does
+    np.testing.assert_array_equal(np.asarray(from_bytes), np.asarray(load_image(path)))
+    with pytest.raises(ImageLoadError, match=r"'up\.jpg'.*40x20 is larger than 500 pixels"):
+        load_image_bytes(path.read_bytes(), name="up.jpg", max_pixels=500)
+    with pytest.raises(ImageLoadError, match=r"'junk\.png'.*UnidentifiedImageError"):
+        load_image_bytes(b"not an image at all", name="junk.png")
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (400, 200), (0, 128, 0)).save(big, quality=90)
+    assert load_image(big, draft=50).size == (100, 50)  # decoded at 1/4 scale, still >= 50 on both sides
+    assert load_image(big).size == (400, 200)
