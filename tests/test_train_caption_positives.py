@@ -10,7 +10,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from _train_helpers import make_tiny_data, read_log, tiny_config
+from _train_helpers import make_tiny_data, read_log, spawn_ranks, tiny_config
 from ernie_vl.train import train
 from ernie_vl.train.arguments import add_train_arguments, config_from_args
 
@@ -34,7 +34,8 @@ def data(tmp_path_factory):
 
 
 def _config(data, out, **kw):
-    return tiny_config(data, out, videos=[], batch_pairs=4, max_steps=12, model_overrides=SIGLIP, **kw)
+    kw = {"videos": [], "batch_pairs": 4, "max_steps": 12, "model_overrides": SIGLIP, **kw}
+    return tiny_config(data, out, **kw)
 
 
 def test_repeated_captions_resume_exactly(data, tmp_path):
@@ -54,6 +55,21 @@ def test_repeated_captions_resume_exactly(data, tmp_path):
     assert json.loads((tmp_path / "full" / "setup.json").read_text())["caption_positives"] is True
     saved = json.loads((tmp_path / "full" / "final" / "config.json").read_text())
     assert saved["loss"]["caption_positives"] is True
+
+
+def test_two_gloo_ranks_match_one_process(data, tmp_path):
+    """Copies of a caption on different ranks are positives too: 2 ranks x 2 pairs == 1 process x 4 pairs
+    (the MoE balance loss, computed per rank by design, off)."""
+    overrides = {"loss": {**SIGLIP["loss"], "aux_weight": 0.0}}
+    train(_config(data, tmp_path / "one", max_steps=3, model_overrides=overrides))
+    spawn_ranks(_config(data, tmp_path / "two", max_steps=3, model_overrides=overrides), 2, timeout=240)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b["image_text"] == pytest.approx(a["image_text"], abs=2e-4, rel=2e-4), a["step"]
+    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-3
 
 
 def test_turning_it_off_trains_plain_pairs(data, tmp_path):
