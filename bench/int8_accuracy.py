@@ -33,15 +33,14 @@ data is reused; the training and QAT runs in it start over, as ``ernie-vl train`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Optional
+from typing import Optional
 
 from _report import Verdict, command_line, machine, write_results  # noqa: I001 - puts the packages first
+from _work import WORK_HELP, work_folder  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -136,18 +135,6 @@ def describe_checkpoint(ckpt: Path) -> str:
     return f"checkpoint `{ckpt.name}` given"
 
 
-@contextlib.contextmanager
-def work_folder(work: Optional[str]) -> Iterator[Path]:
-    """``--work`` as given (created, kept), else a fresh temporary folder that is removed afterwards."""
-    if work:
-        path = Path(work)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="ernie_int8_accuracy-") as tmp:
-        yield Path(tmp)
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="trained float checkpoint (train_synthetic --save-dir DIR: "
@@ -157,8 +144,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--clips-per-class", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--work", default=None, help="work folder, kept (default: a fresh temporary one, removed at "
-                                                "the end: a rerun never reuses an earlier run's state)")
+    p.add_argument("--work", default=None, help=WORK_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="int8_accuracy", help="results name under bench/results")
     return p.parse_args(argv)
@@ -166,7 +152,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    with work_folder(args.work) as work:
+    with work_folder(args.work, "ernie_int8_accuracy-") as work:
         args.work = str(work)
         run(args)
 

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ if str(ROOT / "bench") not in sys.path:
     sys.path.append(str(ROOT / "bench"))
 
 from _report import Verdict, command_line, machine, verdict_lines, write_results  # noqa: E402
+from _work import WORK_HELP, work_folder  # noqa: E402
 from train_synthetic import make_data, train_variant  # noqa: E402
 
 from ernie_vl.train import TrainConfig  # noqa: E402
@@ -169,29 +169,31 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ernie_moe_balance"))
+    p.add_argument("--work", default=None, help=WORK_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--results", default=None, help="results folder (default bench/results)")
     args = p.parse_args()
-    if not args.minutes and not args.steps:
-        p.error("give --minutes > 0 and/or --steps")
-    args.max_steps = args.steps
-    load_before = os.getloadavg()[0]
-    data, data_s = make_data(Path(args.work) / "data", False, args.clips_per_class)
-    table = variants(args.gamma, args.lb_coef)
-    runs = []
-    for name in args.variants:
-        shutil.rmtree(Path(args.work) / name, ignore_errors=True)  # a fresh run per variant
-        run = train_variant(name, data, args, table[name])
-        run["windows"] = windows(step_series(Path(args.work) / name / "log.jsonl"))
-        run["final"] = final_summary(run)
-        runs.append(run)
-        print(json.dumps({k: run[k] for k in ("name", "steps", "final", "windows")}), flush=True)
-    facts = machine(load_before)
-    text, verdicts = report(runs, args, facts, data_s)
-    write_results("moe_balance", text, verdicts, facts, command_line("moe_balance.py"),
-                  Path(args.results) if args.results else None)
-    print(text)
+    with work_folder(args.work, "ernie_moe_balance-") as work:
+        args.work = str(work)
+        if not args.minutes and not args.steps:
+            p.error("give --minutes > 0 and/or --steps")
+        args.max_steps = args.steps
+        load_before = os.getloadavg()[0]
+        data, data_s = make_data(Path(args.work) / "data", False, args.clips_per_class)
+        table = variants(args.gamma, args.lb_coef)
+        runs = []
+        for name in args.variants:
+            shutil.rmtree(Path(args.work) / name, ignore_errors=True)  # a fresh run per variant
+            run = train_variant(name, data, args, table[name])
+            run["windows"] = windows(step_series(Path(args.work) / name / "log.jsonl"))
+            run["final"] = final_summary(run)
+            runs.append(run)
+            print(json.dumps({k: run[k] for k in ("name", "steps", "final", "windows")}), flush=True)
+        facts = machine(load_before)
+        text, verdicts = report(runs, args, facts, data_s)
+        write_results("moe_balance", text, verdicts, facts, command_line("moe_balance.py"),
+                      Path(args.results) if args.results else None)
+        print(text)
 
 
 if __name__ == "__main__":

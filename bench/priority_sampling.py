@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._report import Verdict, command_line, machine, verdict_lines, write_results  # noqa: E402
+from bench._work import WORK_HELP, work_folder  # noqa: E402
 from ernie_vl.data.synthetic import make_motion, make_shapes  # noqa: E402
 from ernie_vl.train import TrainConfig  # noqa: E402
 from ernie_vl.train.trainer import Trainer  # noqa: E402
@@ -158,37 +158,39 @@ def main() -> None:
                    "image-text; clips follow the same sampler)")
     p.add_argument("--target", type=float, default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "ernie_priority_bench"))
+    p.add_argument("--work", default=None, help=WORK_HELP)
     p.add_argument("--results", default=None, help="results folder (default bench/results)")
     args = p.parse_args()
-    if args.quick:
-        args.seeds, args.steps, args.eval_every = 3, 40, 5
-    samplers = list(dict.fromkeys([s for s in args.samplers if s != "uniform"] + ["uniform"]))
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    data_root = Path(args.work) / "data"
-    if not (data_root / "shapes" / "heldout.csv").is_file():
-        make_shapes(data_root / "shapes", num_train=2000, num_val=0, num_heldout=128, image_size=32, seed=0)
-    if args.motion and not (data_root / "motion" / "train").is_dir():
-        make_motion(data_root / "motion", num_train_per_class=32, num_val_per_class=0, size=32, seed=0)
-    data = {"pairs": data_root / "shapes" / "train.csv", "heldout": data_root / "shapes" / "heldout.csv",
-            "videos": data_root / "motion" / "train"}
-    curves: dict[str, dict[int, list]] = {s: {} for s in samplers}
-    seconds: dict[str, list[float]] = {s: [] for s in samplers}
-    for seed in range(args.seeds):
-        for sampler in samplers:  # interleaved
-            t0 = time.perf_counter()
-            curves[sampler][seed] = run_one(args, data, sampler, seed)
-            seconds[sampler].append(time.perf_counter() - t0)
-            print(f"seed {seed} {sampler:17s}: final held-out loss {curves[sampler][seed][-1][1]:.4f} "
-                  f"({seconds[sampler][-1]:.0f} s)", flush=True)
-    target = args.target or statistics.median(curves["uniform"][s][-1][1] for s in range(args.seeds))
-    verdicts = [verdict_of(s, *ratio_of(curves, s, target, args.seeds)) for s in samplers if s != "uniform"]
-    facts = machine(load_before)
-    text = report(curves, seconds, target, args, facts, verdicts)
-    write_results("priority_sampling", text, verdicts, facts, command_line("priority_sampling.py"),
-                  Path(args.results) if args.results else None)
-    print(text.split("Curves")[0])
+    with work_folder(args.work, "ernie_priority_sampling-") as work:
+        args.work = str(work)
+        if args.quick:
+            args.seeds, args.steps, args.eval_every = 3, 40, 5
+        samplers = list(dict.fromkeys([s for s in args.samplers if s != "uniform"] + ["uniform"]))
+        torch.set_num_threads(args.threads)
+        load_before = os.getloadavg()[0]
+        data_root = Path(args.work) / "data"
+        if not (data_root / "shapes" / "heldout.csv").is_file():
+            make_shapes(data_root / "shapes", num_train=2000, num_val=0, num_heldout=128, image_size=32, seed=0)
+        if args.motion and not (data_root / "motion" / "train").is_dir():
+            make_motion(data_root / "motion", num_train_per_class=32, num_val_per_class=0, size=32, seed=0)
+        data = {"pairs": data_root / "shapes" / "train.csv", "heldout": data_root / "shapes" / "heldout.csv",
+                "videos": data_root / "motion" / "train"}
+        curves: dict[str, dict[int, list]] = {s: {} for s in samplers}
+        seconds: dict[str, list[float]] = {s: [] for s in samplers}
+        for seed in range(args.seeds):
+            for sampler in samplers:  # interleaved
+                t0 = time.perf_counter()
+                curves[sampler][seed] = run_one(args, data, sampler, seed)
+                seconds[sampler].append(time.perf_counter() - t0)
+                print(f"seed {seed} {sampler:17s}: final held-out loss {curves[sampler][seed][-1][1]:.4f} "
+                      f"({seconds[sampler][-1]:.0f} s)", flush=True)
+        target = args.target or statistics.median(curves["uniform"][s][-1][1] for s in range(args.seeds))
+        verdicts = [verdict_of(s, *ratio_of(curves, s, target, args.seeds)) for s in samplers if s != "uniform"]
+        facts = machine(load_before)
+        text = report(curves, seconds, target, args, facts, verdicts)
+        write_results("priority_sampling", text, verdicts, facts, command_line("priority_sampling.py"),
+                      Path(args.results) if args.results else None)
+        print(text.split("Curves")[0])
 
 
 if __name__ == "__main__":

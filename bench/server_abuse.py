@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
 from ernie_vl.app.serve.probes import (RawConnection, bomb_png, check_malformed_json, declared_too_large,  # noqa: E402
-                                       half_open_flood, health_ok, parallel_uploads, rss_bytes, streamed_upload)
+                                       half_open_flood, health_ok, parallel_uploads, streamed_upload)
 from ernie_vl.app.serve.runner import free_port  # noqa: E402
 
 MB = 1024 * 1024

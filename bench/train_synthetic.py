@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
+from _work import WORK_HELP, work_folder  # noqa: E402
 from ernie_vl.data.synthetic import make_motion, make_shapes  # noqa: E402
 from ernie_vl.train import TrainConfig  # noqa: E402
 from ernie_vl.train.reporting import routing_summary  # noqa: E402
@@ -241,7 +241,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips-per-class", type=int, default=512, help="training motion clips per class")
     p.add_argument("--only", choices=tuple(VARIANTS), nargs="+", default=None)
-    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ernie_train_synthetic"))
+    p.add_argument("--work", default=None, help=WORK_HELP)
     p.add_argument("--save-dir", default=None,
                    help="copy each variant's trained checkpoint to SAVE_DIR/<variant> (e.g. for bench/int8_accuracy.py)")
     p.add_argument("--no-progress", action="store_true")
@@ -250,32 +250,34 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_synthetic.md"),
                    help="results Markdown; its .json (verdicts) and _rows.json (one row per variant) go beside it")
     args = p.parse_args()
-    if args.quick:
-        args.minutes, args.clips_per_class = 1.0, 16
-    if not args.minutes and not args.max_steps:
-        p.error("--minutes 0 needs --max-steps N (a run needs a budget)")
-    load_before = os.getloadavg()[0]
-    command = command_line("train_synthetic.py")
-    out = Path(args.out)
-    rows_path = out.with_name(f"{out.stem}_rows.json")
-    data, data_s = ({}, 0.0) if args.report_only else make_data(Path(args.work) / "data", args.quick,
-                                                                 args.clips_per_class)
-    for name, (model, overrides) in VARIANTS.items():
-        if args.report_only or (args.only and name not in args.only):
-            continue
-        run_load = os.getloadavg()[0]
-        run = train_variant(name, data, args, overrides, model)
-        print(json.dumps({k: v for k, v in run.items() if k not in ("routing", "curve")}), flush=True)
-        if args.save_dir:
-            print(f"saved {name}: {save_checkpoint(Path(args.work) / name, Path(args.save_dir), name)}", flush=True)
-        rows = load_rows(rows_path)  # read again: another variant's run may have written since
-        rows[name] = row_record(run, args, run_load, command)
-        rows_path.parent.mkdir(parents=True, exist_ok=True)
-        rows_path.write_text(json.dumps(rows, indent=1) + "\n")  # each finished variant is kept at once
-    rows = load_rows(rows_path)
-    text = write_report(out, rows, data_s, args, command)
-    write_results(out.stem, text, verdicts(rows), machine(load_before), command, results_dir=out.parent)
-    print(text)
+    with work_folder(args.work, "ernie_train_synthetic-") as work:
+        args.work = str(work)
+        if args.quick:
+            args.minutes, args.clips_per_class = 1.0, 16
+        if not args.minutes and not args.max_steps:
+            p.error("--minutes 0 needs --max-steps N (a run needs a budget)")
+        load_before = os.getloadavg()[0]
+        command = command_line("train_synthetic.py")
+        out = Path(args.out)
+        rows_path = out.with_name(f"{out.stem}_rows.json")
+        data, data_s = ({}, 0.0) if args.report_only else make_data(Path(args.work) / "data", args.quick,
+                                                                     args.clips_per_class)
+        for name, (model, overrides) in VARIANTS.items():
+            if args.report_only or (args.only and name not in args.only):
+                continue
+            run_load = os.getloadavg()[0]
+            run = train_variant(name, data, args, overrides, model)
+            print(json.dumps({k: v for k, v in run.items() if k not in ("routing", "curve")}), flush=True)
+            if args.save_dir:
+                print(f"saved {name}: {save_checkpoint(Path(args.work) / name, Path(args.save_dir), name)}", flush=True)
+            rows = load_rows(rows_path)  # read again: another variant's run may have written since
+            rows[name] = row_record(run, args, run_load, command)
+            rows_path.parent.mkdir(parents=True, exist_ok=True)
+            rows_path.write_text(json.dumps(rows, indent=1) + "\n")  # each finished variant is kept at once
+        rows = load_rows(rows_path)
+        text = write_report(out, rows, data_s, args, command)
+        write_results(out.stem, text, verdicts(rows), machine(load_before), command, results_dir=out.parent)
+        print(text)
 
 
 if __name__ == "__main__":

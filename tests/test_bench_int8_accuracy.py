@@ -35,15 +35,16 @@ def test_each_run_works_in_a_fresh_folder_unless_one_is_given(tmp_path):
     m = load_bench("int8_accuracy")
     args = m.parse_args([])
     assert args.work is None
-    with m.work_folder(args.work) as first:
+    with m.work_folder(args.work, "ernie_test-") as first:
         (first / "qat").mkdir()
         (first / "qat" / "train_state.safetensors").write_bytes(b"state of this run")
-        with m.work_folder(m.parse_args([]).work) as second:
+        with m.work_folder(m.parse_args([]).work, "ernie_test-") as second:
             assert second != first and list(second.iterdir()) == []
     assert not first.exists() and not second.exists()  # removed at the end
     given = tmp_path / "w"
     args = m.parse_args(["--work", str(given), "--qat-steps", "5"])
-    with m.work_folder(args.work) as work:
+    with m.work_folder(args.work, "ernie_test-") as work:
         assert work == given and work.is_dir()
         (work / "kept").write_text("x")
     assert (given / "kept").read_text() == "x"      # a folder the user names is kept
+

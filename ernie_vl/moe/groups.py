@@ -70,8 +70,6 @@ def grouped_forward(layer: "MoEFeedForward", x: torch.Tensor, modality_ids: torc
                     mask: torch.Tensor | None, routing_only: bool = False) -> "MoEOutput":
     """``layer(x, modality_ids, mask)`` for ``routing="groups"``: each group's sub-layer on its tokens,
     outputs scattered back, shared experts on every real token; losses token-weighted over groups."""
-    from .layer import MoEOutput
-
     assert layer.groups is not None
     cfg = layer.config
     flat, ids, mask_flat = layer._flatten_inputs(x, modality_ids, mask)

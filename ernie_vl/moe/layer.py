@@ -251,7 +251,7 @@ class MoEFeedForward(nn.Module):
 
             return grouped_forward(self, x, modality_ids, mask)
         r = self.route_tokens(x, modality_ids, mask)
-        tokens, ids_r, decision, plan = r.tokens, r.modality_ids, r.decision, r.plan
+        tokens, decision, plan = r.tokens, r.decision, r.plan
         experts = self.experts
         backend = self.expert_backend(tokens, plan.counts)
         if backend == "reference":
