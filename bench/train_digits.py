@@ -22,7 +22,11 @@ split ``layers`` scored 0.952, ``tokens`` 0.944 and ``embedding`` 0.918 with the
 ``tokens`` 0.914; LogisticRegression on the same pixels 0.959). The probe's own validation split (which picks its weight decay) is no guide here: its
 digits were training images of the encoder, so every kind scores near 1 on it. Every kind is reported. The anchor is
 ``sklearn.linear_model.LogisticRegression`` (lbfgs, default C, max_iter 5000) on the 64 raw pixel
-values of the same splits. Later validation runs (seed noise, step count, EMA of the weights) are
+values of the same splits. The pair loss is the toolkit's default: CLIP's InfoNCE with identical captions
+positives of each other (``LossConfig.caption_positives``; runs before it existed trained plain pairs,
+which for InfoNCE gives the same gradients, up to rounding, whenever the copies of a caption embed alike,
+as here). Later
+validation runs (seed noise, step count, EMA of the weights) are
 ``bench/digits_validation.py``, on its own 80/20 split of the training digits; their table is
 ``bench/results/digits_validation.md``.
 
@@ -132,7 +136,9 @@ def main() -> None:
             f"{train_s:.0f} s "
             f"(a fixed step budget, so the figures do not depend on the load recorded above); "
             f"zero-shot top-5 {zero_shot['top5']:.3f}, mean per-class recall "
-            f"{zero_shot['mean_per_class_recall']:.3f}; last training loss {result.last_losses.get('loss', float('nan')):.3f}. "
+            f"{zero_shot['mean_per_class_recall']:.3f}; last training loss {result.last_losses.get('loss', float('nan')):.3f}; "
+            f"pair loss {model.cfg.loss.contrastive}, identical captions in a batch "
+            f"{'positives of each other' if model.cfg.loss.caption_positives else 'negatives (plain pairs)'}. "
             f"Total {time.time() - start:.0f} s. The goal row "
             f"uses `--features {chosen}` ({names[chosen]}), chosen on digits the encoder never saw (the script's "
             f"docstring); the probe's validation split, which picks its weight decay, holds training images of the "
