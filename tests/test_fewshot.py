@@ -35,7 +35,8 @@ def test_inflated_tubelet_encoder_is_the_frame_mean_of_the_image_encoder_on_tube
 
 def test_inflated_model_embeds_a_still_clip_as_its_image_and_keeps_the_rest():
     torch.manual_seed(0)
-    model = ernie_vl.create_model("tiny", class_names=["a", "b", "c"]).eval()
+    # tiny's video encoder without its conv tokenizer (a stem cannot be inflated into)
+    model = ernie_vl.create_model("tiny", class_names=["a", "b", "c"], video_encoder={"conv_stem": 0}).eval()
     assert model.cfg.video_encoder.patch_size != model.cfg.image_encoder.patch_size  # tiny: 8 vs 4
     new = inflate_video_from_image(model).eval()
     assert new.cfg.video_encoder.patch_size == model.cfg.image_encoder.patch_size
@@ -141,6 +142,42 @@ def test_a_pairs_trained_checkpoint_starts_its_video_path_from_the_image_path(ti
     assert kept.video_init == "kept from the checkpoint"
 
 
+def test_video_start_rules():
+    from ernie_vl.train.finetune import INFLATED, KEPT, KEPT_STEM, video_start
+
+    pairs = {"pairs"}
+    assert video_start("auto", True, pairs, has_stem=False) == INFLATED
+    assert video_start("auto", True, pairs, has_stem=True) == KEPT_STEM
+    assert video_start("auto", True, {"pairs", "videos"}, has_stem=False) == KEPT  # has seen videos
+    assert video_start("auto", True, {"open_clip"}, has_stem=False) == KEPT  # already inflated
+    assert video_start("auto", False, pairs, has_stem=False) == KEPT  # no videos to fine-tune on
+    assert video_start("keep", True, pairs, has_stem=False) == KEPT
+    assert video_start("image", True, {"pairs", "videos"}, has_stem=True) == INFLATED  # inflation then refuses
+
+
+def test_auto_keeps_the_video_path_of_a_pairs_trained_checkpoint_with_a_stem_and_says_why(tiny_data, tmp_path):
+    """tiny's video encoder has a conv tokenizer: ``auto`` keeps it (and says why), ``image`` refuses."""
+    from _train_helpers import read_log, tiny_config
+
+    from ernie_vl.train import train
+    from ernie_vl.train.trainer import Trainer
+
+    stem = {"video_encoder": {"conv_stem": {"channels": [4, 8], "frame_diff": True}}}
+    pre = train(tiny_config(tiny_data, tmp_path / "pre", max_steps=1, videos=[], model_overrides=stem))
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "ft", model=str(pre.final_dir), max_steps=1))
+    why = "kept: the video encoder has a conv stem, which the image encoder's patch embedding cannot be inflated into"
+    assert trainer.video_init == why
+    saved = ernie_vl.ErnieVL.from_pretrained(pre.final_dir)
+    for name, p in saved.video_encoder.state_dict().items():  # the checkpoint's video encoder, unchanged
+        torch.testing.assert_close(trainer.model.video_encoder.state_dict()[name], p, rtol=0, atol=0)
+    assert json.loads((tmp_path / "ft" / "setup.json").read_text())["video_init"] == why
+    trainer.run()
+    assert read_log(tmp_path / "ft")[0]["setup"]["video_init"] == why
+    with pytest.raises(ValueError, match=r"conv_stem=ConvStemConfig\(channels=\(4, 8\), frame_diff=True\).*"
+                                         r"cannot be inflated.*--video-init keep"):
+        Trainer(tiny_config(tiny_data, tmp_path / "img", model=str(pre.final_dir), max_steps=1, video_init="image"))
+
+
 # --------------------------------------------------------------------------- EMA, freezing, drop-path
 
 
@@ -229,6 +266,8 @@ def test_freeze_backbone_trains_only_a_prompt_initialised_head(tiny_data, tmp_pa
     text = ensemble_token_embeddings(model.encode_text, trainer.videos.prompt_tokens)
     cos = torch.nn.functional.cosine_similarity(model.classifier.weight.detach(), text, dim=-1)
     torch.testing.assert_close(cos, torch.ones(4))  # the head starts as the zero-shot classifier
+    setup = json.loads((tmp_path / "probe" / "setup.json").read_text())
+    assert setup["head_init"].startswith("from the class prompts")
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer.run()
     after = model.state_dict()
@@ -236,6 +275,31 @@ def test_freeze_backbone_trains_only_a_prompt_initialised_head(tiny_data, tmp_pa
     assert changed == ["classifier.bias", "classifier.weight"]
     with pytest.raises(ValueError, match="unknown freeze"):
         freeze(model, "encoders")
+
+
+def test_freeze_backbone_with_an_encoder_reading_head_says_its_classifier_starts_random(tiny_data, tmp_path):
+    """Text embeddings are not in the encoder's feature space: the probe's classifier keeps its random
+    start, and setup.json and the first log record say so."""
+    from _train_helpers import read_log, tiny_config
+
+    from ernie_vl.train.trainer import Trainer
+
+    over = {"head": {"video_cls_input": "encoder"}}
+    torch.manual_seed(0)
+    fresh = ernie_vl.create_model("test", class_names=["grow", "move_left", "move_right", "shrink"], **over)
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "probe", max_steps=1, freeze="backbone", pairs=[],
+                                  model_overrides=over))
+    model = trainer.model
+    assert model.classifier.in_features == model.cfg.video_encoder.output_dim
+    torch.testing.assert_close(model.classifier.weight, fresh.classifier.weight, rtol=0, atol=0)  # as initialised
+    why = ("random: the classifier reads the video encoder's pooled features (head.video_cls_input='encoder'), "
+           "not the space of the class prompts' text embeddings")
+    assert json.loads((tmp_path / "probe" / "setup.json").read_text())["head_init"] == why
+    trainer.run()
+    assert read_log(tmp_path / "probe")[0]["setup"]["head_init"] == why
+    # without freezing nothing is said about the head
+    plain = Trainer(tiny_config(tiny_data, tmp_path / "plain", max_steps=1, pairs=[], model_overrides=over))
+    assert "head_init" not in json.loads((tmp_path / "plain" / "setup.json").read_text()) and plain.head_init is None
 
 
 def test_drop_path_drops_whole_branches_in_training_only():

@@ -164,6 +164,31 @@ def test_model_config_round_trips_and_old_list_checkpoints_load(tmp_path):
     assert ErnieVLConfig.from_dict(saved).video_encoder.conv_stem == 0
 
 
+def test_tiny_defaults_to_the_frame_diff_tokenizer_and_old_tiny_checkpoints_load_as_saved(tmp_path):
+    """A checkpoint carries its own config: one saved when tiny had no stem loads stem-less, with its
+    numbers, whatever the preset says now (its config.json names "tiny" and has no conv_stem key)."""
+    import ernie_vl
+
+    new = ernie_vl.create_model("tiny", class_names=["a", "b"])
+    assert new.cfg.video_encoder.conv_stem == ConvStemConfig((16, 32, 64), True)
+    assert [m.out_channels for m in new.video_encoder.stem if isinstance(m, nn.Conv3d)] == [16, 32, 64]
+    torch.manual_seed(0)
+    old = ernie_vl.create_model("tiny", class_names=["a", "b"], video_encoder={"conv_stem": 0}).eval()
+    assert old.video_encoder.stem is None
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["name"] == "tiny"
+    del saved["video_encoder"]["conv_stem"]  # as written before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = ernie_vl.ErnieVL.from_pretrained(tmp_path).eval()
+    assert loaded.cfg.video_encoder.conv_stem == 0 and loaded.video_encoder.stem is None
+    assert loaded.video_encoder.patch_embed.weight.shape == (96, 3, 4, 8, 8)  # pixels only, one tubelet conv
+    clips = torch.rand(2, 8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_video(clips), old.encode_video(clips), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.classify_video(clips), old.classify_video(clips), rtol=0, atol=0)
+
+
 def test_frame_diff_checkpoint_round_trips(tmp_path):
     import ernie_vl
 

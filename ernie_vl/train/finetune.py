@@ -10,6 +10,7 @@
   at the clips' mean embedding norm.
 - :func:`replace_head`: a fresh classifier for new class names (e.g. a model trained on pairs only).
 - :func:`trained_on`: what a checkpoint was trained on (pairs, videos, open_clip), from its weights' header.
+- :func:`video_start`: whether a loaded checkpoint's video path is inflated from its image path, or kept and why.
 """
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ import torch
 from torch import nn
 
 FREEZE_MODES = ("none", "backbone")
+# how a fine-tuned checkpoint's video path starts (setup.json's ``video_init``)
+INFLATED = "inflated from the image encoder"
+KEPT = "kept from the checkpoint"
+KEPT_STEM = ("kept: the video encoder has a conv stem, which the image encoder's patch embedding cannot be "
+             "inflated into")
+# how a linear probe's classifier starts (setup.json's ``head_init``)
+HEAD_FROM_PROMPTS = "from the class prompts' text embeddings (starts as the zero-shot classifier)"
+HEAD_RANDOM = ("random: the classifier reads the video encoder's pooled features (head.video_cls_input="
+               "'encoder'), not the space of the class prompts' text embeddings")
+HEAD_STREAMED = "as the model had it: the clips are streamed, none cached to start it from the class prompts"
 
 
 def freeze(model: nn.Module, mode: str) -> int:
@@ -94,3 +105,18 @@ def trained_on(checkpoint_dir: str | Path) -> set[str]:
     except (OSError, ValueError):
         return set()
     return {k for k in str(meta.get("trained_on", "")).split(",") if k}
+
+
+def video_start(video_init: str, has_videos: bool, checkpoint_trained_on: set[str], has_stem: bool) -> str:
+    """:data:`INFLATED`, or why the checkpoint's video path is kept (:data:`KEPT`, :data:`KEPT_STEM`).
+
+    ``"image"`` always inflates (``inflate_video_from_image`` refuses a stem with a ValueError);
+    ``"keep"`` never does; ``"auto"`` inflates a checkpoint trained on pairs but never on videos when
+    videos are trained on, unless its video encoder has a conv stem."""
+    if video_init == "image":
+        return INFLATED
+    if video_init == "keep" or not has_videos:
+        return KEPT
+    if "pairs" not in checkpoint_trained_on or "videos" in checkpoint_trained_on:
+        return KEPT
+    return KEPT_STEM if has_stem else INFLATED

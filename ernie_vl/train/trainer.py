@@ -38,7 +38,8 @@ from ernie_vl.train.expert_sharding import (clip_grad_norm, ema_state, expert_pa
                                             load_model_state, load_optimizer_state, model_state, optimizer_state,
                                             plain_model, setup_expert_parallel)
 from ernie_vl.train.ema import ModelEMA
-from ernie_vl.train.finetune import add_drop_path, freeze, init_head_from_prompts, replace_head, trained_on
+from ernie_vl.train.finetune import (HEAD_FROM_PROMPTS, HEAD_RANDOM, HEAD_STREAMED, INFLATED, add_drop_path, freeze,
+                                     init_head_from_prompts, replace_head, trained_on, video_start)
 from ernie_vl.train.optim import RefittableCosine, build_optimizer
 from ernie_vl.train.process import resolve_threads, seed_everything, to_device
 from ernie_vl.train.reporting import routing_summary
@@ -137,16 +138,12 @@ class Trainer:
             elif classes is not None and list(model.class_names) != classes:
                 raise ValueError(f"the model {cfg.model!r} classifies {model.class_names[:10]} but the videos have "
                                  f"classes {classes[:10]}; train from a preset to get a new head")
-            inflate = cfg.video_init == "image" or (
-                cfg.video_init == "auto" and bool(cfg.videos) and "pairs" in self.trained_on
-                and "videos" not in self.trained_on and not model.cfg.video_encoder.conv_stem)  # a stem: no inflation
-            if inflate:
+            self.video_init = video_start(cfg.video_init, bool(cfg.videos), self.trained_on,
+                                          bool(model.cfg.video_encoder.conv_stem))
+            if self.video_init == INFLATED:
                 from ernie_vl.inflate import inflate_video_from_image
 
-                model = inflate_video_from_image(model)
-                self.video_init = "inflated from the image encoder"
-            else:
-                self.video_init = "kept from the checkpoint"
+                model = inflate_video_from_image(model)  # --video-init image with a stem: its ValueError
             return model
         import ernie_vl
 
@@ -187,11 +184,15 @@ class Trainer:
         if s["drop_path"]:
             add_drop_path(model.video_encoder, float(s["drop_path"]))
         self.trainable = freeze(model, s["freeze"])
-        if s["freeze"] == "backbone" and self.videos is not None:
+        self.head_init: Optional[str] = None  # how a linear probe's classifier starts (setup.json)
+        if s["freeze"] == "backbone" and self.videos is None:
+            self.head_init = HEAD_STREAMED
+        elif s["freeze"] == "backbone":
             stored = self.videos.clips[:64]
             step = max(1, stored.shape[1] // self.num_frames)  # clips cached with extra frames for jitter
-            init_head_from_prompts(model, self.videos.prompt_tokens,
-                                   self.videos.norm.to_float(stored[:, ::step][:, :self.num_frames]))
+            from_prompts = init_head_from_prompts(model, self.videos.prompt_tokens,
+                                                  self.videos.norm.to_float(stored[:, ::step][:, :self.num_frames]))
+            self.head_init = HEAD_FROM_PROMPTS if from_prompts else HEAD_RANDOM
 
     def _build_data(self) -> None:
         from ernie_vl.data.sources import CachedPairs, CachedVideos, cpu_workers
@@ -300,6 +301,8 @@ class Trainer:
                               "given": sorted(k for k in self.settings if getattr(self.cfg, k) is not None)}
             info["video_init"] = self.video_init
             info["trainable_params"] = self.trainable
+            if self.head_init is not None:
+                info["head_init"] = self.head_init
         if self.augmenter is not None:
             info["augment"] = self.augmenter.summary()
         if self.image_augmenter is not None:
