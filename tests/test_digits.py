@@ -7,7 +7,10 @@ import torch
 
 pytest.importorskip("sklearn")
 
-STEPS = 400
+# 400 steps reached 0.77-0.88 depending on the draw of the initial weights (the video encoder's config changes
+# the draws of every module built after it); with the current preset seed 0 reaches 0.77 / 0.82 / 0.92 at
+# 400 / 600 / 800 steps, seed 1 0.83 / 0.91 at 400 / 600
+STEPS = 800
 
 
 @pytest.mark.slow
