@@ -92,7 +92,6 @@ VARIANTS = {  # model overrides of tiny (merged into the preset), trainer settin
     "vit_ref_tokenizer": None,  # the same with the conv tokenizer conv_stem=[16, 32, 64]
     "vit_ref_tokenizer_diff": None,  # the same with the tokenizer fed frame differences
 }
-RELATIVE = ("full", "noaug", "space_only", "space_only_static")  # variants whose encoder follows tiny's default
 REFERENCES = {"c3d": None, "vit_ref": NO_STEM, "vit_ref_stem": {"conv_stem": 24},
               "vit_ref_tokenizer": {"conv_stem": [16, 32, 64]},
               "vit_ref_tokenizer_diff": {"conv_stem": TOKENIZER_DIFF}}  # video encoder fields replacing tiny's
