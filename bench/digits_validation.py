@@ -193,7 +193,12 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
             "which the encoder never saw (one digit = "
             f"{100 / n_val:.2f} points); the probes are fitted on the 80%. The bench's held-out 450 digits are not "
             "used. Fixed step budgets: the load (each run's before/after 1-min load average: "
-            + ", ".join(f"{r['load'][0]}/{r['load'][1]}" for r in runs) + ") changes the time only.\n\n"
+            + ", ".join(f"{r['load'][0]}/{r['load'][1]}" for r in runs) + ") changes the time only. "
+            "Same-caption pairs: `negatives` is plain CLIP / SigLIP pairs, `positives` makes identical captions "
+            "in a batch positives of each other (`--caption-positives`, the toolkit's default). For CLIP's "
+            "InfoNCE the two give the same loss and gradients, up to rounding, when the copies of a caption "
+            "embed alike, as in `tiny` (no dropout or router noise on the text side): their rows differ only as "
+            "far as rounding makes two runs drift apart. For SigLIP they are different losses.\n\n"
             + "\n".join(rows) + "\n")
     print(text)
     write_results("digits_validation", text, verdicts, machine(), command_line("digits_validation.py"), results_dir)
