@@ -198,7 +198,8 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
             "in a batch positives of each other (`--caption-positives`, the toolkit's default). For CLIP's "
             "InfoNCE the two give the same loss and gradients, up to rounding, when the copies of a caption "
             "embed alike, as in `tiny` (no dropout or router noise on the text side): their rows differ only as "
-            "far as rounding makes two runs drift apart. For SigLIP they are different losses.\n\n"
+            "far as rounding makes two runs drift apart. For SigLIP they are different losses (SigLIP rows start "
+            f"from its paper's scale {SIGLIP['init_logit_scale']:g} and bias {SIGLIP['init_logit_bias']:g}).\n\n"
             + "\n".join(rows) + "\n")
     print(text)
     write_results("digits_validation", text, verdicts, machine(), command_line("digits_validation.py"), results_dir)
