@@ -14,7 +14,7 @@ step budget, so the figures do not depend on the load.
 
     .venv/bin/python bench/digits_validation.py --steps 2000 --seed 1
     .venv/bin/python bench/digits_validation.py --steps 2000 --ema 0.998
-    .venv/bin/python bench/digits_validation.py --steps 2000 --no-caption-positives   # plain CLIP pairs
+    .venv/bin/python bench/digits_validation.py --steps 2000 --caption-positives   # identical captions as positives
     .venv/bin/python bench/digits_validation.py --steps 2000 --contrastive siglip
     .venv/bin/python bench/digits_validation.py --table
 """
@@ -55,9 +55,9 @@ def main() -> None:
     p.add_argument("--image-rotate", type=float, default=5.0)
     p.add_argument("--contrastive", choices=("clip", "siglip"), default="clip",
                    help="the pair loss (siglip: with SigLIP's initial scale 10 and bias -10)")
-    p.add_argument("--caption-positives", action=argparse.BooleanOptionalAction, default=True,
-                   help="identical captions in a batch are positives of each other (the toolkit's default); "
-                        "--no-caption-positives: plain CLIP pairs, every other row a negative")
+    p.add_argument("--caption-positives", action=argparse.BooleanOptionalAction, default=False,
+                   help="identical captions in a batch are positives of each other (an opt-in of the toolkit); "
+                        "default / --no-caption-positives: plain pairs, every other row a negative")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--log", type=Path, default=ROWS)
     p.add_argument("--table", action="store_true", help="write the table of the logged runs; no training")

@@ -22,10 +22,9 @@ split ``layers`` scored 0.952, ``tokens`` 0.944 and ``embedding`` 0.918 with the
 ``tokens`` 0.914; LogisticRegression on the same pixels 0.959). The probe's own validation split (which picks its weight decay) is no guide here: its
 digits were training images of the encoder, so every kind scores near 1 on it. Every kind is reported. The anchor is
 ``sklearn.linear_model.LogisticRegression`` (lbfgs, default C, max_iter 5000) on the 64 raw pixel
-values of the same splits. The pair loss is the toolkit's default: CLIP's InfoNCE with identical captions
-positives of each other (``LossConfig.caption_positives``; runs before it existed trained plain pairs,
-which for InfoNCE gives the same gradients, up to rounding, whenever the copies of a caption embed alike,
-as here). Later
+values of the same splits. The pair loss is the toolkit's default: CLIP's InfoNCE on plain pairs
+(``LossConfig.caption_positives`` off; with identical captions as positives InfoNCE's gradients are the
+same up to rounding whenever the copies of a caption embed alike, as here). Later
 validation runs (seed noise, step count, EMA of the weights) are
 ``bench/digits_validation.py``, on its own 80/20 split of the training digits; their table is
 ``bench/results/digits_validation.md``.

@@ -198,7 +198,7 @@ def test_identical_captions_are_positives_of_each_other_in_the_pair_loss(contras
 
     torch.manual_seed(0)
     model = ernie_vl.create_model("test", loss={"contrastive": contrastive})
-    assert model.cfg.loss.caption_positives  # on by default
+    assert not model.cfg.loss.caption_positives  # off by default (an opt-in; see LossConfig)
 
     def pair_loss(out, groups):
         if contrastive == "siglip":

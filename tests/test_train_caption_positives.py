@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 
 def _config(data, out, **kw):
-    kw = {"videos": [], "batch_pairs": 4, "max_steps": 12, "model_overrides": SIGLIP, **kw}
+    kw = {"videos": [], "batch_pairs": 4, "max_steps": 12, "model_overrides": SIGLIP, "caption_positives": True, **kw}
     return tiny_config(data, out, **kw)
 
 
@@ -72,10 +72,11 @@ def test_two_gloo_ranks_match_one_process(data, tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-3
 
 
-def test_turning_it_off_trains_plain_pairs(data, tmp_path):
-    """--no-caption-positives: the first step's loss (same weights, same batch) is SigLIP's plain pairs."""
+def test_plain_pairs_by_default_and_the_flag_turns_it_on(data, tmp_path):
+    """By default (and with --no-caption-positives) the first step's loss (same weights, same batch) is
+    SigLIP's plain pairs; --caption-positives changes it."""
     on = train(_config(data, tmp_path / "on"), stop_after=1)
-    off = train(_config(data, tmp_path / "off", caption_positives=False), stop_after=1)
+    off = train(_config(data, tmp_path / "off", caption_positives=None), stop_after=1)
     assert on.steps == off.steps == 1
     first_on, first_off = read_log(tmp_path / "on")[0], read_log(tmp_path / "off")[0]
     assert abs(first_on["image_text"] - first_off["image_text"]) > 1e-3

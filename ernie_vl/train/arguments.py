@@ -55,7 +55,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hard-negative-group", type=int, default=d["hard_negative_group"].default)
     p.add_argument("--caption-positives", action=argparse.BooleanOptionalAction, default=None,
                    help="pairs whose captions are identical in a batch are positives of each other, not negatives "
-                        "(default: the model's setting, on; --no-caption-positives: plain CLIP / SigLIP pairs)")
+                        "(default: the model's setting, off: plain CLIP / SigLIP pairs)")
     p.add_argument("--hflip-map", default=None, metavar="MAP",
                    help="flip clips and relabel: 'a:b,c:d' (symmetric), a JSON object or a JSON file; replaces "
                         "ROOT/augment.json's 'hflip'. Nothing declared: no flips")

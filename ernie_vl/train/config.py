@@ -36,7 +36,7 @@ class TrainConfig:
     ``hard_negative_share``: fraction of each image-text batch made of caption-neighbour groups
     of ``hard_negative_group`` (in-batch hard negatives, see ``hard_negatives.py``; 0 = off).
     ``caption_positives``: pairs with identical captions in a global batch are positives of each other
-    (``LossConfig.caption_positives``; None: the model's setting, on by default; False: plain CLIP pairs).
+    (``LossConfig.caption_positives``; None: the model's setting, off by default; False: plain pairs).
     Clip augmentation (``ernie_vl.data.clip_augment``): a horizontal flip / time reversal relabelled
     through class maps declared in ``ROOT/augment.json`` and / or ``hflip_map`` / ``reverse_map`` /
     ``no_hflip`` / ``no_reverse`` here (a field given here replaces the file's entry; nothing declared:
