@@ -12,8 +12,9 @@ the whole global batch.
 
 Multi-positive targets (``groups``): rows of one group are positives of each other, e.g. clips of
 one class and that class's prompts (ActionCLIP), or image-text pairs with identical captions
-(:func:`caption_groups`; a labelled set captioned from its labels repeats them in every batch), where
-plain CLIP would push each image away from its own caption's copies in other rows.
+(:func:`caption_groups`, an opt-in: ``LossConfig.caption_positives``). For InfoNCE whose copies of a
+caption embed alike the grouped and plain losses have the same gradients; for SigLIP the copies' cross
+pairs turn from negatives into positives.
 """
 from __future__ import annotations
 

@@ -377,7 +377,7 @@ class ErnieVL(nn.Module):
                 head_ratio[NAMES[IMAGE]] = img.active_head_ratio
             out.image_embeds = F.normalize(img.embeds, dim=-1)
             out.text_embeds = F.normalize(txt.embeds, dim=-1)
-            # identical captions (a labelled set captioned from its labels) are positives, not negatives
+            # with loss.caption_positives (an opt-in), identical captions are positives of each other
             groups = caption_groups(batch.texts) if w.caption_positives else None
             loss, ps = self._contrastive(out.image_embeds, out.text_embeds, groups)
             losses["image_text"], per_sample["pairs"] = loss, ps.detach()
