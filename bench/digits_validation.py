@@ -22,6 +22,7 @@ step budget, so the figures do not depend on the load.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -35,9 +36,10 @@ from _report import Verdict, command_line, machine, write_results
 
 CACHE = ROOT / ".cache" / "bench_digits_val"
 ROWS = ROOT / "bench" / "results" / "digits_validation_rows.jsonl"
-SETTING = ("steps", "lr", "warmup", "min_lr_ratio", "ema", "crop", "rotate", "contrastive", "caption_positives")
-# rows logged before these settings existed were trained with plain CLIP pairs
-OLD = {"contrastive": "clip", "caption_positives": False}
+SETTING = ("steps", "lr", "warmup", "min_lr_ratio", "ema", "crop", "rotate", "contrastive", "caption_positives",
+           "overrides")
+# rows logged before these settings existed were trained with plain CLIP pairs and tiny's preset as it was
+OLD = {"contrastive": "clip", "caption_positives": False, "overrides": None}
 SIGLIP = {"contrastive": "siglip", "init_logit_scale": 10.0, "init_logit_bias": -10.0}  # SigLIP's initialisation
 FIXED_DECAYS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 
@@ -58,7 +60,13 @@ def main() -> None:
     p.add_argument("--caption-positives", action=argparse.BooleanOptionalAction, default=False,
                    help="identical captions in a batch are positives of each other (an opt-in of the toolkit); "
                         "default / --no-caption-positives: plain pairs, every other row a negative")
+    p.add_argument("--override", type=json.loads, default=None, metavar="JSON",
+                   help="changes to tiny's preset, as `ernie-vl train --model-overrides` takes them, e.g. "
+                        "'{\"image_encoder\": {\"conv_stem\": [16, 32, 64]}}' (default: the preset as it is)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the training process (default: the trainer's choice); pass it when "
+                        "two runs share the machine, or they oversubscribe it")
     p.add_argument("--log", type=Path, default=ROWS)
     p.add_argument("--table", action="store_true", help="write the table of the logged runs; no training")
     args = p.parse_args()
@@ -91,8 +99,13 @@ def main() -> None:
         files[name].write_text("filepath,caption\n" + "\n".join(rows[i] for i in index) + "\n")
         files[name + "_labels"] = data.root / f"val_{name}_labels.csv"
         files[name + "_labels"].write_text("path,label\n" + "\n".join(labelled[i] for i in index) + "\n")
+    overrides = dict(args.override or {})
+    if args.contrastive == "siglip":
+        overrides["loss"] = {**overrides.get("loss", {}), **SIGLIP}
     tag = (f"s{args.steps}-seed{args.seed}-w{args.warmup}-m{args.min_lr_ratio}-e{args.ema}"
-           f"-c{int(args.caption_positives)}-{args.contrastive}")
+           f"-c{int(args.caption_positives)}-{args.contrastive}"
+           + (f"-o{hashlib.sha1(json.dumps(args.override, sort_keys=True).encode()).hexdigest()[:8]}"
+              if args.override else ""))
     extra = {k: v for k, v in (("min_lr_ratio", args.min_lr_ratio), ("ema", args.ema)) if v is not None}
     result = train(TrainConfig(out=str(CACHE / f"run-{tag}"), model="tiny", pairs=[str(files["fit"])],
                                batch_pairs=args.batch, max_steps=args.steps, lr=args.lr,
@@ -100,7 +113,7 @@ def main() -> None:
                                num_workers=args.workers, progress=False, seed=args.seed, decode_cache=None,
                                image_crop_min_area=args.image_crop_min_area, image_rotate=args.image_rotate,
                                caption_positives=args.caption_positives,
-                               model_overrides={"loss": SIGLIP} if args.contrastive == "siglip" else {}, **extra))
+                               threads=args.threads, model_overrides=overrides, **extra))
     model = ErnieVL.from_pretrained(result.final_dir).eval()
     classes = [str(d) for d in range(10)]
     fit, val = (LabelledImages.load(files[k], classes) for k in ("fit_labels", "val_labels"))
@@ -111,6 +124,7 @@ def main() -> None:
               "min_lr_ratio": args.min_lr_ratio, "ema": args.ema, "crop": args.image_crop_min_area,
               "rotate": args.image_rotate, "caption_positives": args.caption_positives,
               "contrastive": args.contrastive,
+              "overrides": json.dumps(args.override, sort_keys=True) if args.override else None,
               "zero_shot": float((logits.argmax(1) == val_emb.labels).double().mean())}
     for kind in ("layers", "embedding"):
         features = ImageFeatures(model, kind)
@@ -154,10 +168,10 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
     for run in runs:
         groups.setdefault(tuple(run.get(k, OLD.get(k)) for k in SETTING), []).append(run)
     n_val = runs[0]["n_val"]
-    rows = [("| steps | schedule | EMA | loss, same-caption pairs | seeds | zero-shot "
+    rows = [("| steps | changes to `tiny` | schedule | EMA | loss, same-caption pairs | seeds | zero-shot "
              "| probe, `layers` (its own weight decay) "
              "| probe, `layers`, weight decay 0.1 | probe, `embedding` | LogisticRegression, raw pixels |"),
-            "|---:|---|---|---|---|---:|---:|---:|---:|---:|"]
+            "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     import statistics
 
     reference = max(groups.values(), key=len)  # the setting run with the most seeds measures the seed noise
@@ -173,19 +187,20 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
         schedule = (f"warm-up {setting['warmup'] if setting['warmup'] is not None else 'default'}, cosine floor "
                     f"{setting['min_lr_ratio'] if setting['min_lr_ratio'] is not None else 'default'}")
         pairs = (f"{setting['contrastive']}, " + ("positives" if setting["caption_positives"] else "negatives"))
-        rows.append(f"| {setting['steps']} | {schedule} | {setting['ema'] or 'off'} | {pairs} | {seeds} | "
+        preset = f"`{setting['overrides']}`" if setting["overrides"] else "as it is"
+        rows.append(f"| {setting['steps']} | {preset} | {schedule} | {setting['ema'] or 'off'} | {pairs} | {seeds} | "
                     + " | ".join(cols)
                     + (f" | {(statistics.mean(r['layers'] for r in group) - ref_mean) / ref_sd:+.1f} |" if ref_sd > 0
                        else " | n/a |"))
         if len(group) >= 3:
             verdicts.append(Verdict(f"digits validation ({n_val} training digits the encoder never saw): `layers` probe, "
                                     f"{setting['steps']} steps, EMA {setting['ema'] or 'off'}, same-caption pairs "
-                                    f"{pairs}, seeds {seeds}", "report",
+                                    f"{pairs}, tiny {preset}, seeds {seeds}", "report",
                                     f"{cols[1]} vs LogisticRegression {cols[4]}", None))
     first = runs[0]
     text = ("# Digits: validation runs (settings for `bench/train_digits.py` are chosen here)\n\n"
             f"Command: `{command_line('digits_validation.py')}` (each row: `digits_validation.py --steps N --seed S "
-            "[--ema D] [--contrastive siglip] [--no-caption-positives]`; every run is a line of "
+            "[--ema D] [--contrastive siglip] [--caption-positives] [--override JSON]`; every run is a line of "
             "`bench/results/digits_validation_rows.jsonl`)\n\n"
             f"The bench's 1,347 training digits split 80/20 (stratified, seed 0): `tiny` trains on the 80% "
             f"(batch {first.get('batch', 64)}, lr {first['lr']:g}, crops {first['crop']:g}-1, "
@@ -195,7 +210,7 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
             "used. Fixed step budgets: the load (each run's before/after 1-min load average: "
             + ", ".join(f"{r['load'][0]}/{r['load'][1]}" for r in runs) + ") changes the time only. "
             "Same-caption pairs: `negatives` is plain CLIP / SigLIP pairs, `positives` makes identical captions "
-            "in a batch positives of each other (`--caption-positives`, the toolkit's default). For CLIP's "
+            "in a batch positives of each other (`--caption-positives`, an opt-in of the toolkit). For CLIP's "
             "InfoNCE the two give the same loss and gradients, up to rounding, when the copies of a caption "
             "embed alike, as in `tiny` (no dropout or router noise on the text side): their rows differ only as "
             "far as rounding makes two runs drift apart. For SigLIP they are different losses (SigLIP rows start "

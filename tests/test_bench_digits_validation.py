@@ -44,3 +44,16 @@ def test_loss_settings_are_separate_rows_and_old_rows_count_as_plain_clip(tmp_pa
     assert "| clip, negatives | 0, 1 |" in next(r for r in rows if "0.960 ± 0.014 (0.950-0.970)" in r)
     assert "| clip, positives | 0, 1 |" in next(r for r in rows if "| 0.960 ± 0.000" in r)
     assert "| siglip, positives | 0 |" in next(r for r in rows if "| 0.990 |" in r)
+
+
+def test_preset_changes_are_separate_rows_named_in_the_table(tmp_path):
+    """A run with --override is its own setting; rows logged before the option existed used tiny as it is."""
+    dv = load_bench("digits_validation")
+    log = tmp_path / "rows.jsonl"
+    stem = json.dumps({"image_encoder": {"conv_stem": [16, 32, 64]}}, sort_keys=True)
+    runs = [_run(2000, 0, 0.95), dict(_run(2000, 1, 0.97), overrides=None), dict(_run(2000, 0, 0.99), overrides=stem)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    rows = [line for line in dv.write_table(log, tmp_path).splitlines() if line.startswith("| 2000 ")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| 2000 | as it is |") and "0.960 ± 0.014" in rows[0]
+    assert f"| `{stem}` |" in rows[1] and "| 0.990 |" in rows[1]
