@@ -29,6 +29,21 @@ def tiny_config(data: dict[str, Path], out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**kw)
 
 
+def kill_at(monkeypatch, step: int) -> None:
+    """Make training step ``step`` raise ``KeyboardInterrupt``, as a kill in the middle of it would end the run
+    (the state saved before it stays)."""
+    from ernie_vl.train.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self):
+        if self.step + 1 == step:
+            raise KeyboardInterrupt(f"killed in step {step}")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
 def read_log(out: Path) -> list[dict]:
     with open(Path(out) / "log.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]

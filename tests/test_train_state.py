@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_helpers import make_tiny_data, read_log, tiny_config
+from _train_helpers import kill_at, make_tiny_data, read_log, tiny_config
 from ernie_vl.train import TrainConfig, train
 from ernie_vl.train import checkpointing as ckpt
 from ernie_vl.train.state_codec import pack, unpack
@@ -168,21 +168,9 @@ def test_checkpoints_by_time_are_on_by_default():
         TrainConfig(pairs=["a.csv"], max_steps=1, checkpoint_minutes=-1)
 
 
-def _kill_at(monkeypatch, step: int) -> None:
-    """Make the step ``step`` raise, as a kill in the middle of it would end the run."""
-    original = Trainer.train_step
-
-    def train_step(self):
-        if self.step + 1 == step:
-            raise KeyboardInterrupt(f"killed in step {step}")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-
-
 def test_timed_checkpoint_survives_a_kill(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    _kill_at(monkeypatch, 5)
+    kill_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, run, max_steps=6, checkpoint_minutes=1e-9))  # "every minute" elapses each step
     assert ckpt.load_training_state(run)["step"] == 4
@@ -197,7 +185,7 @@ def test_resume_after_a_kill_cuts_the_log_and_matches_an_unbroken_run(data, tmp_
     train(tiny_config(data, full, **small))
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        _kill_at(m, 6)
+        kill_at(m, 6)
         with pytest.raises(KeyboardInterrupt):
             train(tiny_config(data, run, checkpoint_every=3, **small))
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5]

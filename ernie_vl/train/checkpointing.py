@@ -138,6 +138,30 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
     return state
 
 
+def read_state_entry(directory: str | Path, key: str) -> Any:
+    """The top-level ``key`` of a saved training state, read from the file's JSON header alone (no tensor is
+    loaded, nothing unpickled): for a quick check before a run is built. None when the state has no such
+    entry; ``ValueError`` when the entry holds tensors or the header cannot be read."""
+    from safetensors import safe_open
+
+    path = Path(directory) / CHECKPOINT_NAME
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+        skeleton = json.loads(metadata.get("state", "null"))
+    except Exception as err:  # truncated / not safetensors / not JSON
+        raise ValueError(f"training checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
+    if metadata.get("ernie_vl_format") != STATE_FORMAT or not isinstance(skeleton, dict):
+        raise ValueError(f"training checkpoint {str(path)!r} is not an ernie-vl training state")
+    entries = skeleton.get("dict")
+    if not isinstance(entries, list):
+        raise ValueError(f"training checkpoint {str(path)!r} is malformed: its state is not a dict")
+    for entry in entries:
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == key:
+            return state_codec.unpack(entry[1], {}, f"training checkpoint {str(path)!r}, entry {key!r}")
+    return None
+
+
 # ---------------------------------------------------------------------------- log.jsonl
 
 
