@@ -267,7 +267,7 @@ def relabel_notes(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], command: str, facts) -> str:
-    lines = [f"# Few-shot video: `tiny` on a second motion generator", "", f"`{command}` (latest invocation; rows "
+    lines = ["# Few-shot video: `tiny` on a second motion generator", "", f"`{command}` (latest invocation; rows "
              "accumulate across invocations, each with its own budget and load)", "", facts.line(), "",
              "| clips/class | variant | video encoder | seed | steps | train s | budget (min / steps) | "
              "load before / after | top-1 | zero-shot top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -107,6 +107,12 @@ def time_qps(fn, queries: np.ndarray) -> float:
     return len(queries) / (time.perf_counter() - t)
 
 
+def searcher(index, k: int = K):
+    """``index.search(batch, k)`` as a one-argument function that holds ``index`` itself, not the caller's
+    variable (which the caller deletes to free the index's memory once it is timed)."""
+    return lambda batch: index.search(batch, k)
+
+
 def index_bytes(index: Index) -> int:
     store = index._store
     if index.kind == "flat":  # the fp32 vectors, and the bf16 copy of the two-stage search when built
@@ -172,10 +178,12 @@ def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool
     x_t = torch.from_numpy(x)  # plain torch on the (N, D) rows a user holds
     x_cols = torch.from_numpy(np.ascontiguousarray(x.T))  # and on (D, N) columns, MKL's fast layout for few queries
     x_bf16 = x_cols.to(torch.bfloat16)  # not exact: shows what bf16 alone gives up
-    fns = {"ours flat": lambda b: ours.search(b, K), "FAISS IndexFlatIP": lambda b: ref.search(b, K),
-           "torch matmul+topk": lambda b: torch_plain(x_t, b, K),
-           "torch matmul+topk (D, N)": lambda b: torch.topk(torch.from_numpy(b) @ x_cols, K, dim=1),
-           "torch bf16": lambda b: torch.topk(torch.from_numpy(b).to(torch.bfloat16) @ x_bf16, K, dim=1)}
+    # each function holds its operands (a searcher, default arguments): the names are deleted below to free memory
+    fns = {"ours flat": searcher(ours), "FAISS IndexFlatIP": searcher(ref),
+           "torch matmul+topk": lambda b, x_t=x_t: torch_plain(x_t, b, K),
+           "torch matmul+topk (D, N)": lambda b, x_cols=x_cols: torch.topk(torch.from_numpy(b) @ x_cols, K, dim=1),
+           "torch bf16": lambda b, x_bf16=x_bf16: torch.topk(torch.from_numpy(b).to(torch.bfloat16) @ x_bf16, K,
+                                                            dim=1)}
     for fn in fns.values():
         fn(q[:QUERY_BATCH])  # warm-up
     qps = {name: [] for name in fns}
@@ -247,7 +255,7 @@ def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool
     for ef in ef_values:
         h.params.hnsw_ef_search = ef
         h.search(q[:QUERY_BATCH], K)
-        vals = [time_qps(lambda b: h.search(b, K), q) for _ in range(rounds)]
+        vals = [time_qps(searcher(h), q) for _ in range(rounds)]
         rec = recall(h.search(q, K)[0], truth)
         if approx_log is not None:
             approx_log.setdefault("hnsw_recall", {}).setdefault(ef, {})[n] = (rec, float(np.median(vals)))
@@ -265,7 +273,7 @@ def run_size(n: int, data_kind: str, rounds: int, num_queries: int, approx: bool
     for nprobe in sorted({16, 32, default_nprobe}):
         v.params.ivf_nprobe = nprobe
         v.search(q[:QUERY_BATCH], K)
-        vals = [time_qps(lambda b: v.search(b, K), q) for _ in range(rounds)]
+        vals = [time_qps(searcher(v), q) for _ in range(rounds)]
         lines.append(f"| ivfpq (nlist={faiss.extract_index_ivf(v._store.index).nlist}, PQ{DIM // 8}x8) | "
                      f"nprobe={nprobe}{' (default)' if nprobe == default_nprobe else ''} | {np.median(vals):.0f} | "
                      f"{recall(v.search(q, K)[0], truth):.3f} | {build_v.wall:.1f} ({build_v.cpu:.0f}) | {index_bytes(v) / 2**20:.0f} |")

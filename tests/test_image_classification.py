@@ -108,7 +108,7 @@ def test_shared_prompt_ensemble_matches_the_mean_of_normalised_prompt_embeddings
 
 
 def test_linear_probe_matches_scikit_learn_on_digits_and_round_trips(tmp_path):
-    sklearn = pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split

@@ -6,7 +6,6 @@ import threading
 import pytest
 import torch
 
-from ernie_vl.moe import MoEFeedForward
 from ernie_vl.moe.kernels.workspace import release_workspace, scratch, workspace_bytes
 
 from _moe_helpers import reference_output, small_layer as _layer

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from _train_helpers import read_log
@@ -126,6 +125,7 @@ def test_train_from_shards_resumes_exactly_and_lists_bad_samples(tmp_path):
     from ernie_vl.train import TrainConfig, train
 
     written = write_shards(write_csv(tmp_path / "data", 40), tmp_path / "shards", per_shard=8, progress=False)
+    assert written["samples"] == 40 and len(written["shards"]) == 5  # 00000..00004; two bad shards follow
     with tarfile.open(tmp_path / "shards" / "00005.tar", "w") as tar:  # a sample with a broken image
         add(tar, "broken.png", b"not a png")
         add(tar, "broken.txt", b"broken")

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from _video_fixtures import coded_index, reference_frames, truncated_copy, write_clip
-from video import VideoCSV, VideoFolder, collate_skip_none, open_video
+from video import VideoCSV, VideoFolder, collate_skip_none
 from video.transforms import build_clip_transform
 
 

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from video.plan import DecodePlan, choose_plan, open_planned
 from video.probe import VideoInfo, complete_probe, probe_video
 from video.threads import ThreadChoice, check_threads
 from video.worker import HEADER, PARENT_ENV
+
+if TYPE_CHECKING:  # torch is imported where frames become tensors, not when the module loads
+    import torch
 
 ISOLATIONS = ("auto", "process", "inline")
 INLINE_MAX_BYTES = 1 << 30  # larger files are not held in memory: they use the seek-based decoders
