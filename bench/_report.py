@@ -124,3 +124,58 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
         elif not arg.startswith(tuple(f"{o}=" for o in LOCATION_OPTIONS)):
             kept.append(_placeholder_path(arg))
     return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(a) for a in kept])
+
+
+def rotated_medians(runs: dict, rounds: int, steps: int) -> dict:
+    """Median milliseconds per call of each ``runs[key]()`` (no arguments): one warm-up call each, then
+    ``rounds`` rounds of ``steps`` calls per key, the order rotated every round so no key always runs first."""
+    import statistics
+
+    for run in runs.values():  # warm-up: allocator, oneDNN primitives
+        run()
+    times: dict = {key: [] for key in runs}
+    keys = list(runs)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                runs[key]()
+            times[key].append((time.perf_counter() - t0) / steps)
+    return {key: 1000 * statistics.median(v) for key, v in times.items()}
+
+
+def cost_table(ms: dict, baseline: str) -> list[str]:
+    """Markdown rows of ``ms[(loop, setting)]`` (milliseconds per step), each with its ratio to ``baseline``'s
+    step in the same loop ("-" in a loop without it)."""
+    rows = ["| loop | setting | ms / step | x " + baseline + " |", "|---|---|---|---|"]
+    return rows + [f"| {kind} | {name} | {v:.1f} | "
+                   + (f"{v / ms[kind, baseline]:.2f} |" if (kind, baseline) in ms else "- |") for (kind, name), v in ms.items()]
+
+
+def publish(name: str, lines: list[str], verdicts: list[Verdict], machine_facts: Machine, command: str) -> str:
+    """Append the verdicts to ``lines``, print the text and write it as the results file ``name``."""
+    text = "\n".join([*lines, "", *verdict_lines(verdicts)])
+    print(text)
+    write_results(name, text, verdicts, machine_facts, command)
+    return text
+
+
+def step_cost_parser(doc: str, batch: int):
+    """The arguments of a per-step cost bench: ``--threads`` (1), ``--rounds`` (7, at least 5), ``--steps``
+    (3 timed steps per round and setting) and ``--batch``; parse with :func:`parse_step_cost_args`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round and setting")
+    p.add_argument("--batch", type=int, default=batch)
+    return p
+
+
+def parse_step_cost_args(p):
+    """``p.parse_args()``, refusing fewer than 5 rounds (a median of fewer is not worth reporting)."""
+    args = p.parse_args()
+    if args.rounds < 5:
+        p.error(f"--rounds must be >= 5 for a median worth reporting, got {args.rounds}")
+    return args

@@ -32,11 +32,17 @@ validation runs (seed noise, step count, EMA of the weights) are
     .venv/bin/python bench/train_digits.py            # 2000 steps, about 10 min
     .venv/bin/python bench/train_digits.py --steps 100 --no-write            # a smoke run
     .venv/bin/python bench/train_digits.py --image-crop-min-area 1 --image-rotate 0   # without augmentation
+    .venv/bin/python bench/train_digits.py --override '{"image_encoder": {"conv_stem": [16, 32, 64]}}'   # tiny changed
+
+``--override JSON`` changes tiny's preset for the run (as ``ernie-vl train --model-overrides``; validate a
+change with ``bench/digits_validation.py --override`` first); the results file names it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -60,8 +66,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--image-crop-min-area", type=float, default=0.85, help="training crops (1 = off; default 0.85)")
     p.add_argument("--image-rotate", type=float, default=5.0, help="training rotations, degrees (0 = off; default 5)")
+    p.add_argument("--override", type=json.loads, default=None, metavar="JSON",
+                   help="changes to tiny's preset, as `ernie-vl train --model-overrides` takes them, e.g. "
+                        "'{\"image_encoder\": {\"conv_stem\": [16, 32, 64]}}' (default: the preset as it is)")
     p.add_argument("--no-write", action="store_true", help="print only; no results file")
     args = p.parse_args()
+    if args.override is not None and not isinstance(args.override, dict):
+        p.error(f"--override must be a JSON object of preset changes, got {args.override!r}")
 
     import numpy as np
     import torch
@@ -77,11 +88,12 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     start = time.time()
     data = make_digits(CACHE / f"seed{args.seed}", seed=args.seed)
-    out = CACHE / f"run-{args.steps}-{args.seed}"
+    out = CACHE / run_name(args.steps, args.seed, args.override)
     result = train(TrainConfig(out=str(out), model="tiny", pairs=[str(data.csv["train"])], batch_pairs=args.batch,
                                max_steps=args.steps, lr=args.lr, warmup_steps=min(50, args.steps // 10 + 1),
                                num_workers=args.workers, progress=False, seed=args.seed, decode_cache=None,
-                               image_crop_min_area=args.image_crop_min_area, image_rotate=args.image_rotate))
+                               image_crop_min_area=args.image_crop_min_area, image_rotate=args.image_rotate,
+                               model_overrides=dict(args.override or {})))
     train_s = time.time() - start
     model = ErnieVL.from_pretrained(result.final_dir).eval()
     classes = [str(d) for d in range(10)]
@@ -130,6 +142,7 @@ def main() -> None:
              f"| majority class | | {chance:.3f} |"]
     text = ("# Real data: handwritten digits (scikit-learn)\n\n"
             f"Command: `{command_line('train_digits.py')}`\n\n{facts.line()}\n\n"
+            f"Model: {model_line(args.override)}.\n\n"
             f"{args.steps} steps of {args.batch} pairs (lr {args.lr:g}, seed {args.seed}; image augmentation: crops "
             f"of {args.image_crop_min_area:g}-1 of the area, rotations within {args.image_rotate:g} degrees) in "
             f"{train_s:.0f} s "
@@ -145,6 +158,19 @@ def main() -> None:
     print(text)
     if not args.no_write:
         write_results("train_digits", text, verdicts, facts, command_line("train_digits.py"))
+
+
+def run_name(steps: int, seed: int, override: dict | None) -> str:
+    """The run's folder name: a preset change gets its own folder (a hash of it), so runs never resume each other."""
+    tag = f"-o{hashlib.sha1(json.dumps(override, sort_keys=True).encode()).hexdigest()[:8]}" if override else ""
+    return f"run-{steps}-{seed}{tag}"
+
+
+def model_line(override: dict | None) -> str:
+    """How the results file names the model: tiny's preset as it is, or with the ``--override`` changes."""
+    if not override:
+        return "`tiny`, the preset as it is"
+    return f"`tiny` with `--override {json.dumps(override, sort_keys=True)}` (changes to the preset)"
 
 
 if __name__ == "__main__":

@@ -19,18 +19,16 @@ step budget the few-shot goals need still fits the 10-minute budget within the f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _report import Verdict, command_line, machine, verdict_lines, write_results  # noqa: E402
+from _report import (Verdict, command_line, cost_table, machine, parse_step_cost_args, publish,  # noqa: E402
+                     rotated_medians, step_cost_parser)
 
 NAME = "video_stem_cost"
 SETTINGS = {"linear": 0, "tokenizer": [16, 32, 64], "tokenizer_diff": {"channels": [16, 32, 64], "frame_diff": True},
@@ -71,16 +69,10 @@ def build(kind: str, conv_stem, num_classes: int = 8):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round and setting")
-    p.add_argument("--batch", type=int, default=32)
+    p = step_cost_parser(__doc__, batch=32)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--max-ratio", type=float, default=1.5)
-    args = p.parse_args()
-    if args.rounds < 5:
-        raise ValueError(f"--rounds must be >= 5 for a median worth reporting, got {args.rounds}")
+    args = parse_step_cost_args(p)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -89,31 +81,18 @@ def main() -> None:
     clips = torch.rand(args.batch, args.frames, 3, 32, 32)
     labels = torch.randint(8, (args.batch,))
     runs = {(kind, name): build(kind, stem)[1] for kind in ("bare", "model") for name, stem in SETTINGS.items()}
-    for step in runs.values():  # warm-up: allocator, oneDNN primitives
-        step(clips, labels)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
-    keys = list(runs)
-    for r in range(args.rounds):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                runs[key](clips, labels)
-            times[key].append((time.perf_counter() - t0) / args.steps)
-    ms = {key: 1000 * statistics.median(v) for key, v in times.items()}
+    ms = rotated_medians({key: (lambda step=step: step(clips, labels)) for key, step in runs.items()},
+                         args.rounds, args.steps)
     facts = machine(load0)
     lines = [f"# Cost of the video stem per training step (`tiny`, batch {args.batch} x {args.frames} frames x 32 px)",
              "", f"`{command_line('video_stem_cost.py')}`", "", facts.line(), "",
              f"Median of {args.rounds} rotated rounds of {args.steps} steps, {args.threads} thread(s).", "",
-             "| loop | setting | ms / step | x linear |", "|---|---|---|---|"]
-    for kind, name in keys:
-        lines.append(f"| {kind} | {name} | {ms[kind, name]:.1f} | {ms[kind, name] / ms[kind, 'linear']:.2f} |")
+             *cost_table(ms, "linear")]
     verdicts = [Verdict(f"full-model step with the {name} stem vs the linear embedding", f"<= {args.max_ratio}x",
                         f"{ms['model', name] / ms['model', 'linear']:.2f}x ({ms['model', name]:.0f} vs "
                         f"{ms['model', 'linear']:.0f} ms)", ms["model", name] / ms["model", "linear"] <= args.max_ratio)
                 for name in SETTINGS if name != "linear"]
-    lines += ["", *verdict_lines(verdicts)]
-    print("\n".join(lines))
-    write_results(NAME, "\n".join(lines), verdicts, facts, command_line("video_stem_cost.py"))
+    publish(NAME, lines, verdicts, facts, command_line("video_stem_cost.py"))
     print(json.dumps({f"{k}:{n}": round(v, 1) for (k, n), v in ms.items()}))
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .activations import act_name, canonical_act
+from .video_stem import ConvStemConfig
 from .video_vit import VideoEncoder, VideoEncoderConfig
 from .vit import ImageEncoder, ImageEncoderConfig
 
@@ -315,12 +316,30 @@ def video_encoder_from_hf_timesformer(hf_model: nn.Module, attn_impl: str = "fus
 # ----------------------------------------------------------------------------- inflation
 
 
+def inflate_kernel(kernel: torch.Tensor, shape: torch.Size, mode: str) -> torch.Tensor:
+    """A 2D kernel (O, I, kh, kw) as a 3D one of ``shape`` (O, I', kt, kh, kw), I' >= I.
+
+    ``mode="mean"``: kernel / kt in every time slice (I3D's averaging); ``"centre"``: the kernel in the
+    centre slice, zeros elsewhere. Input channels beyond I (the frame differences) are zero."""
+    out = kernel.new_zeros(shape)
+    kt, inputs = shape[2], kernel.shape[1]
+    if mode == "mean":
+        out[:, :inputs] = (kernel / kt).unsqueeze(2)
+    elif mode == "centre":
+        out[:, :inputs, kt // 2] = kernel
+    else:
+        raise ValueError(f"unknown inflation mode {mode!r}; valid: 'mean', 'centre'")
+    return out
+
+
 def video_encoder_from_image_encoder(
     image_encoder: ImageEncoder,
     num_frames: int,
     attention: str = "divided",
     cls_mode: str = "per_frame",
     tubelet_size: int = 1,
+    frame_diff: bool = False,
+    time_kernel: int = 3,
 ) -> VideoEncoder:
     """Inflate an ImageEncoder into a VideoEncoder.
 
@@ -333,10 +352,25 @@ def video_encoder_from_image_encoder(
     *mean* inflation (the kernel / k in every time slice, as I3D), so a clip of repeated
     frames embeds exactly as the image does (and, with ``per_frame``, pools to the image
     embedding); moving content is averaged over each tubelet's frames.
+
+    An image encoder with a conv tokenizer (``conv_stem``) gives a video encoder with the same blocks
+    (channels and spatial strides), each 3x3 Conv2d placed in the centre time slice of a ``time_kernel``
+    x 3 x 3 Conv3d (the other slices zero), BatchNorm statistics and affine terms copied; ``frame_diff``
+    adds frame-difference inputs whose weights start at zero (also over the linear embedding). What holds
+    in eval mode: the stem's time strides (``stem_strides``: 2 in the last blocks while 2 divides k) then
+    read every s-th frame, s their product, and the patch embedding (mean-inflated over the k / s steps
+    the stem leaves) averages them, so time step t's tokens are the mean of the image encoder's patch
+    tokens of frames t*k, t*k + s, ..., t*k + k - s (the image tokens of frame t*k when the stem consumes
+    the whole tubelet, as with ``tiny``'s three blocks and k = 4). A still clip therefore embeds exactly as
+    its frame; a moving clip, without head gating and with ``per_frame``, as the mean of the image encoder
+    over those frame averages. In training mode BatchNorm normalises with the clip batch's statistics.
     """
     if not isinstance(image_encoder, ImageEncoder):
         raise TypeError(f"expected an ImageEncoder, got {type(image_encoder).__name__}")
     fields = asdict(image_encoder.cfg)
+    image_stem = image_encoder.cfg.conv_stem
+    channels = image_stem.channels if isinstance(image_stem, ConvStemConfig) else ()
+    fields["conv_stem"] = ConvStemConfig(channels, frame_diff, time_kernel) if channels or frame_diff else 0
     cfg = VideoEncoderConfig(**fields, num_frames=num_frames, attention=attention, cls_mode=cls_mode,
                              tubelet_size=tubelet_size)
     video = VideoEncoder(cfg).to(image_encoder.pos_embed.device)
@@ -349,8 +383,7 @@ def video_encoder_from_image_encoder(
             state[key] = state[f"blocks.{i}.{'norm1' if part == 'norm' else 'attn'}.{rest}"].clone()
         elif key.startswith("blocks.") and ".temporal_proj." in key or key == "time_embed":
             state[key] = torch.zeros_like(own[key])
-    if tubelet_size > 1:
-        kernel = state["patch_embed.weight"]  # (C, 3, ph, pw) -> (C, 3, k, ph, pw), mean inflation
-        state["patch_embed.weight"] = (kernel / tubelet_size).unsqueeze(2).repeat(1, 1, tubelet_size, 1, 1)
+        elif own[key].dim() == 5:  # a stem convolution (centre slice) or the 3D patch embedding (mean)
+            state[key] = inflate_kernel(state[key], own[key].shape, "mean" if key == "patch_embed.weight" else "centre")
     load_strict(video, state)
     return video

@@ -1,4 +1,5 @@
-"""The convolutional input stage of the video encoder (``VideoEncoderConfig.conv_stem``).
+"""The convolutional input stage of the video encoder (``VideoEncoderConfig.conv_stem``) and its 2D
+counterpart in the image encoder (``ImageEncoderConfig.conv_stem``, see :func:`image_conv_stem`).
 
 ``ConvStemConfig(channels=(C1, ..., Cn), frame_diff=False)`` describes a convolutional tokenizer
 ("early convolutions"): n blocks of 3x3x3 Conv3d (no bias), BatchNorm3d and GELU, stride 2 in space
@@ -14,6 +15,9 @@ first convolutions must learn to compute from a few hundred clips; the cost is o
 ``time_kernel`` (odd, default 3) is the blocks' kernel size in time. ``time_kernel=1`` makes them 1x3x3: each
 frame is tokenized from itself alone (with ``frame_diff=False`` and ``tubelet_size=1`` no token sees a second
 frame), the stem of a frame-wise ablation.
+
+The image encoder's tokenizer is the same with 3x3 Conv2d / BatchNorm2d blocks, strided in space by the
+same rule (``spatial_strides``); ``frame_diff`` and ``time_kernel`` have no meaning there and are refused.
 """
 from __future__ import annotations
 
@@ -87,13 +91,48 @@ def stem_strides(num_blocks: int, patch: tuple[int, int], tubelet: int) -> list[
     return [(2 if i >= num_blocks - st else 1, 2 if i < sh else 1, 2 if i < sw else 1) for i in range(num_blocks)]
 
 
-def conv_tokenizer(in_chans: int, channels: tuple[int, ...], strides: list[tuple[int, int, int]],
+def spatial_strides(num_blocks: int, patch: tuple[int, int]) -> list[tuple[int, int]]:
+    """(h, w) strides of a ``num_blocks``-block 2D tokenizer: ``stem_strides`` of a one-frame tubelet, in space."""
+    return [(sh, sw) for _, sh, sw in stem_strides(num_blocks, patch, 1)]
+
+
+def remaining_patch(size: tuple[int, ...], strides: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """What the blocks leave of a patch (or tubelet x patch) ``size`` for the patch embedding to cover."""
+    for stride in strides:
+        size = tuple(n // s for n, s in zip(size, stride))
+    return size
+
+
+def conv_tokenizer(in_chans: int, channels: tuple[int, ...], strides: list[tuple[int, ...]],
                    time_kernel: int = 3) -> nn.Sequential:
     """(B, in_chans, T, H, W) -> (B, channels[-1], T / prod t-strides, H / prod h-strides, W / ...);
-    each block a ``time_kernel`` x 3 x 3 convolution (padded to keep the size before its stride)."""
-    kernel, padding = (time_kernel, 3, 3), (time_kernel // 2, 1, 1)
+    each block a ``time_kernel`` x 3 x 3 convolution (padded to keep the size before its stride).
+    With (h, w) strides the blocks are 3x3 Conv2d and BatchNorm2d over images (B, in_chans, H, W)."""
+    if strides and len(strides[0]) == 2:
+        conv, norm, kernel, padding = nn.Conv2d, nn.BatchNorm2d, (3, 3), (1, 1)
+    else:
+        conv, norm, kernel, padding = nn.Conv3d, nn.BatchNorm3d, (time_kernel, 3, 3), (time_kernel // 2, 1, 1)
     layers: list[nn.Module] = []
     for c_in, c_out, stride in zip((in_chans, *channels[:-1]), channels, strides):
-        layers += [nn.Conv3d(c_in, c_out, kernel, stride, padding=padding, bias=False), nn.BatchNorm3d(c_out),
-                   nn.GELU()]
+        layers += [conv(c_in, c_out, kernel, stride, padding=padding, bias=False), norm(c_out), nn.GELU()]
     return nn.Sequential(*layers)
+
+
+def image_conv_stem(value: object) -> int | ConvStemConfig:
+    """``ImageEncoderConfig.conv_stem`` checked: 0 (the linear patch embedding) or a ``ConvStemConfig`` with
+    blocks and no time settings (from a sequence of channels or a dict); ValueError naming the value otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        raise ValueError(f"image encoder conv_stem={value!r}: an image encoder takes 0 (the linear patch "
+                         "embedding), a sequence of channels per block (e.g. [16, 32, 64]) or a dict with key "
+                         "'channels'; a single int (the video encoder's one-convolution stem) is not an image stem")
+    if value == 0 and isinstance(value, int) and not isinstance(value, bool):
+        return 0
+    stem = ConvStemConfig.parse(value)
+    if stem.frame_diff:
+        raise ValueError(f"image encoder conv_stem frame_diff={stem.frame_diff!r}: frame differences need frames; "
+                         "an image has one (set frame_diff in the video encoder's conv_stem)")
+    default = ConvStemConfig.__dataclass_fields__["time_kernel"].default
+    if stem.time_kernel != default:
+        raise ValueError(f"image encoder conv_stem time_kernel={stem.time_kernel!r}: an image has no time axis; "
+                         f"leave it at {default} (set time_kernel in the video encoder's conv_stem)")
+    return stem

@@ -24,8 +24,9 @@ GELU before the patch embedding. ``conv_stem`` given as a sequence of channels (
 then one last convolution over what is left of them to the width, optionally fed the frame
 differences as well as the pixels (``frame_diff``). The tokens then carry local motion features
 rather than raw pixels, which a transformer trained on a few hundred clips does not learn to
-extract. Inflation and conversion build encoders without a stem (``ernie_vl.inflate`` refuses a
-configuration that asks for one). Models built from scratch start with a random (trunc-normal
+extract. Conversion builds encoders without a stem; inflation (``encoders.convert.video_encoder_from_image_encoder``)
+builds one exactly where the image encoder has its own (``ImageEncoderConfig.conv_stem``), the image stem
+inflated in time, and refuses a video stem the image encoder's linear patch embedding cannot become. Models built from scratch start with a random (trunc-normal
 0.02) time embedding so temporal attention can tell the frames apart from step 0;
 inflation and conversion overwrite it (zero, or the checkpoint's).
 
@@ -44,7 +45,7 @@ from torch import nn
 from .attention import MultiHeadAttention
 from .blocks import Block
 from .outputs import EncoderOutput
-from .video_stem import ConvStemConfig, conv_tokenizer, frame_differences, stem_strides
+from .video_stem import ConvStemConfig, conv_tokenizer, frame_differences, remaining_patch, stem_strides
 from .pos_embed import TEMPORAL_INTERP_MODES, resample_pos_embed_2d, resample_temporal_embed
 from .vit import ImageEncoderConfig, VisionTransformerBase, check_pixels
 
@@ -61,16 +62,20 @@ class VideoEncoderConfig(ImageEncoderConfig):
     cls_mode: str = "shared"
     temporal_interp: str = "linear"
     tubelet_size: int = 1
-    conv_stem: int | tuple[int, ...] | ConvStemConfig = 0  # a sequence or dict becomes a ConvStemConfig
+    # conv_stem (inherited, a sequence or dict becomes a ConvStemConfig): here also an int S > 0, one 3x3x3
+    # convolution of S channels, and frame differences and the kernel's time size (``encoders.video_stem``)
+
+    def parse_conv_stem(self, value: object) -> int | ConvStemConfig:
+        if isinstance(value, (list, tuple, dict)):
+            return ConvStemConfig.parse(value)  # JSON gives lists or dicts
+        if not isinstance(value, ConvStemConfig) and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"conv_stem must be an int >= 0 (channels; 0 = none), a sequence of channels or a "
+                             f"ConvStemConfig / dict, got {value!r}")
+        return value
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.conv_stem, (list, tuple, dict)):
-            self.conv_stem = ConvStemConfig.parse(self.conv_stem)  # JSON gives lists or dicts
-        elif not isinstance(self.conv_stem, ConvStemConfig) and (
-                not isinstance(self.conv_stem, int) or isinstance(self.conv_stem, bool) or self.conv_stem < 0):
-            raise ValueError(f"conv_stem must be an int >= 0 (channels; 0 = none), a sequence of channels or a "
-                             f"ConvStemConfig / dict, got {self.conv_stem!r}")
         if not isinstance(self.num_frames, int) or self.num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {self.num_frames!r}")
         if not isinstance(self.tubelet_size, int) or self.tubelet_size <= 0:
@@ -188,8 +193,7 @@ class VideoEncoder(VisionTransformerBase):
             if cfg.conv_stem.channels:
                 strides = stem_strides(len(cfg.conv_stem.channels), (ph, pw), k)
                 self.stem = conv_tokenizer(channels, cfg.conv_stem.channels, strides, cfg.conv_stem.time_kernel)
-                for st, sh, sw in strides:
-                    k, ph, pw = k // st, ph // sh, pw // sw  # what the blocks leave to the last convolution
+                k, ph, pw = remaining_patch((k, ph, pw), strides)  # what the blocks leave to the last convolution
                 channels = cfg.conv_stem.channels[-1]
         elif cfg.conv_stem:
             self.stem = nn.Sequential(nn.Conv3d(cfg.in_chans, cfg.conv_stem, 3, padding=1), nn.GELU())

@@ -17,6 +17,7 @@ from .activations import ACTIVATIONS
 from .blocks import Block
 from .outputs import EncoderOutput
 from .pos_embed import INTERP_MODES, POS_INITS, resample_pos_embed_2d, sincos_pos_embed_2d
+from .video_stem import ConvStemConfig, conv_tokenizer, image_conv_stem, remaining_patch, spatial_strides
 
 POOLS = ("cls", "avg")
 
@@ -48,6 +49,11 @@ class ImageEncoderConfig:
     Position init (from scratch only; loaded weights replace it): ``normal`` (timm: std 0.02)
     or ``sincos`` (a 2-D sine-cosine table as in MAE, learned from there, at the strength of
     the patch embeddings at init, so small models start with a usable sense of position).
+    Convolutional tokenizer: ``conv_stem`` 0 (default) is the linear patch embedding; a sequence of channels
+    (C1, ..., Cn) or a dict ``{"channels": [...]}`` (``encoders.video_stem.ConvStemConfig``) puts n blocks of
+    3x3 Conv2d (no bias), BatchNorm2d and GELU before it, stride 2 in the first blocks while 2 divides the
+    patch size (``spatial_strides``); the patch embedding then covers what is left of the patch (a 32 px
+    image, patch 4, three blocks: strides 2, 2, 1 and a 1x1 patch embedding, 8x8 tokens as without a stem).
     """
 
     image_size: int | tuple[int, int] = 224
@@ -76,8 +82,14 @@ class ImageEncoderConfig:
     head_gating: bool = False
     head_topk: int | None = None
     gate_threshold: float = 0.0
+    conv_stem: int | tuple[int, ...] | ConvStemConfig = 0  # a sequence or dict becomes a ConvStemConfig
+
+    def parse_conv_stem(self, value: object) -> int | ConvStemConfig:
+        """``conv_stem`` checked and parsed (the video config accepts more: frame differences, time kernels)."""
+        return image_conv_stem(value)
 
     def __post_init__(self) -> None:
+        self.conv_stem = self.parse_conv_stem(self.conv_stem)
         self.image_size = _pair(self.image_size, "image_size")
         self.patch_size = _pair(self.patch_size, "patch_size")
         for name in ("in_chans", "width", "depth", "num_heads"):
@@ -243,7 +255,31 @@ class ImageEncoder(VisionTransformerBase):
         if not isinstance(cfg, ImageEncoderConfig):
             raise TypeError(f"ImageEncoder needs an ImageEncoderConfig, got {type(cfg).__name__}")
         super().__init__(cfg)
+        self.stem: nn.Sequential | None = None
+        if isinstance(cfg.conv_stem, ConvStemConfig):
+            channels = cfg.conv_stem.channels
+            strides = spatial_strides(len(channels), cfg.patch_size)
+            self.stem = conv_tokenizer(cfg.in_chans, channels, strides)
+            left = remaining_patch(cfg.patch_size, strides)
+            self.patch_embed = nn.Conv2d(channels[-1], cfg.width, left, left, bias=cfg.patch_bias)
         self.init_weights()
+
+    def init_weights(self) -> None:
+        """The ViT's init; the stem's convolutions keep PyTorch's (Kaiming-uniform) init, as the video stem's."""
+        super().init_weights()
+        if self.stem is not None:
+            for m in self.stem.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.reset_parameters()
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(N, 3, H, W) -> patch tokens with positions (N, gh*gw, C) and the grid; through the stem if any."""
+        if self.stem is not None:
+            # (N, Cn, H / prod strides, W / prod strides). Channels-last memory is oneDNN's fast layout for these
+            # few-channel convolutions on CPU (as for the video stem; bench/image_stem_cost.py times both); the
+            # values are the same, and the patch embedding's channels-last output flattens to contiguous tokens
+            x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        return super().embed_patches(x)
 
     def forward(self, images: torch.Tensor, prefix_only: bool = False) -> EncoderOutput:
         cfg = self.cfg

@@ -17,9 +17,19 @@
   residual gates copied from the image ones), so ``encode_video`` of a still clip equals
   ``encode_image`` of its frame.
 
-The spatial geometry (patch size, width, depth, heads) comes from the image encoder; the number
-of frames, tubelet size and attention mode are kept from the video encoder's configuration. Text,
-image path, backbone weights and classifier are unchanged.
+The spatial geometry (patch size, width, depth, heads, and the conv tokenizer's channels) comes from the
+image encoder; the number of frames, tubelet size and attention mode, and the video stem's ``frame_diff``
+and ``time_kernel``, are kept from the video encoder's configuration. Text, image path, backbone weights
+and classifier are unchanged.
+
+Conv tokenizers (``conv_stem``): an image encoder with one gives a video encoder with the same blocks
+inflated in time (each 3x3 kernel in the centre time slice, the others zero; BatchNorm copied; frame
+difference inputs at zero), whatever stem the video configuration had, so ``encode_video`` of a still clip
+still equals ``encode_image`` of its frame in eval mode, with or without ``frame_diff`` and head gating.
+For moving clips the stem's time strides subsample the frames: time step t reads frames t*k, t*k + s, ...
+(s the product of the stem's time strides, k the tubelet size; ``tiny``'s three blocks with k = 4 read
+frame t*k alone), see ``encoders.convert.video_encoder_from_image_encoder``. An image encoder without a
+stem cannot become a video stem with blocks: :func:`inflation_problem` says so, and inflation refuses.
 """
 from __future__ import annotations
 
@@ -28,7 +38,20 @@ import copy
 import torch
 
 from encoders.convert import video_encoder_from_image_encoder
+from encoders.video_stem import ConvStemConfig
 from ernie_vl.modality import IMAGE, VIDEO
+
+
+def inflation_problem(cfg) -> str | None:
+    """Why the video path of a model with config ``cfg`` (an ``ErnieVLConfig``) cannot be inflated from its
+    image path, or None when it can: the image encoder has a conv tokenizer, or the video encoder has no
+    stem with blocks (frame differences alone feed the linear embedding through zero weights)."""
+    image, video = cfg.image_encoder.conv_stem, cfg.video_encoder.conv_stem
+    if isinstance(image, ConvStemConfig) or not video or (isinstance(video, ConvStemConfig) and not video.channels):
+        return None
+    return (f"the video encoder asks for conv_stem={video!r}, which the image encoder's linear patch embedding "
+            "cannot be inflated into; keep the checkpoint's video path (--video-init keep), drop the video stem "
+            "(conv_stem=0), or give the image encoder a conv tokenizer (image_encoder.conv_stem) to inflate from")
 
 
 @torch.no_grad()
@@ -38,13 +61,13 @@ def inflate_video_from_image(model, cls_mode: str = "per_frame"):
 
     cfg = copy.deepcopy(model.cfg)
     old = cfg.video_encoder
-    if old.conv_stem:
-        raise ValueError(f"the video encoder asks for conv_stem={old.conv_stem!r}, which the image encoder's linear "
-                         "patch embedding cannot be inflated into; keep the checkpoint's video path "
-                         "(--video-init keep) or drop the stem (conv_stem=0) to inflate")
-    attention = old.attention
-    video_encoder = video_encoder_from_image_encoder(model.image_encoder, old.num_frames, attention, cls_mode,
-                                                     old.tubelet_size)
+    problem = inflation_problem(cfg)
+    if problem is not None:
+        raise ValueError(problem)
+    stem = old.conv_stem if isinstance(old.conv_stem, ConvStemConfig) else ConvStemConfig((1,))  # its defaults
+    video_encoder = video_encoder_from_image_encoder(model.image_encoder, old.num_frames, old.attention, cls_mode,
+                                                     old.tubelet_size, frame_diff=stem.frame_diff,
+                                                     time_kernel=stem.time_kernel)
     cfg.video_encoder = video_encoder.cfg
     cfg.video_projector = copy.deepcopy(cfg.image_projector)
     new = ErnieVL(cfg).to(model.logits.log_scale.device)

@@ -35,7 +35,7 @@ def test_inflated_tubelet_encoder_is_the_frame_mean_of_the_image_encoder_on_tube
 
 def test_inflated_model_embeds_a_still_clip_as_its_image_and_keeps_the_rest():
     torch.manual_seed(0)
-    # tiny's video encoder without its conv tokenizer (a stem cannot be inflated into)
+    # tiny's video encoder without its conv tokenizer (tiny's image encoder has none to inflate it from)
     model = ernie_vl.create_model("tiny", class_names=["a", "b", "c"], video_encoder={"conv_stem": 0}).eval()
     assert model.cfg.video_encoder.patch_size != model.cfg.image_encoder.patch_size  # tiny: 8 vs 4
     new = inflate_video_from_image(model).eval()
@@ -146,17 +146,35 @@ def test_video_start_rules():
     from ernie_vl.train.finetune import INFLATED, KEPT, KEPT_STEM, video_start
 
     pairs = {"pairs"}
-    assert video_start("auto", True, pairs, has_stem=False) == INFLATED
-    assert video_start("auto", True, pairs, has_stem=True) == KEPT_STEM
-    assert video_start("auto", True, {"pairs", "videos"}, has_stem=False) == KEPT  # has seen videos
-    assert video_start("auto", True, {"open_clip"}, has_stem=False) == KEPT  # already inflated
-    assert video_start("auto", False, pairs, has_stem=False) == KEPT  # no videos to fine-tune on
-    assert video_start("keep", True, pairs, has_stem=False) == KEPT
-    assert video_start("image", True, {"pairs", "videos"}, has_stem=True) == INFLATED  # inflation then refuses
+    assert video_start("auto", True, pairs, inflatable=True) == INFLATED
+    assert video_start("auto", True, pairs, inflatable=False) == KEPT_STEM  # a video stem, no image stem
+    assert video_start("auto", True, {"pairs", "videos"}, inflatable=True) == KEPT  # has seen videos
+    assert video_start("auto", True, {"open_clip"}, inflatable=True) == KEPT  # already inflated
+    assert video_start("auto", False, pairs, inflatable=True) == KEPT  # no videos to fine-tune on
+    assert video_start("keep", True, pairs, inflatable=True) == KEPT
+    assert video_start("image", True, {"pairs", "videos"}, inflatable=False) == INFLATED  # inflation then refuses
+
+
+def test_auto_inflates_a_video_stem_from_the_image_encoders_stem(tiny_data, tmp_path):
+    """With a conv tokenizer in the image encoder too, ``auto`` inflates the video path through it."""
+    from _train_helpers import tiny_config
+
+    from ernie_vl.train import train
+    from ernie_vl.train.trainer import Trainer
+
+    stems = {"image_encoder": {"conv_stem": [4, 8]}, "video_encoder": {"conv_stem": {"channels": [4], "frame_diff": True}}}
+    pre = train(tiny_config(tiny_data, tmp_path / "pre", max_steps=1, videos=[], model_overrides=stems))
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "ft", model=str(pre.final_dir), max_steps=1))
+    assert trainer.video_init == "inflated from the image encoder"
+    video, image = trainer.model.video_encoder, trainer.model.image_encoder
+    assert video.cfg.conv_stem.channels == (4, 8) and video.cfg.conv_stem.frame_diff  # image's blocks, video's diffs
+    torch.testing.assert_close(video.stem[3].weight[:, :, 1], image.stem[3].weight, rtol=0, atol=0)
+    torch.testing.assert_close(video.stem[4].running_var, image.stem[4].running_var, rtol=0, atol=0)
 
 
 def test_auto_keeps_the_video_path_of_a_pairs_trained_checkpoint_with_a_stem_and_says_why(tiny_data, tmp_path):
-    """tiny's video encoder has a conv tokenizer: ``auto`` keeps it (and says why), ``image`` refuses."""
+    """tiny's video encoder has a conv tokenizer and its image encoder none: ``auto`` keeps it (and says why),
+    ``image`` refuses."""
     from _train_helpers import read_log, tiny_config
 
     from ernie_vl.train import train

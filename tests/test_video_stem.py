@@ -203,14 +203,21 @@ def test_frame_diff_checkpoint_round_trips(tmp_path):
         torch.testing.assert_close(loaded.encode_video(clips), model.encode_video(clips), rtol=0, atol=0)
 
 
-def test_inflation_refuses_a_frame_diff_stem():
+def test_inflation_refuses_a_frame_diff_tokenizer_without_an_image_stem_but_not_bare_frame_differences():
+    """Blocks cannot come from a linear patch embedding; frame differences alone feed it through zero weights
+    (tests/test_image_stem.py checks the numbers)."""
     import ernie_vl
     from ernie_vl.inflate import inflate_video_from_image
 
     model = ernie_vl.create_model("test", class_names=["a", "b"],
-                                  video_encoder={"conv_stem": {"channels": [], "frame_diff": True}})
-    with pytest.raises(ValueError, match=r"frame_diff=True.*cannot be inflated"):
+                                  video_encoder={"conv_stem": {"channels": [4], "frame_diff": True}})
+    with pytest.raises(ValueError, match=r"frame_diff=True.*cannot be inflated.*image_encoder.conv_stem"):
         inflate_video_from_image(model)
+    model = ernie_vl.create_model("test", class_names=["a", "b"],
+                                  video_encoder={"conv_stem": {"channels": [], "frame_diff": True}})
+    inflated = inflate_video_from_image(model).video_encoder
+    assert inflated.cfg.conv_stem == ConvStemConfig((), frame_diff=True)
+    assert torch.count_nonzero(inflated.patch_embed.weight[:, 3:]) == 0
 
 
 def test_few_shot_bench_holds_the_encoder_to_its_goal_on_two_seeds():

@@ -107,16 +107,18 @@ def trained_on(checkpoint_dir: str | Path) -> set[str]:
     return {k for k in str(meta.get("trained_on", "")).split(",") if k}
 
 
-def video_start(video_init: str, has_videos: bool, checkpoint_trained_on: set[str], has_stem: bool) -> str:
+def video_start(video_init: str, has_videos: bool, checkpoint_trained_on: set[str], inflatable: bool) -> str:
     """:data:`INFLATED`, or why the checkpoint's video path is kept (:data:`KEPT`, :data:`KEPT_STEM`).
 
-    ``"image"`` always inflates (``inflate_video_from_image`` refuses a stem with a ValueError);
-    ``"keep"`` never does; ``"auto"`` inflates a checkpoint trained on pairs but never on videos when
-    videos are trained on, unless its video encoder has a conv stem."""
+    ``inflatable``: whether the video encoder can be inflated from the image encoder
+    (``ernie_vl.inflate.inflation_problem`` is None: no video stem with blocks, or an image encoder with
+    its own conv tokenizer to inflate it from). ``"image"`` always inflates (``inflate_video_from_image``
+    refuses what cannot be inflated with a ValueError saying why); ``"keep"`` never does; ``"auto"``
+    inflates a checkpoint trained on pairs but never on videos when videos are trained on, if inflatable."""
     if video_init == "image":
         return INFLATED
     if video_init == "keep" or not has_videos:
         return KEPT
     if "pairs" not in checkpoint_trained_on or "videos" in checkpoint_trained_on:
         return KEPT
-    return KEPT_STEM if has_stem else INFLATED
+    return INFLATED if inflatable else KEPT_STEM
