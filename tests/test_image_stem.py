@@ -154,7 +154,7 @@ def test_stem_convolutions_keep_pytorchs_init_and_train_their_batch_norms():
     assert enc.stem[0].weight.grad is not None and float(enc.stem[0].weight.grad.abs().max()) > 0
 
 
-def test_stem_works_with_gating_windows_prefix_only_and_other_sizes():
+def test_stem_works_with_gating_windows_prefix_only_pooling_and_other_sizes():
     torch.manual_seed(0)
     enc = ImageEncoder(ImageEncoderConfig(**SMALL, conv_stem=STEM, head_gating=True, local_layers=1, window_size=3,
                                           embed_dim=24)).eval()
@@ -167,6 +167,10 @@ def test_stem_works_with_gating_windows_prefix_only_and_other_sizes():
     assert wide.grid == (8, 12) and torch.isfinite(wide.pooled).all()
     with pytest.raises(ValueError, match="multiple of the patch size"):
         enc(torch.randn(1, 3, 30, 30))
+    avg = ImageEncoder(ImageEncoderConfig(**SMALL, conv_stem=STEM, pool="avg")).eval()
+    with torch.no_grad():
+        out = avg(x)
+    torch.testing.assert_close(out.pooled, out.tokens[:, 1:].mean(1), rtol=1e-5, atol=1e-6)
 
 
 def test_save_pretrained_round_trip_keeps_the_stem(tmp_path):
@@ -184,7 +188,7 @@ def test_save_pretrained_round_trip_keeps_the_stem(tmp_path):
     assert torch.equal(loaded.image_encoder.stem[1].running_var, model.image_encoder.stem[1].running_var)
 
 
-def test_int8_model_keeps_the_stem_float_and_stays_close():
+def test_int8_model_keeps_the_stem_float_and_stays_close(tmp_path):
     from ernie_vl.int8_engines import available_int8_kernels, set_int8_kernel
     from ernie_vl.quantize import Int8PatchEmbed, quantize_int8
 
@@ -192,12 +196,12 @@ def test_int8_model_keeps_the_stem_float_and_stays_close():
         pytest.skip("this PyTorch build has no int8 GEMM engine")
     previous = set_int8_kernel(available_int8_kernels()[-1])  # one engine: no per-shape timing probe
     try:
-        check_int8_stem_model(quantize_int8, Int8PatchEmbed)
+        check_int8_stem_model(quantize_int8, Int8PatchEmbed, tmp_path)
     finally:
         set_int8_kernel(previous)
 
 
-def check_int8_stem_model(quantize_int8, Int8PatchEmbed) -> None:
+def check_int8_stem_model(quantize_int8, Int8PatchEmbed, folder) -> None:
     torch.manual_seed(0)
     model = stem_model().eval()
     randomise_batch_norms(model.image_encoder)
@@ -208,6 +212,11 @@ def check_int8_stem_model(quantize_int8, Int8PatchEmbed) -> None:
     with torch.no_grad():
         cos = F.cosine_similarity(q.encode_image(images), model.encode_image(images)).min()
     assert cos > 0.98, f"int8 vs float cosine {cos:.4f}"
+    q.save_pretrained(folder)  # the int8 checkpoint rebuilds the same structure, stem included
+    loaded = ernie_vl.ErnieVL.from_pretrained(folder).eval()
+    assert isinstance(loaded.image_encoder.patch_embed, Int8PatchEmbed)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), q.encode_image(images))
 
 
 def test_feature_kinds_read_the_stem_encoder():
