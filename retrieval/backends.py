@@ -6,6 +6,7 @@ Removed slots are either compacted away (flat) or masked at search time (hnsw, i
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,11 +73,38 @@ def _pad(scores: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.
 CHECK_BLOCK = 65536  # vectors per block when checking a loaded store
 
 
-def _nonfinite_rows(read_block, total: int) -> np.ndarray:
+FILE_CHECK_BYTES = 8 << 20  # bytes per read when checking the vectors of a mapped HNSW file
+
+
+def _nonfinite_rows(read_block, total: int, block: int = CHECK_BLOCK) -> np.ndarray:
     """Slots whose vector holds NaN or inf; ``read_block(start, n)`` -> (n, D) float32."""
-    bad = [np.flatnonzero(~np.isfinite(read_block(start, min(CHECK_BLOCK, total - start))).all(axis=1)) + start
-           for start in range(0, total, CHECK_BLOCK)]
+    bad = [np.flatnonzero(~np.isfinite(read_block(start, min(block, total - start))).all(axis=1)) + start
+           for start in range(0, total, block)]
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+
+def _file_tail_nonfinite(path: Path, index: faiss.Index) -> Optional[np.ndarray]:
+    """Slots whose vector holds NaN or inf, read from the file of a mapped ``IndexHNSWFlat`` with ``pread``
+    (so the check maps no page of it into this process), or None when the file does not end as FAISS writes
+    one: the flat storage last, a uint64 element count then the ``ntotal x d`` float32 rows. The first and
+    last rows are compared with the index's own to make sure the bytes read are its vectors."""
+    n, d = int(index.ntotal), int(index.d)
+    row = d * 4
+    with open(path, "rb") as f:
+        offset = os.fstat(f.fileno()).st_size - n * row
+        if n == 0 or offset < 8:
+            return None
+        if int.from_bytes(os.pread(f.fileno(), 8, offset - 8), "little") not in (n * d, n * row):
+            return None
+
+        def read_block(start: int, count: int) -> np.ndarray:
+            raw = os.pread(f.fileno(), count * row, offset + start * row)
+            return np.frombuffer(raw, dtype=np.float32).reshape(count, d)
+
+        for slot in {0, n - 1}:
+            if read_block(slot, 1)[0].tobytes() != np.asarray(index.reconstruct(slot), np.float32).tobytes():
+                return None
+        return _nonfinite_rows(read_block, n, max(1, FILE_CHECK_BYTES // row))
 
 
 class FlatStore:
@@ -233,9 +261,12 @@ class FlatStore:
             self._set(vectors, copy=True)
 
 
-def read_faiss(path: Path, mmap: bool = False) -> faiss.Index:
-    """``faiss.read_index``; with ``mmap`` the file is mapped read-only (``IO_FLAG_MMAP``), not read."""
-    flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+def read_faiss(path: Path, mmap: bool = False, flat_codes: bool = False) -> faiss.Index:
+    """``faiss.read_index``; with ``mmap`` the file is mapped read-only, not read: ``flat_codes`` maps a flat
+    storage's vectors and an HNSW graph (``IO_FLAG_MMAP_IFC``, FAISS >= 1.10), otherwise the inverted lists
+    (``IO_FLAG_MMAP``)."""
+    mapping = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if flat_codes else faiss.IO_FLAG_MMAP
+    flags = (mapping | faiss.IO_FLAG_READ_ONLY) if mmap else 0
     return faiss.read_index(str(path), flags)
 
 
@@ -256,6 +287,7 @@ class HNSWStore:
         self.index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = params.hnsw_ef_construction
         self.index.hnsw.efSearch = params.hnsw_ef_search
+        self.mapped_file: Optional[Path] = None  # the file a memory-mapped index reads its vectors from
 
     @property
     def ntotal(self) -> int:
@@ -293,15 +325,22 @@ class HNSWStore:
         return ["index.faiss"]
 
     def nonfinite_slots(self) -> np.ndarray:
-        """Slots whose stored vector holds NaN or inf (checked after loading)."""
+        """Slots whose stored vector holds NaN or inf (checked after loading). A mapped index reads its file
+        in blocks instead of its mapping, so the check leaves the vectors out of this process's memory."""
+        if self.mapped_file is not None:
+            bad = _file_tail_nonfinite(self.mapped_file, self.index)
+            if bad is not None:
+                return bad
         return _nonfinite_rows(lambda start, n: self.index.reconstruct_n(start, n), self.ntotal)
 
     def load(self, folder: Path, mmap: bool = False) -> None:
-        index = read_faiss(folder / "index.faiss", mmap)
+        path = folder / "index.faiss"
+        index = read_faiss(path, mmap, flat_codes=True)
         if not isinstance(index, faiss.IndexHNSWFlat) or index.d != self.dim:
-            raise ValueError(f"{folder / 'index.faiss'} is not an HNSW index of dimension {self.dim}")
+            raise ValueError(f"{path} is not an HNSW index of dimension {self.dim}")
         index.hnsw.efSearch = self.params.hnsw_ef_search
         self.index = index
+        self.mapped_file = path if mmap else None
 
 
 def default_pq_m(dim: int, target: int = 64) -> int:

@@ -188,3 +188,56 @@ def test_sharded_ids_are_looked_up_in_the_shards_arrays(tmp_path, monkeypatch):
     assert 1500 not in mapped and reads == [40]
     sharded.close()
     mapped.close()
+
+
+def _hnsw_with_bad_rows(tmp_path, rows, n=400, dim=16):
+    """An HNSW index saved with non-finite values written into the stored vectors ``rows`` (past the checks,
+    as a foreign tool could have written it); ids are 1000 + slot."""
+    from retrieval import backends
+
+    x = _unit(n, dim, 4)
+    for r in rows:
+        x[r, 1] = np.nan if r % 2 else np.inf
+    store = backends.HNSWStore(dim, backends.IndexParams())
+    store.add(x)
+    index = Index.build(_unit(1, dim, 5), ids=[0], kind="hnsw")
+    index._store = store
+    index._items = type(index._items)()
+    index._items.append(np.arange(1000, 1000 + n), [{} for _ in range(n)])
+    index._next_id = 1000 + n
+    index.save(tmp_path / "idx")
+    return tmp_path / "idx"
+
+
+def test_mmap_hnsw_maps_the_file_and_checks_every_vector_from_it(tmp_path, monkeypatch):
+    import faiss
+
+    from retrieval import backends
+
+    folder = _hnsw_with_bad_rows(tmp_path, [])
+    flags = []
+    read_index = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda path, f=0: flags.append(f) or read_index(path, f))
+    mapped = Index.load(folder, mmap=True)
+    assert flags[-1] & faiss.IO_FLAG_MMAP_IFC and flags[-1] & faiss.IO_FLAG_READ_ONLY  # the codes are mapped
+    store = mapped._store
+    # the check reads the vectors from the file, not through the mapping: FAISS's layout is recognised
+    from_file = backends._file_tail_nonfinite(store.mapped_file, store.index)
+    assert from_file is not None and len(from_file) == 0
+    ids, scores = mapped.search(_unit(5, 16, 6), 4)
+    full_ids, full_scores = Index.load(folder).search(_unit(5, 16, 6), 4)
+    np.testing.assert_array_equal(ids, full_ids)
+    np.testing.assert_array_equal(scores, full_scores)
+    # a file that does not end as FAISS writes an HNSW index: None (the caller falls back to the mapping)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"\1" * (store.index.ntotal * 16 * 4 + 64))
+    assert backends._file_tail_nonfinite(other, store.index) is None
+
+
+@pytest.mark.parametrize("rows", [[0], [7, 399], [1, 2, 3]], ids=["first", "middle+last", "three"])
+def test_mmap_hnsw_load_refuses_non_finite_vectors_naming_them(tmp_path, rows):
+    folder = _hnsw_with_bad_rows(tmp_path, rows)
+    ids = ", ".join(str(1000 + r) for r in rows)
+    for mmap in (True, False):
+        with pytest.raises(IndexMismatchError, match=rf"{len(rows)} vectors hold NaN or inf \(ids \[{ids}\]\)"):
+            Index.load(folder, mmap=mmap)
