@@ -121,13 +121,13 @@ def conv_tokenizer(in_chans: int, channels: tuple[int, ...], strides: list[tuple
 def image_conv_stem(value: object) -> int | ConvStemConfig:
     """``ImageEncoderConfig.conv_stem`` checked: 0 (the linear patch embedding) or a ``ConvStemConfig`` with
     blocks and no time settings (from a sequence of channels or a dict); ValueError naming the value otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if value == 0:
+            return 0
         raise ValueError(f"image encoder conv_stem={value!r}: an image encoder takes 0 (the linear patch "
                          "embedding), a sequence of channels per block (e.g. [16, 32, 64]) or a dict with key "
                          "'channels'; a single int (the video encoder's one-convolution stem) is not an image stem")
-    if value == 0 and isinstance(value, int) and not isinstance(value, bool):
-        return 0
-    stem = ConvStemConfig.parse(value)
+    stem = ConvStemConfig.parse(value)  # ValueError for anything else
     if stem.frame_diff:
         raise ValueError(f"image encoder conv_stem frame_diff={stem.frame_diff!r}: frame differences need frames; "
                          "an image has one (set frame_diff in the video encoder's conv_stem)")

@@ -1,6 +1,6 @@
-"""ViT image encoder: patch embedding, class token, resampled learned positions,
-pre-norm blocks (local windows below, global above, optional head gating), final
-norm, pooling and an optional projection head.
+"""ViT image encoder: patch embedding (linear, or a convolutional tokenizer: ``conv_stem``), class
+token, resampled learned positions, pre-norm blocks (local windows below, global above, optional
+head gating), final norm, pooling and an optional projection head.
 
 With ``head_gating=False`` and ``local_layers=0`` it is a plain ViT; the
 converters in ``encoders.convert`` map open_clip and timm ViTs onto it exactly.

@@ -5,7 +5,8 @@
   attention and dense MLPs, heads, classifier) becomes ``Int8Linear``;
 - every encoder MLP becomes ``Int8Mlp`` (its GELU fused into the first GEMM where the kernel can);
 - every patch-embedding convolution (kernel = stride) becomes ``Int8PatchEmbed``, an int8 GEMM
-  over the flattened patches;
+  over the flattened patches; the 3x3 convolutions and BatchNorms of a conv tokenizer before it
+  (``conv_stem``, image or video) stay float32;
 - every MoE layer becomes ``Int8MoEFeedForward``: the router stays float32 (routing decisions
   are not quantized), each expert's two matrices are int8;
 - the text token embedding becomes ``Int8Embedding`` (per-row scales).
