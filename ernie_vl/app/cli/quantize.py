@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 #: what a QAT run writes in its work folder (a default work folder holding only these is removed at the end)
@@ -89,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         trainer = qat_trainer(cfg)
         start_step = trainer.step
         val_pairs, val_videos = trainer.val_pairs, trainer.val_videos
-        int8, result = finetune_int8(trainer)
+        try:
+            int8, result = finetune_int8(trainer)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; {_resume_hint(work)}", file=sys.stderr)
+            return 130
         report["qat"] = {"steps": result.steps, "resumed_at_step": start_step, "seconds": round(result.seconds, 1),
                          "lr": args.lr, "work": str(work)}
     else:
@@ -112,6 +117,17 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=1))
     return 0
 
+
+
+def _resume_hint(work: Path) -> str:
+    """What an interrupted QAT run left in ``work`` and how to continue it."""
+    from ernie_vl.train import checkpointing as ckpt
+
+    if not ckpt.has_training_state(work):
+        return f"no QAT state was saved in {str(work)!r} yet (see --checkpoint-minutes / --checkpoint-every)"
+    step = ckpt.read_state_entry(work, "step")
+    return (f"the QAT state of step {step} is saved in {str(work)!r}: run the same command with --resume "
+            f"to continue from it")
 
 
 def _only_qat_files(work: Path) -> bool:
