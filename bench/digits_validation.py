@@ -123,7 +123,7 @@ def main() -> None:
     record = {"steps": args.steps, "seed": args.seed, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
               "min_lr_ratio": args.min_lr_ratio, "ema": args.ema, "crop": args.image_crop_min_area,
               "rotate": args.image_rotate, "caption_positives": args.caption_positives,
-              "contrastive": args.contrastive,
+              "contrastive": overrides.get("loss", {}).get("contrastive", args.contrastive),
               "overrides": json.dumps(args.override, sort_keys=True) if args.override else None,
               "zero_shot": float((logits.argmax(1) == val_emb.labels).double().mean())}
     for kind in ("layers", "embedding"):
