@@ -97,9 +97,15 @@ def write_results(name: str, markdown: str, verdicts: list[Verdict], machine_fac
 
 
 def verdict_lines(verdicts: list[Verdict]) -> list[str]:
-    """One Markdown bullet per verdict: ``- what: goal G, measured M: **met | not met | not measured**``."""
-    return [f"- {v.what}: goal {v.goal}, measured {v.measured}: "
-            f"**{'met' if v.met else 'not met' if v.met is False else 'not measured'}**" for v in verdicts]
+    """One Markdown bullet per verdict: ``- what: goal G, measured M: **met | not met | reported | not measured**``
+    (``reported``: a figure with no goal, ``goal="report"``; ``not measured``: a goal the run could not check)."""
+    return [f"- {v.what}: goal {v.goal}, measured {v.measured}: **{_outcome(v)}**" for v in verdicts]
+
+
+def _outcome(v: Verdict) -> str:
+    if v.met is not None:
+        return "met" if v.met else "not met"
+    return "reported" if v.goal == "report" else "not measured"
 
 
 LOCATION_OPTIONS = ("--work", "--results", "--save-dir")  # where files go, not what is measured: never in a results file

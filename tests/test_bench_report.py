@@ -86,9 +86,9 @@ def test_every_benchmark_script_starts():
 
 def test_verdict_lines_say_met_not_met_or_not_measured(report):
     lines = report.verdict_lines([report.Verdict("a", ">= 3x", "3.20x", True), report.Verdict("b", ">= 3x", "1.10x", False),
-                                  report.Verdict("c", "-", "0.5", None)])
+                                  report.Verdict("c", "-", "0.5", None), report.Verdict("d", "report", "1.1x", None)])
     assert lines == ["- a: goal >= 3x, measured 3.20x: **met**", "- b: goal >= 3x, measured 1.10x: **not met**",
-                     "- c: goal -, measured 0.5: **not measured**"]
+                     "- c: goal -, measured 0.5: **not measured**", "- d: goal report, measured 1.1x: **reported**"]
 
 
 def _server_rounds(rate_on: float, rate_off: float) -> dict:
