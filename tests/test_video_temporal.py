@@ -199,11 +199,12 @@ def test_conv_stem_rejects_bad_channel_lists(bad):
         VideoEncoderConfig(**SMALL, num_frames=4, conv_stem=bad)
 
 
-def test_inflation_refuses_a_video_encoder_with_a_stem():
+def test_inflation_refuses_a_video_stem_when_the_image_encoder_has_none():
     import ernie_vl
     from ernie_vl.inflate import inflate_video_from_image
 
-    model = ernie_vl.create_model("tiny", class_names=["a", "b"], video_encoder={"conv_stem": [8, 16, 16]})
+    model = ernie_vl.create_model("tiny", class_names=["a", "b"], image_encoder={"conv_stem": 0},
+                                  video_encoder={"conv_stem": [8, 16, 16]})
     assert model.video_encoder.stem is not None
     with pytest.raises(ValueError, match=r"conv_stem=ConvStemConfig\(channels=\(8, 16, 16\).*cannot be inflated"):
         inflate_video_from_image(model)
