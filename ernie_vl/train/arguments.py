@@ -9,7 +9,8 @@ from typing import Any
 from ernie_vl.train.config import TrainConfig
 
 # CLI flag -> TrainConfig field, for the flags that map one to one
-_SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos", "grad_accum", "lr", "weight_decay",
+_SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos", "grad_accum", "lr", "min_lr_ratio",
+           "weight_decay",
            "warmup_steps", "grad_clip", "autocast", "seed", "sampler", "video_sampler", "priority_alpha", "priority_uniform_mix",
            "priority_relative",
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
@@ -30,11 +31,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: as many as --minutes allows)")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from OUT/train_state.safetensors (warns when there is none; refuses "
-                        "when OUT holds a run without one)")
+                        "when OUT holds a run without one, or when a setting that defines the run changed)")
     p.add_argument("--batch-pairs", type=int, default=d["batch_pairs"].default, help="global image-text pairs per step")
     p.add_argument("--batch-videos", type=int, default=d["batch_videos"].default, help="global clips per step")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=d["lr"].default)
+    p.add_argument("--min-lr-ratio", type=float, default=d["min_lr_ratio"].default, metavar="R",
+                   help="the cosine ends at R x --lr (default %(default)s; 1: flat after warm-up, so a resumed run "
+                        "may take a larger --max-steps)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
     p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"].default)
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"].default)

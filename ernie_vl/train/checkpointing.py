@@ -148,9 +148,13 @@ def read_state_entry(directory: str | Path, key: str) -> Any:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
+    except Exception as err:  # truncated / not a safetensors file
+        raise ValueError(f"training checkpoint {str(path)!r} cannot be read as safetensors "
+                         f"({type(err).__name__}: {err})") from None
+    try:
         skeleton = json.loads(metadata.get("state", "null"))
-    except Exception as err:  # truncated / not safetensors / not JSON
-        raise ValueError(f"training checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"training checkpoint {str(path)!r} cannot be read: its state is not JSON ({err})") from None
     if metadata.get("ernie_vl_format") != STATE_FORMAT or not isinstance(skeleton, dict):
         raise ValueError(f"training checkpoint {str(path)!r} is not an ernie-vl training state")
     entries = skeleton.get("dict")

@@ -63,7 +63,9 @@ class TrainConfig:
     Checkpoints (``OUT/train_state.safetensors``, exact resume): every ``checkpoint_minutes``
     of training (default 5; 0 or None: off) and/or every ``checkpoint_every`` steps (0: off),
     and always at the end. ``resume`` continues from it; without one it warns and starts at
-    step 0, unless the folder already holds a run (a log or ``final/``), which it refuses.
+    step 0, unless the folder already holds a run (a log or ``final/``), which it refuses; a saved run
+    whose defining settings differ from these is refused before any data is decoded
+    (:mod:`ernie_vl.train.run_settings` says which fields may change).
     """
 
     out: str = "runs/train"

@@ -28,6 +28,7 @@ from ernie_vl.int8_engines import layer_activation_qmax
 from ernie_vl.quantize_aware import convert_qat, prepare_qat
 from ernie_vl.train import checkpointing as ckpt
 from ernie_vl.train.config import TrainConfig
+from ernie_vl.train.run_settings import differences, read_saved
 from ernie_vl.train.trainer import Trainer
 
 #: the entry of the training state that holds the QAT run's fingerprint
@@ -93,12 +94,11 @@ def check_resume(cfg: QATConfig, fingerprint: dict[str, Any]) -> None:
     this ``fingerprint`` (the message names every difference). Reads the state's header only."""
     if not cfg.resume or not ckpt.has_training_state(cfg.out):
         return
-    saved = ckpt.read_state_entry(cfg.out, QAT_STATE_KEY)
+    saved = read_saved(cfg.out, QAT_STATE_KEY)
     if not isinstance(saved, dict):
         raise ValueError(f"resume: {cfg.out!r} holds a training state that is not a QAT run (an `ernie-vl train` "
                          f"run?); give QAT its own work folder")
-    diffs = [f"{key} {saved.get(key)!r} then, {value!r} now" for key, value in fingerprint.items()
-             if saved.get(key) != value]
+    diffs = differences(saved, fingerprint)
     if diffs:
         raise ValueError(f"resume: the QAT run saved in {cfg.out!r} was started from another model or with other "
                          f"settings: {'; '.join(diffs)}. Resume with the same model and settings, or start over "

@@ -1,11 +1,13 @@
 """Exact resume of a training run: what a run saves, when it saves, and how a resumed run loads it back.
 
 The state is the model, optimiser, LR schedule and scheduler, the data source (samplers, priorities),
-the image augmenter, every rank's RNG states, the EMA, PowerSGD's memory and the run's config
+the image augmenter, every rank's RNG states, the EMA, PowerSGD's memory, the run's config and its
+defining settings (:mod:`ernie_vl.train.run_settings`, checked before a resumed run is built)
 (:meth:`ResumableRun._state`); the file format is :mod:`ernie_vl.train.checkpointing` (safetensors +
 JSON, never a pickle). :class:`ResumableRun` is a mixin of :class:`ernie_vl.train.trainer.Trainer`
 and reads the run's attributes (``cfg``, ``ctx``, ``out``, ``model``, ``optimizer``, ``scheduler``,
-``schedule``, ``source``, ``image_augmenter``, ``ema``, ``meter``, ``ep``, ``fsdp``, ``step``).
+``schedule``, ``source``, ``image_augmenter``, ``ema``, ``meter``, ``ep``, ``fsdp``, ``step``,
+``run_fingerprint``, ``extend_schedule``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ernie_vl.train.distributed import barrier, broadcast_object, gather_objects
 from ernie_vl.train.expert_sharding import (ema_state, load_ema_state, load_model_state, load_optimizer_state,
                                             model_state, optimizer_state)
 from ernie_vl.train.fsdp import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
+from ernie_vl.train.run_settings import FINGERPRINT_KEY
 
 
 class ResumableRun:
@@ -34,7 +37,7 @@ class ResumableRun:
                 "rng": gather_objects(ckpt.rng_state(), self.ctx), "world_size": self.ctx.world_size,
                 "meter": None if self.meter is None else self.meter.state.__getstate__(),
                 "ema": ema_state(self.ema, unwrap(self.model), self.ep),
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(), FINGERPRINT_KEY: self.run_fingerprint}
 
     def save_checkpoint(self) -> None:
         state = self._state()  # collective (gathers RNG states): every rank calls it
@@ -86,6 +89,8 @@ class ResumableRun:
             self.image_augmenter.load_state_dict(state["image_augment"])
         self.step, self.steps_fitted = state["step"], state["steps_fitted"]
         self.schedule.load_state_dict(state["schedule"])
+        if self.extend_schedule:  # a larger max_steps on a flat LR (run_settings.max_steps_extension)
+            self.schedule.total_steps = max(self.max_steps, self.step)
         if self.ema is not None and state.get("ema"):
             load_ema_state(self.ema, unwrap(self.model), state["ema"], self.ep)
         rngs = state["rng"]
