@@ -197,3 +197,34 @@ def test_a_run_folder_moved_with_its_data_resumes(data, tmp_path, monkeypatch):
     _refuse_before_build(monkeypatch)
     with pytest.raises(ValueError, match=r"settings: pairs .*'size'"):
         Trainer(config(tmp_path / "b", resume=True))
+
+
+def _resume_rank(rank: int, world: int, port: int, cfg_dict: dict, report: str) -> None:
+    """A spawned rank that builds the resumed Trainer and writes the ValueError it gets to ``report.<rank>``."""
+    from ernie_vl.train import TrainConfig
+    from ernie_vl.train.distributed import shutdown_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    try:
+        Trainer(TrainConfig.from_dict(cfg_dict))
+    except ValueError as err:
+        with open(f"{report}.{rank}", "w", encoding="utf-8") as f:
+            f.write(str(err))
+    finally:
+        shutdown_distributed()
+
+
+def test_every_rank_refuses_a_changed_setting(data, saved, tmp_path):
+    """Under 2 gloo ranks each rank reads the saved settings and refuses alike: no rank waits for the other."""
+    from _train_helpers import start_and_join
+    from ernie_vl.train.distributed import free_port
+
+    before = (saved / ckpt.CHECKPOINT_NAME).read_bytes()
+    cfg = tiny_config(data, saved, resume=True, **{**SMALL, "lr": 1e-3}).to_dict()
+    port, report = free_port(), str(tmp_path / "refused")
+    start_and_join(_resume_rank, [(r, 2, port, cfg, report) for r in range(2)],
+                   ["_train_helpers", "ernie_vl.train.trainer", "test_train_resume_settings"], 120)
+    for rank in range(2):
+        assert "lr 0.002 then, 0.001 now" in (tmp_path / f"refused.{rank}").read_text(encoding="utf-8")
+    assert (saved / ckpt.CHECKPOINT_NAME).read_bytes() == before
