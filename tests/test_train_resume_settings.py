@@ -228,3 +228,23 @@ def test_every_rank_refuses_a_changed_setting(data, saved, tmp_path):
     for rank in range(2):
         assert "lr 0.002 then, 0.001 now" in (tmp_path / f"refused.{rank}").read_text(encoding="utf-8")
     assert (saved / ckpt.CHECKPOINT_NAME).read_bytes() == before
+
+
+def test_path_identity_of_files_folders_and_shard_patterns(tmp_path):
+    from ernie_vl.train.run_settings import path_identity, same_setting
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):
+        (shards / f"{i:03d}.tar").write_bytes(b"x" * (i + 1))
+    spec = str(shards / "{000..002}.tar")
+    first = path_identity(spec, tmp_path / "run")
+    assert first["files"] == 3 and first["size"] == 6 and first["from_out"] == os.path.join("..", "shards",
+                                                                                           "{000..002}.tar")
+    folder, file = path_identity(str(shards), tmp_path / "run"), path_identity(str(shards / "000.tar"), tmp_path)
+    assert (folder["files"], folder["size"], file["size"]) == (3, 6, 1)
+    (shards / "001.tar").write_bytes(b"y" * 5)  # one shard rewritten
+    assert not same_setting(first, path_identity(spec, tmp_path / "run"))
+    assert not same_setting(folder, path_identity(str(shards), tmp_path / "run"))
+    assert same_setting(file, path_identity(str(shards / "000.tar"), tmp_path))
+    assert path_identity(str(tmp_path / "missing.csv"), tmp_path)["from_out"] == "missing.csv"

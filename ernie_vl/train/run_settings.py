@@ -54,21 +54,25 @@ LAYOUT_FIELDS = ("world_size", "parallel", "expert_parallel")
 
 def path_identity(path: str, out: str | Path) -> dict[str, Any]:
     """A cheap identity of a data path: its absolute path and its path relative to the run folder ``out``; a
-    file's size and mtime; a folder's file count, total size and newest mtime (one listing, nothing read); a
-    path that does not exist (a shard spec) as given."""
+    file's size and mtime; a folder's (or a shard pattern's, ``a/{000..009}.tar``) file count, total size and
+    newest mtime (one listing, nothing read). A path that does not exist has its paths only (the trainer
+    names it when it reads it)."""
     p = Path(os.path.abspath(os.path.expanduser(path)))
     ident: dict[str, Any] = {"path": str(p), "from_out": os.path.relpath(p, os.path.abspath(out))}
     if p.is_file():
         st = p.stat()
         return {**ident, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if p.is_dir():
-        count = size = newest = 0
-        for root, _, files in os.walk(p):
-            for name in files:
-                st = os.stat(os.path.join(root, name))
-                count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime_ns)
-        return {**ident, "files": count, "size": size, "mtime_ns": newest}
-    return {"path": str(path)}
+        files = [os.path.join(root, name) for root, _, names in os.walk(p) for name in names]
+    elif "{" in str(p):
+        from ernie_vl.data.shards import expand_braces
+
+        files = [f for f in expand_braces(str(p)) if os.path.isfile(f)]
+    else:
+        return ident
+    stats = [os.stat(f) for f in files]
+    return {**ident, "files": len(stats), "size": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}
 
 
 def same_setting(saved: Any, now: Any) -> bool:
