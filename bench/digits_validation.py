@@ -36,10 +36,11 @@ from _report import Verdict, command_line, machine, write_results
 
 CACHE = ROOT / ".cache" / "bench_digits_val"
 ROWS = ROOT / "bench" / "results" / "digits_validation_rows.jsonl"
-SETTING = ("steps", "lr", "warmup", "min_lr_ratio", "ema", "crop", "rotate", "contrastive", "caption_positives",
-           "overrides")
+SETTING = ("steps", "image_stem", "lr", "warmup", "min_lr_ratio", "ema", "crop", "rotate", "contrastive",
+           "caption_positives", "other_changes")
 # rows logged before these settings existed were trained with plain CLIP pairs and tiny's preset as it was
-OLD = {"contrastive": "clip", "caption_positives": False, "overrides": None}
+# and tiny's linear image embedding (rows logged before the run recorded its image tokenizer, ``image_stem``)
+OLD = {"contrastive": "clip", "caption_positives": False, "image_stem": "linear"}
 SIGLIP = {"contrastive": "siglip", "init_logit_scale": 10.0, "init_logit_bias": -10.0}  # SigLIP's initialisation
 FIXED_DECAYS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 
@@ -125,6 +126,7 @@ def main() -> None:
               "rotate": args.image_rotate, "caption_positives": args.caption_positives,
               "contrastive": overrides.get("loss", {}).get("contrastive", args.contrastive),
               "overrides": json.dumps(args.override, sort_keys=True) if args.override else None,
+              "image_stem": image_stem_name(getattr(model.cfg.image_encoder.conv_stem, "channels", 0)),
               "zero_shot": float((logits.argmax(1) == val_emb.labels).double().mean())}
     for kind in ("layers", "embedding"):
         features = ImageFeatures(model, kind)
@@ -151,6 +153,28 @@ def main() -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _setting(run: dict) -> tuple:
+    """A row's values of ``SETTING``. Settings a row logged before they were recorded ran with: the defaults
+    of then (``OLD``), and the image tokenizer its ``--override`` asked for, else tiny's linear embedding of
+    then. ``other_changes``: the row's ``--override`` without the image tokenizer (a JSON string, or None)."""
+    overrides = json.loads(run.get("overrides") or "{}")
+    image = dict(overrides.get("image_encoder", {}))
+    stem = image.pop("conv_stem", None)
+    others = {k: v for k, v in overrides.items() if k != "image_encoder"}
+    others.update({f"image_encoder.{k}": v for k, v in image.items()})
+    values = {"other_changes": json.dumps(others, sort_keys=True) if others else None,
+              "image_stem": run.get("image_stem", image_stem_name(stem) if stem is not None else OLD["image_stem"])}
+    return tuple(values[k] if k in values else run.get(k, OLD.get(k)) for k in SETTING)
+
+
+def image_stem_name(conv_stem) -> str:
+    """How the table names an image tokenizer: ``linear`` (``conv_stem`` 0) or ``conv [16, 32, 64]``."""
+    if not conv_stem:
+        return "linear"
+    channels = conv_stem["channels"] if isinstance(conv_stem, dict) else conv_stem
+    return f"conv {list(channels)}"
+
+
 def _spread(values: list[float]) -> str:
     """``mean`` for one value, ``mean ± sd (min-max)`` for several."""
     import statistics
@@ -166,12 +190,12 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault(tuple(run.get(k, OLD.get(k)) for k in SETTING), []).append(run)
+        groups.setdefault(_setting(run), []).append(run)
     n_val = runs[0]["n_val"]
-    rows = [("| steps | changes to `tiny` | schedule | EMA | loss, same-caption pairs | seeds | zero-shot "
+    rows = [("| steps | image tokens | other changes to `tiny` | augmentation | schedule | EMA | loss, same-caption pairs | seeds | zero-shot "
              "| probe, `layers` (its own weight decay) "
              "| probe, `layers`, weight decay 0.1 | probe, `embedding` | LogisticRegression, raw pixels |"),
-            "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+            "|---:|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     import statistics
 
     reference = max(groups.values(), key=len)  # the setting run with the most seeds measures the seed noise
@@ -187,8 +211,10 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
         schedule = (f"warm-up {setting['warmup'] if setting['warmup'] is not None else 'default'}, cosine floor "
                     f"{setting['min_lr_ratio'] if setting['min_lr_ratio'] is not None else 'default'}")
         pairs = (f"{setting['contrastive']}, " + ("positives" if setting["caption_positives"] else "negatives"))
-        preset = f"`{setting['overrides']}`" if setting["overrides"] else "as it is"
-        rows.append(f"| {setting['steps']} | {preset} | {schedule} | {setting['ema'] or 'off'} | {pairs} | {seeds} | "
+        preset = f"`{setting['other_changes']}`" if setting["other_changes"] else "none"
+        augment = ("none" if setting["crop"] >= 1 and not setting["rotate"]
+                   else f"crops {setting['crop']:g}-1, rotations {setting['rotate']:g} degrees")
+        rows.append(f"| {setting['steps']} | {setting['image_stem']} | {preset} | {augment} | {schedule} | {setting['ema'] or 'off'} | {pairs} | {seeds} | "
                     + " | ".join(cols)
                     + (f" | {(statistics.mean(r['layers'] for r in group) - ref_mean) / ref_sd:+.1f} |" if ref_sd > 0
                        else " | n/a |"))
@@ -203,8 +229,9 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
             "[--ema D] [--contrastive siglip] [--caption-positives] [--override JSON]`; every run is a line of "
             "`bench/results/digits_validation_rows.jsonl`)\n\n"
             f"The bench's 1,347 training digits split 80/20 (stratified, seed 0): `tiny` trains on the 80% "
-            f"(batch {first.get('batch', 64)}, lr {first['lr']:g}, crops {first['crop']:g}-1, "
-            f"rotations within {first['rotate']:g} degrees), every figure is top-1 on the other {n_val} digits, "
+            f"(batch {first.get('batch', 64)}, lr {first['lr']:g}, the row's image tokens and augmentation; "
+            "`linear` is tiny's image patch embedding before the conv tokenizer became its default), "
+            f"every figure is top-1 on the other {n_val} digits, "
             "which the encoder never saw (one digit = "
             f"{100 / n_val:.2f} points); the probes are fitted on the 80%. The bench's held-out 450 digits are not "
             "used. Fixed step budgets: the load (each run's before/after 1-min load average: "

@@ -142,7 +142,7 @@ def main() -> None:
              f"| majority class | | {chance:.3f} |"]
     text = ("# Real data: handwritten digits (scikit-learn)\n\n"
             f"Command: `{command_line('train_digits.py')}`\n\n{facts.line()}\n\n"
-            f"Model: {model_line(args.override)}.\n\n"
+            f"Model: {model_line(args.override)}; its image tokens: {image_tokens(model.cfg.image_encoder.conv_stem)}.\n\n"
             f"{args.steps} steps of {args.batch} pairs (lr {args.lr:g}, seed {args.seed}; image augmentation: crops "
             f"of {args.image_crop_min_area:g}-1 of the area, rotations within {args.image_rotate:g} degrees) in "
             f"{train_s:.0f} s "
@@ -171,6 +171,12 @@ def model_line(override: dict | None) -> str:
     if not override:
         return "`tiny`, the preset as it is"
     return f"`tiny` with `--override {json.dumps(override, sort_keys=True)}` (changes to the preset)"
+
+
+def image_tokens(conv_stem) -> str:
+    """The image encoder's tokenizer in words: the linear patch embedding or the conv tokenizer's channels."""
+    channels = getattr(conv_stem, "channels", None)
+    return f"a conv tokenizer {list(channels)}" if channels else "the linear patch embedding"
 
 
 if __name__ == "__main__":

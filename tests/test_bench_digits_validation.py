@@ -55,5 +55,22 @@ def test_preset_changes_are_separate_rows_named_in_the_table(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in runs))
     rows = [line for line in dv.write_table(log, tmp_path).splitlines() if line.startswith("| 2000 ")]
     assert len(rows) == 2
-    assert rows[0].startswith("| 2000 | as it is |") and "0.960 ± 0.014" in rows[0]
-    assert f"| `{stem}` |" in rows[1] and "| 0.990 |" in rows[1]
+    assert "0.960 ± 0.014" in next(r for r in rows if r.startswith("| 2000 | linear | none | crops 0.85-1, rotations 5 "))
+    assert "| 0.990 |" in next(r for r in rows if r.startswith("| 2000 | conv [16, 32, 64] | none |"))
+
+
+def test_rows_group_by_the_image_tokens_they_ran_with(tmp_path):
+    """A row that records its image tokens groups with an older row whose --override asked for the same
+    tokenizer; other changes stay their own setting; no augmentation reads "none"."""
+    dv = load_bench("digits_validation")
+    log = tmp_path / "rows.jsonl"
+    asked = json.dumps({"image_encoder": {"conv_stem": [16, 32, 64]}}, sort_keys=True)
+    siglip = json.dumps({"image_encoder": {"conv_stem": [16, 32, 64]}, "loss": {"contrastive": "siglip"}})
+    runs = [dict(_run(2000, 0, 0.99), overrides=asked), dict(_run(2000, 1, 0.97), image_stem="conv [16, 32, 64]"),
+            dict(_run(2000, 0, 0.95), overrides=siglip), dict(_run(2000, 0, 0.91), crop=1.0, rotate=0.0)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    rows = [line for line in dv.write_table(log, tmp_path).splitlines() if line.startswith("| 2000 ")]
+    assert len(rows) == 3
+    assert "| 0, 1 |" in next(r for r in rows if r.startswith("| 2000 | conv [16, 32, 64] | none |"))
+    assert next(r for r in rows if '`{"loss": {"contrastive": "siglip"}}`' in r).startswith("| 2000 | conv [16, 32, 64] |")
+    assert next(r for r in rows if "| 0.910 |" in r).startswith("| 2000 | linear | none | none |")

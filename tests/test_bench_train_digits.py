@@ -56,6 +56,10 @@ def test_override_must_be_a_json_object(monkeypatch, capsys):
 def test_results_name_the_model():
     td = load_bench("train_digits")
     assert td.model_line(None) == "`tiny`, the preset as it is"
+    from encoders.video_stem import ConvStemConfig
+
+    assert td.image_tokens(0) == "the linear patch embedding"
+    assert td.image_tokens(ConvStemConfig((16, 32, 64))) == "a conv tokenizer [16, 32, 64]"
     line = td.model_line(STEM)
     assert '`--override {"image_encoder": {"conv_stem": [16, 32, 64]}}`' in line
     assert td.run_name(100, 1, STEM) != td.run_name(100, 1, {"image_encoder": {"conv_stem": [8]}})
