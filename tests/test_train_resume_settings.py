@@ -248,3 +248,17 @@ def test_path_identity_of_files_folders_and_shard_patterns(tmp_path):
     assert not same_setting(folder, path_identity(str(shards), tmp_path / "run"))
     assert same_setting(file, path_identity(str(shards / "000.tar"), tmp_path))
     assert path_identity(str(tmp_path / "missing.csv"), tmp_path)["from_out"] == "missing.csv"
+
+
+def test_a_setting_added_since_the_save_counts_as_its_default(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_config(data, run, **SMALL), stop_after=2)
+    state = ckpt.load_training_state(run)
+    del state[FINGERPRINT_KEY]["image_rotate"]  # as if the field did not exist when the run was saved
+    ckpt.save_training_state(run, state)
+    trainer = Trainer(tiny_config(data, run, resume=True, **SMALL))  # the default: accepted, no warning needed
+    assert trainer.step == 2
+    trainer.log_file.close()
+    _refuse_before_build(monkeypatch)
+    with pytest.raises(ValueError, match="image_rotate 0.0 then, 10.0 now"):
+        Trainer(tiny_config(data, run, resume=True, **{**SMALL, "image_rotate": 10.0}))

@@ -2,7 +2,8 @@
 
 ``train_fingerprint(cfg, world_size, device_type)`` is the part of a :class:`TrainConfig` that changes the
 numbers a run computes; the trainer saves it in ``train_state.safetensors`` under ``FINGERPRINT_KEY``, and
-``--resume`` compares it with the new command line (``check_saved_settings``) before any data is decoded.
+``--resume`` compares it with the new command line (``check_training_resume``) before any data is decoded;
+a setting the saved state lacks (a field added to ``TrainConfig`` since) counts as its default there.
 QAT (``ernie_vl.train.qat``) compares its own fingerprint with the same code.
 
 Defining (a change is refused): the model (preset name and ``model_overrides``, or a checkpoint folder: the
@@ -132,13 +133,24 @@ def read_saved(out: str | Path, key: str) -> Any:
 
 
 def max_steps_extension(saved: dict[str, Any], now: dict[str, Any]) -> bool:
-    """True when ``now`` differs from ``saved`` only by a larger ``max_steps`` that changes no step's LR."""
+    """True when ``now`` has a larger ``max_steps`` than ``saved`` that changes no step's LR."""
     if not (isinstance(saved.get("max_steps"), int) and isinstance(now.get("max_steps"), int)):
         return False
     flat = now.get("min_lr_ratio") == 1.0  # the LR after warm-up does not depend on the length
     derived = (now.get("curriculum") and now.get("curriculum_steps") is None) or (
         now.get("recipe") == "auto" and bool(now.get("videos")))
     return now["max_steps"] > saved["max_steps"] and flat and not derived
+
+
+def _defaults_for(fingerprint: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``TrainConfig``'s defaults of the settings in ``fingerprint`` that ``saved`` lacks (fields added since)."""
+    import dataclasses
+
+    from ernie_vl.train.config import TrainConfig
+
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    return {k: defaults[k] for k in fingerprint if k not in saved and k in defaults}
 
 
 def check_training_resume(out: str | Path, fingerprint: dict[str, Any]) -> bool:
@@ -154,6 +166,7 @@ def check_training_resume(out: str | Path, fingerprint: dict[str, Any]) -> bool:
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: the training state in {str(out)!r} records its settings as "
                          f"{type(saved).__name__}, not a dict; it cannot be checked. Use a new --out")
+    saved = {**_defaults_for(fingerprint, saved), **saved}
     extend = max_steps_extension(saved, fingerprint)
     diffs = differences(saved, fingerprint, skip=LAYOUT_FIELDS + (("max_steps",) if extend else ()))
     if diffs:
