@@ -143,6 +143,28 @@ def test_an_interrupted_qat_run_resumes_to_the_weights_of_an_unbroken_one(data, 
     assert any(not torch.allclose(start[k].float(), fb[k].float()) for k in fb if k in start)
 
 
+def test_a_qat_state_without_the_training_settings_resumes_without_a_warning(data, checkpoint, interrupted,
+                                                                             tmp_path, capsys):
+    """The QAT fingerprint was checked: a state saved before runs recorded their training settings needs no
+    'cannot be checked' warning."""
+    import warnings
+
+    from ernie_vl.app.cli import main
+    from ernie_vl.train import checkpointing as ckpt
+    from ernie_vl.train.run_settings import FINGERPRINT_KEY
+
+    work = tmp_path / "work"
+    shutil.copytree(interrupted / "work", work)
+    state = ckpt.load_training_state(work)
+    del state[FINGERPRINT_KEY]
+    ckpt.save_training_state(work, state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(_qat_args(data, checkpoint, tmp_path / "int8", work, 5, "--resume", "--no-progress")) == 0
+    assert not [w for w in caught if "cannot be checked" in str(w.message)]
+    assert _report(capsys.readouterr())["qat"]["resumed_at_step"] == 2
+
+
 @pytest.mark.parametrize("change, named", [
     (["--lr", "2e-3"], "lr 0.001 then, 0.002 now"),
     (["--batch-pairs", "4"], "batch_pairs 8 then, 4 now"),

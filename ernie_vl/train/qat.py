@@ -28,7 +28,7 @@ from ernie_vl.int8_engines import layer_activation_qmax
 from ernie_vl.quantize_aware import convert_qat, prepare_qat
 from ernie_vl.train import checkpointing as ckpt
 from ernie_vl.train.config import TrainConfig
-from ernie_vl.train.run_settings import differences, read_saved
+from ernie_vl.train.run_settings import FINGERPRINT_KEY, differences, read_saved
 from ernie_vl.train.trainer import Trainer
 
 #: the entry of the training state that holds the QAT run's fingerprint
@@ -116,6 +116,13 @@ class QATTrainer(Trainer):
 
     def _state(self) -> dict[str, Any]:
         return {**super()._state(), QAT_STATE_KEY: self.fingerprint}
+
+    def _check_settings(self) -> bool:
+        """``qat_trainer`` has checked the QAT fingerprint: a QAT state saved before the training settings were
+        recorded resumes without the warning that they cannot be checked."""
+        if read_saved(self.out, FINGERPRINT_KEY) is None:
+            return False
+        return super()._check_settings()
 
 
 def qat_trainer(cfg: QATConfig) -> QATTrainer:

@@ -20,7 +20,7 @@ from ernie_vl.train.distributed import barrier, broadcast_object, gather_objects
 from ernie_vl.train.expert_sharding import (ema_state, load_ema_state, load_model_state, load_optimizer_state,
                                             model_state, optimizer_state)
 from ernie_vl.train.fsdp import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
-from ernie_vl.train.run_settings import FINGERPRINT_KEY
+from ernie_vl.train.run_settings import FINGERPRINT_KEY, check_training_resume
 
 
 class ResumableRun:
@@ -71,6 +71,11 @@ class ResumableRun:
         warnings.warn(f"--resume: no {ckpt.CHECKPOINT_NAME} in {str(self.out)!r}; starting from step 0",
                       stacklevel=4)
         return False
+
+    def _check_settings(self) -> bool:
+        """Before anything is built: refuse a saved run whose defining settings differ (``run_settings``);
+        True when a larger ``max_steps`` extends its flat schedule."""
+        return check_training_resume(self.out, self.run_fingerprint)
 
     def _resume(self) -> bool:
         """Load the run folder's state (checked by ``_check_resumable``); False when there is none."""

@@ -42,7 +42,7 @@ from ernie_vl.train.optim import RefittableCosine, build_optimizer
 from ernie_vl.train.process import resolve_threads, seed_everything, to_device
 from ernie_vl.train.reporting import routing_summary
 from ernie_vl.train.resume import ResumableRun
-from ernie_vl.train.run_settings import check_training_resume, train_fingerprint
+from ernie_vl.train.run_settings import train_fingerprint
 from ernie_vl.train.sampler import PrioritySampler
 
 
@@ -60,7 +60,7 @@ class Trainer(ResumableRun):
             self.out.mkdir(parents=True, exist_ok=True)
         self.resumable = self._check_resumable() if cfg.resume else False  # fail fast, before the data
         self.run_fingerprint = train_fingerprint(cfg, self.ctx.world_size, self.ctx.device.type)
-        self.extend_schedule = check_training_resume(self.out, self.run_fingerprint) if self.resumable else False
+        self.extend_schedule = self._check_settings() if self.resumable else False
         self.model = self._build_model()
         self.ep = setup_expert_parallel(self.model, cfg.expert_parallel, self.ctx.world_size)
         self.settings = self._choose_settings()  # the few-shot recipe, or the plain defaults
