@@ -221,7 +221,7 @@ def write_table(log: Path, results_dir: Path | None = None) -> str:
         if len(group) >= 3:
             verdicts.append(Verdict(f"digits validation ({n_val} training digits the encoder never saw): `layers` probe, "
                                     f"{setting['steps']} steps, EMA {setting['ema'] or 'off'}, same-caption pairs "
-                                    f"{pairs}, tiny {preset}, seeds {seeds}", "report",
+                                    f"{pairs}, image tokens {setting['image_stem']}, other changes to tiny {preset}, seeds {seeds}", "report",
                                     f"{cols[1]} vs LogisticRegression {cols[4]}", None))
     first = runs[0]
     text = ("# Digits: validation runs (settings for `bench/train_digits.py` are chosen here)\n\n"
