@@ -146,17 +146,18 @@ def test_video_start_rules():
     from ernie_vl.train.finetune import INFLATED, KEPT, KEPT_STEM, video_start
 
     pairs = {"pairs"}
-    assert video_start("auto", True, pairs, inflatable=True) == INFLATED
-    assert video_start("auto", True, pairs, inflatable=False) == KEPT_STEM  # a video stem, no image stem
-    assert video_start("auto", True, {"pairs", "videos"}, inflatable=True) == KEPT  # has seen videos
-    assert video_start("auto", True, {"open_clip"}, inflatable=True) == KEPT  # already inflated
-    assert video_start("auto", False, pairs, inflatable=True) == KEPT  # no videos to fine-tune on
-    assert video_start("keep", True, pairs, inflatable=True) == KEPT
-    assert video_start("image", True, {"pairs", "videos"}, inflatable=False) == INFLATED  # inflation then refuses
+    assert video_start("auto", True, pairs, video_stem=False) == INFLATED
+    assert video_start("auto", True, pairs, video_stem=True) == KEPT_STEM  # even where an image stem could inflate it
+    assert video_start("auto", True, {"pairs", "videos"}, video_stem=False) == KEPT  # has seen videos
+    assert video_start("auto", True, {"open_clip"}, video_stem=False) == KEPT  # already inflated
+    assert video_start("auto", False, pairs, video_stem=False) == KEPT  # no videos to fine-tune on
+    assert video_start("keep", True, pairs, video_stem=False) == KEPT
+    assert video_start("image", True, {"pairs", "videos"}, video_stem=True) == INFLATED  # or inflation refuses
 
 
-def test_auto_inflates_a_video_stem_from_the_image_encoders_stem(tiny_data, tmp_path):
-    """With a conv tokenizer in the image encoder too, ``auto`` inflates the video path through it."""
+def test_image_init_inflates_a_video_stem_from_the_image_encoders_stem_and_auto_keeps_it(tiny_data, tmp_path):
+    """With a conv tokenizer in the image encoder too, ``--video-init image`` inflates the video path through
+    it; ``auto`` keeps the checkpoint's own video stem and says why."""
     from _train_helpers import tiny_config
 
     from ernie_vl.train import train
@@ -164,7 +165,10 @@ def test_auto_inflates_a_video_stem_from_the_image_encoders_stem(tiny_data, tmp_
 
     stems = {"image_encoder": {"conv_stem": [4, 8]}, "video_encoder": {"conv_stem": {"channels": [4], "frame_diff": True}}}
     pre = train(tiny_config(tiny_data, tmp_path / "pre", max_steps=1, videos=[], model_overrides=stems))
-    trainer = Trainer(tiny_config(tiny_data, tmp_path / "ft", model=str(pre.final_dir), max_steps=1))
+    auto = Trainer(tiny_config(tiny_data, tmp_path / "auto", model=str(pre.final_dir), max_steps=1))
+    assert auto.video_init.startswith("kept: the video encoder has a conv stem")
+    assert auto.model.video_encoder.cfg.conv_stem.channels == (4,)
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "ft", model=str(pre.final_dir), max_steps=1, video_init="image"))
     assert trainer.video_init == "inflated from the image encoder"
     video, image = trainer.model.video_encoder, trainer.model.image_encoder
     assert video.cfg.conv_stem.channels == (4, 8) and video.cfg.conv_stem.frame_diff  # image's blocks, video's diffs
@@ -173,8 +177,8 @@ def test_auto_inflates_a_video_stem_from_the_image_encoders_stem(tiny_data, tmp_
 
 
 def test_auto_keeps_the_video_path_of_a_pairs_trained_checkpoint_with_a_stem_and_says_why(tiny_data, tmp_path):
-    """tiny's video encoder has a conv tokenizer and its image encoder none: ``auto`` keeps it (and says why),
-    ``image`` refuses."""
+    """A video encoder with a conv tokenizer and an image encoder without one: ``auto`` keeps it (and says
+    why), ``image`` refuses."""
     from _train_helpers import read_log, tiny_config
 
     from ernie_vl.train import train
@@ -183,7 +187,8 @@ def test_auto_keeps_the_video_path_of_a_pairs_trained_checkpoint_with_a_stem_and
     stem = {"video_encoder": {"conv_stem": {"channels": [4, 8], "frame_diff": True}}}
     pre = train(tiny_config(tiny_data, tmp_path / "pre", max_steps=1, videos=[], model_overrides=stem))
     trainer = Trainer(tiny_config(tiny_data, tmp_path / "ft", model=str(pre.final_dir), max_steps=1))
-    why = "kept: the video encoder has a conv stem, which the image encoder's patch embedding cannot be inflated into"
+    why = ("kept: the video encoder has a conv stem, which auto does not inflate (--video-init image inflates it "
+           "from an image encoder with its own conv tokenizer)")
     assert trainer.video_init == why
     saved = ernie_vl.ErnieVL.from_pretrained(pre.final_dir)
     for name, p in saved.video_encoder.state_dict().items():  # the checkpoint's video encoder, unchanged

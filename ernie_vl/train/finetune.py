@@ -24,8 +24,8 @@ FREEZE_MODES = ("none", "backbone")
 # how a fine-tuned checkpoint's video path starts (setup.json's ``video_init``)
 INFLATED = "inflated from the image encoder"
 KEPT = "kept from the checkpoint"
-KEPT_STEM = ("kept: the video encoder has a conv stem, which the image encoder's patch embedding cannot be "
-             "inflated into")
+KEPT_STEM = ("kept: the video encoder has a conv stem, which auto does not inflate (--video-init image "
+             "inflates it from an image encoder with its own conv tokenizer)")
 # how a linear probe's classifier starts (setup.json's ``head_init``)
 HEAD_FROM_PROMPTS = "from the class prompts' text embeddings (starts as the zero-shot classifier)"
 HEAD_RANDOM = ("random: the classifier reads the video encoder's pooled features (head.video_cls_input="
@@ -107,18 +107,21 @@ def trained_on(checkpoint_dir: str | Path) -> set[str]:
     return {k for k in str(meta.get("trained_on", "")).split(",") if k}
 
 
-def video_start(video_init: str, has_videos: bool, checkpoint_trained_on: set[str], inflatable: bool) -> str:
+def video_start(video_init: str, has_videos: bool, checkpoint_trained_on: set[str], video_stem: bool) -> str:
     """:data:`INFLATED`, or why the checkpoint's video path is kept (:data:`KEPT`, :data:`KEPT_STEM`).
 
-    ``inflatable``: whether the video encoder can be inflated from the image encoder
-    (``ernie_vl.inflate.inflation_problem`` is None: no video stem with blocks, or an image encoder with
-    its own conv tokenizer to inflate it from). ``"image"`` always inflates (``inflate_video_from_image``
-    refuses what cannot be inflated with a ValueError saying why); ``"keep"`` never does; ``"auto"``
-    inflates a checkpoint trained on pairs but never on videos when videos are trained on, if inflatable."""
+    ``"image"`` always inflates (``inflate_video_from_image`` refuses what cannot be inflated with a
+    ValueError saying why); ``"keep"`` never does; ``"auto"`` inflates a checkpoint trained on pairs but
+    never on videos when videos are trained on, unless its video encoder has a conv stem (``video_stem``).
+    Such a stem is kept even where an image tokenizer could inflate it: inflation starts the stem's
+    frame-difference inputs and temporal attention at zero, and on the few-shot motion clips a pair-trained
+    ``tiny`` fine-tuned from its own (untrained) frame-difference tokenizer learned the motions far faster
+    than from the inflated image tokenizer, at half the cost per step (the inflated encoder takes the
+    image's 4 px patches)."""
     if video_init == "image":
         return INFLATED
     if video_init == "keep" or not has_videos:
         return KEPT
     if "pairs" not in checkpoint_trained_on or "videos" in checkpoint_trained_on:
         return KEPT
-    return INFLATED if inflatable else KEPT_STEM
+    return KEPT_STEM if video_stem else INFLATED

@@ -140,10 +140,10 @@ class Trainer(ResumableRun):
             elif classes is not None and list(model.class_names) != classes:
                 raise ValueError(f"the model {cfg.model!r} classifies {model.class_names[:10]} but the videos have "
                                  f"classes {classes[:10]}; train from a preset to get a new head")
-            from ernie_vl.inflate import inflate_video_from_image, inflation_problem
+            from ernie_vl.inflate import inflate_video_from_image
 
             self.video_init = video_start(cfg.video_init, bool(cfg.videos), self.trained_on,
-                                          inflation_problem(model.cfg) is None)
+                                          bool(model.cfg.video_encoder.conv_stem))
             if self.video_init == INFLATED:
                 model = inflate_video_from_image(model)  # --video-init image where it cannot: its ValueError
             return model
