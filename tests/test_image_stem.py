@@ -89,36 +89,26 @@ def test_tiny_has_the_image_tokenizer_and_the_other_presets_the_linear_embedding
         assert load_config(name).image_encoder.conv_stem == want, name
 
 
-def test_old_tiny_checkpoints_load_as_saved_with_the_linear_embedding(tmp_path):
-    """A checkpoint saved when tiny's image encoder had no stem (no conv_stem key in its config.json) loads
-    stem-less with its numbers, whatever the preset says now."""
+@pytest.mark.parametrize("preset", ["test", "tiny"])
+def test_checkpoint_without_the_key_loads_with_no_stem_and_the_same_numbers(tmp_path, preset):
+    """A checkpoint saved before the key existed (no conv_stem in its config.json) loads stem-less with its
+    numbers, whatever the preset says now (tiny's has a stem since)."""
     torch.manual_seed(0)
-    old = ernie_vl.create_model("tiny", image_encoder={"conv_stem": 0}).eval()
-    old.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["name"] == "tiny" and saved["image_encoder"].pop("conv_stem") == 0
-    (tmp_path / "config.json").write_text(json.dumps(saved))  # as written before the key existed
-    loaded = ernie_vl.ErnieVL.from_pretrained(tmp_path).eval()
-    assert loaded.cfg.image_encoder.conv_stem == 0 and loaded.image_encoder.stem is None
-    images = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded.encode_image(images), old.encode_image(images))
-    new = ernie_vl.create_model("tiny")
-    assert [m.out_channels for m in new.image_encoder.stem if isinstance(m, nn.Conv2d)] == [16, 32, 64]
-
-
-def test_checkpoint_without_the_key_loads_with_no_stem_and_the_same_numbers(tmp_path):
-    torch.manual_seed(0)
-    model = ernie_vl.create_model("test").eval()
+    model = ernie_vl.create_model(preset, image_encoder={"conv_stem": 0}).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["image_encoder"].pop("conv_stem") == 0
+    assert config["name"] == preset and config["image_encoder"].pop("conv_stem") == 0
     (tmp_path / "config.json").write_text(json.dumps(config))  # as written before the key existed
     loaded = ernie_vl.ErnieVL.from_pretrained(tmp_path).eval()
     assert loaded.cfg.image_encoder.conv_stem == 0 and loaded.image_encoder.stem is None
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+
+
+def test_tiny_builds_its_image_tokenizer():
+    new = ernie_vl.create_model("tiny")
+    assert [m.out_channels for m in new.image_encoder.stem if isinstance(m, nn.Conv2d)] == [16, 32, 64]
 
 
 # --------------------------------------------------------------------------- the stem path
