@@ -10,7 +10,15 @@ OPENCV_DATA := .cache/opencv-doc
 
 .PHONY: demo test venv bench clean opencv-data
 
+# PyTorch 2.14.1 for x86_64 Linux is a CUDA build: the venv takes about 6.5 GB. pip keeps no cache copy
+# (PIP_NO_CACHE_DIR), and a short disk is named before the install rather than failing halfway through it.
+VENV_NEEDS_GB := 7
+export PIP_NO_CACHE_DIR := 1
+
 $(STAMP): pyproject.toml
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	  if [ "$$free_kb" -lt $$(( $(VENV_NEEDS_GB) * 1024 * 1024 )) ]; then \
+	    echo "warning: $$(( free_kb / 1024 / 1024 )) GB free in $$(pwd); the .venv (PyTorch's CUDA build) needs about $(VENV_NEEDS_GB) GB" >&2; fi
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
