@@ -74,10 +74,22 @@ class ConvStemConfig:
         return 2 * in_chans if self.frame_diff else in_chans
 
 
-def frame_differences(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, 2C, T, H, W): the frames, then ``x[t] - x[t-1]`` (zeros at t = 0)."""
-    diff = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
-    return torch.cat([x, diff], dim=1)
+def frame_differences(x: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, 2C, T, H, W): the frames, then ``x[t] - x[t-1]`` (zeros at t = 0).
+
+    Written in one pass into one tensor of ``memory_format`` (``torch.channels_last_3d`` is what the conv
+    tokenizer reads): the pixels are copied in, and the differences are taken from that copy straight into
+    the second half of the channels, so no concatenation or layout conversion follows. Where ``x`` needs
+    gradients the differences go through autograd instead (same values)."""
+    b, c, t, h, w = x.shape
+    out = torch.empty((b, 2 * c, t, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format)
+    out[:, c:, :1].zero_()
+    out[:, :c] = x
+    if torch.is_grad_enabled() and x.requires_grad:
+        out[:, c:, 1:] = x[:, :, 1:] - x[:, :, :-1]
+    else:
+        torch.sub(out[:, :c, 1:], out[:, :c, :-1], out=out[:, c:, 1:])
+    return out
 
 
 def stem_strides(num_blocks: int, patch: tuple[int, int], tubelet: int) -> list[tuple[int, int, int]]:
