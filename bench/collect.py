@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ORDER = ("encoders", "moe", "quantize", "int8_accuracy", "int8_fusion", "video", "retrieval", "hnsw_at_scale", "hnsw_mmap", "server",
          "server_abuse",
-         "data", "train_synthetic", "train_digits", "digits_validation", "few_shot_video", "video_stem_cost", "image_stem_cost", "moe_balance", "priority_sampling",
+         "data", "train_synthetic", "train_digits", "digits_validation", "few_shot_video", "video_stem_cost", "video_init_cost", "image_stem_cost", "moe_balance", "priority_sampling",
          "train_screens")
 BLOCK = re.compile(r"<!-- bench:(\w+):begin -->\n.*?<!-- bench:\1:end -->", re.S)
 

@@ -25,6 +25,14 @@ the preset:
   + BatchNorm + GELU blocks, strided in space and time, then a 1x1x1 projection); ``tokenizer_noaug``: the same
   with ``noaug``'s settings; ``tokenizer_diff``: ``full`` with the tokenizer fed frame differences too
   (``conv_stem={"channels": [16, 32, 64], "frame_diff": true}``, what ``full`` ran when it became the default);
+- ``pairs_keep`` / ``pairs_image``: ``full`` (same clips, recipe, steps, evaluation) started not from the preset
+  at random init but from a ``tiny`` checkpoint trained on image-text pairs only (``bench/_pair_start.py``:
+  ``--pair-steps`` steps on synthetic captioned shapes with the row's seed, cached in the work folder so both
+  rows of a seed share it), fine-tuned with ``--video-init keep`` (the checkpoint's own, untrained video
+  encoder) or ``--video-init image`` (the video encoder inflated from the trained image encoder, through its
+  conv tokenizer, in the image encoder's geometry). ``--video-init auto`` keeps a video encoder with a conv
+  stem, as ``tiny``'s is, so it runs ``pairs_keep`` (no row of its own). Each row records its start
+  (``start``: the pair stage's steps, seed, seconds and retrieval; how the video path started);
 - ``c3d``: the reference learner of ``bench/_reference_c3d.py`` (a 3D convnet of about 70k
   parameters, the same clips, frames, size and label-aware flips / reversals, Adam, ``--steps``
   steps, 600 without): what is reachable on these clips with so few labels;
@@ -34,7 +42,11 @@ the preset:
   training (projector, MoE backbone, losses, schedule) is what fails to learn from few clips. The encoder's
   own goal: ``vit_ref_tokenizer_diff`` >= 0.93 on two seeds at 40 clips per class.
 
-Each row records the video encoder it ran (attention, tubelet size, stem). A row whose recorded encoder is
+``auto``'s rule for a pair-trained ``tiny`` (keep its video stem rather than inflate it) is checked against the
+``pairs_*`` rows: ``pairs_keep`` above ``pairs_image`` on two seeds at 40 clips per class.
+
+Each row records the video encoder it ran (attention, tubelet size, stem; since the ``pairs_*`` rows also
+patch size and class-token mode) and its seconds per step (the training loop's wall clock over its steps). A row whose recorded encoder is
 no longer what its variant builds (after a change of ``tiny``'s defaults) is marked stale in the table and
 left out of the verdicts; rows run under a name whose meaning later changed were renamed to the variant that
 builds what they ran (``relabelled_from`` and ``note`` in the row), and the table's notes list them.
@@ -47,11 +59,14 @@ verdicts (>= 0.90 on both seeds at 40 clips per class, >= 0.97 at 512) are compu
 (``--rows ''`` rewrites them from the rows file without training).
 
     .venv/bin/python bench/few_shot_video.py --rows 40:full:0,40:full:1 --minutes 10 --steps 600
+    .venv/bin/python bench/few_shot_video.py --rows 40:pairs_keep:0,40:pairs_image:0 --steps 600 --pair-steps 400
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -62,6 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _motion_clips import VERSION, make_clips  # noqa: E402
+from _pair_start import pair_checkpoint  # noqa: E402
 from _report import Verdict, command_line, machine, write_results  # noqa: E402
 
 NAME = "few_shot_video"
@@ -86,6 +102,9 @@ VARIANTS = {  # model overrides of tiny (merged into the preset), trainer settin
     "tokenizer": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, AUTO),  # a list replaces the default's dict
     "tokenizer_noaug": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, NO_AUG),
     "tokenizer_diff": ({"video_encoder": {"conv_stem": {**TOKENIZER_DIFF, "time_kernel": 3}}}, AUTO),
+    # from tiny trained on pairs only (bench/_pair_start.py); auto keeps tiny's video stem, as keep does
+    "pairs_keep": ({}, dict(AUTO, video_init="keep")),
+    "pairs_image": ({}, dict(AUTO, video_init="image")),
     "c3d": None,  # the reference learner (bench/_reference_c3d.py), not ernie-vl
     "vit_ref": None,  # tiny's bare video encoder + a linear head in the reference's loop
     "vit_ref_stem": None,  # the same with conv_stem=24
@@ -98,6 +117,8 @@ REFERENCES = {"c3d": None, "vit_ref": NO_STEM, "vit_ref_stem": {"conv_stem": 24}
 REFERENCE_LOOP = {"vit_ref_tokenizer_diff": {"weight_decay": 0.05}}  # AdamW settings other than lr 1e-3, wd 1e-2
 ENCODER_GOAL = ("vit_ref_tokenizer_diff", 40, 0.93)  # the bare encoder's goal: this row, clips/class, top-1 on 2 seeds
 GOALS = {40: 0.90, 512: 0.97}
+PAIR_VARIANTS = ("pairs_keep", "pairs_image")  # start from the pair stage's checkpoint; keep first (auto's rule)
+RULE_CLIPS = 40  # clips/class at which the pairs rows check auto's rule
 
 
 def parse_rows(text: str) -> list[tuple[int, str, int]]:
@@ -112,11 +133,14 @@ def parse_rows(text: str) -> list[tuple[int, str, int]]:
 
 def encoder_summary(cfg) -> dict:
     """What a row's video encoder is (an ``encoders.video_vit.VideoEncoderConfig`` -> plain dict): attention,
-    tubelet size and stem (0, the one-conv stem's channels, or the tokenizer's fields)."""
+    tubelet size, stem (0, the one-conv stem's channels, or the tokenizer's fields), patch size and class-token
+    mode (rows written before the ``pairs_*`` rows recorded only the first three)."""
     stem = cfg.conv_stem
     if dataclasses.is_dataclass(stem):
         stem = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(stem).items()}
-    return {"attention": cfg.attention, "tubelet_size": cfg.tubelet_size, "conv_stem": stem}
+    patch = cfg.patch_size
+    return {"attention": cfg.attention, "tubelet_size": cfg.tubelet_size, "conv_stem": stem,
+            "patch_size": list(patch) if isinstance(patch, (tuple, list)) else [patch, patch], "cls_mode": cfg.cls_mode}
 
 
 def reference_video_cfg(variant: str) -> dict | None:
@@ -128,19 +152,37 @@ def reference_video_cfg(variant: str) -> dict | None:
 
 
 def expected_encoder(variant: str) -> dict | None:
-    """The video encoder ``variant`` builds now (None for the 3D-convnet reference)."""
+    """The video encoder ``variant`` builds now (None for the 3D-convnet reference); ``--video-init image``
+    rows: what inflating ``tiny``'s image encoder gives."""
+    return copy.deepcopy(_expected_encoder(variant))
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_encoder(variant: str) -> dict | None:
     from encoders.video_vit import VideoEncoderConfig
     from ernie_vl.presets import load_config
 
     if variant in REFERENCES:
         video_cfg = reference_video_cfg(variant)
         return None if video_cfg is None else encoder_summary(VideoEncoderConfig(**video_cfg))
-    return encoder_summary(load_config("tiny", **VARIANTS[variant][0]).video_encoder)
+    overrides, extra = VARIANTS[variant]
+    if extra.get("video_init") == "image":
+        import ernie_vl
+        from ernie_vl.inflate import inflate_video_from_image
+
+        return encoder_summary(inflate_video_from_image(ernie_vl.create_model("tiny", **overrides)).cfg.video_encoder)
+    return encoder_summary(load_config("tiny", **overrides).video_encoder)
 
 
 def is_stale(row: dict) -> bool:
-    """A row that recorded its video encoder and ran another than its variant builds now (a preset change)."""
-    return "video_encoder" in row and row["video_encoder"] != expected_encoder(row["variant"])
+    """A row that recorded its video encoder and ran another than its variant builds now (a preset change),
+    compared on the fields the row recorded."""
+    if "video_encoder" not in row:
+        return False
+    recorded, expected = row["video_encoder"], expected_encoder(row["variant"])
+    if recorded is None or expected is None:
+        return recorded != expected
+    return recorded != {k: expected.get(k) for k in recorded}
 
 
 def describe_encoder(enc: dict | None) -> str:
@@ -153,7 +195,10 @@ def describe_encoder(enc: dict | None) -> str:
         text += "" if stem.get("time_kernel", 3) == 3 else f", time kernel {stem['time_kernel']}"
     else:
         text = f"one-conv stem {stem}" if stem else "no stem"
-    return f"{enc['attention']}, k={enc['tubelet_size']}, {text}"
+    patch = enc.get("patch_size")  # recorded since the pairs rows
+    space = "" if patch is None else f", p={patch[0]}" if patch[0] == patch[1] else f", p={patch[0]}x{patch[1]}"
+    cls = "" if enc.get("cls_mode") is None else f", cls {enc['cls_mode'].replace('_', ' ')}"
+    return f"{enc['attention']}, k={enc['tubelet_size']}{space}, {text}{cls}"
 
 
 def run_reference(clips: int, variant: str, seed: int, data: dict, args) -> dict:
@@ -186,7 +231,12 @@ def run_row(clips: int, variant: str, seed: int, args) -> dict:
         return run_reference(clips, variant, seed, data, args)
     overrides, extra = VARIANTS[variant]
     out = Path(args.work) / f"{clips}_{variant}_{seed}"
-    kw = dict(out=str(out), model="tiny", model_overrides=overrides, videos=[str(data["train"])],
+    model, pair_stage = "tiny", None
+    if variant in PAIR_VARIANTS:  # the checkpoint carries its own config: no overrides
+        checkpoint, pair_stage = pair_checkpoint(Path(args.work), args.pair_steps, seed, args.threads,
+                                                 not args.no_progress)
+        model = str(checkpoint)
+    kw = dict(out=str(out), model=model, model_overrides=overrides, videos=[str(data["train"])],
               val_videos=str(data["val"]), minutes=args.minutes, max_steps=args.steps, seed=seed,
               batch_videos=args.batch_videos, num_workers=1, progress=not args.no_progress, threads=args.threads,
               decode_cache=None)
@@ -195,7 +245,12 @@ def run_row(clips: int, variant: str, seed: int, args) -> dict:
     trainer = Trainer(TrainConfig(**kw))
     result = trainer.run()
     setup = json.loads((out / "setup.json").read_text())
-    return {"clips": clips, "variant": variant, "seed": seed, "steps": result.steps,
+    cfg = trainer.model.cfg
+    start = {"from": "tiny at random init"} if pair_stage is None else {
+        "from": f"tiny trained {pair_stage['steps']} steps on image-text pairs only (seed {pair_stage['seed']})",
+        "pair_stage": pair_stage, "video_init": setup["video_init"],
+        "video_projector": {"kind": cfg.video_projector.kind, "num_queries": cfg.video_projector.num_queries}}
+    return {"clips": clips, "variant": variant, "seed": seed, "steps": result.steps, "start": start,
             "train_s": round(result.seconds, 1), "total_s": round(time.perf_counter() - t0, 1),
             "top1": result.evaluation.get("video_top1"), "zeroshot_top1": result.evaluation.get("video_zeroshot_top1"),
             "budget": {"minutes": args.minutes, "steps": args.steps}, "load": [round(load0, 2),
@@ -235,7 +290,30 @@ def verdicts(rows: list[dict]) -> list[Verdict]:
                                    measured + ("" if len(ref) >= 2 else " (one seed only)"), met))
             else:
                 out.append(Verdict(f"{label}, top-1, {clips} clips/class", "report", measured, None))
-    return out
+    rule = auto_rule_verdict(rows)
+    return out + ([] if rule is None else [rule])
+
+
+def auto_rule_verdict(rows: list[dict]) -> Verdict | None:
+    """Whether ``--video-init auto``'s rule holds: from a pair-trained ``tiny``, ``pairs_keep`` above
+    ``pairs_image`` on two seeds, each seed compared at equal step budgets (fine-tuning and pair stage);
+    None when no ``pairs_*`` row exists."""
+    by = {v: {r["seed"]: r for r in rows if r["clips"] == RULE_CLIPS and r["variant"] == v} for v in PAIR_VARIANTS}
+    if not any(by.values()):
+        return None
+    keep, image = (by[v] for v in PAIR_VARIANTS)
+
+    def budget(r: dict) -> tuple:
+        return r.get("budget", {}).get("steps"), r.get("start", {}).get("pair_stage", {}).get("steps")
+
+    seeds = sorted(s for s in set(keep) & set(image) if budget(keep[s]) == budget(image[s]))
+    measured = "; ".join(f"seed {s}: keep {keep[s]['top1']:.3f}, image {image[s]['top1']:.3f} "
+                         f"({keep[s]['steps']} / {image[s]['steps']} steps)" for s in seeds) or "no seed has both rows"
+    if len(seeds) < 2:
+        measured += " (fewer than two seeds with both rows at one budget)"
+    met = len(seeds) >= 2 and all(keep[s]["top1"] > image[s]["top1"] for s in seeds)
+    return Verdict(f"--video-init auto keeps tiny's video stem: from a pair-trained tiny, keep above image, top-1, "
+                   f"{RULE_CLIPS} clips/class, two seeds", "keep > image on both", measured, met)
 
 
 LEGEND = {  # the table's notes, one per variant (the module docstring says the same at length)
@@ -252,12 +330,26 @@ LEGEND = {  # the table's notes, one per variant (the module docstring says the 
     "tokenizer": "`full` with the conv tokenizer on pixels (`conv_stem=[16, 32, 64]`)",
     "tokenizer_noaug": "`tokenizer` without clip augmentation",
     "tokenizer_diff": "`full` with the conv tokenizer fed frame differences too (`frame_diff`)",
+    "pairs_keep": "`full` from tiny trained on image-text pairs only (the pair stage's steps and seed in the start "
+                  "column), `--video-init keep`: its own, untrained video encoder (what `auto` does with tiny)",
+    "pairs_image": "`pairs_keep` with `--video-init image`: the video encoder inflated from the trained image "
+                   "encoder and its conv tokenizer, in the image encoder's geometry (4 px patches, per-frame class "
+                   "tokens), its projector a copy of the image projector",
     "c3d": "the ~70k-parameter 3D-convnet reference on the same clips",
     "vit_ref": "tiny's bare video encoder without a stem and a linear head in the reference's loop",
     "vit_ref_stem": "the same with the one-conv stem",
     "vit_ref_tokenizer": "the same with the conv tokenizer",
     "vit_ref_tokenizer_diff": "the same with the conv tokenizer fed frame differences",
 }
+
+
+def describe_start(row: dict) -> str:
+    """A table cell: ``random init``, or the pair stage's steps and how the video path started."""
+    start = row.get("start") or {}
+    if "pair_stage" not in start:
+        return "random init"
+    how = "inflated from image" if start["video_init"].startswith("inflated") else "video kept"
+    return f"pairs {start['pair_stage']['steps']} steps, {how}"
 
 
 def relabel_notes(rows: list[dict]) -> list[str]:
@@ -269,13 +361,14 @@ def relabel_notes(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], command: str, facts) -> str:
     lines = ["# Few-shot video: `tiny` on a second motion generator", "", f"`{command}` (latest invocation; rows "
              "accumulate across invocations, each with its own budget and load)", "", facts.line(), "",
-             "| clips/class | variant | video encoder | seed | steps | train s | budget (min / steps) | "
-             "load before / after | top-1 | zero-shot top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| clips/class | variant | video encoder | seed | steps | train s | s / step | start | budget (min / steps) "
+             "| load before / after | top-1 | zero-shot top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["clips"], list(VARIANTS).index(r["variant"]), r["seed"])):
         b = r["budget"]
         name = r["variant"] + (" (stale: ran another encoder)" if is_stale(r) else "")
         lines.append(f"| {r['clips']} | {name} | {describe_encoder(r.get('video_encoder'))} | {r['seed']} | "
-                     f"{r['steps']} | {r['train_s']} | {'-' if b['minutes'] is None else b['minutes']} / {b['steps']} | "
+                     f"{r['steps']} | {r['train_s']} | {r['train_s'] / max(r['steps'], 1):.3f} | {describe_start(r)} | "
+                     f"{'-' if b['minutes'] is None else b['minutes']} / {b['steps']} | "
                      f"{r['load'][0]} / {r['load'][1]} | {r['top1']:.3f} | "
                      f"{'-' if r['zeroshot_top1'] is None else format(r['zeroshot_top1'], '.3f')} |")
     shown = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
@@ -283,7 +376,10 @@ def markdown(rows: list[dict], command: str, facts) -> str:
               "(8 classes, chance 0.125). References (`c3d`, `vit_ref*`) have no zero-shot. Video encoder: attention, "
               "tubelet size k, stem (`-`: a row from before rows recorded it). A stale row recorded an encoder "
               "other than its variant builds now and counts in no verdict. The machine is shared: wall-clock "
-              "budgets are not comparable between rows with different loads; step budgets are.", ""]
+              "budgets are not comparable between rows with different loads; step budgets are, and so are seconds per "
+              "step only between rows run at similar loads. Start: `random init` is the preset (every row before "
+              "the `pairs_*` rows); `pairs N steps` a checkpoint trained N steps on image-text pairs only "
+              "(`bench/_pair_start.py`).", ""]
     lines += [f"- `{v}`: {LEGEND[v]}" for v in shown]
     notes = relabel_notes(rows)
     if notes:
@@ -298,14 +394,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="40:full:0,40:full:1,40:noaug:0,40:space_only:0,40:space_only_static:0,"
                                      "512:full:0,512:full:1")
-    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="wall-clock budget per row; 0: none (with --steps, a fixed step budget whatever the load)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--pair-steps", type=int, default=400,
+                   help="optimiser steps of the pair stage the pairs_* rows start from (cached per steps and seed)")
     p.add_argument("--batch-videos", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default="runs/bench_few_shot")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     todo = parse_rows(args.rows)
+    if args.minutes is not None and args.minutes <= 0:
+        if not args.steps:
+            p.error("--minutes 0 (no wall-clock budget) needs --steps")
+        args.minutes = None
     load0 = os.getloadavg()[0]
     rows = json.loads(ROWS_FILE.read_text()) if ROWS_FILE.is_file() else []
     for clips, variant, seed in todo:

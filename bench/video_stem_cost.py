@@ -38,13 +38,20 @@ SETTINGS = {"linear": 0, "tokenizer": [16, 32, 64], "tokenizer_diff": {"channels
 
 def build(kind: str, conv_stem, num_classes: int = 8):
     """(module, step function) of one setting; ``step(clips, labels)`` runs one optimiser step."""
-    import torch
-    from torch import nn
-
     import ernie_vl
 
     model = ernie_vl.create_model("tiny", class_names=[f"c{i}" for i in range(num_classes)],
                                   video_encoder={"conv_stem": conv_stem})
+    return train_step(kind, model)
+
+
+def train_step(kind: str, model):
+    """(module, step function) of ``model``'s video path: ``bare`` (its video encoder and a new linear head) or
+    ``model`` (``classify_video``); ``step(clips, labels)`` runs one AdamW step on cross-entropy."""
+    import torch
+    from torch import nn
+
+    num_classes = model.classifier.out_features
     if kind == "bare":
         enc = model.video_encoder
         module = nn.ModuleDict({"encoder": enc, "head": nn.Linear(enc.cfg.output_dim, num_classes)})
@@ -68,18 +75,23 @@ def build(kind: str, conv_stem, num_classes: int = 8):
     return module, step
 
 
-def main() -> None:
-    p = step_cost_parser(__doc__, batch=32)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--max-ratio", type=float, default=1.5)
-    args = parse_step_cost_args(p)
+def clip_batch(p, num_classes: int = 8):
+    """Parse ``p`` (a step-cost parser, given ``--frames`` here) and set the threads; returns (args, the 1-minute load
+    before, a seeded batch of random clips (batch, frames, 3, 32, 32), their labels)."""
     import torch
 
+    p.add_argument("--frames", type=int, default=8)
+    args = parse_step_cost_args(p)
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
     torch.manual_seed(0)
-    clips = torch.rand(args.batch, args.frames, 3, 32, 32)
-    labels = torch.randint(8, (args.batch,))
+    return args, load0, torch.rand(args.batch, args.frames, 3, 32, 32), torch.randint(num_classes, (args.batch,))
+
+
+def main() -> None:
+    p = step_cost_parser(__doc__, batch=32)
+    p.add_argument("--max-ratio", type=float, default=1.5)
+    args, load0, clips, labels = clip_batch(p)
     runs = {(kind, name): build(kind, stem)[1] for kind in ("bare", "model") for name, stem in SETTINGS.items()}
     ms = rotated_medians({key: (lambda step=step: step(clips, labels)) for key, step in runs.items()},
                          args.rounds, args.steps)

@@ -277,18 +277,21 @@ def test_bench_variants_name_the_encoder_they_mean_whatever_tiny_defaults_to():
     assert enc("noaug") == full  # the ablations are relative to tiny's defaults
     assert enc("space_only") == dict(full, attention="space_only", tubelet_size=1)
     assert enc("nostem") == enc("nostem_noaug") == dict(full, conv_stem=0)
-    assert enc("space_only_nostem") == {"attention": "space_only", "tubelet_size": 1, "conv_stem": 0}
+    assert enc("space_only_nostem") == dict(full, attention="space_only", tubelet_size=1, conv_stem=0)
     assert enc("tokenizer")["conv_stem"] == {"channels": [16, 32, 64], "frame_diff": False, "time_kernel": 3}
     assert enc("tokenizer_diff")["conv_stem"] == {"channels": [16, 32, 64], "frame_diff": True, "time_kernel": 3}
     assert enc("stem")["conv_stem"] == 24 and enc("vit_ref")["conv_stem"] == 0 and enc("c3d") is None
     if isinstance(full["conv_stem"], dict):  # a tokenizer default: the static row keeps its channels, not its time
-        assert enc("space_only_static") == {"attention": "space_only", "tubelet_size": 1, "conv_stem": {
-            "channels": full["conv_stem"]["channels"], "frame_diff": False, "time_kernel": 1}}
+        assert enc("space_only_static") == dict(full, attention="space_only", tubelet_size=1, conv_stem={
+            "channels": full["conv_stem"]["channels"], "frame_diff": False, "time_kernel": 1})
     assert set(bench.LEGEND) == set(bench.VARIANTS)
-    assert bench.describe_encoder(enc("tokenizer_diff")) == "divided, k=4, tokenizer [16, 32, 64] + diff"
+    assert bench.describe_encoder(enc("tokenizer_diff")) == \
+        "divided, k=4, p=8, tokenizer [16, 32, 64] + diff, cls shared"
     assert bench.describe_encoder({"attention": "space_only", "tubelet_size": 1, "conv_stem": {
         "channels": [16], "frame_diff": False, "time_kernel": 1}}) == "space_only, k=1, tokenizer [16], time kernel 1"
-    assert bench.describe_encoder(enc("vit_ref")) == "divided, k=4, no stem" and bench.describe_encoder(None) == "-"
+    assert bench.describe_encoder(enc("vit_ref")) == "divided, k=4, p=8, no stem, cls shared"
+    assert bench.describe_encoder({"attention": "divided", "tubelet_size": 4, "conv_stem": 0}) == "divided, k=4, no stem"
+    assert bench.describe_encoder(None) == "-"
 
 
 def test_bench_rows_that_ran_another_encoder_are_stale_and_left_out_of_the_verdicts():
@@ -329,5 +332,6 @@ def test_a_bench_row_records_the_video_encoder_it_trained(tmp_path, monkeypatch)
     args = SimpleNamespace(work=str(tmp_path), minutes=None, steps=2, batch_videos=4, threads=1, no_progress=True)
     row = bench.run_row(2, "space_only_nostem", 0, args)
     assert row["steps"] == 2 and row["setup"]["videos"]["clips_per_class"] == 2
-    assert row["video_encoder"] == {"attention": "space_only", "tubelet_size": 1, "conv_stem": 0}
+    assert row["video_encoder"] == {"attention": "space_only", "tubelet_size": 1, "conv_stem": 0, "patch_size": [8, 8],
+                                    "cls_mode": "shared"}
     assert not bench.is_stale(row) and bench.is_stale(dict(row, variant="stem"))
