@@ -1,15 +1,16 @@
 """The model must learn: the `tiny` preset trained on the synthetic data within a time budget.
 
 Generates captioned shapes (held-out split = unseen colour-shape combinations) and
-motion-action clips, trains ``tiny`` (divided space-time video encoder, frame-difference conv tokenizer) for
-``--minutes`` of wall clock, then the same model with a ``space_only`` video encoder
-the same way (``divided_linear``: with the linear tubelet embedding instead of the
-tokenizer, ``--only`` it), then ``ernie45-tiny`` (ERNIE 4.5 VL's layout: text / vision expert groups,
-shared expert, score-bias balancing, the variable-resolution resampler), and reports: held-out Recall@1/5/10 both ways, motion top-1/top-5
-supervised and zero-shot (class prompts), training throughput, and the routing
-statistics at the end (per-modality expert usage, overlap rate, activated-parameter
-ratio, active-head ratio) from one held-out forward. Goals (issue 5): text->image
-R@1 >= 0.8 on unseen combinations, motion top-1 >= 0.95 supervised, in 10 minutes.
+motion-action clips, trains ``tiny`` (divided space-time video encoder, frame-difference conv tokenizer;
+image conv tokenizer) for ``--minutes`` of wall clock, then the same model with a ``space_only`` video
+encoder the same way, then ``ernie45-tiny`` (tiny's encoders with ERNIE 4.5 VL's layout: text / vision
+expert groups, shared expert, score-bias balancing, the variable-resolution resampler), and reports:
+held-out Recall@1/5/10 both ways, motion top-1/top-5 supervised and zero-shot (class prompts), training
+throughput and seconds per step, and the routing statistics at the end (per-modality expert usage, overlap
+rate, activated-parameter ratio, active-head ratio) from one held-out forward. Goals (issue 5):
+text->image R@1 >= 0.8 on unseen combinations, motion top-1 >= 0.95 supervised, in 10 minutes.
+On request (``--only``): ``divided_linear`` (tiny with the linear tubelet embedding), ``ernie45_linear`` /
+``ernie45_stem`` (ernie45-tiny with the linear embeddings / tiny's conv tokenizers named explicitly).
 
     .venv/bin/python bench/train_synthetic.py [--quick] [--minutes 10] [--max-steps N] [--only NAME ...]
         [--save-dir DIR]
@@ -17,6 +18,8 @@ R@1 >= 0.8 on unseen combinations, motion top-1 >= 0.95 supervised, in 10 minute
 ``--minutes 0 --max-steps N`` is a fixed-step run (no wall-clock budget), for shared machines.
 Each variant's run is kept as one row of ``bench/results/<out>_rows.json`` (a rerun replaces it); the
 Markdown and the verdicts (``_report.write_results``; goals on ``divided``) come from all rows.
+Each row records the encoders it trained; a row whose encoders are not what its variant builds now (a preset
+changed since: ``ENCODERS_CHANGED`` dates rows from before rows recorded them) is marked stale and has no verdict.
 ``--save-dir DIR`` copies each trained checkpoint to ``DIR/<variant>`` (``bench/int8_accuracy.py`` reads it).
 """
 from __future__ import annotations
@@ -49,8 +52,14 @@ VARIANTS = {"divided": ("tiny", {}),
             # tiny's video encoder before the frame-difference conv tokenizer became its default
             "divided_linear": ("tiny", {"video_encoder": {"conv_stem": 0}}),
             "space_only": ("tiny", {"video_encoder": {"attention": "space_only", "tubelet_size": 1}}),
-            "ernie45": ("ernie45-tiny", {})}
-ON_REQUEST = {"divided_linear"}  # run with --only only
+            "ernie45": ("ernie45-tiny", {}),
+            # ernie45-tiny's encoders named explicitly, whatever the preset says: the linear patch and tubelet
+            # embeddings, or tiny's two conv tokenizers (image, and frame-difference video)
+            "ernie45_linear": ("ernie45-tiny", {"image_encoder": {"conv_stem": 0}, "video_encoder": {"conv_stem": 0}}),
+            "ernie45_stem": ("ernie45-tiny", {"image_encoder": {"conv_stem": [16, 32, 64]},
+                                              "video_encoder": {"conv_stem": {"channels": [16, 32, 64],
+                                                                              "frame_diff": True}}})}
+ON_REQUEST = {"divided_linear", "ernie45_linear", "ernie45_stem"}  # run with --only only
 
 
 def make_data(root: Path, quick: bool, clips_per_class: int = 256) -> tuple[dict, float]:
@@ -85,6 +94,37 @@ def final_routing(trainer: Trainer) -> dict:
     return routing_summary(out.routing, out.active_head_ratio)
 
 
+def encoders_of(cfg) -> dict:
+    """The image and video encoder configs of an ``ErnieVLConfig`` as JSON values (what a row records)."""
+    d = cfg.to_dict()
+    return json.loads(json.dumps({"image_encoder": d["image_encoder"], "video_encoder": d["video_encoder"]}))
+
+
+def expected_encoders(name: str) -> dict:
+    """The encoders variant ``name`` builds now (its preset with its overrides)."""
+    from ernie_vl.presets import load_config
+
+    model, overrides = VARIANTS[name]
+    return encoders_of(load_config(model, **overrides))
+
+
+#: when the encoders a variant builds last changed (UTC, as rows write it): a row written before then that did not
+#: record its encoders ran other ones (rows record them since, and the record is compared instead)
+ENCODERS_CHANGED = {"divided": "2026-12-08 01:41 UTC", "divided_linear": "2026-12-08 01:41 UTC",
+                    "space_only": "2026-12-08 01:41 UTC", "ernie45": "2026-12-08 04:05 UTC"}
+
+
+def stale_reason(row: dict) -> str | None:
+    """Why a stored row is not what its variant builds now (a preset changed since it ran), or None."""
+    name = row["name"]
+    if name not in VARIANTS:
+        return "a variant that no longer exists"
+    if "encoders" in row:
+        return None if row["encoders"] == expected_encoders(name) else "ran other encoders than the variant builds now"
+    changed = ENCODERS_CHANGED.get(name)
+    return f"ran before the variant's encoders changed ({changed})" if changed and row["written"] < changed else None
+
+
 def train_variant(name: str, data: dict, args, overrides: dict, model: str = "tiny") -> dict:
     cfg = TrainConfig(out=str(Path(args.work) / name), model=model, model_overrides=overrides,
                       pairs=[str(data["pairs"])], videos=[str(data["videos"])], val_pairs=str(data["heldout"]),
@@ -100,12 +140,14 @@ def train_variant(name: str, data: dict, args, overrides: dict, model: str = "ti
     cpu = time.process_time() - c0
     metrics = result.evaluation or trainer.run_evaluation()
     return {"name": name, "model": model, "steps": result.steps, "setup_s": setup, "train_wall_s": train_wall, "cpu_s": cpu,
+            "s_per_step": result.seconds / result.steps if result.steps else None,
+            "encoders": encoders_of(trainer.model.cfg),
             "samples_per_s": result.samples_per_s, "threads": torch.get_num_threads(),
             "metrics": metrics, "routing": final_routing(trainer), "curve": trainer.evaluations}
 
 
 def fmt(x) -> str:
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
+    return f"{x:.3f}" if isinstance(x, float) else "n/a" if x is None else str(x)
 
 
 #: the goals of issue 5, checked on the ``divided`` variant (the `tiny` preset as shipped) trained for the
@@ -128,7 +170,7 @@ def budget_text(minutes: float | None, max_steps: int | None) -> str:
 def row_record(run: dict, args, load_before: float, command: str) -> dict:
     """What the rows file keeps of one variant's run: its figures, budget, load and command."""
     return {**run, "budget": budget_text(args.minutes, args.max_steps), "minutes": args.minutes or 0.0,
-            "clips_per_class": args.clips_per_class,
+            "clips_per_class": args.clips_per_class, "seed": getattr(args, "seed", None),
             "load_before": load_before, "load_after": os.getloadavg()[0], "command": command,
             "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -145,10 +187,12 @@ def verdicts(rows: dict[str, dict]) -> list:
         r = rows.get(name)
         if r is None:
             continue
+        stale = stale_reason(r)
         m, where = r["metrics"], f"`{name}`, {r['budget']}, load {r['load_before']:.1f}-{r['load_after']:.1f}"
+        where += f" (stale: {stale})" if stale else ""
         for key, label in (("text_to_image_R@1", "held-out text->image R@1 (unseen colour-shape combinations)"),
                            ("video_top1", "motion top-1, supervised")):
-            goal = GOALS[key] if name == GOAL_VARIANT and r.get("minutes", 0) >= GOAL_MINUTES else None
+            goal = GOALS[key] if name == GOAL_VARIANT and r.get("minutes", 0) >= GOAL_MINUTES and not stale else None
             value = m.get(key)
             out.append(Verdict(f"train_synthetic {label}, {where}", f">= {goal}" if goal is not None else "report",
                                fmt(value), None if goal is None or value is None else bool(value >= goal)))
@@ -171,36 +215,45 @@ def write_report(path: Path, rows: dict[str, dict], data_s: float, args, command
         f"$ {command}",
         "```",
         "",
-        f"Data (generated in {data_s:.1f} s, outside the budget): captioned shapes 32 px, 5000 for training, "
+        "Data (generated outside the budget" + (f", in {data_s:.1f} s" if data_s else "") + "): captioned shapes 32 px, 5000 for training, "
         "held-out = 200 images whose captions are unique and use colour-shape combinations never seen in training; "
         "motion clips 8 frames 32 px, 8 classes, the row's training clips per class and 16 held-out clips per class. "
         "A wall-clock budget counts model build, data caching and training.",
         "Variants: `divided` = the `tiny` preset (divided space-time attention, 4-frame x 8 px tubelets, embedded "
-        "by its conv tokenizer fed the frames and their differences); `divided_linear` = the same with the linear "
-        "tubelet embedding instead (`conv_stem=0`, tiny's video encoder before the tokenizer became its default); "
-        "`space_only` = the same model with a frame-wise video encoder (no temporal attention, 1-frame patches: "
-        "time enters nowhere before pooling); `ernie45` = the `ernie45-tiny` preset (text and vision expert groups "
-        "with their own routers at ERNIE 4.5's 3:1 width ratio, a shared expert, score-bias balancing, the "
-        "variable-resolution resampler as aligner).",
+        "by its conv tokenizer fed the frames and their differences; images by its 2D conv tokenizer); "
+        "`divided_linear` = the same with the linear tubelet embedding instead (`conv_stem=0`, tiny's video encoder "
+        "before the tokenizer became its default); `space_only` = the same model with a frame-wise video encoder "
+        "(no temporal attention, 1-frame patches: time enters nowhere before pooling); `ernie45` = the "
+        "`ernie45-tiny` preset: `tiny`'s encoders, conv tokenizers included, with the backbone and aligners built "
+        "the ERNIE 4.5 VL way (text and vision expert groups with their own routers at ERNIE 4.5's 3:1 width "
+        "ratio, a shared expert, score-bias balancing, the variable-resolution resampler as aligner), so against "
+        "`divided` it compares the backbone and aligners alone; `ernie45_linear` / `ernie45_stem` = `ernie45-tiny` "
+        "with its encoders named explicitly: the linear patch and tubelet embeddings (the preset's encoders before "
+        f"{ENCODERS_CHANGED['ernie45']}) / tiny's two conv tokenizers (the preset's since).",
         "Machine: 2 CPU cores; the 1-minute load average before and after each run is in its column (this run's own "
         "2 threads make ~2; more means other jobs shared the cores and a wall-clock budget got fewer steps). "
         "CPU seconds are the process's own. Goals (`divided` trained for "
         f"{GOAL_MINUTES:g} minutes; shorter runs are reported): " + ", ".join(f"{k} >= {v}" for k, v in GOALS.items())
         + ".",
         "",
-        "| metric | goal | " + " | ".join(r["name"] for r in runs) + " |",
+        "| metric | goal | " + " | ".join(r["name"] + (" (stale)" if stale_reason(r) else "") for r in runs) + " |",
         "|---|---|" + "---|" * len(runs),
     ]
     for k in METRIC_KEYS:
         goal = f">= {GOALS[k]}" if k in GOALS else ""
         lines.append(f"| {k} | {goal} | " + " | ".join(fmt(r["metrics"].get(k)) for r in runs) + " |")
-    for k, label in (("budget", "budget"), ("clips_per_class", "training clips per class"),
-                     ("steps", "optimiser steps"), ("samples_per_s", "training samples/s"), ("threads", "torch threads"),
+    for k, label in (("budget", "budget"), ("seed", "seed"), ("clips_per_class", "training clips per class"),
+                     ("steps", "optimiser steps"), ("s_per_step", "s per optimiser step (training loop only)"),
+                     ("samples_per_s", "training samples/s"), ("threads", "torch threads"),
                      ("setup_s", "setup s (model, data decoding/cache)"),
                      ("train_wall_s", "wall s (setup + training + final save/eval)"), ("cpu_s", "CPU s of this process"),
                      ("load", "1-min load before / after"), ("written", "measured")):
         values = [f"{r['load_before']:.1f} / {r['load_after']:.1f}" if k == "load" else fmt(r.get(k)) for r in runs]
         lines.append(f"| {label} | | " + " | ".join(values) + " |")
+    stale = [f"`{r['name']}`: {stale_reason(r)}" for r in runs if stale_reason(r)]
+    if stale:
+        lines += ["", "Stale rows (not what the variant builds now; reported without a verdict): " + "; ".join(stale)
+                  + "."]
     lines += ["", "Commands: " + "; ".join(f"`{r['name']}`: `{r['command']}`" for r in runs), ""]
     lines += ["Routing at the end (one eval forward on held-out images + captions + clips; mean over MoE layers):", ""]
     for r in runs:

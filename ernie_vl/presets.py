@@ -2,12 +2,13 @@
 
 - ``test``: unit tests only (well under 1M parameters; 32 px images, 4-frame clips, a
   1000-id folded vocabulary and 16-token context, see ``TextConfig``).
-- ``tiny``: trains in minutes on 2 CPU cores (64 px, patch 8, 8-frame clips, 2-layer
-  256-wide backbone with 4 experts top-2, 32-token context).
-- ``ernie45-tiny``: ``tiny`` built the ERNIE 4.5 VL way: text and vision expert groups with their
-  own routers at ERNIE's 3:1 width ratio (SwiGLU, 192 / 64), a shared expert, score-bias
-  (aux-loss-free) balancing next to a small load-balance loss, and the variable-resolution
-  resampler as the aligner of images and clips.
+- ``tiny``: trains in minutes on 2 CPU cores (32 px images, patch 4, and 8-frame 32 px clips,
+  4-frame x 8 px tubelets, both embedded by conv tokenizers, the video one fed frame differences;
+  2-layer 128-wide backbone with 4 experts top-2, 32-token context).
+- ``ernie45-tiny``: ``tiny``'s encoders (conv tokenizers included) with the backbone and aligners built
+  the ERNIE 4.5 VL way: text and vision expert groups with their own routers at ERNIE's 3:1 width
+  ratio (SwiGLU, 192 / 64), a shared expert, score-bias (aux-loss-free) balancing next to a small
+  load-balance loss, and the variable-resolution resampler as the aligner of images and clips.
 - ``base``: ViT-B/16 image and space-time video encoders, 12-layer 512-wide backbone,
   8 experts top-2 in every second block.
 - ``large``: ViT-L/14 encoders, 24-layer 768-wide backbone, 16 experts top-2.

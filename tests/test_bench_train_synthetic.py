@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
+import ernie_vl
+
 from tests._bench_helpers import load_bench
 
 
@@ -47,3 +49,34 @@ def test_report_holds_every_stored_row_with_its_budget_and_load(ts, tmp_path):
     assert "| budget | | 10 min | 10 min |" in text
     assert "--only ernie45" in text
     assert ts.budget_text(0, 100) == "100 steps" and ts.budget_text(10.0, 2000) == "10 min, <= 2000 steps"
+
+
+def test_rows_record_their_encoders_and_a_row_of_other_encoders_is_stale(ts, tmp_path):
+    """A row that ran other encoders than its variant builds now (a preset changed since) is marked stale in the
+    table and gets no verdict, whether it recorded its encoders or predates the record."""
+    linear, stem = ts.expected_encoders("ernie45_linear"), ts.expected_encoders("ernie45_stem")
+    assert linear["image_encoder"]["conv_stem"] == 0 and linear["video_encoder"]["conv_stem"] == 0
+    assert stem["image_encoder"]["conv_stem"]["channels"] == [16, 32, 64]
+    assert stem["video_encoder"]["conv_stem"] == {"channels": [16, 32, 64], "frame_diff": True, "time_kernel": 3}
+    assert ts.expected_encoders("ernie45") == stem  # the preset has tiny's conv tokenizers
+    assert ts.expected_encoders("divided") == ts.encoders_of(ernie_vl.load_config("tiny"))
+
+    current = _row(ts, "divided", 0.92, 0.96) | {"encoders": ts.expected_encoders("divided")}
+    other = _row(ts, "ernie45", 0.7, 0.8) | {"encoders": linear}
+    old = _row(ts, "ernie45_linear", 0.6, 0.7) | {"written": "2026-12-07 17:39 UTC"}  # no record, still current
+    before = _row(ts, "ernie45", 0.6, 0.7) | {"written": "2026-12-07 17:39 UTC"}
+    assert ts.stale_reason(current) is None and ts.stale_reason(old) is None
+    assert "other encoders" in ts.stale_reason(other)
+    assert ts.ENCODERS_CHANGED["ernie45"] in ts.stale_reason(before)
+    assert "no longer exists" in ts.stale_reason(current | {"name": "gone"})
+
+    rows = {"divided": current, "ernie45": other, "ernie45_linear": old}
+    text = ts.write_report(tmp_path / "x.md", rows, 0.0, SimpleNamespace(minutes=10.0, max_steps=None), "cmd")
+    assert "| metric | goal | divided | ernie45 (stale) | ernie45_linear |" in text
+    assert "Stale rows (not what the variant builds now; reported without a verdict): `ernie45`: ran other" in text
+    stale = [v for v in ts.verdicts(rows) if "`ernie45`" in v.what]
+    assert stale and all(v.met is None and "(stale: " in v.what for v in stale)
+    met = [v.met for v in ts.verdicts(rows) if "`divided`" in v.what and v.met is not None]
+    assert met == [True, True]
+    # a goal-budget divided row that ran other encoders loses its verdict too
+    assert all(v.met is None for v in ts.verdicts({"divided": current | {"encoders": linear}}))

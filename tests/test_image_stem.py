@@ -81,29 +81,35 @@ def test_default_encoder_is_the_linear_patch_embedding_bit_for_bit():
     assert grid == (8, 8) and torch.equal(tokens, want + enc.pos_embed[1:])
 
 
-def test_tiny_has_the_image_tokenizer_and_the_other_presets_the_linear_embedding():
+def test_tiny_and_ernie45_tiny_have_the_image_tokenizer_and_the_other_presets_the_linear_embedding():
     from ernie_vl.presets import load_config
 
     for name in ernie_vl.list_models():
-        want = ConvStemConfig((16, 32, 64)) if name == "tiny" else 0
+        want = ConvStemConfig((16, 32, 64)) if name in ("tiny", "ernie45-tiny") else 0
         assert load_config(name).image_encoder.conv_stem == want, name
 
 
-@pytest.mark.parametrize("preset", ["test", "tiny"])
+@pytest.mark.parametrize("preset", ["test", "tiny", "ernie45-tiny"])
 def test_checkpoint_without_the_key_loads_with_no_stem_and_the_same_numbers(tmp_path, preset):
-    """A checkpoint saved before the key existed (no conv_stem in its config.json) loads stem-less with its
-    numbers, whatever the preset says now (tiny's has a stem since)."""
+    """A checkpoint saved before the keys existed (no conv_stem in its config.json, image or video) loads
+    stem-less with its numbers, whatever the preset says now (tiny's and ernie45-tiny's have stems since)."""
     torch.manual_seed(0)
-    model = ernie_vl.create_model(preset, image_encoder={"conv_stem": 0}).eval()
+    model = ernie_vl.create_model(preset, class_names=["a", "b"], image_encoder={"conv_stem": 0},
+                                  video_encoder={"conv_stem": 0}).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["name"] == preset and config["image_encoder"].pop("conv_stem") == 0
-    (tmp_path / "config.json").write_text(json.dumps(config))  # as written before the key existed
+    assert config["name"] == preset
+    assert config["image_encoder"].pop("conv_stem") == 0 and config["video_encoder"].pop("conv_stem") == 0
+    (tmp_path / "config.json").write_text(json.dumps(config))  # as written before the keys existed
     loaded = ernie_vl.ErnieVL.from_pretrained(tmp_path).eval()
     assert loaded.cfg.image_encoder.conv_stem == 0 and loaded.image_encoder.stem is None
-    images = torch.randn(2, 3, 32, 32)
+    assert loaded.cfg.video_encoder.conv_stem == 0 and loaded.video_encoder.stem is None
+    images = torch.rand(2, 3, 32, 32)
+    clips = torch.rand(2, model.cfg.video_encoder.num_frames, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+        assert torch.equal(loaded.encode_video(clips), model.encode_video(clips))
+        assert torch.equal(loaded.classify_video(clips), model.classify_video(clips))
 
 
 def test_tiny_builds_its_image_tokenizer():

@@ -17,6 +17,48 @@ def test_ernie45_tiny_has_groups_shared_experts_bias_and_the_resampler():
     assert cfg.image_projector.kind == cfg.video_projector.kind == "resampler_ernie45"
 
 
+def test_ernie45_tiny_has_exactly_tinys_encoders_conv_tokenizers_included():
+    """Against ``tiny`` it differs in the backbone and the aligners only (bench/train_synthetic's
+    ``ernie45`` vs ``divided`` rows compare those alone)."""
+    from encoders.video_stem import ConvStemConfig
+
+    cfg, tiny = ernie_vl.load_config("ernie45-tiny"), ernie_vl.load_config("tiny")
+    assert cfg.image_encoder == tiny.image_encoder and cfg.video_encoder == tiny.video_encoder
+    assert cfg.image_encoder.conv_stem == ConvStemConfig((16, 32, 64))
+    assert cfg.video_encoder.conv_stem == ConvStemConfig((16, 32, 64), frame_diff=True)
+    torch.manual_seed(0)
+    a, b = ernie_vl.create_model("ernie45-tiny").eval(), ernie_vl.create_model("tiny").eval()
+    encoders = ("image_encoder.", "video_encoder.")
+    shapes = {k: v.shape for k, v in a.state_dict().items() if k.startswith(encoders)}
+    assert shapes == {k: v.shape for k, v in b.state_dict().items() if k.startswith(encoders)}
+    assert any(k.startswith("video_encoder.stem.") for k in shapes)
+
+
+def test_ernie45_tiny_video_path_inflates_from_its_image_tokenizer():
+    """``--video-init image``: the image tokenizer inflates into the video one; the encoder embeds a still
+    clip as its frame, and the resampler aligner of images becomes the clips' aligner."""
+    from ernie_vl.inflate import inflate_video_from_image, inflation_problem
+    from ernie_vl.train.finetune import KEPT_STEM, video_start
+
+    cfg = ernie_vl.load_config("ernie45-tiny")
+    assert inflation_problem(cfg) is None
+    # --video-init auto keeps a video conv stem, as for tiny
+    assert video_start("auto", True, {"pairs"}, bool(cfg.video_encoder.conv_stem)) == KEPT_STEM
+    torch.manual_seed(0)
+    model = ernie_vl.create_model("ernie45-tiny", num_classes=3).eval()
+    new = inflate_video_from_image(model).eval()
+    assert new.cfg.video_encoder.conv_stem.channels == (16, 32, 64) and new.cfg.video_encoder.conv_stem.frame_diff
+    assert new.cfg.video_projector == model.cfg.image_projector
+    for key, value in model.image_projector.state_dict().items():
+        assert torch.equal(new.video_projector.state_dict()[key], value), key
+    frames = torch.rand(2, 3, 32, 32)
+    still = frames[:, None].expand(2, 8, 3, 32, 32).contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(new.video_encoder(still).pooled, new.image_encoder(frames).pooled,
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(new.encode_image(frames), model.encode_image(frames), rtol=0, atol=0)
+
+
 def test_ernie45_tiny_trains_a_step_moves_the_bias_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model = ernie_vl.create_model("ernie45-tiny", num_classes=3)
@@ -53,10 +95,18 @@ def test_ernie45_tiny_quantizes_group_by_group():
     int8 = ernie_vl.quantize_int8(model)
     layer = int8.backbone.blocks[0].mlp
     assert layer.config.routing == "groups" and all(isinstance(g, Int8MoEFeedForward) for g in layer.groups)
-    clips = torch.randn(2, 8, 3, 32, 32)
+    # the conv tokenizers stay float (as on tiny); the resampler aligners' linear layers go int8
+    for stem in (int8.image_encoder.stem, int8.video_encoder.stem):
+        assert all(type(m) in (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                               torch.nn.GELU) for m in stem)
+    for projector in (int8.image_projector, int8.video_projector):
+        assert any(type(m).__name__ == "Int8Linear" for m in projector.modules())
+        assert not any(type(m) is torch.nn.Linear for m in projector.modules())
+    clips, images = torch.randn(2, 8, 3, 32, 32), torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(model.encode_video(clips), int8.encode_video(clips))
-    assert float(cos.min()) > 0.99
+        cos_image = torch.nn.functional.cosine_similarity(model.encode_image(images), int8.encode_image(images))
+    assert float(cos.min()) > 0.99 and float(cos_image.min()) > 0.99
 
 
 def test_ernie45_tiny_reports_aux_losses_per_group():
