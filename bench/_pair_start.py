@@ -59,3 +59,16 @@ def pair_checkpoint(work: Path, steps: int, seed: int, threads: int | None = Non
               "evaluation": {k: round(v, 4) for k, v in result.evaluation.items() if isinstance(v, float)}}
     record_file.write_text(json.dumps(record, indent=1) + "\n")
     return final, record
+
+
+def inflated_checkpoint(checkpoint: Path, diff_init: str) -> Path:
+    """``checkpoint`` with its video path inflated from its image path (``ernie_vl.inflate.inflate_video_from_image``
+    with ``diff_init``), saved once beside it (``final_image_<diff_init>``): a row fine-tunes it with
+    ``--video-init keep``, for an inflation the trainer's ``--video-init image`` does not offer."""
+    out = Path(checkpoint).parent / f"final_image_{diff_init}"
+    if not (out / "config.json").is_file():
+        from ernie_vl.inflate import inflate_video_from_image
+        from ernie_vl.model import ErnieVL
+
+        inflate_video_from_image(ErnieVL.from_pretrained(checkpoint), diff_init=diff_init).save_pretrained(out)
+    return out

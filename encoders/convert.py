@@ -316,11 +316,18 @@ def video_encoder_from_hf_timesformer(hf_model: nn.Module, attn_impl: str = "fus
 # ----------------------------------------------------------------------------- inflation
 
 
-def inflate_kernel(kernel: torch.Tensor, shape: torch.Size, mode: str) -> torch.Tensor:
+DIFF_INITS = ("zero", "pixels")  # how inflation starts the frame-difference inputs' weights
+
+
+def inflate_kernel(kernel: torch.Tensor, shape: torch.Size, mode: str, diff_init: str = "zero") -> torch.Tensor:
     """A 2D kernel (O, I, kh, kw) as a 3D one of ``shape`` (O, I', kt, kh, kw), I' >= I.
 
     ``mode="mean"``: kernel / kt in every time slice (I3D's averaging); ``"centre"``: the kernel in the
-    centre slice, zeros elsewhere. Input channels beyond I (the frame differences) are zero."""
+    centre slice, zeros elsewhere. Input channels beyond I (the frame differences, I' = 2I) are zero, or with
+    ``diff_init="pixels"`` the pixels' inflated kernel (TSN's cross-modality start of its RGB-difference
+    network): a still clip's differences are zero, so it still meets only the pixels' weights."""
+    if diff_init not in DIFF_INITS:
+        raise ValueError(f"unknown frame-difference initialisation {diff_init!r}; valid: {list(DIFF_INITS)}")
     out = kernel.new_zeros(shape)
     kt, inputs = shape[2], kernel.shape[1]
     if mode == "mean":
@@ -329,6 +336,11 @@ def inflate_kernel(kernel: torch.Tensor, shape: torch.Size, mode: str) -> torch.
         out[:, :inputs, kt // 2] = kernel
     else:
         raise ValueError(f"unknown inflation mode {mode!r}; valid: 'mean', 'centre'")
+    if diff_init == "pixels" and shape[1] > inputs:
+        if shape[1] != 2 * inputs:
+            raise ValueError(f"diff_init='pixels' needs twice the kernel's {inputs} input channels (pixels, then "
+                             f"their differences), got {shape[1]}")
+        out[:, inputs:] = out[:, :inputs]
     return out
 
 
@@ -340,6 +352,7 @@ def video_encoder_from_image_encoder(
     tubelet_size: int = 1,
     frame_diff: bool = False,
     time_kernel: int = 3,
+    diff_init: str = "zero",
 ) -> VideoEncoder:
     """Inflate an ImageEncoder into a VideoEncoder.
 
@@ -356,8 +369,9 @@ def video_encoder_from_image_encoder(
     An image encoder with a conv tokenizer (``conv_stem``) gives a video encoder with the same blocks
     (channels and spatial strides), each 3x3 Conv2d placed in the centre time slice of a ``time_kernel``
     x 3 x 3 Conv3d (the other slices zero), BatchNorm statistics and affine terms copied; ``frame_diff``
-    adds frame-difference inputs whose weights start at zero (also over the linear embedding). What holds
-    in eval mode: the stem's time strides (``stem_strides``: 2 in the last blocks while 2 divides k) then
+    adds frame-difference inputs whose weights start at zero (also over the linear embedding), or with
+    ``diff_init="pixels"`` at the pixels' inflated weights (a still clip has zero differences, so what follows
+    for still clips holds either way; for moving clips only with ``"zero"``). What holds in eval mode: the stem's time strides (``stem_strides``: 2 in the last blocks while 2 divides k) then
     read every s-th frame, s their product, and the patch embedding (mean-inflated over the k / s steps
     the stem leaves) averages them, so time step t's tokens are the mean of the image encoder's patch
     tokens of frames t*k, t*k + s, ..., t*k + k - s (the image tokens of frame t*k when the stem consumes
@@ -367,6 +381,8 @@ def video_encoder_from_image_encoder(
     """
     if not isinstance(image_encoder, ImageEncoder):
         raise TypeError(f"expected an ImageEncoder, got {type(image_encoder).__name__}")
+    if diff_init not in DIFF_INITS:
+        raise ValueError(f"unknown frame-difference initialisation {diff_init!r}; valid: {list(DIFF_INITS)}")
     fields = asdict(image_encoder.cfg)
     image_stem = image_encoder.cfg.conv_stem
     channels = image_stem.channels if isinstance(image_stem, ConvStemConfig) else ()
@@ -384,6 +400,7 @@ def video_encoder_from_image_encoder(
         elif key.startswith("blocks.") and ".temporal_proj." in key or key == "time_embed":
             state[key] = torch.zeros_like(own[key])
         elif own[key].dim() == 5:  # a stem convolution (centre slice) or the 3D patch embedding (mean)
-            state[key] = inflate_kernel(state[key], own[key].shape, "mean" if key == "patch_embed.weight" else "centre")
+            state[key] = inflate_kernel(state[key], own[key].shape, "mean" if key == "patch_embed.weight" else "centre",
+                                        diff_init)
     load_strict(video, state)
     return video

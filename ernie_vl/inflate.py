@@ -24,8 +24,9 @@ and classifier are unchanged.
 
 Conv tokenizers (``conv_stem``): an image encoder with one gives a video encoder with the same blocks
 inflated in time (each 3x3 kernel in the centre time slice, the others zero; BatchNorm copied; frame
-difference inputs at zero), whatever stem the video configuration had, so ``encode_video`` of a still clip
-still equals ``encode_image`` of its frame in eval mode, with or without ``frame_diff`` and head gating.
+difference inputs at zero, or at the pixels' weights with ``diff_init="pixels"``), whatever stem the video
+configuration had, so ``encode_video`` of a still clip still equals ``encode_image`` of its frame in eval mode,
+with or without ``frame_diff`` and head gating.
 For moving clips the stem's time strides subsample the frames: time step t reads frames t*k, t*k + s, ...
 (s the product of the stem's time strides, k the tubelet size; ``tiny``'s three blocks with k = 4 read
 frame t*k alone), see ``encoders.convert.video_encoder_from_image_encoder``. An image encoder without a
@@ -55,8 +56,10 @@ def inflation_problem(cfg) -> str | None:
 
 
 @torch.no_grad()
-def inflate_video_from_image(model, cls_mode: str = "per_frame"):
-    """A new ``ErnieVL``: ``model`` with its video path started from its image path (module docstring)."""
+def inflate_video_from_image(model, cls_mode: str = "per_frame", diff_init: str = "zero"):
+    """A new ``ErnieVL``: ``model`` with its video path started from its image path (module docstring);
+    ``diff_init`` starts the frame-difference inputs' weights at ``"zero"`` or at the pixels' (``"pixels"``,
+    ``encoders.convert.inflate_kernel``)."""
     from ernie_vl.model import ErnieVL
 
     cfg = copy.deepcopy(model.cfg)
@@ -67,7 +70,7 @@ def inflate_video_from_image(model, cls_mode: str = "per_frame"):
     stem = old.conv_stem if isinstance(old.conv_stem, ConvStemConfig) else ConvStemConfig((1,))  # its defaults
     video_encoder = video_encoder_from_image_encoder(model.image_encoder, old.num_frames, old.attention, cls_mode,
                                                      old.tubelet_size, frame_diff=stem.frame_diff,
-                                                     time_kernel=stem.time_kernel)
+                                                     time_kernel=stem.time_kernel, diff_init=diff_init)
     cfg.video_encoder = video_encoder.cfg
     cfg.video_projector = copy.deepcopy(cfg.image_projector)
     new = ErnieVL(cfg).to(model.logits.log_scale.device)

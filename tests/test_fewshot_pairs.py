@@ -46,6 +46,10 @@ def test_the_auto_rule_needs_keep_above_image_on_two_seeds_at_one_budget():
     other_stage = both[:3] + [_row("pairs_image", 1, 0.30, pair_steps=200)]
     assert _rule(other_stage).met is False
     assert any(x.what == v.what for x in bench.verdicts(both))  # the bench's verdicts carry it
+    fix = {x.what: x for x in bench.verdicts(both + [_row("pairs_image_diff", 0, 0.5)])}
+    (fixed,) = [x for k, x in fix.items() if "pixels' weights" in k]
+    assert fixed.met is None and fixed.measured == "seed 0: 0.500 (600 steps)"
+    assert fix[v.what].measured == v.measured  # the fix row is not one of the rule's
 
 
 def test_pairs_variants_name_the_video_path_each_init_gives():
@@ -115,6 +119,15 @@ def test_pairs_rows_share_one_cached_pair_stage_per_seed(tmp_path, monkeypatch):
     assert keep["video_encoder"] == bench.expected_encoder("pairs_keep")
     assert image["video_encoder"] == bench.expected_encoder("pairs_image")
     assert keep["steps"] == image["steps"] == 2 and not bench.is_stale(keep) and not bench.is_stale(image)
+    fix = bench.run_row(2, "pairs_image_diff", 0, args)
+    assert (stage / "final" / "model.safetensors").read_bytes() == weights
+    assert fix["start"]["pair_stage"] == record and "diff_init='pixels'" in fix["start"]["inflated"]
+    assert fix["video_encoder"] == image["video_encoder"] and not bench.is_stale(fix)
+    assert bench.describe_start(fix) == "pairs 3 steps, inflated from image, diffs from pixels"
+    from ernie_vl.model import ErnieVL
+
+    inflated = ErnieVL.from_pretrained(stage / "final_image_pixels").video_encoder.stem[0].weight
+    assert torch.equal(inflated[:, 3:], inflated[:, :3]) and torch.count_nonzero(inflated[:, 3:]) > 0
     other = bench.run_row(2, "pairs_keep", 1, SimpleNamespace(**{**vars(args), "work": str(tmp_path)}))
     assert other["start"]["pair_stage"]["seed"] == 1 and (tmp_path / "pairs_tiny_3_1" / "final").is_dir()
     with pytest.raises(ValueError, match="pair-training steps"):

@@ -254,29 +254,49 @@ def test_feature_kinds_read_the_stem_encoder():
 # --------------------------------------------------------------------------- inflation through the stem
 
 
+@pytest.mark.parametrize("diff_init", ["zero", "pixels"])
 @pytest.mark.parametrize("frame_diff", [False, True])
 @pytest.mark.parametrize("gating", [False, True])
-def test_inflated_model_embeds_a_still_clip_as_its_frame(frame_diff, gating):
+def test_inflated_model_embeds_a_still_clip_as_its_frame(frame_diff, gating, diff_init):
     from ernie_vl.inflate import inflate_video_from_image
 
     torch.manual_seed(0)
     video = {"conv_stem": {"channels": [8, 16], "frame_diff": frame_diff}, "head_gating": gating}
     model = stem_model(video, head_gating=gating).eval()
     randomise_batch_norms(model.image_encoder)
-    new = inflate_video_from_image(model).eval()
+    new = inflate_video_from_image(model, diff_init=diff_init).eval()
     stem = new.cfg.video_encoder.conv_stem  # the image's channels, the video's frame differences
     assert stem == ConvStemConfig((16, 32, 64), frame_diff=frame_diff, time_kernel=3)
     assert new.cfg.video_encoder.patch_size == (4, 4) and new.cfg.video_encoder.tubelet_size == 4
     first = new.video_encoder.stem[0].weight  # (16, 3 or 6, 3, 3, 3)
     assert first.shape[1] == (6 if frame_diff else 3)
     assert torch.equal(first[:, :3, 1], model.image_encoder.stem[0].weight)
-    assert torch.count_nonzero(first[:, :, [0, 2]]) == 0 and torch.count_nonzero(first[:, 3:]) == 0
+    assert torch.count_nonzero(first[:, :, [0, 2]]) == 0
+    if frame_diff:  # the differences' weights: zero, or the pixels' (TSN's start of the RGB-difference stream)
+        assert torch.equal(first[:, 3:], first[:, :3]) if diff_init == "pixels" else torch.count_nonzero(first[:, 3:]) == 0
     assert torch.equal(new.video_encoder.stem[1].running_var, model.image_encoder.stem[1].running_var)
     frames = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         still = frames[:, None].expand(2, 8, 3, 32, 32).contiguous()
         torch.testing.assert_close(new.encode_video(still), new.encode_image(frames), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(new.encode_image(frames), model.encode_image(frames), rtol=0, atol=0)
+        if frame_diff and diff_init == "pixels":  # a moving clip's differences now reach the tokens
+            moving = torch.randn(2, 8, 3, 32, 32)
+            zero = inflate_video_from_image(model).eval()
+            assert not torch.allclose(new.encode_video(moving), zero.encode_video(moving), atol=1e-3)
+
+
+def test_inflation_names_an_unknown_difference_initialisation():
+    from encoders.convert import inflate_kernel
+    from ernie_vl.inflate import inflate_video_from_image
+
+    model = stem_model({"conv_stem": {"channels": [8], "frame_diff": True}})
+    with pytest.raises(ValueError, match="'random'.*'zero', 'pixels'"):
+        inflate_video_from_image(model, diff_init="random")
+    with pytest.raises(ValueError, match="twice the kernel's 3 input channels"):
+        inflate_kernel(torch.ones(4, 3, 3, 3), torch.Size((4, 5, 3, 3, 3)), "centre", "pixels")
+    mean = inflate_kernel(torch.ones(4, 3, 3, 3), torch.Size((4, 6, 2, 3, 3)), "mean", "pixels")
+    assert torch.equal(mean, torch.full((4, 6, 2, 3, 3), 0.5))  # kernel / kt in each slice, for both halves
 
 
 @pytest.mark.parametrize("blocks, tubelet, step", [
