@@ -132,22 +132,31 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
     return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(a) for a in kept])
 
 
-def rotated_medians(runs: dict, rounds: int, steps: int) -> dict:
+def rotated_medians(runs: dict, rounds: int, steps: int, clock=time.perf_counter) -> dict:
     """Median milliseconds per call of each ``runs[key]()`` (no arguments): one warm-up call each, then
-    ``rounds`` rounds of ``steps`` calls per key, the order rotated every round so no key always runs first."""
+    ``rounds`` rounds of ``steps`` calls per key, the order rotated every round so no key always runs first.
+    ``clock``: seconds (wall time by default); see :func:`rotated_medians_by_clock` for several at once."""
+    return rotated_medians_by_clock(runs, rounds, steps, {"ms": clock})["ms"]
+
+
+def rotated_medians_by_clock(runs: dict, rounds: int, steps: int, clocks: dict) -> dict:
+    """``{clock name: {key: median ms per call}}`` of :func:`rotated_medians`, every clock read around the same
+    calls. ``time.thread_time`` counts the calling thread's CPU time only: with one intra-op thread that is all of
+    the work, without the time the process waits while other processes run on a shared machine."""
     import statistics
 
     for run in runs.values():  # warm-up: allocator, oneDNN primitives
         run()
-    times: dict = {key: [] for key in runs}
+    times: dict = {name: {key: [] for key in runs} for name in clocks}
     keys = list(runs)
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t0 = time.perf_counter()
+            t0 = {name: clock() for name, clock in clocks.items()}
             for _ in range(steps):
                 runs[key]()
-            times[key].append((time.perf_counter() - t0) / steps)
-    return {key: 1000 * statistics.median(v) for key, v in times.items()}
+            for name, clock in clocks.items():
+                times[name][key].append((clock() - t0[name]) / steps)
+    return {name: {key: 1000 * statistics.median(v) for key, v in per_key.items()} for name, per_key in times.items()}
 
 
 def cost_table(ms: dict, baseline: str) -> list[str]:
