@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention
@@ -237,11 +238,22 @@ class VideoEncoder(VisionTransformerBase):
         if self.stem is not None:
             # (B, S, T, H, W) local space-time features (downsampled by a tokenizer)
             x = self.stem(x.contiguous(memory_format=layout))
-        y = self.patch_embed(x)  # (B, C, T', gh, gw)
-        grid = (y.shape[-2], y.shape[-1])
-        y = y.permute(0, 2, 3, 4, 1).flatten(2, 3)  # (B, T', gh*gw, C)
+        y = self.embed_features(x)  # (B, T', gh, gw, C)
+        grid = (y.shape[2], y.shape[3])
+        y = y.flatten(2, 3)  # (B, T', gh*gw, C)
         pos = resample_pos_embed_2d(self.pos_embed[1:], self.cfg.grid_size, grid, self.cfg.pos_interp)
         return y + pos.to(y.dtype), grid
+
+    def embed_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, T, H, W) -> (B, T', gh, gw, C) through the patch embedding. Where a tokenizer's strides cover the
+        whole patch and tubelet, that is a 1x1x1 convolution: the same sums as one matrix product over the
+        channels of the channels-last features, which skips the convolution primitive's overhead (forward and
+        backward) on these small maps."""
+        pe = self.patch_embed
+        if type(pe) is nn.Conv3d and pe.kernel_size == (1, 1, 1) and pe.stride == (1, 1, 1) and pe.groups == 1 \
+                and pe.padding == (0, 0, 0):
+            return F.linear(x.permute(0, 2, 3, 4, 1), pe.weight.flatten(1), pe.bias)
+        return pe(x).permute(0, 2, 3, 4, 1)
 
     def make_block(self, index: int) -> nn.Module:
         cfg = self.cfg

@@ -259,3 +259,29 @@ def test_the_bench_row_trains_the_frame_diff_encoder_with_its_loop_settings(tmp_
     assert "'frame_diff': True" in row["setup"]["reference"] and "weight decay 0.05" in row["setup"]["reference"]
     assert row["video_encoder"]["conv_stem"] == {"channels": [16, 32, 64], "frame_diff": True, "time_kernel": 3}
     assert not bench.is_stale(row)
+
+
+@pytest.mark.parametrize("stem, tubelet, pointwise", [({"channels": [4, 6, 8], "frame_diff": True}, 4, True),
+                                                      ({"channels": [4, 6], "frame_diff": True}, 2, False)])
+def test_a_pointwise_patch_embedding_is_one_matrix_product_with_the_convolutions_numbers(stem, tubelet, pointwise):
+    """Where the tokenizer's strides cover the whole patch and tubelet (tiny's three blocks), the patch embedding
+    is a 1x1x1 convolution, computed as a matrix product over the channels-last features: the convolution's
+    values and gradients, weight and bias included; other patch embeddings stay convolutions."""
+    torch.manual_seed(0)
+    enc = VideoEncoder(VideoEncoderConfig(**SMALL, num_frames=4, tubelet_size=tubelet, conv_stem=stem))
+    nn.init.normal_(enc.patch_embed.bias)
+    assert (enc.patch_embed.kernel_size == (1, 1, 1)) is pointwise
+    feats = torch.randn(3, enc.patch_embed.in_channels, 2 if pointwise else 4, 4 if pointwise else 8,
+                        4 if pointwise else 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    ours = enc.embed_features(feats)
+    grad = torch.randn_like(ours)
+    (ours * grad).sum().backward()
+    got = [feats.grad.clone(), enc.patch_embed.weight.grad.clone(), enc.patch_embed.bias.grad.clone()]
+    feats.grad = enc.patch_embed.weight.grad = enc.patch_embed.bias.grad = None
+    conv = F.conv3d(feats, enc.patch_embed.weight, enc.patch_embed.bias, stride=enc.patch_embed.stride)
+    want_y = conv.permute(0, 2, 3, 4, 1)
+    (want_y * grad).sum().backward()
+    assert ours.shape == want_y.shape == ((3, 2, 4, 4, 32) if pointwise else (3, 4, 4, 4, 32))
+    torch.testing.assert_close(ours, want_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, [feats.grad, enc.patch_embed.weight.grad, enc.patch_embed.bias.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
