@@ -30,6 +30,8 @@ file says where the stem's time goes. What it showed, and what was done about it
 - the frame differences were built by two concatenations and then copied to channels-last: three full
   passes over the 6-channel input. They are now written in one pass into one channels-last tensor
   (``encoders.video_stem.frame_differences``), the same numbers bit for bit;
+- the 1x1x1 patch embedding after tiny's three blocks ran as a convolution primitive whose fixed cost
+  outweighed its few FLOPs; it is now one matrix product over the channels-last features (same sums);
 - folding the differences into the first convolution's weights (a 4-frame kernel over the 3 pixel channels,
   exact with corrections at the first and last frames) was measured and not kept: oneDNN runs the 3-channel
   4-frame kernel only about 8% faster than the 6-channel 3-frame one, and the boundary corrections (single-
