@@ -394,7 +394,8 @@ def markdown(rows: list[dict], command: str, facts) -> str:
     shown = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     lines += ["", f"Clips: `bench/_motion_clips.py` drawing version {VERSION}. Held-out: 32 clips per class "
               "(8 classes, chance 0.125). References (`c3d`, `vit_ref*`) have no zero-shot. Video encoder: attention, "
-              "tubelet size k, stem (`-`: a row from before rows recorded it). A stale row recorded an encoder "
+              "tubelet size k, patch size p, stem, class tokens (`-`: a row from before rows recorded it; p and "
+              "class tokens recorded since the `pairs_*` rows). A stale row recorded an encoder "
               "other than its variant builds now and counts in no verdict. The machine is shared: wall-clock "
               "budgets are not comparable between rows with different loads; step budgets are, and so are seconds per "
               "step only between rows run at similar loads. Start: `random init` is the preset (every row before "
