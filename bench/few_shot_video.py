@@ -30,12 +30,18 @@ the preset:
   ``--pair-steps`` steps on synthetic captioned shapes with the row's seed, cached in the work folder so both
   rows of a seed share it), fine-tuned with ``--video-init keep`` (the checkpoint's own, untrained video
   encoder) or ``--video-init image`` (the video encoder inflated from the trained image encoder, through its
-  conv tokenizer, in the image encoder's geometry). ``--video-init auto`` keeps a video encoder with a conv
-  stem, as ``tiny``'s is, so it runs ``pairs_keep`` (no row of its own). Each row records its start
-  (``start``: the pair stage's steps, seed, seconds and retrieval; how the video path started);
-  ``pairs_image_diff``: ``pairs_image`` with the inflated frame-difference inputs started at the pixels' weights
-  instead of zero (``inflate_video_from_image(diff_init="pixels")``, as TSN starts its RGB-difference network
-  from the RGB one; a still clip is unchanged), inflated by the bench and fine-tuned with ``--video-init keep``;
+  conv tokenizer, in the image encoder's geometry, its frame-difference inputs started at the pixels'
+  weights: ``--video-diff-init pixels``, the default, as TSN starts its RGB-difference network from the RGB one;
+  a still clip is unchanged). ``--video-init auto`` keeps a video encoder with a conv stem, as ``tiny``'s is, so
+  it runs ``pairs_keep`` (no row of its own). Each row records its start (``start``: the pair stage's steps,
+  seed, seconds and retrieval; how the video path started and, inflated, where its frame differences started);
+  ``pairs_image_zero``: ``pairs_image`` with ``--video-diff-init zero`` (the frame-difference inputs start at
+  zero, blind to motion: what ``--video-init image`` did before ``pixels`` became its default; the rows run then
+  as ``pairs_image`` are renamed to it);
+  ``pairs_image_diff``: the start ``pairs_image`` takes now, built by the bench before the trainer offered it
+  (``inflate_video_from_image(diff_init="pixels")`` saved beside the pair checkpoint, then fine-tuned with
+  ``--video-init keep``): the same start weights as ``pairs_image`` reached in another order, so its random
+  draws differ; kept buildable so its rows stay reproducible, not run again;
 - ``c3d``: the reference learner of ``bench/_reference_c3d.py`` (a 3D convnet of about 70k
   parameters, the same clips, frames, size and label-aware flips / reversals, Adam, ``--steps``
   steps, 600 without): what is reachable on these clips with so few labels;
@@ -46,7 +52,8 @@ the preset:
   own goal: ``vit_ref_tokenizer_diff`` >= 0.93 on two seeds at 40 clips per class.
 
 ``auto``'s rule for a pair-trained ``tiny`` (keep its video stem rather than inflate it) is checked against the
-``pairs_*`` rows: ``pairs_keep`` above ``pairs_image`` on two seeds at 40 clips per class.
+``pairs_*`` rows: ``pairs_keep`` above ``pairs_image`` on two seeds at 40 clips per class (``pairs_image_zero``
+and ``pairs_image_diff`` are reported beside it, in no verdict).
 
 Each row records the video encoder it ran (attention, tubelet size, stem; since the ``pairs_*`` rows also
 patch size and class-token mode) and its seconds per step (the training loop's wall clock over its steps). A row whose recorded encoder is
@@ -62,7 +69,8 @@ verdicts (>= 0.90 on both seeds at 40 clips per class, >= 0.97 at 512) are compu
 (``--rows ''`` rewrites them from the rows file without training).
 
     .venv/bin/python bench/few_shot_video.py --rows 40:full:0,40:full:1 --minutes 10 --steps 600
-    .venv/bin/python bench/few_shot_video.py --rows 40:pairs_keep:0,40:pairs_image:0 --steps 600 --pair-steps 400
+    .venv/bin/python bench/few_shot_video.py --rows 40:pairs_keep:0,40:pairs_image:0 --steps 600 --minutes 0 \
+        --pair-steps 400 --threads 1
 """
 from __future__ import annotations
 
@@ -107,7 +115,8 @@ VARIANTS = {  # model overrides of tiny (merged into the preset), trainer settin
     "tokenizer_diff": ({"video_encoder": {"conv_stem": {**TOKENIZER_DIFF, "time_kernel": 3}}}, AUTO),
     # from tiny trained on pairs only (bench/_pair_start.py); auto keeps tiny's video stem, as keep does
     "pairs_keep": ({}, dict(AUTO, video_init="keep")),
-    "pairs_image": ({}, dict(AUTO, video_init="image")),
+    "pairs_image": ({}, dict(AUTO, video_init="image")),  # frame differences from the pixels' (the default)
+    "pairs_image_zero": ({}, dict(AUTO, video_init="image", video_diff_init="zero")),
     # inflated by the bench (PRE_INFLATED), then kept: frame differences start at the pixels' weights
     "pairs_image_diff": ({}, dict(AUTO, video_init="keep")),
     "c3d": None,  # the reference learner (bench/_reference_c3d.py), not ernie-vl
@@ -122,7 +131,7 @@ REFERENCES = {"c3d": None, "vit_ref": NO_STEM, "vit_ref_stem": {"conv_stem": 24}
 REFERENCE_LOOP = {"vit_ref_tokenizer_diff": {"weight_decay": 0.05}}  # AdamW settings other than lr 1e-3, wd 1e-2
 ENCODER_GOAL = ("vit_ref_tokenizer_diff", 40, 0.93)  # the bare encoder's goal: this row, clips/class, top-1 on 2 seeds
 GOALS = {40: 0.90, 512: 0.97}
-PAIR_VARIANTS = ("pairs_keep", "pairs_image", "pairs_image_diff")  # start from the pair stage's checkpoint
+PAIR_VARIANTS = ("pairs_keep", "pairs_image", "pairs_image_zero", "pairs_image_diff")  # from the pair stage
 PRE_INFLATED = {"pairs_image_diff": "pixels"}  # inflated before fine-tuning, with this diff_init
 RULE_CLIPS = 40  # clips/class at which the pairs rows check auto's rule
 
@@ -257,6 +266,7 @@ def run_row(clips: int, variant: str, seed: int, args) -> dict:
     start = {"from": "tiny at random init"} if pair_stage is None else {
         "from": f"tiny trained {pair_stage['steps']} steps on image-text pairs only (seed {pair_stage['seed']})",
         "pair_stage": pair_stage, "video_init": setup["video_init"],
+        **({"video_diff_init": setup["video_diff_init"]} if "video_diff_init" in setup else {}),
         "video_projector": {"kind": cfg.video_projector.kind, "num_queries": cfg.video_projector.num_queries}}
     if variant in PRE_INFLATED:
         start["inflated"] = f"by the bench before fine-tuning: inflate_video_from_image(diff_init={PRE_INFLATED[variant]!r})"
@@ -301,13 +311,22 @@ def verdicts(rows: list[dict]) -> list[Verdict]:
             else:
                 out.append(Verdict(f"{label}, top-1, {clips} clips/class", "report", measured, None))
     rule = auto_rule_verdict(rows)
-    fix = sorted((r for r in rows if r["clips"] == RULE_CLIPS and r["variant"] == "pairs_image_diff"),
-                 key=lambda r: r["seed"])
-    if fix:
-        out.append(Verdict(f"from a pair-trained tiny, --video-init image with frame differences started at the "
-                           f"pixels' weights, top-1, {RULE_CLIPS} clips/class", "report",
-                           ", ".join(f"seed {r['seed']}: {r['top1']:.3f} ({r['steps']} steps)" for r in fix), None))
+    for variant, label in REPORTED_STARTS.items():
+        runs = sorted((r for r in rows if r["clips"] == RULE_CLIPS and r["variant"] == variant),
+                      key=lambda r: r["seed"])
+        if runs:
+            out.append(Verdict(f"from a pair-trained tiny, {label}, top-1, {RULE_CLIPS} clips/class", "report",
+                               ", ".join(f"seed {r['seed']}: {r['top1']:.3f} ({r['steps']} steps)" for r in runs),
+                               None))
     return out + ([] if rule is None else [rule])
+
+
+#: inflated starts reported beside the auto rule's verdict (in none): variant -> what its start is
+REPORTED_STARTS = {
+    "pairs_image_zero": "--video-init image with frame differences started at zero (--video-diff-init zero)",
+    "pairs_image_diff": "the video path inflated by the bench with frame differences started at the pixels' "
+                        "weights (pairs_image's start, other random draws)",
+}
 
 
 def auto_rule_verdict(rows: list[dict]) -> Verdict | None:
@@ -350,10 +369,14 @@ LEGEND = {  # the table's notes, one per variant (the module docstring says the 
                   "column), `--video-init keep`: its own, untrained video encoder (what `auto` does with tiny)",
     "pairs_image": "`pairs_keep` with `--video-init image`: the video encoder inflated from the trained image "
                    "encoder and its conv tokenizer, in the image encoder's geometry (4 px patches, per-frame class "
-                   "tokens), its projector a copy of the image projector",
-    "pairs_image_diff": "`pairs_image` with the frame-difference inputs' weights started at the pixels' "
-                        "(`inflate_video_from_image(diff_init='pixels')`, TSN's start of its RGB-difference "
-                        "network; still clips unchanged), inflated by the bench and fine-tuned with `keep`",
+                   "tokens), its projector a copy of the image projector, its frame-difference inputs' weights "
+                   "started at the pixels' (`--video-diff-init pixels`, the default: TSN's start of its "
+                   "RGB-difference network; still clips unchanged)",
+    "pairs_image_zero": "`pairs_image` with `--video-diff-init zero`: the frame-difference inputs' weights start "
+                        "at zero (blind to motion), what `--video-init image` did before `pixels` became its default",
+    "pairs_image_diff": "`pairs_image`'s start built by the bench before the trainer offered it "
+                        "(`inflate_video_from_image(diff_init='pixels')`, saved, then fine-tuned with `keep`): the "
+                        "same start weights, other random draws; not run again",
     "c3d": "the ~70k-parameter 3D-convnet reference on the same clips",
     "vit_ref": "tiny's bare video encoder without a stem and a linear head in the reference's loop",
     "vit_ref_stem": "the same with the one-conv stem",
@@ -367,9 +390,21 @@ def describe_start(row: dict) -> str:
     start = row.get("start") or {}
     if "pair_stage" not in start:
         return "random init"
-    how = ("inflated from image, diffs from pixels" if "inflated" in start else
-           "inflated from image" if start["video_init"].startswith("inflated") else "video kept")
+    diffs = diff_start(row)
+    how = "video kept" if diffs is None else f"inflated from image, diffs from {diffs}"
     return f"pairs {start['pair_stage']['steps']} steps, {how}"
+
+
+def diff_start(row: dict) -> str | None:
+    """Where an inflated row's frame-difference weights started (``"pixels"`` / ``"zero"``), None for a kept
+    video path: the bench's own inflation (``PRE_INFLATED``), else the trainer's as the row recorded it; a
+    trainer-inflated row that recorded none ran before ``--video-diff-init`` existed, when the start was zero."""
+    start = row.get("start") or {}
+    if "inflated" in start:
+        return PRE_INFLATED[row["variant"]]
+    if not start.get("video_init", "").startswith("inflated"):
+        return None
+    return start.get("video_diff_init", "zero")
 
 
 def relabel_notes(rows: list[dict]) -> list[str]:
@@ -404,7 +439,7 @@ def markdown(rows: list[dict], command: str, facts) -> str:
     lines += [f"- `{v}`: {LEGEND[v]}" for v in shown]
     notes = relabel_notes(rows)
     if notes:
-        lines += ["", "Renamed rows (the variant they ran under later came to mean another encoder):", "", *notes]
+        lines += ["", "Renamed rows (the variant they ran under later came to mean another encoder or start):", "", *notes]
     setups = {f"{r['clips']}:{r['variant']}": r["setup"] for r in rows}
     lines += ["", "What each setting chose (setup.json of its latest row):", "", "```",
               json.dumps(setups, indent=1)[:4000], "```"]

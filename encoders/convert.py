@@ -317,15 +317,19 @@ def video_encoder_from_hf_timesformer(hf_model: nn.Module, attn_impl: str = "fus
 
 
 DIFF_INITS = ("zero", "pixels")  # how inflation starts the frame-difference inputs' weights
+#: the start every inflation takes unless told otherwise (the trainer's ``--video-diff-init`` default too)
+DEFAULT_DIFF_INIT = "pixels"
 
 
-def inflate_kernel(kernel: torch.Tensor, shape: torch.Size, mode: str, diff_init: str = "zero") -> torch.Tensor:
+def inflate_kernel(kernel: torch.Tensor, shape: torch.Size, mode: str,
+                   diff_init: str = DEFAULT_DIFF_INIT) -> torch.Tensor:
     """A 2D kernel (O, I, kh, kw) as a 3D one of ``shape`` (O, I', kt, kh, kw), I' >= I.
 
     ``mode="mean"``: kernel / kt in every time slice (I3D's averaging); ``"centre"``: the kernel in the
-    centre slice, zeros elsewhere. Input channels beyond I (the frame differences, I' = 2I) are zero, or with
-    ``diff_init="pixels"`` the pixels' inflated kernel (TSN's cross-modality start of its RGB-difference
-    network): a still clip's differences are zero, so it still meets only the pixels' weights."""
+    centre slice, zeros elsewhere. Input channels beyond I (the frame differences, I' = 2I) get the pixels'
+    inflated kernel with ``diff_init="pixels"`` (the default, :data:`DEFAULT_DIFF_INIT`: TSN's cross-modality
+    start of its RGB-difference network; a still clip's differences are zero, so it still meets only the
+    pixels' weights), or zeros with ``diff_init="zero"``."""
     if diff_init not in DIFF_INITS:
         raise ValueError(f"unknown frame-difference initialisation {diff_init!r}; valid: {list(DIFF_INITS)}")
     out = kernel.new_zeros(shape)
@@ -352,7 +356,7 @@ def video_encoder_from_image_encoder(
     tubelet_size: int = 1,
     frame_diff: bool = False,
     time_kernel: int = 3,
-    diff_init: str = "zero",
+    diff_init: str = DEFAULT_DIFF_INIT,
 ) -> VideoEncoder:
     """Inflate an ImageEncoder into a VideoEncoder.
 
@@ -369,9 +373,10 @@ def video_encoder_from_image_encoder(
     An image encoder with a conv tokenizer (``conv_stem``) gives a video encoder with the same blocks
     (channels and spatial strides), each 3x3 Conv2d placed in the centre time slice of a ``time_kernel``
     x 3 x 3 Conv3d (the other slices zero), BatchNorm statistics and affine terms copied; ``frame_diff``
-    adds frame-difference inputs whose weights start at zero (also over the linear embedding), or with
-    ``diff_init="pixels"`` at the pixels' inflated weights (a still clip has zero differences, so what follows
-    for still clips holds either way; for moving clips only with ``"zero"``). What holds in eval mode: the stem's time strides (``stem_strides``: 2 in the last blocks while 2 divides k) then
+    adds frame-difference inputs (also over the linear embedding) whose weights start at the pixels' inflated
+    weights (``diff_init="pixels"``, the default: TSN's start of its RGB-difference network, so the stem sees
+    motion from step one) or at zero (``diff_init="zero"``: the stem starts blind to motion). A still clip has
+    zero differences, so what follows for still clips holds either way; for moving clips only with ``"zero"``. What holds in eval mode: the stem's time strides (``stem_strides``: 2 in the last blocks while 2 divides k) then
     read every s-th frame, s their product, and the patch embedding (mean-inflated over the k / s steps
     the stem leaves) averages them, so time step t's tokens are the mean of the image encoder's patch
     tokens of frames t*k, t*k + s, ..., t*k + k - s (the image tokens of frame t*k when the stem consumes

@@ -14,8 +14,18 @@
   equality with per-frame image gates holds for still clips (without gating, for every clip);
 - video projector is a copy of the image projector (config and weights);
 - backbone treats video tokens as it treats image tokens (the video modality embedding and
-  residual gates copied from the image ones), so ``encode_video`` of a still clip equals
-  ``encode_image`` of its frame.
+  residual gates copied from the image ones).
+
+``video_encoder(clip).pooled`` of a still clip equals ``image_encoder(frame).pooled`` whatever the aligner.
+``encode_video`` of a still clip equals ``encode_image`` of its frame where the aligner hands the backbone
+every token of the image the same number of times, since attention weighs a token repeated uniformly as it
+weighs one copy: ``tiny``'s query resampler attends over T' identical copies of each token of a clip of T'
+time steps, so there the two are equal. ``resampler_ernie45`` (``ernie45-tiny``) does not: it merges
+the patch tokens over pairs of time steps (T' / 2 copies; an image's single frame is paired with itself) but
+passes the T' per-time-step class tokens through one by one, so the backbone attends to T' identical class
+tokens where an image has one and weighs them more; a still clip's embedding then differs from its frame's (by
+about 0.03 at most per coordinate on a random-init ``ernie45-tiny`` with 8 frames; with one class token kept it
+is the image's again, ``tests/test_preset_ernie45_tiny.py``).
 
 The spatial geometry (patch size, width, depth, heads, and the conv tokenizer's channels) comes from the
 image encoder; the number of frames, tubelet size and attention mode, and the video stem's ``frame_diff``
@@ -24,9 +34,12 @@ and classifier are unchanged.
 
 Conv tokenizers (``conv_stem``): an image encoder with one gives a video encoder with the same blocks
 inflated in time (each 3x3 kernel in the centre time slice, the others zero; BatchNorm copied; frame
-difference inputs at zero, or at the pixels' weights with ``diff_init="pixels"``), whatever stem the video
-configuration had, so ``encode_video`` of a still clip still equals ``encode_image`` of its frame in eval mode,
-with or without ``frame_diff`` and head gating.
+difference inputs at the pixels' weights by default, ``diff_init="pixels"``, TSN's start of its RGB-difference
+network, so the stem sees motion from the first step; or at zero with ``diff_init="zero"``, which starts the
+stem blind to motion: on the few-shot bench's clips that start failed to fit them, see
+``bench/results/few_shot_video.md``), whatever stem the video
+configuration had, so a still clip still embeds as its frame in eval mode (as above: in the encoder always, in
+the model where the aligner allows it), with or without ``frame_diff`` and head gating.
 For moving clips the stem's time strides subsample the frames: time step t reads frames t*k, t*k + s, ...
 (s the product of the stem's time strides, k the tubelet size; ``tiny``'s three blocks with k = 4 read
 frame t*k alone), see ``encoders.convert.video_encoder_from_image_encoder``. An image encoder without a
@@ -38,7 +51,7 @@ import copy
 
 import torch
 
-from encoders.convert import video_encoder_from_image_encoder
+from encoders.convert import DEFAULT_DIFF_INIT, video_encoder_from_image_encoder
 from encoders.video_stem import ConvStemConfig
 from ernie_vl.modality import IMAGE, VIDEO
 
@@ -46,7 +59,8 @@ from ernie_vl.modality import IMAGE, VIDEO
 def inflation_problem(cfg) -> str | None:
     """Why the video path of a model with config ``cfg`` (an ``ErnieVLConfig``) cannot be inflated from its
     image path, or None when it can: the image encoder has a conv tokenizer, or the video encoder has no
-    stem with blocks (frame differences alone feed the linear embedding through zero weights)."""
+    stem with blocks (frame differences alone feed the linear embedding, their weights started as ``diff_init``
+    says)."""
     image, video = cfg.image_encoder.conv_stem, cfg.video_encoder.conv_stem
     if isinstance(image, ConvStemConfig) or not video or (isinstance(video, ConvStemConfig) and not video.channels):
         return None
@@ -56,10 +70,10 @@ def inflation_problem(cfg) -> str | None:
 
 
 @torch.no_grad()
-def inflate_video_from_image(model, cls_mode: str = "per_frame", diff_init: str = "zero"):
+def inflate_video_from_image(model, cls_mode: str = "per_frame", diff_init: str = DEFAULT_DIFF_INIT):
     """A new ``ErnieVL``: ``model`` with its video path started from its image path (module docstring);
-    ``diff_init`` starts the frame-difference inputs' weights at ``"zero"`` or at the pixels' (``"pixels"``,
-    ``encoders.convert.inflate_kernel``)."""
+    ``diff_init`` starts the frame-difference inputs' weights at the pixels' (``"pixels"``, the default) or at
+    ``"zero"`` (``encoders.convert.inflate_kernel``)."""
     from ernie_vl.model import ErnieVL
 
     cfg = copy.deepcopy(model.cfg)

@@ -18,7 +18,8 @@ import few_shot_video as bench  # noqa: E402
 
 def _row(variant, seed, top1, steps=600, pair_steps=400, **extra):
     start = {"from": "pairs", "pair_stage": {"steps": pair_steps, "seed": seed}, "video_init": (
-        "inflated from the image encoder" if variant == "pairs_image" else "kept from the checkpoint")}
+        "inflated from the image encoder" if variant in ("pairs_image", "pairs_image_zero") else
+        "kept from the checkpoint")}
     return {"clips": 40, "variant": variant, "seed": seed, "top1": top1, "zeroshot_top1": top1, "steps": steps,
             "train_s": steps / 10, "budget": {"minutes": None, "steps": steps}, "load": [1.0, 1.0], "setup": {},
             "written": "2026-01-01 00:00 UTC", "start": start, **extra}
@@ -46,10 +47,13 @@ def test_the_auto_rule_needs_keep_above_image_on_two_seeds_at_one_budget():
     other_stage = both[:3] + [_row("pairs_image", 1, 0.30, pair_steps=200)]
     assert _rule(other_stage).met is False
     assert any(x.what == v.what for x in bench.verdicts(both))  # the bench's verdicts carry it
-    fix = {x.what: x for x in bench.verdicts(both + [_row("pairs_image_diff", 0, 0.5)])}
-    (fixed,) = [x for k, x in fix.items() if "pixels' weights" in k]
+    others = [_row("pairs_image_diff", 0, 0.5), _row("pairs_image_zero", 1, 0.3), _row("pairs_image_zero", 0, 0.2)]
+    fix = {x.what: x for x in bench.verdicts(both + others)}
+    (fixed,) = [x for k, x in fix.items() if "inflated by the bench" in k]
     assert fixed.met is None and fixed.measured == "seed 0: 0.500 (600 steps)"
-    assert fix[v.what].measured == v.measured  # the fix row is not one of the rule's
+    (zero,) = [x for k, x in fix.items() if "--video-diff-init zero" in k]
+    assert zero.met is None and zero.measured == "seed 0: 0.200 (600 steps), seed 1: 0.300 (600 steps)"
+    assert fix[v.what].measured == v.measured  # neither is one of the rule's rows
 
 
 def test_pairs_variants_name_the_video_path_each_init_gives():
@@ -88,11 +92,15 @@ def test_the_table_says_where_each_row_started_and_its_seconds_per_step():
     rows = [_row("pairs_image", 0, 0.24, video_encoder=bench.expected_encoder("pairs_image")),
             _row("full", 0, 0.99, video_encoder=bench.expected_encoder("full"))]
     del rows[1]["start"]  # rows before the pairs rows carry no start: the preset at random init
-    assert bench.describe_start(rows[0]) == "pairs 400 steps, inflated from image"
+    # a trainer-inflated row that recorded no diff start ran before --video-diff-init: from zero
+    assert bench.describe_start(rows[0]) == "pairs 400 steps, inflated from image, diffs from zero"
     assert bench.describe_start(rows[1]) == "random init"
+    rows[0]["start"]["video_diff_init"] = "pixels"
+    assert bench.describe_start(rows[0]) == "pairs 400 steps, inflated from image, diffs from pixels"
+    assert bench.describe_start(_row("pairs_keep", 0, 0.9)) == "pairs 400 steps, video kept"
     text = bench.markdown(rows, "cmd", SimpleNamespace(line=lambda: "machine"))
     assert "| 40 | pairs_image | divided, k=4, p=4, tokenizer [16, 32, 64] + diff, cls per frame | 0 | 600 | 60.0 | " \
-           "0.100 | pairs 400 steps, inflated from image | - / 600 |" in text
+           "0.100 | pairs 400 steps, inflated from image, diffs from pixels | - / 600 |" in text
     assert "| 0 | 600 | 60.0 | 0.100 | random init |" in text
     assert set(bench.LEGEND) == set(bench.VARIANTS)
 
@@ -115,6 +123,8 @@ def test_pairs_rows_share_one_cached_pair_stage_per_seed(tmp_path, monkeypatch):
     assert 0.0 <= record["evaluation"]["text_to_image_R@1"] <= 1.0
     assert keep["start"]["video_init"] == "kept from the checkpoint"
     assert image["start"]["video_init"] == "inflated from the image encoder"
+    assert image["start"]["video_diff_init"] == image["setup"]["video_diff_init"] == "pixels"
+    assert "video_diff_init" not in keep["start"] and "video_diff_init" not in keep["setup"]
     assert keep["start"]["video_projector"]["num_queries"] == 8 and image["start"]["video_projector"]["num_queries"] == 16
     assert keep["video_encoder"] == bench.expected_encoder("pairs_keep")
     assert image["video_encoder"] == bench.expected_encoder("pairs_image")
@@ -124,6 +134,10 @@ def test_pairs_rows_share_one_cached_pair_stage_per_seed(tmp_path, monkeypatch):
     assert fix["start"]["pair_stage"] == record and "diff_init='pixels'" in fix["start"]["inflated"]
     assert fix["video_encoder"] == image["video_encoder"] and not bench.is_stale(fix)
     assert bench.describe_start(fix) == "pairs 3 steps, inflated from image, diffs from pixels"
+    zero = bench.run_row(2, "pairs_image_zero", 0, args)
+    assert zero["start"]["video_diff_init"] == zero["setup"]["video_diff_init"] == "zero"
+    assert zero["video_encoder"] == image["video_encoder"] and not bench.is_stale(zero)
+    assert bench.describe_start(zero) == "pairs 3 steps, inflated from image, diffs from zero"
     from ernie_vl.model import ErnieVL
 
     inflated = ErnieVL.from_pretrained(stage / "final_image_pixels").video_encoder.stem[0].weight
@@ -149,3 +163,24 @@ def test_the_cost_bench_counts_the_tokens_each_video_path_sees():
     assert 2.0 < flops["image"] / flops["keep"] < 4.0  # about the 4x tokens, less the stem's unchanged first blocks
     parts = cost.forward_parts(built["image"], clips)
     assert 0 < parts["stem"] < parts["video encoder"] and parts["projector"] > 0 and parts["backbone"] > 0
+
+
+def test_rows_run_before_the_pixels_start_are_not_shown_as_pairs_image():
+    """The committed rows: those run when ``--video-init image`` started the differences at zero are renamed to
+    ``pairs_image_zero`` (still buildable, not stale, listed in the table's notes); every ``pairs_image`` row
+    recorded the pixels' start."""
+    import json
+
+    rows = json.loads(bench.ROWS_FILE.read_text())
+    zero = [r for r in rows if r["variant"] == "pairs_image_zero"]
+    assert {r["seed"] for r in zero} >= {0, 1}
+    for r in zero:
+        assert r["relabelled_from"] == "pairs_image" and "at zero" in r["note"]
+        assert bench.diff_start(r) == "zero" and not bench.is_stale(r)
+    image = [r for r in rows if r["variant"] == "pairs_image"]
+    assert image and all(r["start"]["video_diff_init"] == "pixels" and not bench.is_stale(r) for r in image)
+    assert all(r["variant"] in bench.VARIANTS for r in rows)  # every renamed row names a buildable variant
+    notes = bench.relabel_notes(rows)
+    assert sum("ran as `pairs_image`" in n for n in notes) == len(zero)
+    text = bench.markdown(rows, "cmd", SimpleNamespace(line=lambda: "machine"))
+    assert "| 40 | pairs_image_zero |" in text and "inflated from image, diffs from zero" in text

@@ -36,7 +36,8 @@ def test_ernie45_tiny_has_exactly_tinys_encoders_conv_tokenizers_included():
 
 def test_ernie45_tiny_video_path_inflates_from_its_image_tokenizer():
     """``--video-init image``: the image tokenizer inflates into the video one; the encoder embeds a still
-    clip as its frame, and the resampler aligner of images becomes the clips' aligner."""
+    clip as its frame, and the resampler aligner of images becomes the clips' aligner. The model's embedding of
+    a still clip is not its frame's (``ernie_vl.inflate`` says why), and the test shows the reason."""
     from ernie_vl.inflate import inflate_video_from_image, inflation_problem
     from ernie_vl.train.finetune import KEPT_STEM, video_start
 
@@ -57,6 +58,18 @@ def test_ernie45_tiny_video_path_inflates_from_its_image_tokenizer():
         torch.testing.assert_close(new.video_encoder(still).pooled, new.image_encoder(frames).pooled,
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(new.encode_image(frames), model.encode_image(frames), rtol=0, atol=0)
+        # the model level differs: the aligner merges the patches over pairs of time steps but keeps the clip's
+        # two identical class tokens, which the backbone's attention then weighs twice where an image has one
+        gap = (new.encode_video(still) - new.encode_image(frames)).abs().max()
+        assert gap > 1e-3, gap
+        aligner = new.video_projector.forward
+
+        def one_class_token(tokens, num_prefix, **layout):
+            out, prefix = aligner(tokens, num_prefix, **layout)
+            return out[:, prefix - 1:], 1
+
+        new.video_projector.forward = one_class_token  # one copy of the class token: the image's input again
+        torch.testing.assert_close(new.encode_video(still), new.encode_image(frames), rtol=1e-4, atol=1e-5)
 
 
 def test_ernie45_tiny_trains_a_step_moves_the_bias_and_round_trips(tmp_path):

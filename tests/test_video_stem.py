@@ -204,8 +204,8 @@ def test_frame_diff_checkpoint_round_trips(tmp_path):
 
 
 def test_inflation_refuses_a_frame_diff_tokenizer_without_an_image_stem_but_not_bare_frame_differences():
-    """Blocks cannot come from a linear patch embedding; frame differences alone feed it through zero weights
-    (tests/test_image_stem.py checks the numbers)."""
+    """Blocks cannot come from a linear patch embedding; frame differences alone feed it, through the pixels'
+    weights by default or zero ones (tests/test_image_stem.py checks the numbers)."""
     import ernie_vl
     from ernie_vl.inflate import inflate_video_from_image
 
@@ -215,7 +215,7 @@ def test_inflation_refuses_a_frame_diff_tokenizer_without_an_image_stem_but_not_
         inflate_video_from_image(model)
     model = ernie_vl.create_model("test", class_names=["a", "b"],
                                   video_encoder={"conv_stem": {"channels": [], "frame_diff": True}})
-    inflated = inflate_video_from_image(model).video_encoder
+    inflated = inflate_video_from_image(model, diff_init="zero").video_encoder
     assert inflated.cfg.conv_stem == ConvStemConfig((), frame_diff=True)
     assert torch.count_nonzero(inflated.patch_embed.weight[:, 3:]) == 0
 

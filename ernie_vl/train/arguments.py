@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from encoders.convert import DIFF_INITS
 from ernie_vl.train.config import TrainConfig
 
 # CLI flag -> TrainConfig field, for the flags that map one to one
@@ -16,7 +17,8 @@ _SIMPLE = ("model", "out", "minutes", "max_steps", "batch_pairs", "batch_videos"
            "num_workers", "eval_every", "checkpoint_every", "checkpoint_minutes", "log_every", "num_frames", "val_pairs", "val_videos",
            "image_col", "caption_col", "powersgd_rank", "powersgd_warmup", "parallel", "expert_parallel", "threads", "curriculum_steps",
            "hard_negative_share", "hard_negative_group", "caption_positives", "p_hflip", "p_reverse", "speed_min", "mixup", "cutmix",
-           "crop_min_area", "image_crop_min_area", "image_rotate", "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init")
+           "crop_min_area", "image_crop_min_area", "image_rotate", "recipe", "label_smoothing", "drop_path", "ema", "epochs", "freeze", "video_init",
+           "video_diff_init")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +96,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video-init", choices=("auto", "image", "keep"), default="auto",
                    help="start the video encoder from the image encoder (auto: when the checkpoint was trained on "
                         "pairs but not videos)")
+    p.add_argument("--video-diff-init", choices=DIFF_INITS, default=d["video_diff_init"].default,
+                   help="where an inflated video stem's frame-difference weights start: pixels (default: at the "
+                        "pixels' weights) or zero (blind to motion at the start)")
     p.add_argument("--mixup", type=float, default=d["mixup"].default, help="mixup alpha for clips (0 = off)")
     p.add_argument("--cutmix", type=float, default=d["cutmix"].default, help="cutmix alpha for clips (0 = off)")
     p.add_argument("--no-video-text", action="store_true", help="no video <-> class-prompt contrastive loss")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from encoders.convert import DEFAULT_DIFF_INIT, DIFF_INITS
+
 AUTOCAST_MODES = ("auto", "bf16", "none")
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -55,7 +57,9 @@ class TrainConfig:
     ("none" | "backbone": linear probe)) from the number of clips per class; ``"off"`` fills them with
     the plain defaults. ``video_init``: ``"auto"`` starts the video path from the image path
     (``ernie_vl.inflate``) when the checkpoint given as ``model`` was trained on pairs but never on
-    videos; ``"image"`` always does; ``"keep"`` never does.
+    videos; ``"image"`` always does; ``"keep"`` never does. ``video_diff_init``: where an inflated video stem's
+    frame-difference inputs start, ``"pixels"`` (the default: at the pixels' weights) or ``"zero"`` (blind to
+    motion at the start; what ``--video-init image`` did before ``"pixels"`` became the default).
     Distributed: ``parallel`` ``ddp`` (default) or ``fsdp``; ``powersgd_rank`` > 0 registers
     PowerSGD (DDP only) after ``powersgd_warmup`` uncompressed steps; ``expert_parallel`` E > 1
     spreads every MoE layer's experts over groups of E ranks (:mod:`ernie_vl.moe.expert_parallel`).
@@ -128,6 +132,7 @@ class TrainConfig:
     epochs: Optional[float] = None
     freeze: Optional[str] = None
     video_init: str = "auto"
+    video_diff_init: str = DEFAULT_DIFF_INIT
 
     curriculum: bool = False
     curriculum_steps: Optional[int] = None
@@ -212,6 +217,8 @@ class TrainConfig:
             raise ValueError(f"unknown freeze {self.freeze!r}; valid: ['none', 'backbone']")
         if self.video_init not in ("auto", "image", "keep"):
             raise ValueError(f"unknown video_init {self.video_init!r}; valid: ['auto', 'image', 'keep']")
+        if self.video_diff_init not in DIFF_INITS:
+            raise ValueError(f"unknown video_diff_init {self.video_diff_init!r}; valid: {list(DIFF_INITS)}")
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema (decay) must be in [0, 1), 0 = off; got {self.ema}")
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:

@@ -14,7 +14,11 @@ prompts, batch sizes, ``grad_accum``, lr, schedule (``max_steps``, ``warmup_step
 ``calibration_steps``), weight decay, clipping, precision (the autocast mode resolved for the device), seed,
 sampling, hard negatives, loss settings, clip and image augmentation, recipe, EMA, freezing, curriculum,
 ``cache_max_mb`` (it decides whether the data is cached or streamed, and the two draw batches through
-different sources) and PowerSGD.
+different sources) and PowerSGD. ``video_diff_init`` defines a run only where the run inflates its video path
+from its image path (``inflates``: ``--video-init image``, or ``auto`` choosing to); elsewhere it is recorded
+as None, so it never blocks a run that does not use it. A state saved before the field existed and whose run
+inflated started the frame differences at zero (the only start there was then): it counts as ``"zero"``, so
+resuming it needs ``--video-diff-init zero``.
 
 Safe to change (not recorded): ``out`` (a run folder may move), ``resume``, ``progress``, ``log_every``,
 ``num_workers``, ``threads``, ``decode_cache`` (decoded data is keyed by content), ``checkpoint_every`` /
@@ -103,6 +107,22 @@ def _model_identity(model: str, out: str | Path) -> Any:
     return {"checkpoint": os.path.abspath(path), "weights": path_identity(str(weights), out)}
 
 
+def inflates(cfg) -> bool:
+    """Whether the run ``cfg`` (a ``TrainConfig``) starts its video path from its image path: a checkpoint
+    folder as ``model``, videos, and ``video_init`` "image", or "auto" deciding to (``finetune.video_start``
+    on the checkpoint's header and config, nothing else read)."""
+    path = Path(cfg.model)
+    if not cfg.videos or cfg.video_init == "keep" or not (path / "config.json").is_file():
+        return False
+    if cfg.video_init == "image":
+        return True
+    from ernie_vl.checkpoint import read_config
+    from ernie_vl.train.finetune import INFLATED, trained_on, video_start
+
+    stem = bool(read_config(path).video_encoder.conv_stem)
+    return video_start(cfg.video_init, True, trained_on(path), stem) == INFLATED
+
+
 def train_fingerprint(cfg, world_size: int = 1, device_type: str = "cpu") -> dict[str, Any]:
     """The defining settings of the run ``cfg`` (a ``TrainConfig``) at ``world_size`` processes on
     ``device_type``; JSON-ready, saved in its state."""
@@ -116,6 +136,7 @@ def train_fingerprint(cfg, world_size: int = 1, device_type: str = "cpu") -> dic
     use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device_type == "cuda")
     fp["autocast"] = "bf16" if use_bf16 else "none"
     fp["world_size"] = world_size
+    fp["video_diff_init"] = cfg.video_diff_init if inflates(cfg) else None
     return fp
 
 
@@ -166,7 +187,9 @@ def check_training_resume(out: str | Path, fingerprint: dict[str, Any]) -> bool:
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: the training state in {str(out)!r} records its settings as "
                          f"{type(saved).__name__}, not a dict; it cannot be checked. Use a new --out")
-    saved = {**_defaults_for(fingerprint, saved), **saved}
+    # before video_diff_init was recorded, an inflating run started the frame differences at zero
+    legacy = {"video_diff_init": "zero" if fingerprint.get("video_diff_init") is not None else None}
+    saved = {**_defaults_for(fingerprint, saved), **legacy, **saved}
     extend = max_steps_extension(saved, fingerprint)
     diffs = differences(saved, fingerprint, skip=LAYOUT_FIELDS + (("max_steps",) if extend else ()))
     if diffs:

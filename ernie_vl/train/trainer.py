@@ -145,7 +145,8 @@ class Trainer(ResumableRun):
             self.video_init = video_start(cfg.video_init, bool(cfg.videos), self.trained_on,
                                           bool(model.cfg.video_encoder.conv_stem))
             if self.video_init == INFLATED:
-                model = inflate_video_from_image(model)  # --video-init image where it cannot: its ValueError
+                # --video-init image where it cannot: its ValueError
+                model = inflate_video_from_image(model, diff_init=cfg.video_diff_init)
             return model
         import ernie_vl
 
@@ -302,6 +303,8 @@ class Trainer(ResumableRun):
                               "why": self.recipe.why,
                               "given": sorted(k for k in self.settings if getattr(self.cfg, k) is not None)}
             info["video_init"] = self.video_init
+            if self.video_init == INFLATED:  # where the inflated stem's frame-difference weights started
+                info["video_diff_init"] = self.cfg.video_diff_init
             info["trainable_params"] = self.trainable
             if self.head_init is not None:
                 info["head_init"] = self.head_init
