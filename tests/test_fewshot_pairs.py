@@ -34,10 +34,12 @@ def test_the_auto_rule_needs_keep_above_image_on_two_seeds_at_one_budget():
     both = [_row("pairs_keep", 0, 0.91), _row("pairs_image", 0, 0.24), _row("pairs_keep", 1, 0.88),
             _row("pairs_image", 1, 0.30)]
     v = _rule(both)
-    assert v.met is True and v.goal == "keep > image on both"
+    assert v.met is True and v.goal == "keep > image on each of >= 2 seeds"
     assert v.measured == ("seed 0: keep 0.910, image 0.240 (600 / 600 steps); "
                           "seed 1: keep 0.880, image 0.300 (600 / 600 steps)")
     assert _rule(both[:3]).met is False and "fewer than two seeds" in _rule(both[:3]).measured
+    third = both + [_row("pairs_keep", 2, 0.85), _row("pairs_image", 2, 0.87)]
+    assert _rule(third).met is False and "seed 2: keep 0.850, image 0.870" in _rule(third).measured  # every seed
     flipped = both[:3] + [_row("pairs_image", 1, 0.95)]
     assert _rule(flipped).met is False
     tie = both[:3] + [_row("pairs_image", 1, 0.88)]
