@@ -25,6 +25,8 @@ the preset:
   + BatchNorm + GELU blocks, strided in space and time, then a 1x1x1 projection); ``tokenizer_noaug``: the same
   with ``noaug``'s settings; ``tokenizer_diff``: ``full`` with the tokenizer fed frame differences too
   (``conv_stem={"channels": [16, 32, 64], "frame_diff": true}``, what ``full`` ran when it became the default);
+- ``tokenizer_diff_12`` / ``tokenizer_diff_8``: ``full`` with narrower frame-difference tokenizers (channels
+  [12, 24, 48] / [8, 16, 32]; ``bench/video_stem_cost.py`` times their steps): whether a cheaper stem is as accurate;
 - ``pairs_keep`` / ``pairs_image``: ``full`` (same clips, recipe, steps, evaluation) started not from the preset
   at random init but from a ``tiny`` checkpoint trained on image-text pairs only (``bench/_pair_start.py``:
   ``--pair-steps`` steps on synthetic captioned shapes with the row's seed, cached in the work folder so both
@@ -113,6 +115,9 @@ VARIANTS = {  # model overrides of tiny (merged into the preset), trainer settin
     "tokenizer": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, AUTO),  # a list replaces the default's dict
     "tokenizer_noaug": ({"video_encoder": {"conv_stem": [16, 32, 64]}}, NO_AUG),
     "tokenizer_diff": ({"video_encoder": {"conv_stem": {**TOKENIZER_DIFF, "time_kernel": 3}}}, AUTO),
+    # narrower tokenizers fed frame differences (bench/video_stem_cost.py times them): cheaper if as accurate
+    "tokenizer_diff_12": ({"video_encoder": {"conv_stem": {"channels": [12, 24, 48], "frame_diff": True}}}, AUTO),
+    "tokenizer_diff_8": ({"video_encoder": {"conv_stem": {"channels": [8, 16, 32], "frame_diff": True}}}, AUTO),
     # from tiny trained on pairs only (bench/_pair_start.py); auto keeps tiny's video stem, as keep does
     "pairs_keep": ({}, dict(AUTO, video_init="keep")),
     "pairs_image": ({}, dict(AUTO, video_init="image")),  # frame differences from the pixels' (the default)
@@ -366,6 +371,8 @@ LEGEND = {  # the table's notes, one per variant (the module docstring says the 
     "tokenizer": "`full` with the conv tokenizer on pixels (`conv_stem=[16, 32, 64]`)",
     "tokenizer_noaug": "`tokenizer` without clip augmentation",
     "tokenizer_diff": "`full` with the conv tokenizer fed frame differences too (`frame_diff`)",
+    "tokenizer_diff_12": "`full` with a narrower frame-difference tokenizer, channels [12, 24, 48]",
+    "tokenizer_diff_8": "`full` with a narrower frame-difference tokenizer, channels [8, 16, 32]",
     "pairs_keep": "`full` from tiny trained on image-text pairs only (the pair stage's steps and seed in the start "
                   "column), `--video-init keep`: its own, untrained video encoder (what `auto` does with tiny)",
     "pairs_image": "`pairs_keep` with `--video-init image`: the video encoder inflated from the trained image "
