@@ -116,10 +116,10 @@ def video_start(video_init: str, has_videos: bool, checkpoint_trained_on: set[st
     Such a stem is kept even where an image tokenizer could inflate it. Inflation (``TrainConfig.video_diff_init``,
     ``"pixels"`` by default) starts the stem's frame-difference inputs at the pixels' weights and temporal
     attention at zero; on the few-shot motion clips a pair-trained ``tiny`` fine-tuned from its own (untrained)
-    frame-difference tokenizer scored above that inflated start in supervised top-1 on both seeds (on one by
-    less than the run-to-run spread), at a lower cost per step (the inflated encoder takes the image's 4 px patches: four times the tokens); from the zero start
+    frame-difference tokenizer reached the same supervised top-1 as that inflated start within the run-to-run
+    spread (each start ahead on some seeds), at a lower cost per step (the inflated encoder takes the image's 4 px patches: four times the tokens); from the zero start
     (``video_diff_init="zero"``) the inflated stem is blind to motion and failed to fit the clips. The few-shot
-    bench's ``pairs_keep`` / ``pairs_image`` / ``pairs_image_zero`` rows check this on two seeds."""
+    bench's ``pairs_keep`` / ``pairs_image`` / ``pairs_image_zero`` rows check this on several seeds."""
     if video_init == "image":
         return INFLATED
     if video_init == "keep" or not has_videos:
