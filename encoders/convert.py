@@ -321,6 +321,12 @@ DIFF_INITS = ("zero", "pixels")  # how inflation starts the frame-difference inp
 DEFAULT_DIFF_INIT = "pixels"
 
 
+def check_diff_init(diff_init: str, what: str = "frame-difference initialisation") -> None:
+    """ValueError naming ``diff_init`` and the valid starts unless it is one of :data:`DIFF_INITS`."""
+    if diff_init not in DIFF_INITS:
+        raise ValueError(f"unknown {what} {diff_init!r}; valid: {list(DIFF_INITS)}")
+
+
 def inflate_kernel(kernel: torch.Tensor, shape: torch.Size, mode: str,
                    diff_init: str = DEFAULT_DIFF_INIT) -> torch.Tensor:
     """A 2D kernel (O, I, kh, kw) as a 3D one of ``shape`` (O, I', kt, kh, kw), I' >= I.
@@ -330,8 +336,7 @@ def inflate_kernel(kernel: torch.Tensor, shape: torch.Size, mode: str,
     inflated kernel with ``diff_init="pixels"`` (the default, :data:`DEFAULT_DIFF_INIT`: TSN's cross-modality
     start of its RGB-difference network; a still clip's differences are zero, so it still meets only the
     pixels' weights), or zeros with ``diff_init="zero"``."""
-    if diff_init not in DIFF_INITS:
-        raise ValueError(f"unknown frame-difference initialisation {diff_init!r}; valid: {list(DIFF_INITS)}")
+    check_diff_init(diff_init)
     out = kernel.new_zeros(shape)
     kt, inputs = shape[2], kernel.shape[1]
     if mode == "mean":
@@ -376,7 +381,8 @@ def video_encoder_from_image_encoder(
     adds frame-difference inputs (also over the linear embedding) whose weights start at the pixels' inflated
     weights (``diff_init="pixels"``, the default: TSN's start of its RGB-difference network, so the stem sees
     motion from step one) or at zero (``diff_init="zero"``: the stem starts blind to motion). A still clip has
-    zero differences, so what follows for still clips holds either way; for moving clips only with ``"zero"``. What holds in eval mode: the stem's time strides (``stem_strides``: 2 in the last blocks while 2 divides k) then
+    zero differences, so what follows for still clips holds either way; for moving clips only with ``"zero"``.
+    What holds in eval mode: the stem's time strides (``stem_strides``: 2 in the last blocks while 2 divides k) then
     read every s-th frame, s their product, and the patch embedding (mean-inflated over the k / s steps
     the stem leaves) averages them, so time step t's tokens are the mean of the image encoder's patch
     tokens of frames t*k, t*k + s, ..., t*k + k - s (the image tokens of frame t*k when the stem consumes
@@ -386,8 +392,7 @@ def video_encoder_from_image_encoder(
     """
     if not isinstance(image_encoder, ImageEncoder):
         raise TypeError(f"expected an ImageEncoder, got {type(image_encoder).__name__}")
-    if diff_init not in DIFF_INITS:
-        raise ValueError(f"unknown frame-difference initialisation {diff_init!r}; valid: {list(DIFF_INITS)}")
+    check_diff_init(diff_init)
     fields = asdict(image_encoder.cfg)
     image_stem = image_encoder.cfg.conv_stem
     channels = image_stem.channels if isinstance(image_stem, ConvStemConfig) else ()

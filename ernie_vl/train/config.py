@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from encoders.convert import DEFAULT_DIFF_INIT, DIFF_INITS
+from encoders.convert import DEFAULT_DIFF_INIT, check_diff_init
 
 AUTOCAST_MODES = ("auto", "bf16", "none")
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -217,8 +217,7 @@ class TrainConfig:
             raise ValueError(f"unknown freeze {self.freeze!r}; valid: ['none', 'backbone']")
         if self.video_init not in ("auto", "image", "keep"):
             raise ValueError(f"unknown video_init {self.video_init!r}; valid: ['auto', 'image', 'keep']")
-        if self.video_diff_init not in DIFF_INITS:
-            raise ValueError(f"unknown video_diff_init {self.video_diff_init!r}; valid: {list(DIFF_INITS)}")
+        check_diff_init(self.video_diff_init, "video_diff_init")
         if self.ema is not None and not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema (decay) must be in [0, 1), 0 = off; got {self.ema}")
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:

@@ -107,6 +107,12 @@ def trained_on(checkpoint_dir: str | Path) -> set[str]:
     return {k for k in str(meta.get("trained_on", "")).split(",") if k}
 
 
+def has_video_stem(model_cfg) -> bool:
+    """Whether the video encoder of ``model_cfg`` (an ``ErnieVLConfig``) has a conv stem (``video_start``'s
+    ``video_stem``): a one-layer stem, a tokenizer, or frame differences."""
+    return bool(model_cfg.video_encoder.conv_stem)
+
+
 def video_start(video_init: str, has_videos: bool, checkpoint_trained_on: set[str], video_stem: bool) -> str:
     """:data:`INFLATED`, or why the checkpoint's video path is kept (:data:`KEPT`, :data:`KEPT_STEM`).
 
@@ -117,8 +123,8 @@ def video_start(video_init: str, has_videos: bool, checkpoint_trained_on: set[st
     ``"pixels"`` by default) starts the stem's frame-difference inputs at the pixels' weights and temporal
     attention at zero; on the few-shot motion clips a pair-trained ``tiny`` fine-tuned from its own (untrained)
     frame-difference tokenizer reached the same supervised top-1 as that inflated start within the run-to-run
-    spread (each start ahead on some seeds), at a lower cost per step (the inflated encoder takes the image's 4 px patches: four times the tokens); from the zero start
-    (``video_diff_init="zero"``) the inflated stem is blind to motion and failed to fit the clips. The few-shot
+    spread (each start ahead on some seeds), at a lower cost per step (the inflated encoder takes the image's
+    4 px patches: four times the tokens); from the zero start (``video_diff_init="zero"``) the inflated stem is blind to motion and failed to fit the clips. The few-shot
     bench's ``pairs_keep`` / ``pairs_image`` / ``pairs_image_zero`` rows check this on several seeds."""
     if video_init == "image":
         return INFLATED

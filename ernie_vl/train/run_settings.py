@@ -117,10 +117,9 @@ def inflates(cfg) -> bool:
     if cfg.video_init == "image":
         return True
     from ernie_vl.checkpoint import read_config
-    from ernie_vl.train.finetune import INFLATED, trained_on, video_start
+    from ernie_vl.train.finetune import INFLATED, has_video_stem, trained_on, video_start
 
-    stem = bool(read_config(path).video_encoder.conv_stem)
-    return video_start(cfg.video_init, True, trained_on(path), stem) == INFLATED
+    return video_start(cfg.video_init, True, trained_on(path), has_video_stem(read_config(path))) == INFLATED
 
 
 def train_fingerprint(cfg, world_size: int = 1, device_type: str = "cpu") -> dict[str, Any]:

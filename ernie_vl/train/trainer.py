@@ -37,7 +37,7 @@ from ernie_vl.train.fsdp import full_model_state
 from ernie_vl.train.expert_sharding import clip_grad_norm, expert_parameter_names, plain_model, setup_expert_parallel
 from ernie_vl.train.ema import ModelEMA
 from ernie_vl.train.finetune import (HEAD_FROM_PROMPTS, HEAD_RANDOM, HEAD_STREAMED, INFLATED, add_drop_path, freeze,
-                                     init_head_from_prompts, replace_head, trained_on, video_start)
+                                     has_video_stem, init_head_from_prompts, replace_head, trained_on, video_start)
 from ernie_vl.train.optim import RefittableCosine, build_optimizer
 from ernie_vl.train.process import resolve_threads, seed_everything, to_device
 from ernie_vl.train.reporting import routing_summary
@@ -143,7 +143,7 @@ class Trainer(ResumableRun):
             from ernie_vl.inflate import inflate_video_from_image
 
             self.video_init = video_start(cfg.video_init, bool(cfg.videos), self.trained_on,
-                                          bool(model.cfg.video_encoder.conv_stem))
+                                          has_video_stem(model.cfg))
             if self.video_init == INFLATED:
                 # --video-init image where it cannot: its ValueError
                 model = inflate_video_from_image(model, diff_init=cfg.video_diff_init)
